@@ -1,0 +1,123 @@
+//! LayerNorm over the last dimension (eps 1e-5, biased variance), with or without scale.
+
+use super::math::sum;
+use rayon::prelude::*;
+
+pub const EPS: f32 = 1e-5;
+/// Rows per rayon task; the backward also reduces dscale/dbias partials per task.
+const ROWS_PER_TASK: usize = 32;
+
+pub fn forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    scale: Option<&[f32]>,
+    bias: &[f32],
+    dim: usize,
+) {
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|((o, x), (mean, rstd))| {
+            let mu = sum(x) / dim as f32;
+            let mut sq = [0.0f32; 8];
+            for c in x.chunks(8) {
+                for (s, v) in sq.iter_mut().zip(c) {
+                    *s += (v - mu) * (v - mu);
+                }
+            }
+            let var = sq.iter().sum::<f32>() / dim as f32;
+            let r = 1.0 / (var + EPS).sqrt();
+            *mean = mu;
+            *rstd = r;
+            match scale {
+                Some(s) => {
+                    for j in 0..dim {
+                        o[j] = (x[j] - mu) * r * s[j] + bias[j];
+                    }
+                }
+                None => {
+                    for j in 0..dim {
+                        o[j] = (x[j] - mu) * r + bias[j];
+                    }
+                }
+            }
+        });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dx: &mut [f32],
+    dscale: Option<&mut [f32]>,
+    dbias: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    scale: Option<&[f32]>,
+    dim: usize,
+    accumulate_dx: bool,
+) {
+    let block = ROWS_PER_TASK * dim;
+    let with_scale = scale.is_some();
+    // Each task returns its partial (dscale, dbias); they are summed below.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(block)
+        .zip(dout.par_chunks(block).zip(x.par_chunks(block)))
+        .zip(mean.par_chunks(ROWS_PER_TASK).zip(rstd.par_chunks(ROWS_PER_TASK)))
+        .map(|((dx, (dout, x)), (mean, rstd))| {
+            let mut ds = vec![0.0f32; if with_scale { dim } else { 0 }];
+            let mut db = vec![0.0f32; dim];
+            let mut dyhat = vec![0.0f32; dim];
+            let mut xhat = vec![0.0f32; dim];
+            for r in 0..mean.len() {
+                let (g, xr) = (&dout[r * dim..(r + 1) * dim], &x[r * dim..(r + 1) * dim]);
+                let (mu, rs) = (mean[r], rstd[r]);
+                for j in 0..dim {
+                    xhat[j] = (xr[j] - mu) * rs;
+                    db[j] += g[j];
+                    dyhat[j] = match scale {
+                        Some(s) => g[j] * s[j],
+                        None => g[j],
+                    };
+                }
+                if with_scale {
+                    for j in 0..dim {
+                        ds[j] += g[j] * xhat[j];
+                    }
+                }
+                let mean_dy = sum(&dyhat) / dim as f32;
+                let mut dot = [0.0f32; 8];
+                for (c, h) in dyhat.chunks(8).zip(xhat.chunks(8)) {
+                    for i in 0..c.len() {
+                        dot[i] += c[i] * h[i];
+                    }
+                }
+                let mean_dy_xhat = dot.iter().sum::<f32>() / dim as f32;
+                let dxr = &mut dx[r * dim..(r + 1) * dim];
+                for j in 0..dim {
+                    let v = rs * (dyhat[j] - mean_dy - xhat[j] * mean_dy_xhat);
+                    if accumulate_dx {
+                        dxr[j] += v;
+                    } else {
+                        dxr[j] = v;
+                    }
+                }
+            }
+            (ds, db)
+        })
+        .collect();
+    let mut dscale = dscale;
+    for (ds, db) in &partials {
+        for (a, b) in dbias.iter_mut().zip(db) {
+            *a += b;
+        }
+        if let Some(dscale) = dscale.as_deref_mut() {
+            for (a, b) in dscale.iter_mut().zip(ds) {
+                *a += b;
+            }
+        }
+    }
+}
