@@ -99,7 +99,8 @@ pub struct AdamWStep {
 }
 
 /// A device that can run DalleBart's ops. `Buf` holds f32 elements, `Ids` holds i32 elements.
-pub trait Backend: Send + Sync + 'static {
+/// A backend value is a cheap handle (clones share the device and its memory tracker).
+pub trait Backend: Clone + Send + Sync + 'static {
     type Buf: Send + Sync;
     type Ids: Send + Sync;
 
@@ -131,9 +132,11 @@ pub trait Backend: Send + Sync + 'static {
     fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
     /// Σ x², accumulated in f64.
     fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
-    /// Broadcast add over blocks: `out[i·row_len + j] += row[j]` for every block i (position embeddings).
+    /// Broadcast add over blocks: `out[i·row_len + j] += row[j]` for every block i (position
+    /// embeddings); only the first `row_len` elements of `row` are used.
     fn add_broadcast_rows(&self, out: &mut Self::Buf, row: &Self::Buf, row_len: usize) -> Result<()>;
-    /// The backward of [`Backend::add_broadcast_rows`]: `acc[j] += Σ_i x[i·row_len + j]`.
+    /// The backward of [`Backend::add_broadcast_rows`]: `acc[j] += Σ_i x[i·row_len + j]` for
+    /// `j < row_len`.
     fn sum_broadcast_rows(&self, acc: &mut Self::Buf, x: &Self::Buf, row_len: usize) -> Result<()>;
 
     // ---- dense -------------------------------------------------------------------------

@@ -75,6 +75,13 @@ fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()
     Ok(())
 }
 
+fn check_prefix(op: &'static str, have: usize, row_len: usize) -> Result<()> {
+    if have < row_len {
+        return Err(RuntimeError::Shape { op, detail: format!("row buffer has {have} elements, fewer than row_len {row_len}") });
+    }
+    Ok(())
+}
+
 fn rows_of(op: &'static str, len: usize, dim: usize) -> Result<usize> {
     if dim == 0 || len % dim != 0 {
         return Err(RuntimeError::Shape { op, detail: format!("length {len} is not a multiple of dim {dim}") });
@@ -163,15 +170,15 @@ impl Backend for CpuBackend {
         Ok(elementwise::sum_squares(&x.data))
     }
     fn add_broadcast_rows(&self, out: &mut CpuBuf, row: &CpuBuf, row_len: usize) -> Result<()> {
-        check_len("add_broadcast_rows", "row", row.data.len(), row_len)?;
+        check_prefix("add_broadcast_rows", row.data.len(), row_len)?;
         rows_of("add_broadcast_rows", out.data.len(), row_len)?;
-        elementwise::add_broadcast_rows(&mut out.data, &row.data);
+        elementwise::add_broadcast_rows(&mut out.data, &row.data[..row_len]);
         Ok(())
     }
     fn sum_broadcast_rows(&self, acc: &mut CpuBuf, x: &CpuBuf, row_len: usize) -> Result<()> {
-        check_len("sum_broadcast_rows", "acc", acc.data.len(), row_len)?;
+        check_prefix("sum_broadcast_rows", acc.data.len(), row_len)?;
         rows_of("sum_broadcast_rows", x.data.len(), row_len)?;
-        elementwise::sum_broadcast_rows(&mut acc.data, &x.data);
+        elementwise::sum_broadcast_rows(&mut acc.data[..row_len], &x.data);
         Ok(())
     }
 
@@ -237,6 +244,12 @@ impl Backend for CpuBackend {
                 op: "layernorm_backward",
                 detail: "scale and dscale must both be given or both be absent".into(),
             });
+        }
+        if let Some(s) = scale {
+            check_len("layernorm_backward", "scale", s.data.len(), dim)?;
+        }
+        if let Some(ds) = dscale.as_deref() {
+            check_len("layernorm_backward", "dscale", ds.data.len(), dim)?;
         }
         layernorm::backward(
             &mut dx.data,

@@ -1,0 +1,187 @@
+//! `dalle-mesh parity`: runs a reference fixture made by dalle-mini (JAX) through dalle-mesh and
+//! reports how far forward, backward and one AdamW step are from it.
+//!
+//! A fixture folder holds `config.json`, `weights.safetensors`, `batch.safetensors`
+//! (`input_ids`, `attention_mask`, `labels`, `decoder_input_ids`), `expected.safetensors`
+//! (`logits`, `loss`, `grad.<param>`, `adamw1.<param>`) and `fixture.json` (the optimizer's
+//! hyper-parameters under `optimizer`).
+
+use anyhow::{bail, Context, Result};
+use dm_model::checkpoint::{load_weights, params_from_tensors, read_tensors, HostTensor};
+use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig};
+use dm_runtime::cpu::CpuBackend;
+use dm_runtime::Backend;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Pass thresholds (see ../shared/DESIGN.md §2 for the measured fp32-vs-fp64 gaps they sit above).
+pub const LOSS_TOL: f64 = 1e-5;
+pub const LOGITS_TOL: f64 = 1e-5;
+pub const GRAD_REL_TOL: f64 = 1e-4;
+pub const ADAMW_FROM_REF_TOL: f64 = 1e-6;
+pub const ADAMW_TOL: f64 = 1e-4;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParityReport {
+    pub fixture: String,
+    pub loss: f64,
+    pub loss_abs_err: f64,
+    pub logits_max_abs_err: f64,
+    /// Worst over tensors of max|g − g_ref| / max|g_ref|.
+    pub grad_max_rel_err: f64,
+    pub grad_worst_param: String,
+    pub adamw_from_ref_grads_max_abs_err: f64,
+    pub adamw_max_abs_err: f64,
+    pub pass: bool,
+}
+
+/// The fixture's optimizer hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct FixtureOptimizer {
+    pub lr: f32,
+    pub adamw: AdamWConfig,
+}
+
+pub fn read_fixture_optimizer(dir: &Path) -> Result<FixtureOptimizer> {
+    let path = dir.join("fixture.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let o = &v["optimizer"];
+    let get = |k: &str| -> Result<f32> {
+        o[k].as_f64().map(|x| x as f32).with_context(|| format!("{}: optimizer.{k} missing or not a number", path.display()))
+    };
+    Ok(FixtureOptimizer {
+        lr: get("learning_rate")?,
+        adamw: AdamWConfig { b1: get("b1")?, b2: get("b2")?, eps: get("eps")?, weight_decay: get("weight_decay")? },
+    })
+}
+
+fn int_tensor(t: &BTreeMap<String, HostTensor>, name: &str, path: &Path) -> Result<(Vec<usize>, Vec<i32>)> {
+    match t.get(name) {
+        Some(HostTensor::Int { shape, data }) => {
+            let data = data
+                .iter()
+                .map(|&v| i32::try_from(v).with_context(|| format!("{}: `{name}` value {v} overflows i32", path.display())))
+                .collect::<Result<_>>()?;
+            Ok((shape.clone(), data))
+        }
+        Some(_) => bail!("{}: `{name}` must be an integer tensor", path.display()),
+        None => bail!("{}: tensor `{name}` is missing", path.display()),
+    }
+}
+
+/// Reads a fixture's batch.
+pub fn read_batch(path: &Path, cfg: &DalleBartConfig) -> Result<Batch> {
+    let t = read_tensors(path)?;
+    let (ishape, input_ids) = int_tensor(&t, "input_ids", path)?;
+    let (_, attention_mask) = int_tensor(&t, "attention_mask", path)?;
+    let (lshape, labels) = int_tensor(&t, "labels", path)?;
+    let (_, decoder_input_ids) = int_tensor(&t, "decoder_input_ids", path)?;
+    if ishape.len() != 2 || lshape.len() != 2 {
+        bail!("{}: input_ids and labels must be 2-D [batch, length]", path.display());
+    }
+    let batch = Batch {
+        batch: ishape[0],
+        text_len: ishape[1],
+        image_len: lshape[1],
+        input_ids,
+        attention_mask,
+        labels,
+        decoder_input_ids,
+    };
+    batch.validate(cfg).with_context(|| format!("{}", path.display()))?;
+    Ok(batch)
+}
+
+fn f32_tensor<'a>(t: &'a BTreeMap<String, HostTensor>, name: &str, path: &Path) -> Result<&'a [f32]> {
+    match t.get(name) {
+        Some(HostTensor::F32 { data, .. }) => Ok(data),
+        _ => bail!("{}: float tensor `{name}` is missing", path.display()),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max)
+}
+
+fn max_abs(a: &[f32]) -> f64 {
+    a.iter().map(|x| (*x as f64).abs()).fold(0.0, f64::max)
+}
+
+/// Runs the fixture on the CPU backend.
+pub fn run(dir: &Path) -> Result<ParityReport> {
+    run_on(CpuBackend::new(), dir)
+}
+
+/// Runs the fixture on any backend.
+pub fn run_on<B: Backend>(backend: B, dir: &Path) -> Result<ParityReport> {
+    let cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
+    let opt = read_fixture_optimizer(dir)?;
+    let table = dm_model::ParamTable::new(&cfg);
+    let weights_path = dir.join("weights.safetensors");
+    let weights = load_weights(&weights_path, &table)?;
+    let batch = read_batch(&dir.join("batch.safetensors"), &cfg)?;
+    let expected_path = dir.join("expected.safetensors");
+    let expected = read_tensors(&expected_path)?;
+    let ref_logits = f32_tensor(&expected, "logits", &expected_path)?;
+    let ref_loss = f32_tensor(&expected, "loss", &expected_path)?[0] as f64;
+    let ref_grads = params_from_tensors(&expected_path, &table, &expected, "grad.")?;
+    let ref_adamw = params_from_tensors(&expected_path, &table, &expected, "adamw1.")?;
+
+    let mut model = DalleBart::new(backend, cfg, weights.clone())?;
+    model.forward(&batch)?;
+    let logits = model.logits()?;
+    if logits.len() != ref_logits.len() {
+        bail!("logits have {} values, the fixture {}", logits.len(), ref_logits.len());
+    }
+    let logits_max_abs_err = max_abs_diff(&logits, ref_logits);
+    let tokens = (batch.batch * batch.image_len) as f32;
+    let out = model.loss_and_backward(1.0 / tokens)?;
+    let loss_abs_err = (out.loss as f64 - ref_loss).abs();
+
+    let grads = model.grad_values()?;
+    let (mut grad_max_rel_err, mut grad_worst_param) = (0.0f64, String::new());
+    for ((spec, g), r) in table.specs.iter().zip(&grads).zip(&ref_grads) {
+        let denom = max_abs(r);
+        let diff = max_abs_diff(g, r);
+        let rel = if denom > 0.0 { diff / denom } else { diff };
+        if rel >= grad_max_rel_err {
+            grad_max_rel_err = rel;
+            grad_worst_param = spec.name.clone();
+        }
+    }
+
+    // One AdamW step from the reference gradients, then one from ours, both from the fixture's weights.
+    let adamw_err = |model: &mut DalleBart<B>, grads: &[Vec<f32>]| -> Result<f64> {
+        let be = model.backend().clone();
+        for ((p, g), (w, gv)) in model.params.iter_mut().zip(model.grads.iter_mut()).zip(weights.iter().zip(grads)) {
+            be.write(p, 0, w)?;
+            be.write(g, 0, gv)?;
+        }
+        let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
+        let mut adamw = AdamW::new(&be, opt.adamw, &names, &model.params)?;
+        adamw.update(&be, &mut model.params, &model.grads, opt.lr, 1.0)?;
+        let after = model.param_values()?;
+        Ok(after.iter().zip(&ref_adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max))
+    };
+    let adamw_from_ref_grads_max_abs_err = adamw_err(&mut model, &ref_grads)?;
+    let adamw_max_abs_err = adamw_err(&mut model, &grads)?;
+
+    let pass = loss_abs_err <= LOSS_TOL
+        && logits_max_abs_err <= LOGITS_TOL
+        && grad_max_rel_err <= GRAD_REL_TOL
+        && adamw_from_ref_grads_max_abs_err <= ADAMW_FROM_REF_TOL
+        && adamw_max_abs_err <= ADAMW_TOL;
+    Ok(ParityReport {
+        fixture: dir.display().to_string(),
+        loss: out.loss as f64,
+        loss_abs_err,
+        logits_max_abs_err,
+        grad_max_rel_err,
+        grad_worst_param,
+        adamw_from_ref_grads_max_abs_err,
+        adamw_max_abs_err,
+        pass,
+    })
+}

@@ -1,0 +1,16 @@
+//! dalle-mesh parallelism: the `tp × dp` device [`mesh`], the [`comm`]unicators that connect its
+//! ranks, and (next) the tensor-parallel building blocks the model is made of.
+//!
+//! Layering (DESIGN.md §0): this crate knows `dm-runtime` (devices and the [`dm_runtime::Backend`]
+//! op interface) and nothing to its right; `dm-model` builds DalleBart from it.
+
+#![warn(missing_docs)]
+
+pub mod comm;
+pub mod mesh;
+
+pub use comm::{
+    run_ranks, run_ranks_on, CollectiveKind, CommError, CommStats, Communicator, OpStats, RankComms, RankFailure,
+    ReduceOp, SoloComm, StatsRecorder, ThreadComm,
+};
+pub use mesh::{Mesh, MeshError};
