@@ -49,7 +49,9 @@ pub fn read_fixture_optimizer(dir: &Path) -> Result<FixtureOptimizer> {
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let o = &v["optimizer"];
     let get = |k: &str| -> Result<f32> {
-        o[k].as_f64().map(|x| x as f32).with_context(|| format!("{}: optimizer.{k} missing or not a number", path.display()))
+        o[k].as_f64()
+            .map(|x| x as f32)
+            .with_context(|| format!("{}: optimizer.{k} missing or not a number", path.display()))
     };
     Ok(FixtureOptimizer {
         lr: get("learning_rate")?,
@@ -62,7 +64,9 @@ fn int_tensor(t: &BTreeMap<String, HostTensor>, name: &str, path: &Path) -> Resu
         Some(HostTensor::Int { shape, data }) => {
             let data = data
                 .iter()
-                .map(|&v| i32::try_from(v).with_context(|| format!("{}: `{name}` value {v} overflows i32", path.display())))
+                .map(|&v| {
+                    i32::try_from(v).with_context(|| format!("{}: `{name}` value {v} overflows i32", path.display()))
+                })
                 .collect::<Result<_>>()?;
             Ok((shape.clone(), data))
         }

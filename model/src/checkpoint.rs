@@ -68,7 +68,10 @@ fn convert(path: &Path, name: &str, view: &TensorView<'_>) -> Result<HostTensor>
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let bytes = std::fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        ck(path, format!("not a valid safetensors file ({e}); it may be truncated or corrupt — re-save or re-download it"))
+        ck(
+            path,
+            format!("not a valid safetensors file ({e}); it may be truncated or corrupt — re-save or re-download it"),
+        )
     })?;
     st.tensors().iter().map(|(name, view)| Ok((name.clone(), convert(path, name, view)?))).collect()
 }
@@ -119,7 +122,10 @@ pub fn params_from_tensors(
         let values = match layer {
             None => {
                 if *shape != spec.shape {
-                    return Err(ck(path, format!("tensor `{name}` has shape {shape:?}, the config expects {:?}", spec.shape)));
+                    return Err(ck(
+                        path,
+                        format!("tensor `{name}` has shape {shape:?}, the config expects {:?}", spec.shape),
+                    ));
                 }
                 data.clone()
             }
@@ -139,7 +145,10 @@ pub fn params_from_tensors(
             }
         };
         if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
-            return Err(ck(path, format!("tensor `{name}` holds a non-finite value ({}) at flat index {pos}", values[pos])));
+            return Err(ck(
+                path,
+                format!("tensor `{name}` holds a non-finite value ({}) at flat index {pos}", values[pos]),
+            ));
         }
         out.push(values);
     }
@@ -158,9 +167,16 @@ pub fn params_from_tensors(
     for name in &used {
         if let Some(t) = tensors.get(name) {
             if name.contains(ENCODER_STACKED) || name.contains(DECODER_STACKED) {
-                let want = table.specs.iter().filter(|s| stacked_name(&s.name).is_some_and(|(st, _)| name.ends_with(&st))).count();
+                let want = table
+                    .specs
+                    .iter()
+                    .filter(|s| stacked_name(&s.name).is_some_and(|(st, _)| name.ends_with(&st)))
+                    .count();
                 if want > 0 && t.shape()[0] != want {
-                    return Err(ck(path, format!("stacked tensor `{name}` has {} layers, the config has {want}", t.shape()[0])));
+                    return Err(ck(
+                        path,
+                        format!("stacked tensor `{name}` has {} layers, the config has {want}", t.shape()[0]),
+                    ));
                 }
             }
         }
@@ -179,7 +195,12 @@ pub fn load_weights(path: &Path, table: &ParamTable) -> Result<Vec<Vec<f32>>> {
         .flatten()
         .collect();
     if let Some(extra) = tensors.keys().find(|k| !known.contains(*k)) {
-        return Err(ck(path, format!("unexpected tensor `{extra}`: the config has no such parameter (different architecture or config?)")));
+        return Err(ck(
+            path,
+            format!(
+                "unexpected tensor `{extra}`: the config has no such parameter (different architecture or config?)"
+            ),
+        ));
     }
     Ok(values)
 }

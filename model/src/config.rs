@@ -174,10 +174,11 @@ impl DalleBartConfig {
 
     /// Checks the shape arithmetic (heads divide d_model, …).
     pub fn validate(&self) -> Result<()> {
-        for (heads, which) in
-            [(self.encoder_attention_heads, "encoder_attention_heads"), (self.decoder_attention_heads, "decoder_attention_heads")]
-        {
-            if heads == 0 || self.d_model % heads != 0 {
+        for (heads, which) in [
+            (self.encoder_attention_heads, "encoder_attention_heads"),
+            (self.decoder_attention_heads, "decoder_attention_heads"),
+        ] {
+            if heads == 0 || !self.d_model.is_multiple_of(heads) {
                 return Err(ModelError::Config(format!(
                     "d_model {} is not divisible by {which} {heads}",
                     self.d_model

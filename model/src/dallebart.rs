@@ -327,9 +327,11 @@ impl<B: Backend> DalleBart<B> {
     fn loss(&mut self, grad_scale: f32) -> Result<f32> {
         let classes = self.config.image_rows();
         let be = &self.backend;
-        let a = self.acts.as_mut().filter(|a| a.logits_valid).ok_or_else(|| {
-            ModelError::Batch("loss needs a forward pass first".into())
-        })?;
+        let a = self
+            .acts
+            .as_mut()
+            .filter(|a| a.logits_valid)
+            .ok_or_else(|| ModelError::Batch("loss needs a forward pass first".into()))?;
         be.cross_entropy_fused(&mut a.logits, &mut a.losses, &a.labels, classes, grad_scale)?;
         a.logits_valid = false;
         let losses = be.download(&a.losses)?;
@@ -421,7 +423,20 @@ impl<B: Backend> DalleBart<B> {
             let la = &a.enc.layers[li];
             glu_bwd(be, p, g, &idx.glu, &la.glu, &la.self_attn.out, es, e)?;
             let shape = attn_shape(b, e.len, e.len, e, false);
-            attn_block_bwd(be, p, g, idx.ln0_bias, &idx.attn, idx.ln1, &la.self_attn, x, None, Some(&a.mask), shape, es)?;
+            attn_block_bwd(
+                be,
+                p,
+                g,
+                idx.ln0_bias,
+                &idx.attn,
+                idx.ln1,
+                &la.self_attn,
+                x,
+                None,
+                Some(&a.mask),
+                shape,
+                es,
+            )?;
         }
         embed_bwd(be, p, g, &t.encoder.into(), &a.enc, es, e)?;
         Ok(())
@@ -668,8 +683,18 @@ fn attn_block_bwd<B: Backend>(
         false,
     )?;
     // out_proj.
-    be.matmul(&mut g[w.out], &a.o, &sc.dtmp, MatmulSpec { m: d, n: d, k: nq, trans_a: true, trans_b: false, accumulate: true })?;
-    be.matmul(&mut sc.dtmp2, &sc.dtmp, &p[w.out], MatmulSpec { m: nq, n: d, k: d, trans_a: false, trans_b: true, accumulate: false })?;
+    be.matmul(
+        &mut g[w.out],
+        &a.o,
+        &sc.dtmp,
+        MatmulSpec { m: d, n: d, k: nq, trans_a: true, trans_b: false, accumulate: true },
+    )?;
+    be.matmul(
+        &mut sc.dtmp2,
+        &sc.dtmp,
+        &p[w.out],
+        MatmulSpec { m: nq, n: d, k: d, trans_a: false, trans_b: true, accumulate: false },
+    )?;
     // Attention core.
     let (dk, dv) = match sc.dk_cross.as_mut() {
         Some((dk, dv)) if kv.is_some() => (dk, dv),
@@ -696,7 +721,18 @@ fn attn_block_bwd<B: Backend>(
         }
     }
     // Pre-attention LayerNorm (bias only); adds into the residual gradient.
-    be.layernorm_backward(&mut sc.dres, None, &mut g[ln_pre_bias], &sc.dtmp, x, &s.ln_pre.mean, &s.ln_pre.rstd, None, d, true)?;
+    be.layernorm_backward(
+        &mut sc.dres,
+        None,
+        &mut g[ln_pre_bias],
+        &sc.dtmp,
+        x,
+        &s.ln_pre.mean,
+        &s.ln_pre.rstd,
+        None,
+        d,
+        true,
+    )?;
     Ok(())
 }
 
@@ -736,9 +772,30 @@ fn glu_bwd<B: Backend>(
 ) -> Result<()> {
     let (d, f) = (dims.d, dims.ffn);
     let n = be.buf_len(x) / d;
-    be.matmul(&mut g[w.dense2], &s.ln1.out, &sc.dres, MatmulSpec { m: f, n: d, k: n, trans_a: true, trans_b: false, accumulate: true })?;
-    be.matmul(&mut sc.dffn_a, &sc.dres, &p[w.dense2], MatmulSpec { m: n, n: f, k: d, trans_a: false, trans_b: true, accumulate: false })?;
-    be.layernorm_backward(&mut sc.dffn_b, None, &mut g[w.ln1_bias], &sc.dffn_a, &s.act, &s.ln1.mean, &s.ln1.rstd, None, f, false)?;
+    be.matmul(
+        &mut g[w.dense2],
+        &s.ln1.out,
+        &sc.dres,
+        MatmulSpec { m: f, n: d, k: n, trans_a: true, trans_b: false, accumulate: true },
+    )?;
+    be.matmul(
+        &mut sc.dffn_a,
+        &sc.dres,
+        &p[w.dense2],
+        MatmulSpec { m: n, n: f, k: d, trans_a: false, trans_b: true, accumulate: false },
+    )?;
+    be.layernorm_backward(
+        &mut sc.dffn_b,
+        None,
+        &mut g[w.ln1_bias],
+        &sc.dffn_a,
+        &s.act,
+        &s.ln1.mean,
+        &s.ln1.rstd,
+        None,
+        f,
+        false,
+    )?;
     // dffn_a ← ∂a0, dffn_c ← ∂a1
     be.gelu_glu_backward(&mut sc.dffn_a, &mut sc.dffn_c, &sc.dffn_b, &s.a0, &s.a1)?;
     let wgrad = MatmulSpec { m: d, n: f, k: n, trans_a: true, trans_b: false, accumulate: true };
@@ -747,6 +804,17 @@ fn glu_bwd<B: Backend>(
     let dgrad = |acc| MatmulSpec { m: n, n: d, k: f, trans_a: false, trans_b: true, accumulate: acc };
     be.matmul(&mut sc.dtmp, &sc.dffn_a, &p[w.dense0], dgrad(false))?;
     be.matmul(&mut sc.dtmp, &sc.dffn_c, &p[w.dense1], dgrad(true))?;
-    be.layernorm_backward(&mut sc.dres, None, &mut g[w.ln0_bias], &sc.dtmp, x, &s.ln0.mean, &s.ln0.rstd, None, d, true)?;
+    be.layernorm_backward(
+        &mut sc.dres,
+        None,
+        &mut g[w.ln0_bias],
+        &sc.dtmp,
+        x,
+        &s.ln0.mean,
+        &s.ln0.rstd,
+        None,
+        d,
+        true,
+    )?;
     Ok(())
 }

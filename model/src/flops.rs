@@ -32,11 +32,15 @@ pub fn step_flops(cfg: &DalleBartConfig, batch: usize) -> StepFlops {
     let enc = sum(&|n| n.starts_with(ENCODER_LAYER_PREFIX));
     let dec = sum(&|n| n.starts_with(DECODER_LAYER_PREFIX));
     let cross_kv = sum(&|n| {
-        n.starts_with(DECODER_LAYER_PREFIX) && (n.ends_with("FlaxBartAttention_1.k_proj.kernel") || n.ends_with("FlaxBartAttention_1.v_proj.kernel"))
+        n.starts_with(DECODER_LAYER_PREFIX)
+            && (n.ends_with("FlaxBartAttention_1.k_proj.kernel") || n.ends_with("FlaxBartAttention_1.v_proj.kernel"))
     });
     let dense = 6.0 * b * (enc * t + (dec - cross_kv) * l + cross_kv * t);
     let lm_head = 6.0 * b * table.specs[table.lm_head].numel() as f64 * l;
-    let attention = 6.0 * b * d * (cfg.encoder_layers as f64 * 2.0 * t * t + cfg.decoder_layers as f64 * (2.0 * l * l + 2.0 * l * t));
+    let attention = 6.0
+        * b
+        * d
+        * (cfg.encoder_layers as f64 * 2.0 * t * t + cfg.decoder_layers as f64 * (2.0 * l * l + 2.0 * l * t));
     StepFlops { dense, lm_head, attention }
 }
 

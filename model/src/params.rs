@@ -169,8 +169,18 @@ impl ParamTable {
         let lm_head = b.add("lm_head.kernel".into(), &[d, c.image_rows()], Init::Normal);
         Self {
             specs: b.specs,
-            encoder: StackIdx { embed_tokens: etok, embed_positions: epos, layernorm_embedding: eln, final_ln_bias: efinal },
-            decoder: StackIdx { embed_tokens: dtok, embed_positions: dpos, layernorm_embedding: dln, final_ln_bias: dfinal },
+            encoder: StackIdx {
+                embed_tokens: etok,
+                embed_positions: epos,
+                layernorm_embedding: eln,
+                final_ln_bias: efinal,
+            },
+            decoder: StackIdx {
+                embed_tokens: dtok,
+                embed_positions: dpos,
+                layernorm_embedding: dln,
+                final_ln_bias: dfinal,
+            },
             encoder_layers,
             decoder_layers,
             lm_head,

@@ -76,7 +76,7 @@ impl VocabRange {
         Self { start: 0, end: rows }
     }
     pub fn len(&self) -> usize {
-        self.end - self.start
+        self.end.saturating_sub(self.start)
     }
     pub fn is_empty(&self) -> bool {
         self.end == self.start
@@ -211,7 +211,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Softmax attention with scores scaled by 1/√head_dim, optional key-padding mask and
     /// causal mask. Writes `out` (same layout as `q`) and the per-row log-sum-exp `lse`
     /// (`[batch, heads, q_len]`), which the backward uses to recompute probabilities.
-    /// A query row whose keys are all masked attends uniformly (as JAX's finite mask bias does).
+    /// A query row whose keys are all masked attends uniformly (as JAX's finite mask bias does);
+    /// its `lse` entry is NaN, which tells the backward to use the uniform distribution.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,

@@ -9,14 +9,7 @@ pub enum RuntimeError {
         "out of device memory on {device}: allocating `{tensor}` ({requested} bytes) would use {would_use} bytes, over the budget of {budget} bytes (current {current} bytes); \
          lower the batch size, shard the model over more ranks (tp/dp, zero1) or raise the device memory budget"
     )]
-    OutOfBudget {
-        device: String,
-        tensor: String,
-        requested: u64,
-        current: u64,
-        would_use: u64,
-        budget: u64,
-    },
+    OutOfBudget { device: String, tensor: String, requested: u64, current: u64, would_use: u64, budget: u64 },
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
     #[error("invalid argument to {op}: {detail}")]

@@ -22,22 +22,8 @@ use dm_runtime::{AdamWStep, AttentionShape, Backend, MatmulSpec, RuntimeError, V
 // matmul
 // =====================================================================================
 
-fn spec(
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-) -> MatmulSpec {
-    MatmulSpec {
-        m,
-        n,
-        k,
-        trans_a,
-        trans_b,
-        accumulate,
-    }
+fn spec(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool) -> MatmulSpec {
+    MatmulSpec { m, n, k, trans_a, trans_b, accumulate }
 }
 
 /// `op(a) · op(b)` in f64 with naive loops, reading `a`, `b` in their stored layouts.
@@ -106,8 +92,7 @@ fn matmul_case(
     fd_samples: Option<usize>,
 ) {
     let s = spec(m, n, k, trans_a, trans_b, accumulate);
-    let case =
-        format!("matmul {m}x{n}x{k} trans_a={trans_a} trans_b={trans_b} accumulate={accumulate}");
+    let case = format!("matmul {m}x{n}x{k} trans_a={trans_a} trans_b={trans_b} accumulate={accumulate}");
     let mut rng = rng_for(&case);
     let a = normal(&mut rng, m * k, 0.0, 1.0);
     let b = normal(&mut rng, k * n, 0.0, 1.0);
@@ -117,11 +102,7 @@ fn matmul_case(
 
     let be = CpuBackend::new();
     let (ab, bb, wb) = (up(&be, "a", &a), up(&be, "b", &b), up(&be, "w", &w));
-    let mut out = if accumulate {
-        up(&be, "out", &out0)
-    } else {
-        nan_buf(&be, "out", m * n)
-    };
+    let mut out = if accumulate { up(&be, "out", &out0) } else { nan_buf(&be, "out", m * n) };
     be.matmul(&mut out, &ab, &bb, s).unwrap();
 
     let (a64, b64) = (f64s(&a), f64s(&b));
@@ -133,14 +114,7 @@ fn matmul_case(
     // wrong transpose or a dropped `+=` gives O(1) errors against O(√k·u) bounds.
     let (want, bound): (Vec<f64>, Vec<f64>) = if accumulate {
         let o = f64s(&out0);
-        (
-            add64(&prod, &o),
-            prod_abs
-                .iter()
-                .zip(&o)
-                .map(|(p, o)| gamma(k + 1) * (p + o.abs()))
-                .collect(),
-        )
+        (add64(&prod, &o), prod_abs.iter().zip(&o).map(|(p, o)| gamma(k + 1) * (p + o.abs())).collect())
     } else {
         (prod, prod_abs.iter().map(|p| gamma(k) * p).collect())
     };
@@ -158,30 +132,15 @@ fn matmul_case(
         None => {
             let g = fd_grads(&inputs, loss);
             assert_grad(&format!("{case}: dA"), &got_da, &g[0]);
-            assert_grad(
-                &format!("{case}: dB (accumulated)"),
-                &got_db,
-                &add64(&g[1], &db0),
-            );
+            assert_grad(&format!("{case}: dB (accumulated)"), &got_db, &add64(&g[1], &db0));
         }
         Some(count) => {
-            let at = vec![
-                sample_indices(&mut rng, m * k, count),
-                sample_indices(&mut rng, k * n, count),
-            ];
+            let at = vec![sample_indices(&mut rng, m * k, count), sample_indices(&mut rng, k * n, count)];
             let g = fd_grads_at(&inputs, &at, loss);
             let pick = |v: &[f32], idx: &[usize]| idx.iter().map(|&i| v[i]).collect::<Vec<f32>>();
             let db0_at: Vec<f64> = at[1].iter().map(|&i| db0[i]).collect();
-            assert_grad(
-                &format!("{case}: dA (sampled)"),
-                &pick(&got_da, &at[0]),
-                &g[0],
-            );
-            assert_grad(
-                &format!("{case}: dB (accumulated, sampled)"),
-                &pick(&got_db, &at[1]),
-                &add64(&g[1], &db0_at),
-            );
+            assert_grad(&format!("{case}: dA (sampled)"), &pick(&got_da, &at[0]), &g[0]);
+            assert_grad(&format!("{case}: dB (accumulated, sampled)"), &pick(&got_db, &at[1]), &add64(&g[1], &db0_at));
         }
     }
 }
@@ -220,17 +179,11 @@ fn matmul_empty_inner_dimension() {
     let be = CpuBackend::new();
     let (a, b) = (up(&be, "a", &[]), up(&be, "b", &[]));
     let mut out = nan_buf(&be, "out", 6);
-    be.matmul(&mut out, &a, &b, spec(2, 3, 0, false, false, false))
-        .unwrap();
+    be.matmul(&mut out, &a, &b, spec(2, 3, 0, false, false, false)).unwrap();
     assert_eq!(down(&be, &out), vec![0.0; 6], "k = 0 overwrites with zeros");
     let mut out = up(&be, "out", &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-    be.matmul(&mut out, &a, &b, spec(3, 2, 0, true, true, true))
-        .unwrap();
-    assert_eq!(
-        down(&be, &out),
-        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        "k = 0 accumulates nothing"
-    );
+    be.matmul(&mut out, &a, &b, spec(3, 2, 0, true, true, true)).unwrap();
+    assert_eq!(down(&be, &out), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "k = 0 accumulates nothing");
 }
 
 // =====================================================================================
@@ -247,21 +200,10 @@ struct LnRef {
 }
 
 /// LayerNorm in f64; `ddof` 0 is the op's biased variance (1 would be the unbiased one).
-fn layernorm_ref_with(
-    x: &[f64],
-    scale: Option<&[f64]>,
-    bias: &[f64],
-    dim: usize,
-    ddof: f64,
-    eps: f64,
-) -> LnRef {
+fn layernorm_ref_with(x: &[f64], scale: Option<&[f64]>, bias: &[f64], dim: usize, ddof: f64, eps: f64) -> LnRef {
     let rows = x.len() / dim;
-    let mut r = LnRef {
-        out: vec![0.0; x.len()],
-        mean: vec![0.0; rows],
-        rstd: vec![0.0; rows],
-        xhat: vec![0.0; x.len()],
-    };
+    let mut r =
+        LnRef { out: vec![0.0; x.len()], mean: vec![0.0; rows], rstd: vec![0.0; rows], xhat: vec![0.0; x.len()] };
     for row in 0..rows {
         let xr = &x[row * dim..(row + 1) * dim];
         let mu = xr.iter().sum::<f64>() / dim as f64;
@@ -305,19 +247,13 @@ struct LnInputs {
 }
 
 /// Runs the forward on `be` and checks out/mean/rstd; returns the saved (mean, rstd) buffers.
-fn layernorm_forward_checked(
-    be: &CpuBackend,
-    case: &str,
-    inp: &LnInputs,
-    dim: usize,
-) -> (CpuBuf, CpuBuf) {
+fn layernorm_forward_checked(be: &CpuBackend, case: &str, inp: &LnInputs, dim: usize) -> (CpuBuf, CpuBuf) {
     let rows = inp.x.len() / dim;
     let (xb, bb) = (up(be, "x", &inp.x), up(be, "bias", &inp.bias));
     let sb = inp.scale.as_ref().map(|s| up(be, "scale", s));
     let mut out = nan_buf(be, "out", inp.x.len());
     let (mut mean, mut rstd) = (nan_buf(be, "mean", rows), nan_buf(be, "rstd", rows));
-    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &xb, sb.as_ref(), &bb, dim)
-        .unwrap();
+    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &xb, sb.as_ref(), &bb, dim).unwrap();
 
     let x64 = f64s(&inp.x);
     let s64 = inp.scale.as_ref().map(|s| f64s(s));
@@ -342,29 +278,17 @@ fn layernorm_forward_checked(
             let i = row * dim + j;
             let s = s64.as_ref().map_or(1.0, |s| s[j].abs());
             bound[i] = 2.0
-                * (du * s * (max_abs * r.rstd[row] + r.xhat[i].abs())
-                    + 2.0 * U * (r.xhat[i].abs() * s + b64[j].abs()));
+                * (du * s * (max_abs * r.rstd[row] + r.xhat[i].abs()) + 2.0 * U * (r.xhat[i].abs() * s + b64[j].abs()));
         }
     }
     assert_within(&format!("{case}: out"), &down(be, &out), &r.out, &bound);
-    assert_within(
-        &format!("{case}: mean"),
-        &down(be, &mean),
-        &r.mean,
-        &mean_bound,
-    );
-    assert_within(
-        &format!("{case}: rstd"),
-        &down(be, &rstd),
-        &r.rstd,
-        &rstd_bound,
-    );
+    assert_within(&format!("{case}: mean"), &down(be, &mean), &r.mean, &mean_bound);
+    assert_within(&format!("{case}: rstd"), &down(be, &rstd), &r.rstd, &rstd_bound);
     (mean, rstd)
 }
 
 fn layernorm_case(rows: usize, dim: usize, with_scale: bool, accumulate_dx: bool) {
-    let case =
-        format!("layernorm rows={rows} dim={dim} scale={with_scale} accumulate_dx={accumulate_dx}");
+    let case = format!("layernorm rows={rows} dim={dim} scale={with_scale} accumulate_dx={accumulate_dx}");
     let mut rng = rng_for(&case);
     let inp = LnInputs {
         x: layernorm_input(&mut rng, rows, dim),
@@ -381,11 +305,7 @@ fn layernorm_case(rows: usize, dim: usize, with_scale: bool, accumulate_dx: bool
 
     let (xb, wb) = (up(&be, "x", &inp.x), up(&be, "dout", &w));
     let sb = inp.scale.as_ref().map(|s| up(&be, "scale", s));
-    let mut dx = if accumulate_dx {
-        up(&be, "dx", &dx0)
-    } else {
-        nan_buf(&be, "dx", rows * dim)
-    };
+    let mut dx = if accumulate_dx { up(&be, "dx", &dx0) } else { nan_buf(&be, "dx", rows * dim) };
     let mut dscale = with_scale.then(|| up(&be, "dscale", &dscale0));
     let mut dbias = up(&be, "dbias", &dbias0);
     be.layernorm_backward(
@@ -408,28 +328,13 @@ fn layernorm_case(rows: usize, dim: usize, with_scale: bool, accumulate_dx: bool
         inputs.push(f64s(s));
     }
     let g = fd_grads(&inputs, |x| {
-        weighted_sum(
-            &w64,
-            &layernorm_ref(&x[0], x.get(2).map(|s| s.as_slice()), &x[1], dim).out,
-        )
+        weighted_sum(&w64, &layernorm_ref(&x[0], x.get(2).map(|s| s.as_slice()), &x[1], dim).out)
     });
-    let want_dx = if accumulate_dx {
-        add64(&g[0], &f64s(&dx0))
-    } else {
-        g[0].clone()
-    };
+    let want_dx = if accumulate_dx { add64(&g[0], &f64s(&dx0)) } else { g[0].clone() };
     assert_grad(&format!("{case}: dx"), &down(&be, &dx), &want_dx);
-    assert_grad(
-        &format!("{case}: dbias (accumulated)"),
-        &down(&be, &dbias),
-        &add64(&g[1], &f64s(&dbias0)),
-    );
+    assert_grad(&format!("{case}: dbias (accumulated)"), &down(&be, &dbias), &add64(&g[1], &f64s(&dbias0)));
     if let Some(ds) = &dscale {
-        assert_grad(
-            &format!("{case}: dscale (accumulated)"),
-            &down(&be, ds),
-            &add64(&g[2], &f64s(&dscale0)),
-        );
+        assert_grad(&format!("{case}: dscale (accumulated)"), &down(&be, ds), &add64(&g[2], &f64s(&dscale0)));
     }
 }
 
@@ -475,10 +380,7 @@ fn gelu_glu_inputs(case: &str, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 /// the argument's rounding moves erf by ≤ 0.5u): for a ≪ 0 the relative error of Φ is large but
 /// harmless. Then a·Φ and ·b add relative roundings: |err| ≤ (3u|a| + 2u|gelu(a)|)·|b|; 2× that.
 fn gelu_glu_bound(a: &[f64], b: &[f64]) -> Vec<f64> {
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| 2.0 * (3.0 * U * a.abs() + 2.0 * U * gelu64(a).abs()) * b.abs())
-        .collect()
+    a.iter().zip(b).map(|(&a, &b)| 2.0 * (3.0 * U * a.abs() + 2.0 * U * gelu64(a).abs()) * b.abs()).collect()
 }
 
 #[test]
@@ -499,11 +401,8 @@ fn gelu_glu_forward_and_backward() {
         );
 
         let (mut da, mut db) = (nan_buf(&be, "da", n), nan_buf(&be, "db", n));
-        be.gelu_glu_backward(&mut da, &mut db, &wb, &ab, &bb)
-            .unwrap();
-        let g = fd_grads(&[a64, b64], |x| {
-            weighted_sum(&w64, &gelu_glu_ref(&x[0], &x[1]))
-        });
+        be.gelu_glu_backward(&mut da, &mut db, &wb, &ab, &bb).unwrap();
+        let g = fd_grads(&[a64, b64], |x| weighted_sum(&w64, &gelu_glu_ref(&x[0], &x[1])));
         assert_grad(&format!("{case}: da"), &down(&be, &da), &g[0]);
         assert_grad(&format!("{case}: db"), &down(&be, &db), &g[1]);
     }
@@ -526,58 +425,32 @@ fn embedding_ref(table: &[f64], ids: &[i32], range: VocabRange, dim: usize) -> V
 }
 
 fn embedding_case(vocab: usize, range: VocabRange, dim: usize, ids: &[i32]) {
-    let case = format!(
-        "embedding vocab={vocab} range={}..{} dim={dim} tokens={}",
-        range.start,
-        range.end,
-        ids.len()
-    );
+    let case = format!("embedding vocab={vocab} range={}..{} dim={dim} tokens={}", range.start, range.end, ids.len());
     let mut rng = rng_for(&case);
     let table = normal(&mut rng, range.len() * dim, 0.0, 1.0);
     let w = normal(&mut rng, ids.len() * dim, 0.0, 1.0);
     let dtable0 = normal(&mut rng, range.len() * dim, 0.0, 1.0);
 
     let be = CpuBackend::new();
-    let (tb, wb, idb) = (
-        up(&be, "table", &table),
-        up(&be, "dout", &w),
-        up_ids(&be, "ids", ids),
-    );
+    let (tb, wb, idb) = (up(&be, "table", &table), up(&be, "dout", &w), up_ids(&be, "ids", ids));
     let mut out = nan_buf(&be, "out", ids.len() * dim);
-    be.embedding_forward(&mut out, &tb, &idb, range, dim)
-        .unwrap();
+    be.embedding_forward(&mut out, &tb, &idb, range, dim).unwrap();
     let t64 = f64s(&table);
     // A gather is a copy: exact (bound 0), zero rows included.
     let want = embedding_ref(&t64, ids, range, dim);
-    assert_within(
-        &format!("{case}: forward"),
-        &down(&be, &out),
-        &want,
-        &vec![0.0; want.len()],
-    );
+    assert_within(&format!("{case}: forward"), &down(&be, &out), &want, &vec![0.0; want.len()]);
 
     let mut dtable = up(&be, "dtable", &dtable0);
-    be.embedding_backward(&mut dtable, &wb, &idb, range, dim)
-        .unwrap();
+    be.embedding_backward(&mut dtable, &wb, &idb, range, dim).unwrap();
     let w64 = f64s(&w);
-    let g = fd_grads(&[t64], |x| {
-        weighted_sum(&w64, &embedding_ref(&x[0], ids, range, dim))
-    });
+    let g = fd_grads(&[t64], |x| weighted_sum(&w64, &embedding_ref(&x[0], ids, range, dim)));
     let got = down(&be, &dtable);
-    assert_grad(
-        &format!("{case}: dtable (accumulated)"),
-        &got,
-        &add64(&g[0], &f64s(&dtable0)),
-    );
+    assert_grad(&format!("{case}: dtable (accumulated)"), &got, &add64(&g[0], &f64s(&dtable0)));
     // Rows no in-range id refers to are left exactly as they were.
     for r in 0..range.len() {
         let id = (range.start + r) as i32;
         if !ids.contains(&id) {
-            assert_eq!(
-                &got[r * dim..(r + 1) * dim],
-                &dtable0[r * dim..(r + 1) * dim],
-                "{case}: row of id {id}"
-            );
+            assert_eq!(&got[r * dim..(r + 1) * dim], &dtable0[r * dim..(r + 1) * dim], "{case}: row of id {id}");
         }
     }
 }
@@ -585,9 +458,7 @@ fn embedding_case(vocab: usize, range: VocabRange, dim: usize, ids: &[i32]) {
 #[test]
 fn embedding_full_range_with_repeats() {
     let mut rng = rng_for("embedding full ids");
-    let mut ids: Vec<i32> = (0..40)
-        .map(|_| rand::Rng::random_range(&mut rng, 0..11))
-        .collect();
+    let mut ids: Vec<i32> = (0..40).map(|_| rand::Rng::random_range(&mut rng, 0..11)).collect();
     ids.extend([3, 3, 3, 0, 10]); // repeats accumulate, both ends of the vocabulary
     embedding_case(11, VocabRange::full(11), 6, &ids);
 }
@@ -599,9 +470,7 @@ fn embedding_partial_range() {
     let ids = [4, 5, 11, 12, 7, 7, 19, 0, -1, 5, 8, 7, 13, 11];
     embedding_case(20, VocabRange { start: 5, end: 12 }, 9, &ids);
     let mut rng = rng_for("embedding partial ids");
-    let ids: Vec<i32> = (0..64)
-        .map(|_| rand::Rng::random_range(&mut rng, -2..34))
-        .collect();
+    let ids: Vec<i32> = (0..64).map(|_| rand::Rng::random_range(&mut rng, -2..34)).collect();
     embedding_case(32, VocabRange { start: 16, end: 32 }, 5, &ids);
 }
 
@@ -630,9 +499,7 @@ fn attn_scores(q: &[f64], k: &[f64], sh: &AttentionShape, alpha: f64) -> Vec<f64
         for h in 0..sh.heads {
             for i in 0..sh.q_len {
                 for j in 0..sh.kv_len {
-                    let dot: f64 = (0..sh.head_dim)
-                        .map(|c| q[q_idx(sh, b, i, h, c)] * k[kv_idx(sh, b, j, h, c)])
-                        .sum();
+                    let dot: f64 = (0..sh.head_dim).map(|c| q[q_idx(sh, b, i, h, c)] * k[kv_idx(sh, b, j, h, c)]).sum();
                     s[row_idx(sh, b, h, i) * sh.kv_len + j] = alpha * dot;
                 }
             }
@@ -647,12 +514,7 @@ fn attn_scores(q: &[f64], k: &[f64], sh: &AttentionShape, alpha: f64) -> Vec<f64
 /// unperturbed inputs, finite differences see the gradient of softmax(s + const) at the uniform
 /// point — the rule the op defines (JAX's finite mask bias: all scores equal ⇒ uniform, and the
 /// gradient flows as through s + const).
-fn attn_probs(
-    s: &[f64],
-    shift: &[f64],
-    mask: Option<&[i32]>,
-    sh: &AttentionShape,
-) -> (Vec<f64>, Vec<f64>) {
+fn attn_probs(s: &[f64], shift: &[f64], mask: Option<&[i32]>, sh: &AttentionShape) -> (Vec<f64>, Vec<f64>) {
     let tk = sh.kv_len;
     let mut p = vec![0.0; s.len()];
     let mut lse = vec![0.0; sh.lse_len()];
@@ -663,16 +525,8 @@ fn attn_probs(
                 let (sr, pr) = (&s[r * tk..(r + 1) * tk], &mut p[r * tk..(r + 1) * tk]);
                 let vis: Vec<bool> = (0..tk).map(|j| visible(mask, sh, b, i, j)).collect();
                 if vis.iter().any(|&v| v) {
-                    let m = (0..tk)
-                        .filter(|&j| vis[j])
-                        .map(|j| sr[j])
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    let l = m
-                        + (0..tk)
-                            .filter(|&j| vis[j])
-                            .map(|j| (sr[j] - m).exp())
-                            .sum::<f64>()
-                            .ln();
+                    let m = (0..tk).filter(|&j| vis[j]).map(|j| sr[j]).fold(f64::NEG_INFINITY, f64::max);
+                    let l = m + (0..tk).filter(|&j| vis[j]).map(|j| (sr[j] - m).exp()).sum::<f64>().ln();
                     for j in 0..tk {
                         pr[j] = if vis[j] { (sr[j] - l).exp() } else { 0.0 };
                     }
@@ -700,9 +554,8 @@ fn attn_pv(p: &[f64], v: &[f64], sh: &AttentionShape) -> Vec<f64> {
             for i in 0..sh.q_len {
                 let r = row_idx(sh, b, h, i);
                 for c in 0..sh.head_dim {
-                    out[q_idx(sh, b, i, h, c)] = (0..sh.kv_len)
-                        .map(|j| p[r * sh.kv_len + j] * v[kv_idx(sh, b, j, h, c)])
-                        .sum();
+                    out[q_idx(sh, b, i, h, c)] =
+                        (0..sh.kv_len).map(|j| p[r * sh.kv_len + j] * v[kv_idx(sh, b, j, h, c)]).sum();
                 }
             }
         }
@@ -730,12 +583,7 @@ fn attn_ref(
 ) -> AttnRef {
     let s = attn_scores(q, k, sh, alpha);
     let (p, lse) = attn_probs(&s, shift.unwrap_or(&s), mask, sh);
-    AttnRef {
-        out: attn_pv(&p, v, sh),
-        lse,
-        p,
-        s,
-    }
+    AttnRef { out: attn_pv(&p, v, sh), lse, p, s }
 }
 
 fn alpha_of(sh: &AttentionShape) -> f64 {
@@ -751,10 +599,7 @@ struct AttnInputs {
 
 fn attn_inputs(case: &str, sh: &AttentionShape) -> AttnInputs {
     let mut rng = rng_for(case);
-    let (nq, nk) = (
-        sh.batch * sh.q_len * sh.width(),
-        sh.batch * sh.kv_len * sh.width(),
-    );
+    let (nq, nk) = (sh.batch * sh.q_len * sh.width(), sh.batch * sh.kv_len * sh.width());
     AttnInputs {
         q: normal(&mut rng, nq, 0.0, 1.5), // scores of spread ~1.5: peaked but not one-hot rows
         k: normal(&mut rng, nk, 0.0, 1.0),
@@ -770,13 +615,7 @@ fn attn_inputs(case: &str, sh: &AttentionShape) -> AttnInputs {
 /// rounding of the shifted argument) + (span + 10)·u (the ~2-ulp exp, the sum of `span` terms,
 /// the division). out = Σ p·v adds γ_kv relative to Σ p|v|: |err| ≤ (ε_p + γ_kv)·Σⱼ pⱼ|vⱼ|.
 /// lse = m + ln Σ: |err| ≤ 2δs + 2u·max|s − m| + (span + 6)·u + 2u·|lse|. 2× both.
-fn attn_forward_bounds(
-    r: &AttnRef,
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    sh: &AttentionShape,
-) -> (Vec<f64>, Vec<f64>) {
+fn attn_forward_bounds(r: &AttnRef, q: &[f64], k: &[f64], v: &[f64], sh: &AttentionShape) -> (Vec<f64>, Vec<f64>) {
     let tk = sh.kv_len;
     let s_abs = attn_scores(&abs64(q), &abs64(k), sh, alpha_of(sh));
     let pv_abs = attn_pv(&r.p, &abs64(v), sh);
@@ -790,21 +629,14 @@ fn attn_forward_bounds(
                 let sr = &r.s[row * tk..(row + 1) * tk];
                 let smax = sr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let s_range = sr.iter().map(|s| (smax - s).abs()).fold(0.0, f64::max);
-                let ds = gamma(sh.head_dim + 1)
-                    * s_abs[row * tk..(row + 1) * tk]
-                        .iter()
-                        .copied()
-                        .fold(0.0, f64::max);
+                let ds = gamma(sh.head_dim + 1) * s_abs[row * tk..(row + 1) * tk].iter().copied().fold(0.0, f64::max);
                 let eps_p = 2.0 * ds + 2.0 * U * s_range + (span + 10) as f64 * U;
                 for c in 0..sh.head_dim {
                     let o = q_idx(sh, b, i, h, c);
                     out_bound[o] = 2.0 * (eps_p + gamma(tk)) * pv_abs[o] + 1e-30;
                 }
-                lse_bound[row] = 2.0
-                    * (2.0 * ds
-                        + 2.0 * U * s_range
-                        + (span + 6) as f64 * U
-                        + 2.0 * U * r.lse[row].abs());
+                lse_bound[row] =
+                    2.0 * (2.0 * ds + 2.0 * U * s_range + (span + 6) as f64 * U + 2.0 * U * r.lse[row].abs());
             }
         }
     }
@@ -834,43 +666,15 @@ struct AttnRun {
 
 fn attn_run(inp: &AttnInputs, mask: Option<&[i32]>, sh: AttentionShape) -> AttnRun {
     let be = CpuBackend::new();
-    let (qb, kb, vb, wb) = (
-        up(&be, "q", &inp.q),
-        up(&be, "k", &inp.k),
-        up(&be, "v", &inp.v),
-        up(&be, "dout", &inp.w),
-    );
+    let (qb, kb, vb, wb) = (up(&be, "q", &inp.q), up(&be, "k", &inp.k), up(&be, "v", &inp.v), up(&be, "dout", &inp.w));
     let mb = mask.map(|m| up_ids(&be, "mask", m));
     let mut out = nan_buf(&be, "out", inp.q.len());
     let mut lse = nan_buf(&be, "lse", sh.lse_len());
-    be.attention_forward(&mut out, &mut lse, &qb, &kb, &vb, mb.as_ref(), sh)
-        .unwrap();
-    let (mut dq, mut dk, mut dv) = (
-        nan_buf(&be, "dq", inp.q.len()),
-        nan_buf(&be, "dk", inp.k.len()),
-        nan_buf(&be, "dv", inp.v.len()),
-    );
-    be.attention_backward(
-        &mut dq,
-        &mut dk,
-        &mut dv,
-        &wb,
-        &qb,
-        &kb,
-        &vb,
-        &out,
-        &lse,
-        mb.as_ref(),
-        sh,
-    )
-    .unwrap();
-    AttnRun {
-        out: down(&be, &out),
-        lse: down(&be, &lse),
-        dq: down(&be, &dq),
-        dk: down(&be, &dk),
-        dv: down(&be, &dv),
-    }
+    be.attention_forward(&mut out, &mut lse, &qb, &kb, &vb, mb.as_ref(), sh).unwrap();
+    let (mut dq, mut dk, mut dv) =
+        (nan_buf(&be, "dq", inp.q.len()), nan_buf(&be, "dk", inp.k.len()), nan_buf(&be, "dv", inp.v.len()));
+    be.attention_backward(&mut dq, &mut dk, &mut dv, &wb, &qb, &kb, &vb, &out, &lse, mb.as_ref(), sh).unwrap();
+    AttnRun { out: down(&be, &out), lse: down(&be, &lse), dq: down(&be, &dq), dk: down(&be, &dk), dv: down(&be, &dv) }
 }
 
 fn attention_case(name: &str, sh: AttentionShape, mask: Option<&[i32]>) {
@@ -906,12 +710,8 @@ fn attention_case(name: &str, sh: AttentionShape, mask: Option<&[i32]>) {
 
     // Backward against finite differences, fully masked rows with their score shift frozen.
     let shift = r.s.clone();
-    let g = fd_grads(&[q, k, v], |x| {
-        weighted_sum(
-            &w,
-            &attn_ref(&x[0], &x[1], &x[2], mask, &sh, alpha, Some(&shift)).out,
-        )
-    });
+    let g =
+        fd_grads(&[q, k, v], |x| weighted_sum(&w, &attn_ref(&x[0], &x[1], &x[2], mask, &sh, alpha, Some(&shift)).out));
     assert_grad(&format!("{case}: dq"), &run.dq, &g[0]);
     assert_grad(&format!("{case}: dk"), &run.dk, &g[1]);
     assert_grad(&format!("{case}: dv"), &run.dv, &g[2]);
@@ -921,45 +721,19 @@ fn attention_case(name: &str, sh: AttentionShape, mask: Option<&[i32]>) {
     let masked = fully_masked_rows(mask, &sh);
     for &(b, i) in &masked {
         let o = (b * sh.q_len + i) * w_;
-        assert_grad(
-            &format!("{case}: dq of fully masked row b={b} i={i}"),
-            &run.dq[o..o + w_],
-            &g[0][o..o + w_],
-        );
+        assert_grad(&format!("{case}: dq of fully masked row b={b} i={i}"), &run.dq[o..o + w_], &g[0][o..o + w_]);
     }
     for b in 0..sh.batch {
         if masked.iter().filter(|&&(mb, _)| mb == b).count() == sh.q_len {
             let o = b * sh.kv_len * w_..(b + 1) * sh.kv_len * w_;
-            assert_grad(
-                &format!("{case}: dk of fully masked batch row {b}"),
-                &run.dk[o.clone()],
-                &g[1][o.clone()],
-            );
-            assert_grad(
-                &format!("{case}: dv of fully masked batch row {b}"),
-                &run.dv[o.clone()],
-                &g[2][o],
-            );
+            assert_grad(&format!("{case}: dk of fully masked batch row {b}"), &run.dk[o.clone()], &g[1][o.clone()]);
+            assert_grad(&format!("{case}: dv of fully masked batch row {b}"), &run.dv[o.clone()], &g[2][o]);
         }
     }
 }
 
-fn shape(
-    batch: usize,
-    q_len: usize,
-    kv_len: usize,
-    heads: usize,
-    head_dim: usize,
-    causal: bool,
-) -> AttentionShape {
-    AttentionShape {
-        batch,
-        q_len,
-        kv_len,
-        heads,
-        head_dim,
-        causal,
-    }
+fn shape(batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, causal: bool) -> AttentionShape {
+    AttentionShape { batch, q_len, kv_len, heads, head_dim, causal }
 }
 
 #[test]
@@ -1028,32 +802,23 @@ fn cross_entropy_ref(x: &[f64], targets: &[i32], classes: usize, grad_scale: f64
         // The f32 sum of `classes` exps (≲ 2 ulp each, of arguments rounded to u·|x − m|) is off
         // by ≤ (classes + 4 + max|x − m|)·u relative, which ln turns into an absolute error;
         // m + ln Σ − x_t adds 2u·(|m| + |ln Σ| + |x_t|). 2× that.
-        r.bound_loss[row] = 2.0
-            * ((classes + 4) as f64 * U
-                + range * U
-                + 2.0 * U * (m.abs() + ln_sum.abs() + xr[t].abs()));
+        r.bound_loss[row] =
+            2.0 * ((classes + 4) as f64 * U + range * U + 2.0 * U * (m.abs() + ln_sum.abs() + xr[t].abs()));
         for (j, &xj) in xr.iter().enumerate() {
             let p = (xj - lse).exp();
             let i = row * classes + j;
             r.grad[i] = grad_scale * (p - if j == t { 1.0 } else { 0.0 });
             // p_j = e^{x_j − m}/Σ·grad_scale: relative ≤ (classes + 8 + |x_j − m|)·u; the target
             // entry also rounds p_t·gs − gs: + u·|gs|. 2× that.
-            r.bound_grad[i] =
-                2.0 * grad_scale.abs() * ((classes + 8) as f64 * U + (m - xj) * U) * p
-                    + if j == t {
-                        2.0 * U * grad_scale.abs()
-                    } else {
-                        0.0
-                    };
+            r.bound_grad[i] = 2.0 * grad_scale.abs() * ((classes + 8) as f64 * U + (m - xj) * U) * p
+                + if j == t { 2.0 * U * grad_scale.abs() } else { 0.0 };
         }
     }
     r
 }
 
 fn cross_entropy_case(rows: usize, classes: usize, grad_scale: f32, offset: f32) {
-    let case = format!(
-        "cross_entropy rows={rows} classes={classes} grad_scale={grad_scale} offset={offset}"
-    );
+    let case = format!("cross_entropy rows={rows} classes={classes} grad_scale={grad_scale} offset={offset}");
     let mut rng = rng_for(&case);
     let mut logits = Vec::with_capacity(rows * classes);
     for r in 0..rows {
@@ -1061,9 +826,7 @@ fn cross_entropy_case(rows: usize, classes: usize, grad_scale: f32, offset: f32)
         let o = [offset, -offset, 0.0][r % 3];
         logits.extend(normal(&mut rng, classes, o, 3.0));
     }
-    let mut targets: Vec<i32> = (0..rows)
-        .map(|_| rand::Rng::random_range(&mut rng, 0..classes as i32))
-        .collect();
+    let mut targets: Vec<i32> = (0..rows).map(|_| rand::Rng::random_range(&mut rng, 0..classes as i32)).collect();
     targets[0] = 0;
     targets[rows - 1] = classes as i32 - 1;
 
@@ -1071,37 +834,17 @@ fn cross_entropy_case(rows: usize, classes: usize, grad_scale: f32, offset: f32)
     let mut lb = up(&be, "logits", &logits);
     let mut losses = nan_buf(&be, "losses", rows);
     let tb = up_ids(&be, "targets", &targets);
-    be.cross_entropy_fused(&mut lb, &mut losses, &tb, classes, grad_scale)
-        .unwrap();
+    be.cross_entropy_fused(&mut lb, &mut losses, &tb, classes, grad_scale).unwrap();
 
     let x64 = f64s(&logits);
     let gs = grad_scale as f64;
     let r = cross_entropy_ref(&x64, &targets, classes, gs);
     let grad = down(&be, &lb);
-    assert_within(
-        &format!("{case}: losses"),
-        &down(&be, &losses),
-        &r.losses,
-        &r.bound_loss,
-    );
-    assert_within(
-        &format!("{case}: in-place gradient"),
-        &grad,
-        &r.grad,
-        &r.bound_grad,
-    );
+    assert_within(&format!("{case}: losses"), &down(&be, &losses), &r.losses, &r.bound_loss);
+    assert_within(&format!("{case}: in-place gradient"), &grad, &r.grad, &r.bound_grad);
     // The in-place gradient is ∂L/∂logits of L = grad_scale · Σ_r losses[r].
-    let g = fd_grads(&[x64], |x| {
-        gs * cross_entropy_ref(&x[0], &targets, classes, gs)
-            .losses
-            .iter()
-            .sum::<f64>()
-    });
-    assert_grad(
-        &format!("{case}: gradient vs finite differences of grad_scale·Σ losses"),
-        &grad,
-        &g[0],
-    );
+    let g = fd_grads(&[x64], |x| gs * cross_entropy_ref(&x[0], &targets, classes, gs).losses.iter().sum::<f64>());
+    assert_grad(&format!("{case}: gradient vs finite differences of grad_scale·Σ losses"), &grad, &g[0]);
 }
 
 #[test]
@@ -1119,25 +862,10 @@ fn cross_entropy_rejects_out_of_range_targets() {
         let mut lb = up(&be, "logits", &logits);
         let mut losses = up(&be, "losses", &[7.0, 7.0]);
         let tb = up_ids(&be, "targets", &[1, bad]);
-        let err = be
-            .cross_entropy_fused(&mut lb, &mut losses, &tb, 3, 1.0)
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RuntimeError::Invalid {
-                    op: "cross_entropy_fused",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        let err = be.cross_entropy_fused(&mut lb, &mut losses, &tb, 3, 1.0).unwrap_err();
+        assert!(matches!(err, RuntimeError::Invalid { op: "cross_entropy_fused", .. }), "{err}");
         assert!(err.to_string().contains(&bad.to_string()), "{err}");
-        assert_eq!(
-            down(&be, &lb),
-            logits,
-            "a refused call leaves the logits alone"
-        );
+        assert_eq!(down(&be, &lb), logits, "a refused call leaves the logits alone");
         assert_eq!(down(&be, &losses), [7.0, 7.0]);
     }
 }
@@ -1155,20 +883,10 @@ struct AdamRef {
 /// optax.adamw (eps_root 0, decay on every entry) in f64; `bias_correction` false only for the
 /// sensitivity test.
 fn adamw_ref(st: &mut AdamRef, grad: &[f32], s: &AdamWStep, bias_correction: bool) -> Vec<f64> {
-    let (lr, b1, b2, eps, wd, gs) = (
-        s.lr as f64,
-        s.b1 as f64,
-        s.b2 as f64,
-        s.eps as f64,
-        s.weight_decay as f64,
-        s.grad_scale as f64,
-    );
+    let (lr, b1, b2, eps, wd, gs) =
+        (s.lr as f64, s.b1 as f64, s.b2 as f64, s.eps as f64, s.weight_decay as f64, s.grad_scale as f64);
     let t = s.step as i32;
-    let (bc1, bc2) = if bias_correction {
-        (1.0 - b1.powi(t), 1.0 - b2.powi(t))
-    } else {
-        (1.0, 1.0)
-    };
+    let (bc1, bc2) = if bias_correction { (1.0 - b1.powi(t), 1.0 - b2.powi(t)) } else { (1.0, 1.0) };
     let mut upd = vec![0.0; grad.len()];
     for i in 0..grad.len() {
         let g = gs * grad[i] as f64;
@@ -1182,30 +900,13 @@ fn adamw_ref(st: &mut AdamRef, grad: &[f32], s: &AdamWStep, bias_correction: boo
 }
 
 fn adamw_step(lr: f32, step: u64, grad_scale: f32) -> AdamWStep {
-    AdamWStep {
-        lr,
-        b1: 0.9,
-        b2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        step,
-        grad_scale,
-    }
+    AdamWStep { lr, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.1, step, grad_scale }
 }
 
 /// Gradients of magnitude 0.1..3 (random sign): with grad_scale 0.37, |g| ≥ 0.037 ≫ eps, so
 /// m̂/(√v̂ + eps) is well conditioned.
 fn adamw_grad(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
-    uniform(rng, n, 0.1, 3.0)
-        .into_iter()
-        .map(|g| {
-            if rand::Rng::random_bool(rng, 0.5) {
-                g
-            } else {
-                -g
-            }
-        })
-        .collect()
+    uniform(rng, n, 0.1, 3.0).into_iter().map(|g| if rand::Rng::random_bool(rng, 0.5) { g } else { -g }).collect()
 }
 
 #[test]
@@ -1216,17 +917,12 @@ fn adamw_matches_optax_for_three_steps() {
     let be = CpuBackend::new();
     let mut p = up(&be, "param", &p0);
     let (mut m, mut v) = (be.zeros("m", n).unwrap(), be.zeros("v", n).unwrap());
-    let mut st = AdamRef {
-        p: f64s(&p0),
-        m: vec![0.0; n],
-        v: vec![0.0; n],
-    };
+    let mut st = AdamRef { p: f64s(&p0), m: vec![0.0; n], v: vec![0.0; n] };
     let (mut m_abs, mut bound_p) = (vec![0.0f64; n], vec![0.0f64; n]);
     for t in 1..=3u64 {
         let s = adamw_step(1e-3, t, 0.37);
         let grad = adamw_grad(&mut rng, n);
-        be.adamw(&mut p, &up(&be, "grad", &grad), &mut m, &mut v, &s)
-            .unwrap();
+        be.adamw(&mut p, &up(&be, "grad", &grad), &mut m, &mut v, &s).unwrap();
         let upd = adamw_ref(&mut st, &grad, &s, true);
         // Bounds, accumulated over the steps. m = (1−b1)g + b1·m (with 1 − b1 exact in f32 by
         // Sterbenz, g = gs·grad rounded): ≤ 3 roundings a step relative to the magnitude
@@ -1244,17 +940,9 @@ fn adamw_matches_optax_for_three_steps() {
         }
         assert_within(&format!("adamw step {t}: m"), &down(&be, &m), &st.m, &bm);
         assert_within(&format!("adamw step {t}: v"), &down(&be, &v), &st.v, &bv);
-        assert_within(
-            &format!("adamw step {t}: param"),
-            &down(&be, &p),
-            &st.p,
-            &bound_p,
-        );
+        assert_within(&format!("adamw step {t}: param"), &down(&be, &p), &st.p, &bound_p);
         // The derived bound is the "≈1e-6 for lr 1e-3" level, relative to |p| where |p| > 1.
-        assert!(
-            (0..n).all(|i| bound_p[i] < 1e-6 * st.p[i].abs().max(1.0)),
-            "bound too loose"
-        );
+        assert!((0..n).all(|i| bound_p[i] < 1e-6 * st.p[i].abs().max(1.0)), "bound too loose");
     }
 }
 
@@ -1263,13 +951,8 @@ fn adamw_rejects_step_zero() {
     let be = CpuBackend::new();
     let (mut p, g) = (up(&be, "p", &[1.0]), up(&be, "g", &[1.0]));
     let (mut m, mut v) = (be.zeros("m", 1).unwrap(), be.zeros("v", 1).unwrap());
-    let err = be
-        .adamw(&mut p, &g, &mut m, &mut v, &adamw_step(1e-3, 0, 1.0))
-        .unwrap_err();
-    assert!(
-        matches!(err, RuntimeError::Invalid { op: "adamw", .. }),
-        "{err}"
-    );
+    let err = be.adamw(&mut p, &g, &mut m, &mut v, &adamw_step(1e-3, 0, 1.0)).unwrap_err();
+    assert!(matches!(err, RuntimeError::Invalid { op: "adamw", .. }), "{err}");
     assert_eq!(down(&be, &p), [1.0]);
 }
 
@@ -1288,38 +971,23 @@ fn elementwise_ops_are_exact() {
     // One f32 rounding each, so the results must equal the host's f32 arithmetic bit for bit.
     let mut out = nan_buf(&be, "out", n);
     be.add(&mut out, &ab, &bb).unwrap();
-    assert!(
-        down(&be, &out)
-            .iter()
-            .zip(a.iter().zip(&b))
-            .all(|(o, (a, b))| o.to_bits() == (a + b).to_bits()),
-        "add"
-    );
+    assert!(down(&be, &out).iter().zip(a.iter().zip(&b)).all(|(o, (a, b))| o.to_bits() == (a + b).to_bits()), "add");
     let mut acc = up(&be, "acc", &a);
     be.add_assign(&mut acc, &bb).unwrap();
     assert!(
-        down(&be, &acc)
-            .iter()
-            .zip(a.iter().zip(&b))
-            .all(|(o, (a, b))| o.to_bits() == (a + b).to_bits()),
+        down(&be, &acc).iter().zip(a.iter().zip(&b)).all(|(o, (a, b))| o.to_bits() == (a + b).to_bits()),
         "add_assign"
     );
     be.scale(&mut acc, -0.37).unwrap();
     assert!(
-        down(&be, &acc)
-            .iter()
-            .zip(a.iter().zip(&b))
-            .all(|(o, (a, b))| o.to_bits() == ((a + b) * -0.37).to_bits()),
+        down(&be, &acc).iter().zip(a.iter().zip(&b)).all(|(o, (a, b))| o.to_bits() == ((a + b) * -0.37).to_bits()),
         "scale"
     );
 
     // Σx² in f32 runs of 256 summed in f64: relative error ≤ γ₂₅₇ (the square plus the run).
     let want: f64 = a.iter().map(|&x| x as f64 * x as f64).sum();
     let got = be.sum_squares(&ab).unwrap();
-    assert!(
-        (got - want).abs() <= gamma(257) * want,
-        "sum_squares {got} vs {want}"
-    );
+    assert!((got - want).abs() <= gamma(257) * want, "sum_squares {got} vs {want}");
     assert_eq!(be.sum_squares(&be.zeros("z", 0).unwrap()).unwrap(), 0.0);
 
     // fill, write, copy: data movement, exact.
@@ -1331,18 +999,9 @@ fn elementwise_ops_are_exact() {
     let got = down(&be, &f);
     assert_eq!(&got[8..14], &[3.25, 3.25, 1.0, 2.0, 3.0, 3.25]);
     assert_eq!(&got[n - 5..], &[3.25, a[5], a[6], a[7], a[8]]);
-    assert!(
-        be.write(&mut f, n - 2, &[1.0, 2.0, 3.0]).is_err(),
-        "write past the end"
-    );
-    assert!(
-        be.copy(&mut f, n - 3, &ab, 0, 4).is_err(),
-        "copy past the end of dst"
-    );
-    assert!(
-        be.copy(&mut f, 0, &ab, n - 3, 4).is_err(),
-        "copy past the end of src"
-    );
+    assert!(be.write(&mut f, n - 2, &[1.0, 2.0, 3.0]).is_err(), "write past the end");
+    assert!(be.copy(&mut f, n - 3, &ab, 0, 4).is_err(), "copy past the end of dst");
+    assert!(be.copy(&mut f, 0, &ab, n - 3, 4).is_err(), "copy past the end of src");
     assert_eq!(down(&be, &f), got, "refused writes change nothing");
     assert_eq!(be.buf_len(&f), n);
 
@@ -1366,26 +1025,17 @@ fn broadcast_rows_add_and_sum() {
     be.add_broadcast_rows(&mut out, &rb, row_len).unwrap();
     let got = down(&be, &out);
     for i in 0..blocks * row_len {
-        assert_eq!(
-            got[i].to_bits(),
-            (x[i] + row[i % row_len]).to_bits(),
-            "add_broadcast_rows [{i}]"
-        );
+        assert_eq!(got[i].to_bits(), (x[i] + row[i % row_len]).to_bits(), "add_broadcast_rows [{i}]");
     }
 
     // acc[j] += Σ_i x[i, j]: blocks + 1 terms, error ≤ γ_blocks·Σ|terms|.
     let mut acc = up(&be, "acc", &acc0);
     be.sum_broadcast_rows(&mut acc, &xb, row_len).unwrap();
-    let want: Vec<f64> = (0..row_len)
-        .map(|j| acc0[j] as f64 + (0..blocks).map(|i| x[i * row_len + j] as f64).sum::<f64>())
-        .collect();
+    let want: Vec<f64> =
+        (0..row_len).map(|j| acc0[j] as f64 + (0..blocks).map(|i| x[i * row_len + j] as f64).sum::<f64>()).collect();
     let bound: Vec<f64> = (0..row_len)
         .map(|j| {
-            gamma(blocks)
-                * (acc0[j].abs() as f64
-                    + (0..blocks)
-                        .map(|i| x[i * row_len + j].abs() as f64)
-                        .sum::<f64>())
+            gamma(blocks) * (acc0[j].abs() as f64 + (0..blocks).map(|i| x[i * row_len + j].abs() as f64).sum::<f64>())
         })
         .collect();
     assert_within("sum_broadcast_rows", &down(&be, &acc), &want, &bound);
@@ -1393,36 +1043,18 @@ fn broadcast_rows_add_and_sum() {
     // Only the first row_len elements of a longer row / acc take part; the rest is untouched.
     let long_row = up(&be, "long_row", &[row.as_slice(), &[1e6; 4]].concat());
     let mut out2 = up(&be, "out2", &x);
-    be.add_broadcast_rows(&mut out2, &long_row, row_len)
-        .unwrap();
-    assert_eq!(
-        down(&be, &out2),
-        got,
-        "add_broadcast_rows with a longer row"
-    );
+    be.add_broadcast_rows(&mut out2, &long_row, row_len).unwrap();
+    assert_eq!(down(&be, &out2), got, "add_broadcast_rows with a longer row");
     let mut long_acc = up(&be, "long_acc", &[acc0.as_slice(), &[-5.0; 3]].concat());
     be.sum_broadcast_rows(&mut long_acc, &xb, row_len).unwrap();
     let long_got = down(&be, &long_acc);
-    assert_eq!(
-        &long_got[..row_len],
-        down(&be, &acc).as_slice(),
-        "sum_broadcast_rows with a longer acc"
-    );
+    assert_eq!(&long_got[..row_len], down(&be, &acc).as_slice(), "sum_broadcast_rows with a longer acc");
     assert_eq!(&long_got[row_len..], &[-5.0; 3]);
 
-    assert!(
-        be.add_broadcast_rows(&mut out, &rb, row_len + 1).is_err(),
-        "row shorter than row_len"
-    );
-    assert!(
-        be.sum_broadcast_rows(&mut acc, &xb, row_len + 1).is_err(),
-        "acc shorter than row_len"
-    );
+    assert!(be.add_broadcast_rows(&mut out, &rb, row_len + 1).is_err(), "row shorter than row_len");
+    assert!(be.sum_broadcast_rows(&mut acc, &xb, row_len + 1).is_err(), "acc shorter than row_len");
     let row7 = up(&be, "row7", &row[..7]);
-    assert!(
-        be.add_broadcast_rows(&mut out, &row7, 7).is_err(),
-        "99 is not a multiple of 7"
-    );
+    assert!(be.add_broadcast_rows(&mut out, &row7, 7).is_err(), "99 is not a multiple of 7");
     assert!(be.sum_broadcast_rows(&mut acc, &xb, 7).is_err());
 }
 
@@ -1438,17 +1070,10 @@ fn is_shape_error<T>(r: dm_runtime::Result<T>, op: &str) -> bool {
 fn matmul_shape_errors() {
     let be = CpuBackend::new();
     let s = spec(3, 4, 5, false, false, false);
-    let (a, b, mut out) = (
-        be.zeros("a", 15).unwrap(),
-        be.zeros("b", 20).unwrap(),
-        be.zeros("out", 12).unwrap(),
-    );
+    let (a, b, mut out) = (be.zeros("a", 15).unwrap(), be.zeros("b", 20).unwrap(), be.zeros("out", 12).unwrap());
     assert!(be.matmul(&mut out, &a, &b, s).is_ok());
-    let (a_bad, b_bad, mut out_bad) = (
-        be.zeros("a", 14).unwrap(),
-        be.zeros("b", 21).unwrap(),
-        be.zeros("out", 11).unwrap(),
-    );
+    let (a_bad, b_bad, mut out_bad) =
+        (be.zeros("a", 14).unwrap(), be.zeros("b", 21).unwrap(), be.zeros("out", 11).unwrap());
     assert!(is_shape_error(be.matmul(&mut out, &a_bad, &b, s), "matmul"));
     assert!(is_shape_error(be.matmul(&mut out, &a, &b_bad, s), "matmul"));
     assert!(is_shape_error(be.matmul(&mut out_bad, &a, &b, s), "matmul"));
@@ -1461,34 +1086,17 @@ fn layernorm_shape_errors() {
     let z = |n: usize| be.zeros("t", n).unwrap();
     let (x, bias, scale) = (up(&be, "x", &[1.0; 24]), z(dim), up(&be, "s", &[1.0; 6]));
     let (mut out, mut mean, mut rstd) = (z(rows * dim), z(rows), z(rows));
-    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&scale), &bias, dim)
-        .unwrap();
+    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&scale), &bias, dim).unwrap();
     assert!(is_shape_error(
         be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&scale), &bias, 5),
         "layernorm_forward"
     ));
     assert!(is_shape_error(
-        be.layernorm_forward(
-            &mut out,
-            &mut mean,
-            &mut rstd,
-            &x,
-            Some(&scale),
-            &z(dim + 1),
-            dim
-        ),
+        be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&scale), &z(dim + 1), dim),
         "layernorm_forward"
     ));
     assert!(is_shape_error(
-        be.layernorm_forward(
-            &mut out,
-            &mut mean,
-            &mut rstd,
-            &x,
-            Some(&z(dim - 1)),
-            &bias,
-            dim
-        ),
+        be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&z(dim - 1)), &bias, dim),
         "layernorm_forward"
     ));
     assert!(is_shape_error(
@@ -1496,15 +1104,7 @@ fn layernorm_shape_errors() {
         "layernorm_forward"
     ));
     assert!(is_shape_error(
-        be.layernorm_forward(
-            &mut z(rows * dim - 1),
-            &mut mean,
-            &mut rstd,
-            &x,
-            None,
-            &bias,
-            dim
-        ),
+        be.layernorm_forward(&mut z(rows * dim - 1), &mut mean, &mut rstd, &x, None, &bias, dim),
         "layernorm_forward"
     ));
     assert!(is_shape_error(
@@ -1513,33 +1113,10 @@ fn layernorm_shape_errors() {
     ));
 
     let (mut dx, mut ds, mut db, dout) = (z(rows * dim), z(dim), z(dim), z(rows * dim));
-    be.layernorm_backward(
-        &mut dx,
-        Some(&mut ds),
-        &mut db,
-        &dout,
-        &x,
-        &mean,
-        &rstd,
-        Some(&scale),
-        dim,
-        false,
-    )
-    .unwrap();
+    be.layernorm_backward(&mut dx, Some(&mut ds), &mut db, &dout, &x, &mean, &rstd, Some(&scale), dim, false).unwrap();
     let bad_dout = z(rows * dim + 1);
     assert!(is_shape_error(
-        be.layernorm_backward(
-            &mut dx,
-            Some(&mut ds),
-            &mut db,
-            &bad_dout,
-            &x,
-            &mean,
-            &rstd,
-            Some(&scale),
-            dim,
-            false
-        ),
+        be.layernorm_backward(&mut dx, Some(&mut ds), &mut db, &bad_dout, &x, &mean, &rstd, Some(&scale), dim, false),
         "layernorm_backward"
     ));
     assert!(is_shape_error(
@@ -1572,44 +1149,13 @@ fn layernorm_shape_errors() {
         ),
         "layernorm_backward"
     ));
-    let r = be.layernorm_backward(
-        &mut dx,
-        None,
-        &mut db,
-        &dout,
-        &x,
-        &mean,
-        &rstd,
-        Some(&scale),
-        dim,
-        false,
-    );
-    assert!(
-        matches!(
-            r,
-            Err(RuntimeError::Invalid {
-                op: "layernorm_backward",
-                ..
-            })
-        ),
-        "scale without dscale"
-    );
+    let r = be.layernorm_backward(&mut dx, None, &mut db, &dout, &x, &mean, &rstd, Some(&scale), dim, false);
+    assert!(matches!(r, Err(RuntimeError::Invalid { op: "layernorm_backward", .. })), "scale without dscale");
     // A scale or dscale of the wrong length: an error, not an index panic or a silently
     // truncated dscale.
     let short_scale = up(&be, "s", &[1.0; 5]);
     assert!(is_shape_error(
-        be.layernorm_backward(
-            &mut dx,
-            Some(&mut ds),
-            &mut db,
-            &dout,
-            &x,
-            &mean,
-            &rstd,
-            Some(&short_scale),
-            dim,
-            false
-        ),
+        be.layernorm_backward(&mut dx, Some(&mut ds), &mut db, &dout, &x, &mean, &rstd, Some(&short_scale), dim, false),
         "layernorm_backward"
     ));
     for bad in [dim - 1, dim + 1] {
@@ -1640,8 +1186,7 @@ fn attention_shape_errors() {
     let (q, k, v) = (z(nq), z(nk), z(nk));
     let (mut out, mut lse) = (z(nq), z(sh.lse_len()));
     let mask = up_ids(&be, "mask", &[1; 8]);
-    be.attention_forward(&mut out, &mut lse, &q, &k, &v, Some(&mask), sh)
-        .unwrap();
+    be.attention_forward(&mut out, &mut lse, &q, &k, &v, Some(&mask), sh).unwrap();
     let fwd = |q: &CpuBuf,
                k: &CpuBuf,
                v: &CpuBuf,
@@ -1649,86 +1194,26 @@ fn attention_shape_errors() {
                lse: &mut CpuBuf,
                mask: Option<&dm_runtime::cpu::CpuIds>,
                sh| { be.attention_forward(out, lse, q, k, v, mask, sh) };
-    assert!(is_shape_error(
-        fwd(&z(nq - 1), &k, &v, &mut out, &mut lse, None, sh),
-        "attention_forward"
-    ));
-    assert!(is_shape_error(
-        fwd(&q, &z(nk + 16), &v, &mut out, &mut lse, None, sh),
-        "attention_forward"
-    ));
-    assert!(is_shape_error(
-        fwd(&q, &k, &z(nq), &mut out, &mut lse, None, sh),
-        "attention_forward"
-    ));
-    assert!(is_shape_error(
-        fwd(&q, &k, &v, &mut z(nq + 1), &mut lse, None, sh),
-        "attention_forward"
-    ));
-    assert!(is_shape_error(
-        fwd(&q, &k, &v, &mut out, &mut z(sh.lse_len() - 1), None, sh),
-        "attention_forward"
-    ));
+    assert!(is_shape_error(fwd(&z(nq - 1), &k, &v, &mut out, &mut lse, None, sh), "attention_forward"));
+    assert!(is_shape_error(fwd(&q, &z(nk + 16), &v, &mut out, &mut lse, None, sh), "attention_forward"));
+    assert!(is_shape_error(fwd(&q, &k, &z(nq), &mut out, &mut lse, None, sh), "attention_forward"));
+    assert!(is_shape_error(fwd(&q, &k, &v, &mut z(nq + 1), &mut lse, None, sh), "attention_forward"));
+    assert!(is_shape_error(fwd(&q, &k, &v, &mut out, &mut z(sh.lse_len() - 1), None, sh), "attention_forward"));
     let short_mask = up_ids(&be, "mask", &[1; 7]);
-    assert!(is_shape_error(
-        fwd(&q, &k, &v, &mut out, &mut lse, Some(&short_mask), sh),
-        "attention_forward"
-    ));
+    assert!(is_shape_error(fwd(&q, &k, &v, &mut out, &mut lse, Some(&short_mask), sh), "attention_forward"));
     let causal = AttentionShape { causal: true, ..sh };
     assert!(
-        matches!(
-            fwd(&q, &k, &v, &mut out, &mut lse, None, causal),
-            Err(RuntimeError::Invalid { .. })
-        ),
+        matches!(fwd(&q, &k, &v, &mut out, &mut lse, None, causal), Err(RuntimeError::Invalid { .. })),
         "causal needs q_len == kv_len"
     );
 
     let (mut dq, mut dk, mut dv, dout) = (z(nq), z(nk), z(nk), z(nq));
-    be.attention_backward(
-        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, None, sh,
-    )
-    .unwrap();
-    let r = be.attention_backward(
-        &mut dq,
-        &mut z(nk - 1),
-        &mut dv,
-        &dout,
-        &q,
-        &k,
-        &v,
-        &out,
-        &lse,
-        None,
-        sh,
-    );
+    be.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, None, sh).unwrap();
+    let r = be.attention_backward(&mut dq, &mut z(nk - 1), &mut dv, &dout, &q, &k, &v, &out, &lse, None, sh);
     assert!(is_shape_error(r, "attention_backward"));
-    let r = be.attention_backward(
-        &mut dq,
-        &mut dk,
-        &mut dv,
-        &z(nq + 1),
-        &q,
-        &k,
-        &v,
-        &out,
-        &lse,
-        None,
-        sh,
-    );
+    let r = be.attention_backward(&mut dq, &mut dk, &mut dv, &z(nq + 1), &q, &k, &v, &out, &lse, None, sh);
     assert!(is_shape_error(r, "attention_backward"));
-    let r = be.attention_backward(
-        &mut dq,
-        &mut dk,
-        &mut dv,
-        &dout,
-        &q,
-        &k,
-        &v,
-        &out,
-        &z(1),
-        None,
-        sh,
-    );
+    let r = be.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &z(1), None, sh);
     assert!(is_shape_error(r, "attention_backward"));
 }
 
@@ -1736,14 +1221,8 @@ fn attention_shape_errors() {
 fn other_ops_shape_errors() {
     let be = CpuBackend::new();
     let z = |n: usize| be.zeros("t", n).unwrap();
-    assert!(is_shape_error(
-        be.gelu_glu_forward(&mut z(5), &z(5), &z(4)),
-        "gelu_glu_forward"
-    ));
-    assert!(is_shape_error(
-        be.gelu_glu_backward(&mut z(5), &mut z(5), &z(5), &z(6), &z(5)),
-        "gelu_glu_backward"
-    ));
+    assert!(is_shape_error(be.gelu_glu_forward(&mut z(5), &z(5), &z(4)), "gelu_glu_forward"));
+    assert!(is_shape_error(be.gelu_glu_backward(&mut z(5), &mut z(5), &z(5), &z(6), &z(5)), "gelu_glu_backward"));
     let ids = up_ids(&be, "ids", &[0, 1, 2]);
     assert!(is_shape_error(
         be.embedding_forward(&mut z(12), &z(19), &ids, VocabRange::full(5), 4),
@@ -1758,24 +1237,9 @@ fn other_ops_shape_errors() {
         "embedding_backward"
     ));
     let targets = up_ids(&be, "targets", &[0, 1]);
-    assert!(is_shape_error(
-        be.cross_entropy_fused(&mut z(7), &mut z(2), &targets, 3, 1.0),
-        "cross_entropy_fused"
-    ));
-    assert!(is_shape_error(
-        be.cross_entropy_fused(&mut z(6), &mut z(3), &targets, 3, 1.0),
-        "cross_entropy_fused"
-    ));
-    assert!(is_shape_error(
-        be.adamw(
-            &mut z(4),
-            &z(4),
-            &mut z(3),
-            &mut z(4),
-            &adamw_step(1e-3, 1, 1.0)
-        ),
-        "adamw"
-    ));
+    assert!(is_shape_error(be.cross_entropy_fused(&mut z(7), &mut z(2), &targets, 3, 1.0), "cross_entropy_fused"));
+    assert!(is_shape_error(be.cross_entropy_fused(&mut z(6), &mut z(3), &targets, 3, 1.0), "cross_entropy_fused"));
+    assert!(is_shape_error(be.adamw(&mut z(4), &z(4), &mut z(3), &mut z(4), &adamw_step(1e-3, 1, 1.0)), "adamw"));
 }
 
 #[test]
@@ -1801,25 +1265,10 @@ fn memory_is_accounted_and_budget_refusals_name_the_tensor() {
             "{err:?}"
         );
         let msg = err.to_string();
-        assert!(
-            msg.contains("decoder.logits") && msg.contains("cpu:test"),
-            "{msg}"
-        );
-        assert!(be
-            .upload("big.upload", &vec![0.0; 20_000])
-            .unwrap_err()
-            .to_string()
-            .contains("big.upload"));
-        assert!(be
-            .upload_ids("big.ids", &vec![0; 20_000])
-            .unwrap_err()
-            .to_string()
-            .contains("big.ids"));
-        assert_eq!(
-            report(&be).current_bytes,
-            5400,
-            "refused allocations register nothing"
-        );
+        assert!(msg.contains("decoder.logits") && msg.contains("cpu:test"), "{msg}");
+        assert!(be.upload("big.upload", &vec![0.0; 20_000]).unwrap_err().to_string().contains("big.upload"));
+        assert!(be.upload_ids("big.ids", &vec![0; 20_000]).unwrap_err().to_string().contains("big.ids"));
+        assert_eq!(report(&be).current_bytes, 5400, "refused allocations register nothing");
         drop((a, b, ids));
     }
     assert_eq!(report(&be).current_bytes, 0, "every buffer released");
@@ -1845,25 +1294,13 @@ fn round32(x: &[f64]) -> Vec<f32> {
 fn matmul_bound_rejects_a_wrong_transpose() {
     // Square shapes, so a misread layout still has the right length.
     let mut rng = rng_for("sensitivity matmul");
-    let (a, b) = (
-        f64s(&normal(&mut rng, 36, 0.0, 1.0)),
-        f64s(&normal(&mut rng, 36, 0.0, 1.0)),
-    );
+    let (a, b) = (f64s(&normal(&mut rng, 36, 0.0, 1.0)), f64s(&normal(&mut rng, 36, 0.0, 1.0)));
     let s = spec(6, 6, 6, false, false, false);
     let want = matmul_ref(&a, &b, s);
-    let bound: Vec<f64> = matmul_ref(&abs64(&a), &abs64(&b), s)
-        .iter()
-        .map(|p| gamma(6) * p)
-        .collect();
+    let bound: Vec<f64> = matmul_ref(&abs64(&a), &abs64(&b), s).iter().map(|p| gamma(6) * p).collect();
     assert!(within_bound(&round32(&want), &want, &bound).is_ok());
-    for bug in [
-        spec(6, 6, 6, true, false, false),
-        spec(6, 6, 6, false, true, false),
-    ] {
-        assert!(
-            within_bound(&round32(&matmul_ref(&a, &b, bug)), &want, &bound).is_err(),
-            "{bug:?}"
-        );
+    for bug in [spec(6, 6, 6, true, false, false), spec(6, 6, 6, false, true, false)] {
+        assert!(within_bound(&round32(&matmul_ref(&a, &b, bug)), &want, &bound).is_err(), "{bug:?}");
     }
 }
 
@@ -1884,27 +1321,12 @@ fn attention_checks_reject_a_missing_scale_and_a_stopped_masked_gradient() {
     // A reference whose fully masked batch row is a constant (gradient stopped at the mask, as
     // jnp.where would give) disagrees with the op on dq: the check tells the two rules apart.
     let stopped = fd_grads(std::slice::from_ref(&q), |x| {
-        weighted_sum(
-            &w,
-            &attn_ref(&x[0], &k, &v, Some(&mask), &sh, alpha_of(&sh), None).out,
-        )
+        weighted_sum(&w, &attn_ref(&x[0], &k, &v, Some(&mask), &sh, alpha_of(&sh), None).out)
     });
     let half = sh.q_len * sh.width();
     assert!(grad_rel_err(&run.dq[half..], &stopped[0][half..], GRAD_TOL).is_err());
     let flowing = fd_grads(&[q], |x| {
-        weighted_sum(
-            &w,
-            &attn_ref(
-                &x[0],
-                &k,
-                &v,
-                Some(&mask),
-                &sh,
-                alpha_of(&sh),
-                Some(&good.s),
-            )
-            .out,
-        )
+        weighted_sum(&w, &attn_ref(&x[0], &k, &v, Some(&mask), &sh, alpha_of(&sh), Some(&good.s)).out)
     });
     assert!(grad_rel_err(&run.dq[half..], &flowing[0][half..], GRAD_TOL).is_ok());
 }
@@ -1917,13 +1339,9 @@ fn layernorm_bound_rejects_unbiased_variance_and_missing_eps() {
     let bias = normal(&mut rng, dim, 0.0, 0.5);
     let be = CpuBackend::new();
     let (xb, bb) = (up(&be, "x", &x), up(&be, "bias", &bias));
-    let (mut out, mut mean, mut rstd) = (
-        nan_buf(&be, "out", rows * dim),
-        nan_buf(&be, "mean", rows),
-        nan_buf(&be, "rstd", rows),
-    );
-    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &xb, None, &bb, dim)
-        .unwrap();
+    let (mut out, mut mean, mut rstd) =
+        (nan_buf(&be, "out", rows * dim), nan_buf(&be, "mean", rows), nan_buf(&be, "rstd", rows));
+    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &xb, None, &bb, dim).unwrap();
     let got = down(&be, &out);
     let (x64, b64) = (f64s(&x), f64s(&bias));
     let good = layernorm_ref(&x64, None, &b64, dim);
@@ -1937,16 +1355,9 @@ fn layernorm_bound_rejects_unbiased_variance_and_missing_eps() {
         })
         .collect();
     assert!(within_bound(&got, &good.out, &bound).is_ok());
-    for (what, ddof, eps) in [
-        ("unbiased variance", 1.0, LN_EPS),
-        ("no eps", 0.0, 0.0),
-        ("eps 1e-6", 0.0, 1e-6),
-    ] {
+    for (what, ddof, eps) in [("unbiased variance", 1.0, LN_EPS), ("no eps", 0.0, 0.0), ("eps 1e-6", 0.0, 1e-6)] {
         let bug = layernorm_ref_with(&x64, None, &b64, dim, ddof, eps);
-        assert!(
-            within_bound(&got, &bug.out, &bound).is_err(),
-            "{what} should be rejected"
-        );
+        assert!(within_bound(&got, &bug.out, &bound).is_err(), "{what} should be rejected");
     }
 }
 
@@ -1954,20 +1365,10 @@ fn layernorm_bound_rejects_unbiased_variance_and_missing_eps() {
 fn gelu_bound_rejects_the_tanh_approximation() {
     let (a, b, _) = gelu_glu_inputs("sensitivity gelu", 200);
     let (a64, b64) = (f64s(&a), f64s(&b));
-    let tanh_gelu = |x: f64| {
-        0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
-    };
-    let approx: Vec<f64> = a64
-        .iter()
-        .zip(&b64)
-        .map(|(&a, &b)| tanh_gelu(a) * b)
-        .collect();
-    assert!(within_bound(
-        &round32(&approx),
-        &gelu_glu_ref(&a64, &b64),
-        &gelu_glu_bound(&a64, &b64)
-    )
-    .is_err());
+    let tanh_gelu =
+        |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+    let approx: Vec<f64> = a64.iter().zip(&b64).map(|(&a, &b)| tanh_gelu(a) * b).collect();
+    assert!(within_bound(&round32(&approx), &gelu_glu_ref(&a64, &b64), &gelu_glu_bound(&a64, &b64)).is_err());
 }
 
 #[test]
@@ -1993,24 +1394,13 @@ fn adamw_bound_rejects_missing_bias_correction() {
     let be = CpuBackend::new();
     let mut p = up(&be, "p", &p0);
     let (mut m, mut v) = (be.zeros("m", n).unwrap(), be.zeros("v", n).unwrap());
-    be.adamw(&mut p, &up(&be, "g", &grad), &mut m, &mut v, &s)
-        .unwrap();
+    be.adamw(&mut p, &up(&be, "g", &grad), &mut m, &mut v, &s).unwrap();
     let got = down(&be, &p);
-    let mut good = AdamRef {
-        p: f64s(&p0),
-        m: vec![0.0; n],
-        v: vec![0.0; n],
-    };
+    let mut good = AdamRef { p: f64s(&p0), m: vec![0.0; n], v: vec![0.0; n] };
     let upd = adamw_ref(&mut good, &grad, &s, true);
-    let bound: Vec<f64> = (0..n)
-        .map(|i| 2.0 * (U * good.p[i].abs() + 16.0 * U * 1e-3 * upd[i].abs()))
-        .collect();
+    let bound: Vec<f64> = (0..n).map(|i| 2.0 * (U * good.p[i].abs() + 16.0 * U * 1e-3 * upd[i].abs())).collect();
     assert!(within_bound(&got, &good.p, &bound).is_ok());
-    let mut bad = AdamRef {
-        p: f64s(&p0),
-        m: vec![0.0; n],
-        v: vec![0.0; n],
-    };
+    let mut bad = AdamRef { p: f64s(&p0), m: vec![0.0; n], v: vec![0.0; n] };
     adamw_ref(&mut bad, &grad, &s, false);
     assert!(within_bound(&got, &bad.p, &bound).is_err());
 }

@@ -77,13 +77,16 @@ fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()
 
 fn check_prefix(op: &'static str, have: usize, row_len: usize) -> Result<()> {
     if have < row_len {
-        return Err(RuntimeError::Shape { op, detail: format!("row buffer has {have} elements, fewer than row_len {row_len}") });
+        return Err(RuntimeError::Shape {
+            op,
+            detail: format!("row buffer has {have} elements, fewer than row_len {row_len}"),
+        });
     }
     Ok(())
 }
 
 fn rows_of(op: &'static str, len: usize, dim: usize) -> Result<usize> {
-    if dim == 0 || len % dim != 0 {
+    if dim == 0 || !len.is_multiple_of(dim) {
         return Err(RuntimeError::Shape { op, detail: format!("length {len} is not a multiple of dim {dim}") });
     }
     Ok(len / dim)
@@ -272,14 +275,7 @@ impl Backend for CpuBackend {
         glu::forward(&mut out.data, &a.data, &b.data);
         Ok(())
     }
-    fn gelu_glu_backward(
-        &self,
-        da: &mut CpuBuf,
-        db: &mut CpuBuf,
-        dout: &CpuBuf,
-        a: &CpuBuf,
-        b: &CpuBuf,
-    ) -> Result<()> {
+    fn gelu_glu_backward(&self, da: &mut CpuBuf, db: &mut CpuBuf, dout: &CpuBuf, a: &CpuBuf, b: &CpuBuf) -> Result<()> {
         let n = dout.data.len();
         for (what, len) in [("da", da.data.len()), ("db", db.data.len()), ("a", a.data.len()), ("b", b.data.len())] {
             check_len("gelu_glu_backward", what, len, n)?;
@@ -296,6 +292,7 @@ impl Backend for CpuBackend {
         range: VocabRange,
         dim: usize,
     ) -> Result<()> {
+        check_embedding("embedding_forward", range, dim)?;
         check_len("embedding_forward", "table", table.data.len(), range.len() * dim)?;
         check_len("embedding_forward", "out", out.data.len(), ids.data.len() * dim)?;
         embedding::forward(&mut out.data, &table.data, &ids.data, range, dim);
@@ -309,6 +306,7 @@ impl Backend for CpuBackend {
         range: VocabRange,
         dim: usize,
     ) -> Result<()> {
+        check_embedding("embedding_backward", range, dim)?;
         check_len("embedding_backward", "dtable", dtable.data.len(), range.len() * dim)?;
         check_len("embedding_backward", "dout", dout.data.len(), ids.data.len() * dim)?;
         embedding::backward(&mut dtable.data, &dout.data, &ids.data, range, dim);
@@ -328,15 +326,7 @@ impl Backend for CpuBackend {
         check_attention("attention_forward", &shape, q, k, v, mask)?;
         check_len("attention_forward", "out", out.data.len(), q.data.len())?;
         check_len("attention_forward", "lse", lse.data.len(), shape.lse_len())?;
-        attention::forward(
-            &mut out.data,
-            &mut lse.data,
-            &q.data,
-            &k.data,
-            &v.data,
-            mask.map(|m| m.as_slice()),
-            shape,
-        );
+        attention::forward(&mut out.data, &mut lse.data, &q.data, &k.data, &v.data, mask.map(|m| m.as_slice()), shape);
         Ok(())
     }
 
@@ -406,6 +396,16 @@ impl Backend for CpuBackend {
     }
 }
 
+fn check_embedding(op: &'static str, range: VocabRange, dim: usize) -> Result<()> {
+    if dim == 0 || range.start > range.end {
+        return Err(RuntimeError::Invalid {
+            op,
+            detail: format!("dim {dim} and vocab range {range:?} must be non-empty"),
+        });
+    }
+    Ok(())
+}
+
 fn check_attention(
     op: &'static str,
     s: &AttentionShape,
@@ -414,6 +414,9 @@ fn check_attention(
     v: &CpuBuf,
     mask: Option<&CpuIds>,
 ) -> Result<()> {
+    if s.batch == 0 || s.q_len == 0 || s.kv_len == 0 || s.heads == 0 || s.head_dim == 0 {
+        return Err(RuntimeError::Invalid { op, detail: format!("attention shape has a zero dimension: {s:?}") });
+    }
     let w = s.width();
     check_len(op, "q", q.data.len(), s.batch * s.q_len * w)?;
     check_len(op, "k", k.data.len(), s.batch * s.kv_len * w)?;

@@ -97,12 +97,7 @@ pub fn down(be: &CpuBackend, buf: &CpuBuf) -> Vec<f32> {
 /// Returns the worst ratio error/bound.
 pub fn within_bound(got: &[f32], want: &[f64], bound: &[f64]) -> Result<f64, String> {
     if got.len() != want.len() || want.len() != bound.len() {
-        return Err(format!(
-            "lengths differ: got {}, want {}, bound {}",
-            got.len(),
-            want.len(),
-            bound.len()
-        ));
+        return Err(format!("lengths differ: got {}, want {}, bound {}", got.len(), want.len(), bound.len()));
     }
     let mut worst = 0.0f64;
     let mut failures = Vec::new();
@@ -110,10 +105,7 @@ pub fn within_bound(got: &[f32], want: &[f64], bound: &[f64]) -> Result<f64, Str
         let err = (got[i] as f64 - want[i]).abs();
         // A NaN error must fail, hence the explicit is_nan.
         if !got[i].is_finite() || err.is_nan() || err > bound[i] {
-            failures.push(format!(
-                "[{i}] got {} want {} (err {err:.3e} > bound {:.3e})",
-                got[i], want[i], bound[i]
-            ));
+            failures.push(format!("[{i}] got {} want {} (err {err:.3e} > bound {:.3e})", got[i], want[i], bound[i]));
         } else if bound[i] > 0.0 {
             worst = worst.max(err / bound[i]);
         }
@@ -123,11 +115,7 @@ pub fn within_bound(got: &[f32], want: &[f64], bound: &[f64]) -> Result<f64, Str
     } else {
         let n = failures.len();
         failures.truncate(5);
-        Err(format!(
-            "{n} of {} elements out of bound: {}",
-            got.len(),
-            failures.join("; ")
-        ))
+        Err(format!("{n} of {} elements out of bound: {}", got.len(), failures.join("; ")))
     }
 }
 
@@ -143,20 +131,14 @@ pub fn assert_within(what: &str, got: &[f32], want: &[f64], bound: &[f64]) {
 /// reference (a degenerate test), or above `tol`.
 pub fn grad_rel_err(got: &[f32], want: &[f64], tol: f64) -> Result<f64, String> {
     if got.len() != want.len() {
-        return Err(format!(
-            "lengths differ: got {}, want {}",
-            got.len(),
-            want.len()
-        ));
+        return Err(format!("lengths differ: got {}, want {}", got.len(), want.len()));
     }
     if let Some(i) = got.iter().position(|g| !g.is_finite()) {
         return Err(format!("non-finite gradient {} at [{i}]", got[i]));
     }
     let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
     if scale == 0.0 || !scale.is_finite() {
-        return Err(format!(
-            "degenerate reference gradient (max |want| = {scale})"
-        ));
+        return Err(format!("degenerate reference gradient (max |want| = {scale})"));
     }
     let (mut worst, mut at) = (0.0f64, 0);
     for i in 0..got.len() {
@@ -192,11 +174,7 @@ pub fn fd_grads(inputs: &[Vec<f64>], loss: impl Fn(&[Vec<f64>]) -> f64) -> Vec<V
 
 /// Central finite differences at the listed indices of each input (for products too large to
 /// difference every element); entry `[t][s]` is ∂loss/∂inputs[t][at[t][s]].
-pub fn fd_grads_at(
-    inputs: &[Vec<f64>],
-    at: &[Vec<usize>],
-    loss: impl Fn(&[Vec<f64>]) -> f64,
-) -> Vec<Vec<f64>> {
+pub fn fd_grads_at(inputs: &[Vec<f64>], at: &[Vec<usize>], loss: impl Fn(&[Vec<f64>]) -> f64) -> Vec<Vec<f64>> {
     let mut x: Vec<Vec<f64>> = inputs.to_vec();
     let mut grads = Vec::with_capacity(inputs.len());
     for t in 0..inputs.len() {
