@@ -13,6 +13,9 @@ use crate::error::{ModelError, Result};
 use crate::params::{AttnIdx, GluIdx, LnIdx, ParamTable};
 use dm_runtime::{AttentionShape, Backend, MatmulSpec, VocabRange};
 
+pub mod generate;
+pub use generate::{Prompt, SamplingOptions};
+
 /// What one forward+backward reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOutput {

@@ -11,6 +11,25 @@ use super::matmul::{gemm_strided, View};
 use crate::backend::AttentionShape;
 use rayon::prelude::*;
 
+thread_local! {
+    /// Per-thread `[q_len, kv_len]` score buffers, reused across tasks and calls: fresh
+    /// allocations of this size would be page-faulted in on every (batch, head) task.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with two scratch slices of `len` elements from this thread's pool.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (a, b) = &mut *guard;
+        if a.len() < len {
+            a.resize(len, 0.0);
+            b.resize(len, 0.0);
+        }
+        f(&mut a[..len], &mut b[..len])
+    })
+}
+
 /// Raw base pointer shared by tasks that write disjoint (batch, head) slices.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -140,27 +159,28 @@ pub fn forward(
     let w = sh.width() as isize;
     lse.par_chunks_mut(sh.q_len).enumerate().for_each(|(bh, lse)| {
         let (b, h) = (bh / sh.heads, bh % sh.heads);
-        let mut s = vec![0.0f32; sh.q_len * sh.kv_len];
-        // SAFETY: q, k, v, out have the lengths checked by the backend for `sh`; this task writes
-        // only the (b, h) column slice of `out`, which no other task touches.
-        unsafe {
-            scores(&mut s, qp.at(0), kp.at(0), b, h, &sh);
-            softmax_rows(&mut s, lse, b, &vis, sh.kv_len);
-            let v0 = vp.at(b * sh.kv_len * sh.width() + h * sh.head_dim);
-            let o0 = op.at(b * sh.q_len * sh.width() + h * sh.head_dim);
-            gemm_strided(
-                sh.q_len,
-                sh.head_dim,
-                sh.kv_len,
-                o0,
-                w,
-                1,
-                false,
-                View { ptr: s.as_ptr(), rs: sh.kv_len as isize, cs: 1 },
-                View { ptr: v0, rs: w, cs: 1 },
-                1.0,
-            );
-        }
+        with_scratch(sh.q_len * sh.kv_len, |s, _| {
+            // SAFETY: q, k, v, out have the lengths checked by the backend for `sh`; this task writes
+            // only the (b, h) column slice of `out`, which no other task touches.
+            unsafe {
+                scores(s, qp.at(0), kp.at(0), b, h, &sh);
+                softmax_rows(s, lse, b, &vis, sh.kv_len);
+                let v0 = vp.at(b * sh.kv_len * sh.width() + h * sh.head_dim);
+                let o0 = op.at(b * sh.q_len * sh.width() + h * sh.head_dim);
+                gemm_strided(
+                    sh.q_len,
+                    sh.head_dim,
+                    sh.kv_len,
+                    o0,
+                    w,
+                    1,
+                    false,
+                    View { ptr: s.as_ptr(), rs: sh.kv_len as isize, cs: 1 },
+                    View { ptr: v0, rs: w, cs: 1 },
+                    1.0,
+                );
+            }
+        })
     });
 }
 
@@ -177,87 +197,87 @@ pub fn backward(g: Grads, dout: &[f32], x: Inputs, out: &[f32], lse: &[f32], sh:
         let (b, h) = (bh / sh.heads, bh % sh.heads);
         let q_off = b * tq * w + h * hd;
         let k_off = b * tk * w + h * hd;
-        let mut p = vec![0.0f32; tq * tk];
-        let mut dp = vec![0.0f32; tq * tk];
-        // SAFETY: all pointers address buffers whose lengths the backend checked against `sh`;
-        // this task reads shared inputs and writes only the (b, h) slices of dq, dk, dv.
-        unsafe {
-            // Recompute P from the saved log-sum-exp.
-            scores(&mut p, qp.at(0), kp.at(0), b, h, &sh);
-            for i in 0..tq {
-                let row = &mut p[i * tk..(i + 1) * tk];
-                if lse[i].is_nan() {
-                    row.fill(1.0 / tk as f32);
-                    continue;
+        with_scratch(tq * tk, |p, dp| {
+            // SAFETY: all pointers address buffers whose lengths the backend checked against `sh`;
+            // this task reads shared inputs and writes only the (b, h) slices of dq, dk, dv.
+            unsafe {
+                // Recompute P from the saved log-sum-exp.
+                scores(p, qp.at(0), kp.at(0), b, h, &sh);
+                for i in 0..tq {
+                    let row = &mut p[i * tk..(i + 1) * tk];
+                    if lse[i].is_nan() {
+                        row.fill(1.0 / tk as f32);
+                        continue;
+                    }
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = if vis.visible(b, i, j) { exp(*s - lse[i]) } else { 0.0 };
+                    }
                 }
-                for (j, s) in row.iter_mut().enumerate() {
-                    *s = if vis.visible(b, i, j) { exp(*s - lse[i]) } else { 0.0 };
+                // dP = dO · Vᵀ
+                gemm_strided(
+                    tq,
+                    tk,
+                    hd,
+                    dp.as_mut_ptr(),
+                    tk as isize,
+                    1,
+                    false,
+                    View { ptr: dop.at(q_off), rs: ws, cs: 1 },
+                    View { ptr: vp.at(k_off), rs: 1, cs: ws },
+                    1.0,
+                );
+                // dS = P ∘ (dP − D), D_i = Σ_d dO[i, d]·O[i, d]
+                for i in 0..tq {
+                    let base = q_off + i * w;
+                    let mut d = 0.0f32;
+                    for c in 0..hd {
+                        d += *dop.at(base + c) * *outp.at(base + c);
+                    }
+                    for j in 0..tk {
+                        let idx = i * tk + j;
+                        dp[idx] = p[idx] * (dp[idx] - d);
+                    }
                 }
+                // dQ = dS · K / √d
+                gemm_strided(
+                    tq,
+                    hd,
+                    tk,
+                    dqp.at(q_off),
+                    ws,
+                    1,
+                    false,
+                    View { ptr: dp.as_ptr(), rs: tk as isize, cs: 1 },
+                    View { ptr: kp.at(k_off), rs: ws, cs: 1 },
+                    alpha,
+                );
+                // dK = dSᵀ · Q / √d
+                gemm_strided(
+                    tk,
+                    hd,
+                    tq,
+                    dkp.at(k_off),
+                    ws,
+                    1,
+                    false,
+                    View { ptr: dp.as_ptr(), rs: 1, cs: tk as isize },
+                    View { ptr: qp.at(q_off), rs: ws, cs: 1 },
+                    alpha,
+                );
+                // dV = Pᵀ · dO
+                gemm_strided(
+                    tk,
+                    hd,
+                    tq,
+                    dvp.at(k_off),
+                    ws,
+                    1,
+                    false,
+                    View { ptr: p.as_ptr(), rs: 1, cs: tk as isize },
+                    View { ptr: dop.at(q_off), rs: ws, cs: 1 },
+                    1.0,
+                );
             }
-            // dP = dO · Vᵀ
-            gemm_strided(
-                tq,
-                tk,
-                hd,
-                dp.as_mut_ptr(),
-                tk as isize,
-                1,
-                false,
-                View { ptr: dop.at(q_off), rs: ws, cs: 1 },
-                View { ptr: vp.at(k_off), rs: 1, cs: ws },
-                1.0,
-            );
-            // dS = P ∘ (dP − D), D_i = Σ_d dO[i, d]·O[i, d]
-            for i in 0..tq {
-                let base = q_off + i * w;
-                let mut d = 0.0f32;
-                for c in 0..hd {
-                    d += *dop.at(base + c) * *outp.at(base + c);
-                }
-                for j in 0..tk {
-                    let idx = i * tk + j;
-                    dp[idx] = p[idx] * (dp[idx] - d);
-                }
-            }
-            // dQ = dS · K / √d
-            gemm_strided(
-                tq,
-                hd,
-                tk,
-                dqp.at(q_off),
-                ws,
-                1,
-                false,
-                View { ptr: dp.as_ptr(), rs: tk as isize, cs: 1 },
-                View { ptr: kp.at(k_off), rs: ws, cs: 1 },
-                alpha,
-            );
-            // dK = dSᵀ · Q / √d
-            gemm_strided(
-                tk,
-                hd,
-                tq,
-                dkp.at(k_off),
-                ws,
-                1,
-                false,
-                View { ptr: dp.as_ptr(), rs: 1, cs: tk as isize },
-                View { ptr: qp.at(q_off), rs: ws, cs: 1 },
-                alpha,
-            );
-            // dV = Pᵀ · dO
-            gemm_strided(
-                tk,
-                hd,
-                tq,
-                dvp.at(k_off),
-                ws,
-                1,
-                false,
-                View { ptr: p.as_ptr(), rs: 1, cs: tk as isize },
-                View { ptr: dop.at(q_off), rs: ws, cs: 1 },
-                1.0,
-            );
-        }
+        })
     });
 }
