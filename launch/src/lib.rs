@@ -1,5 +1,34 @@
-//! The `dalle-mesh` command's library half: each subcommand is a module with a `run` function
-//! that returns a serialisable report, so tests drive exactly what the binary runs.
+//! The `dalle-mesh` command's library half: each subcommand is a module with a `run`-style
+//! function returning a serialisable report, so tests drive exactly what the binary runs.
 
 pub mod bench;
 pub mod parity;
+pub mod plot;
+pub mod run_checkpoint;
+pub mod run_config;
+pub mod sample;
+pub mod train;
+
+use std::path::Path;
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    Ok(dm_model::checkpoint::write_atomic(path, bytes)?)
+}
+
+/// Writes `loss.png` and `loss.svg` into `out`: training and eval loss against the unigram baseline.
+pub fn plot_loss(out: &Path, train: &[(f64, f64)], eval: &[(f64, f64)], baseline: f64) -> anyhow::Result<()> {
+    let chart = plot::Chart {
+        title: "dalle-mesh training".into(),
+        x_label: "step".into(),
+        y_label: "cross-entropy".into(),
+        series: vec![
+            plot::Series { name: "train loss".into(), points: train.to_vec(), colour: [31, 119, 180] },
+            plot::Series { name: "eval loss".into(), points: eval.to_vec(), colour: [214, 39, 40] },
+        ],
+        hlines: vec![("unigram baseline".into(), baseline, [90, 90, 90])],
+    };
+    plot::write_png(&chart, &out.join("loss.png"), 800, 500)?;
+    plot::write_svg(&chart, &out.join("loss.svg"))?;
+    Ok(())
+}

@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use dalle_mesh::{bench, parity};
+use dalle_mesh::{bench, parity, run_config::RunConfig, sample, train};
+use dm_model::dallebart::SamplingOptions;
 use dm_model::DalleBartConfig;
 use std::path::PathBuf;
 
@@ -16,6 +17,57 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train DalleBart. Without arguments: the built-in small model on the built-in synthetic
+    /// dataset, on CPU, into ./runs/default.
+    Train {
+        /// Run config (YAML); defaults to the built-in run.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output folder: metrics.jsonl, checkpoints/, samples/, loss.png.
+        #[arg(long, default_value = "runs/default")]
+        out: PathBuf,
+        /// Continue exactly from the newest checkpoint of this run folder (or this checkpoint).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Override training.steps.
+        #[arg(long)]
+        steps: Option<u64>,
+    },
+    /// Generate images for prompts from a checkpoint.
+    Sample {
+        /// A run folder (its newest checkpoint is used) or one checkpoints/step_* folder.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A caption; repeat for several.
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        /// Samples per prompt.
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Classifier-free guidance scale (1 = off); the empty caption is the unconditional prompt.
+        #[arg(long, default_value_t = 1.0)]
+        cond_scale: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "samples.png")]
+        out: PathBuf,
+    },
+    /// Datasets: import dalle-mini's encoded format, or write the built-in synthetic set.
+    Data {
+        #[command(subcommand)]
+        what: DataCommand,
+    },
+    /// Tokenizers: train a byte-level BPE on captions.
+    Tokenizer {
+        #[command(subcommand)]
+        what: TokenizerCommand,
+    },
     /// Check forward, backward and one AdamW step against a dalle-mini reference fixture.
     Parity {
         /// Fixture folder (config.json, weights/batch/expected safetensors, fixture.json).
@@ -26,6 +78,48 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Import JSONL rows `{"caption": str, "encoding": [image_length ints]}` into an encoded dataset.
+    Import {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        image_length: usize,
+        #[arg(long, default_value_t = 16384)]
+        image_vocab: u32,
+        /// Skip bad rows (reporting how many) instead of failing.
+        #[arg(long)]
+        skip_bad: bool,
+    },
+    /// Write the built-in synthetic dataset (train/, eval/, tokenizer.json, held_out.json).
+    Synthetic {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 20000)]
+        train_rows: usize,
+        #[arg(long, default_value_t = 1000)]
+        eval_rows: usize,
+        #[arg(long, default_value_t = 256)]
+        image_length: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE (BART special tokens at 0..4) on a file of captions, one per line.
+    Train {
+        captions: PathBuf,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        #[arg(long, default_value = "tokenizer.json")]
+        out: PathBuf,
     },
 }
 
@@ -94,6 +188,45 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Train { config, out, resume, steps } => {
+            let mut cfg = match &config {
+                Some(p) => RunConfig::from_file(p)?,
+                None => RunConfig::default(),
+            };
+            if let Some(s) = steps {
+                cfg.training.steps = s;
+            }
+            let summary = train::train(cfg, &out, resume.as_deref())?;
+            print_json(&summary)?;
+            Ok(0)
+        }
+        Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out } => {
+            let opts = SamplingOptions { temperature, top_k, top_p, cond_scale, seed };
+            let path = sample::run(&checkpoint, &prompt, n, &opts, &out)?;
+            print_json(&serde_json::json!({"samples": path, "prompts": prompt, "per_prompt": n}))?;
+            Ok(0)
+        }
+        Command::Data { what: DataCommand::Import { input, out, image_length, image_vocab, skip_bad } } => {
+            let opts = dm_data::ImportOptions { image_length, image_vocab, skip_bad, ..Default::default() };
+            let report = dm_data::import(&input, &out, &opts)?;
+            print_json(&serde_json::json!({
+                "out": out, "rows_written": report.rows_written, "rows_skipped": report.rows_skipped,
+                "lines_read": report.lines_read,
+            }))?;
+            Ok(0)
+        }
+        Command::Data { what: DataCommand::Synthetic { out, train_rows, eval_rows, image_length, seed } } => {
+            let spec = dm_data::SyntheticSpec { train_rows, eval_rows, image_length, seed };
+            let r = dm_data::generate_synthetic(&spec, &out)?;
+            print_json(&r.info)?;
+            Ok(0)
+        }
+        Command::Tokenizer { what: TokenizerCommand::Train { captions, vocab_size, out } } => {
+            let text = std::fs::read_to_string(&captions).with_context(|| format!("reading {}", captions.display()))?;
+            let tok = dm_data::train_bpe(text.lines().filter(|l| !l.trim().is_empty()), vocab_size, &out)?;
+            print_json(&serde_json::json!({"out": out, "vocab_size": tok.vocab_size()}))?;
+            Ok(0)
+        }
         Command::Parity { fixture } => {
             let report = parity::run(&fixture).with_context(|| format!("parity on {}", fixture.display()))?;
             print_json(&report)?;

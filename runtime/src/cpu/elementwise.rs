@@ -29,13 +29,17 @@ pub fn scale(x: &mut [f32], s: f32) {
     x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
+/// Σ x², deterministic: per-chunk partials are combined in chunk order (rayon's own `sum`
+/// may associate differently from run to run, which would break bitwise-reproducible training).
 pub fn sum_squares(x: &[f32]) -> f64 {
-    x.par_chunks(CHUNK)
+    let partials: Vec<f64> = x
+        .par_chunks(CHUNK)
         .map(|c| {
             // f32 lanes over short runs, f64 across them: fast and accurate enough for a norm.
             c.chunks(256).map(|r| r.iter().map(|v| v * v).sum::<f32>() as f64).sum::<f64>()
         })
-        .sum()
+        .collect();
+    partials.iter().sum()
 }
 
 pub fn add_broadcast_rows(out: &mut [f32], row: &[f32]) {

@@ -1,0 +1,160 @@
+// common.cuh — the prelude dm-kernels prepends to every kernel family before NVRTC compiles it
+// (the families are separate NVRTC programs; nothing here is a kernel).
+//
+// It also holds the inline-PTX wrappers for ldmatrix, mma.sync (bf16, f32 accumulate) and cp.async
+// shared by matmul.cu and attention_tc.cu (mma.h is not used: the pip header wheels lack what it
+// needs).
+//
+// It is self-contained on purpose: no #include at all, so a family compiles with nothing but
+// libnvrtc (its built-in declarations cover threadIdx, atomics, erff/expf/logf, shuffles). bf16 is
+// handled as raw 16-bit patterns (`bf16_t`, bit-compatible with Rust's `half::bf16`) converted with
+// PTX `cvt.rn.bf16.f32` (round to nearest even, sm_80+), so cuda_bf16.h is not needed either.
+//
+// Numerics of every family: compiled WITHOUT --use_fast_math, so NVRTC's defaults hold: IEEE
+// division and square root (prec-div, prec-sqrt), denormals kept (no ftz), the accurate expf/logf/
+// erff (a few ulp), and FMA contraction on (fmad=true) — the only deliberate departure from the
+// CPU reference's operation-by-operation f32 rounding, worth ~1 ulp per contracted multiply-add.
+//
+// Integer conventions: element counts of flat buffers are `u64` (a whole parameter set can exceed
+// 2^31 elements); matrix dimensions are `int`; every offset into a matrix is formed in 64 bits.
+
+typedef unsigned short bf16_t;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define DM_NEG_INF (__int_as_float(0xff800000))
+#define DM_NAN (__int_as_float(0x7fffffff))
+#define DM_FULL_MASK 0xffffffffu
+
+// ---- bf16 <-> f32 -------------------------------------------------------------------------
+__device__ __forceinline__ float bf16_to_f32(bf16_t h) {
+    return __uint_as_float(((unsigned)h) << 16);
+}
+
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// ---- warp and block reductions (deterministic: fixed butterfly order) -----------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DM_FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DM_FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(DM_FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over the whole block, returned to every thread. `scratch` is >= 32 floats of shared
+// memory; blockDim.x must be a multiple of 32. Contains two __syncthreads(), so every thread of
+// the block must call it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < nwarps ? scratch[lane] : 0.0f);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_max(lane < nwarps ? scratch[lane] : DM_NEG_INF);
+}
+
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum_f64(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum_f64(lane < nwarps ? scratch[lane] : 0.0);
+}
+
+// Two sums at once (one pair of barriers instead of two).
+__device__ __forceinline__ float2 block_sum2(float a, float b, float2* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    a = warp_sum(a);
+    b = warp_sum(b);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = make_float2(a, b);
+    __syncthreads();
+    float2 s = lane < nwarps ? scratch[lane] : make_float2(0.0f, 0.0f);
+    return make_float2(warp_sum(s.x), warp_sum(s.y));
+}
+
+// ---- grid-stride helpers ---------------------------------------------------------------------
+__device__ __forceinline__ u64 global_thread_id() {
+    return (u64)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ u64 grid_threads() {
+    return (u64)gridDim.x * blockDim.x;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (((u64)p) & 15) == 0;
+}
+
+// ---- tensor-core and async-copy PTX (sm_80+; used by matmul.cu and attention_tc.cu) -----------
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int src_bytes) {
+    // src_bytes < 16 zero-fills the rest of the 16-byte destination (0 = pure zero fill).
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// d += a · b for one 16×8×16 tile (A row-major 16×16, B "col" 16×8, f32 accumulators).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one bf16x2 register: `lo` in the low half (the lower k index of an mma fragment).
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}

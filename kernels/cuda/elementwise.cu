@@ -1,0 +1,125 @@
+// elementwise.cu — memory-bound elementwise ops and reductions over flat buffers
+// (Backend::{fill, add, add_assign, scale, sum_squares}, plus the f32 <-> bf16 casts of the mixed-
+// precision mode).
+//
+// Launch shape (all kernels here): 1-D, grid-stride, so any grid is correct. Recommended block 256
+// and grid = min(ceil(n / (256·4)), 8 · number_of_SMs) — each thread moves 4 elements per step
+// on the float4 path. No shared memory except the reductions (static, 256 B).
+//
+// float4 path: taken when every pointer of the call is 16-byte aligned (always true for whole
+// cudarc allocations; offsets into a buffer may break it); the remainder n mod 4 and unaligned
+// calls use scalar loads. The choice never changes results.
+//
+// Numerics: one IEEE f32 operation per element, identical to the CPU reference (add, scale) —
+// except sum_squares, which squares in f64 and sums per-thread in f64, then reduces over a fixed
+// tree: deterministic for a fixed grid, and at least as accurate as the CPU's f32-runs-in-f64 sum.
+
+// fill_f32(x, value, n): x[i] = value.
+extern "C" __global__ void fill_f32(float* __restrict__ x, float value, u64 n) {
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    u64 start = 0;
+    if (aligned16(x)) {
+        const u64 n4 = n >> 2;
+        float4* x4 = reinterpret_cast<float4*>(x);
+        const float4 v = make_float4(value, value, value, value);
+        for (u64 i = tid; i < n4; i += stride) x4[i] = v;
+        start = n4 << 2;
+    }
+    for (u64 i = start + tid; i < n; i += stride) x[i] = value;
+}
+
+// add_f32(out, a, b, n): out[i] = a[i] + b[i]. `out` must not alias `a` or `b` (use add_assign).
+extern "C" __global__ void add_f32(float* __restrict__ out, const float* __restrict__ a,
+                                   const float* __restrict__ b, u64 n) {
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    u64 start = 0;
+    if (aligned16(out) && aligned16(a) && aligned16(b)) {
+        const u64 n4 = n >> 2;
+        for (u64 i = tid; i < n4; i += stride) {
+            const float4 x = reinterpret_cast<const float4*>(a)[i];
+            const float4 y = reinterpret_cast<const float4*>(b)[i];
+            reinterpret_cast<float4*>(out)[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
+        }
+        start = n4 << 2;
+    }
+    for (u64 i = start + tid; i < n; i += stride) out[i] = a[i] + b[i];
+}
+
+// add_assign_f32(acc, x, n): acc[i] += x[i].
+extern "C" __global__ void add_assign_f32(float* __restrict__ acc, const float* __restrict__ x, u64 n) {
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    u64 start = 0;
+    if (aligned16(acc) && aligned16(x)) {
+        const u64 n4 = n >> 2;
+        for (u64 i = tid; i < n4; i += stride) {
+            float4 a = reinterpret_cast<float4*>(acc)[i];
+            const float4 y = reinterpret_cast<const float4*>(x)[i];
+            a.x += y.x;
+            a.y += y.y;
+            a.z += y.z;
+            a.w += y.w;
+            reinterpret_cast<float4*>(acc)[i] = a;
+        }
+        start = n4 << 2;
+    }
+    for (u64 i = start + tid; i < n; i += stride) acc[i] += x[i];
+}
+
+// scale_f32(x, s, n): x[i] *= s.
+extern "C" __global__ void scale_f32(float* __restrict__ x, float s, u64 n) {
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    u64 start = 0;
+    if (aligned16(x)) {
+        const u64 n4 = n >> 2;
+        for (u64 i = tid; i < n4; i += stride) {
+            float4 a = reinterpret_cast<float4*>(x)[i];
+            a.x *= s;
+            a.y *= s;
+            a.z *= s;
+            a.w *= s;
+            reinterpret_cast<float4*>(x)[i] = a;
+        }
+        start = n4 << 2;
+    }
+    for (u64 i = start + tid; i < n; i += stride) x[i] *= s;
+}
+
+// sum_squares_partial_f32(x, n, partials): pass 1 of Σ x², deterministic two-pass form.
+// partials[blockIdx.x] = Σ over this block's grid-stride elements of (double)x². `partials` holds
+// gridDim.x doubles. Block size: a multiple of 32, at most 1024.
+extern "C" __global__ void sum_squares_partial_f32(const float* __restrict__ x, u64 n,
+                                                   double* __restrict__ partials) {
+    __shared__ double scratch[32];
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    double acc = 0.0;
+    for (u64 i = tid; i < n; i += stride) {
+        const double v = (double)x[i];
+        acc += v * v;
+    }
+    acc = block_sum_f64(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// sum_f64_finish(partials, count, out, accumulate): pass 2. ONE block (any multiple of 32 up to
+// 1024 threads): out[0] = (accumulate ? out[0] : 0) + Σ partials[0..count), in a fixed order.
+// `accumulate` lets a global gradient norm gather Σ g² over many tensors without a host round trip.
+extern "C" __global__ void sum_f64_finish(const double* __restrict__ partials, int count,
+                                          double* __restrict__ out, int accumulate) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];
+    acc = block_sum_f64(acc, scratch);
+    if (threadIdx.x == 0) out[0] = accumulate ? out[0] + acc : acc;
+}
+
+// cast_f32_to_bf16(out, x, n): out[i] = bf16(x[i]), round to nearest even (NaN stays NaN).
+extern "C" __global__ void cast_f32_to_bf16(bf16_t* __restrict__ out, const float* __restrict__ x, u64 n) {
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    for (u64 i = tid; i < n; i += stride) out[i] = f32_to_bf16(x[i]);
+}
+
+// cast_bf16_to_f32(out, x, n): out[i] = f32(x[i]) (exact).
+extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16_t* __restrict__ x, u64 n) {
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    for (u64 i = tid; i < n; i += stride) out[i] = bf16_to_f32(x[i]);
+}

@@ -1,0 +1,434 @@
+//! The YAML run configuration of `dalle-mesh train`. Every section has defaults that make the
+//! built-in run (a small model on the built-in synthetic dataset, CPU); unknown keys and
+//! impossible values are errors that name the key.
+//!
+//! ```yaml
+//! model:            # one of: preset (micro|mini|mega), config (a dalle-mini config.json), or fields
+//!   preset: micro
+//!   d_model: 128    # fields override the preset / file
+//! data:
+//!   synthetic: {train_rows: 20000, eval_rows: 1000, image_length: 256, seed: 0}
+//!   # or: dataset: DIR, eval_dataset: DIR, tokenizer: tokenizer.json
+//!   normalize_text: true
+//! optimizer: {learning_rate: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0,
+//!             schedule: constant, warmup_steps: 100, decay_steps: 1000, decay_rate: 0.5,
+//!             end_learning_rate: 0.0, max_grad_norm: 1.0}
+//! training: {steps: 1000, batch_size: 32, grad_accumulation: 1, seed: 0, log_every: 10,
+//!            eval_every: 100, eval_batches: 4, save_every: 200, keep_checkpoints: 3,
+//!            sample_every: 0, sample_prompts: [...], time_limit_minutes: null}
+//! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null}
+//! ```
+
+use anyhow::{bail, Context, Result};
+use dm_model::DalleBartConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub optimizer: OptimizerSection,
+    pub training: TrainingSection,
+    pub mesh: MeshSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// `micro`, `mini`, `mega`, or `tiny` (the built-in default: a small model for CPU runs).
+    pub preset: Option<String>,
+    /// A dalle-mini `config.json`.
+    pub config: Option<PathBuf>,
+    pub d_model: Option<usize>,
+    pub encoder_layers: Option<usize>,
+    pub decoder_layers: Option<usize>,
+    pub attention_heads: Option<usize>,
+    pub ffn_dim: Option<usize>,
+    pub init_std: Option<f32>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: Some("tiny".into()),
+            config: None,
+            d_model: None,
+            encoder_layers: None,
+            decoder_layers: None,
+            attention_heads: None,
+            ffn_dim: None,
+            init_std: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticSection {
+    pub train_rows: usize,
+    pub eval_rows: usize,
+    pub image_length: usize,
+    pub seed: u64,
+}
+
+impl Default for SyntheticSection {
+    fn default() -> Self {
+        Self { train_rows: 20_000, eval_rows: 1_000, image_length: 256, seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// The built-in synthetic dataset (used unless `dataset` is given).
+    pub synthetic: SyntheticSection,
+    /// An encoded dataset folder (`dalle-mesh data import`).
+    pub dataset: Option<PathBuf>,
+    pub eval_dataset: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json (required with `dataset`).
+    pub tokenizer: Option<PathBuf>,
+    /// dalle-mini's caption normaliser.
+    pub normalize_text: bool,
+    /// Caption length in tokens (the model's max_text_length).
+    pub max_text_length: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            synthetic: SyntheticSection::default(),
+            dataset: None,
+            eval_dataset: None,
+            tokenizer: None,
+            normalize_text: true,
+            max_text_length: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Exponential,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerSection {
+    pub learning_rate: f32,
+    pub b1: f32,
+    pub b2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// After warm-up: constant, linear (to end_learning_rate over decay_steps) or exponential
+    /// (× decay_rate every decay_steps, staircase off), as dalle-mini's `lr_decay` options.
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    pub decay_steps: u64,
+    pub decay_rate: f32,
+    pub end_learning_rate: f32,
+    /// Clip the global gradient norm to this (None = no clipping).
+    pub max_grad_norm: Option<f32>,
+}
+
+impl Default for OptimizerSection {
+    fn default() -> Self {
+        Self {
+            learning_rate: 3e-3,
+            b1: 0.9,
+            b2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            schedule: Schedule::Constant,
+            warmup_steps: 50,
+            decay_steps: 1000,
+            decay_rate: 0.5,
+            end_learning_rate: 0.0,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+impl OptimizerSection {
+    /// Learning rate for update number `step` (0-based), as dalle-mini's schedules: linear
+    /// warm-up from 0, then the chosen decay counted from the end of warm-up.
+    pub fn learning_rate_at(&self, step: u64) -> f32 {
+        let lr = self.learning_rate;
+        if step < self.warmup_steps {
+            return lr * step as f32 / self.warmup_steps as f32;
+        }
+        let t = (step - self.warmup_steps) as f32;
+        match self.schedule {
+            Schedule::Constant => lr,
+            Schedule::Linear => {
+                let frac = (t / self.decay_steps.max(1) as f32).min(1.0);
+                lr + (self.end_learning_rate - lr) * frac
+            }
+            Schedule::Exponential => lr * self.decay_rate.powf(t / self.decay_steps.max(1) as f32),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingSection {
+    pub steps: u64,
+    /// Global batch (all data-parallel ranks, all accumulation micro-steps).
+    pub batch_size: usize,
+    pub grad_accumulation: usize,
+    pub seed: u64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub save_every: u64,
+    pub keep_checkpoints: usize,
+    /// Sample `sample_prompts` every N steps (0 = only at the end).
+    pub sample_every: u64,
+    pub sample_prompts: Vec<String>,
+    /// Stop (after saving) once this much wall time has passed.
+    pub time_limit_minutes: Option<f64>,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            steps: 600,
+            batch_size: 32,
+            grad_accumulation: 1,
+            seed: 0,
+            log_every: 10,
+            eval_every: 100,
+            eval_batches: 4,
+            save_every: 200,
+            keep_checkpoints: 3,
+            sample_every: 0,
+            sample_prompts: Vec::new(),
+            time_limit_minutes: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshSection {
+    pub tp: usize,
+    pub dp: usize,
+    pub zero1: bool,
+    /// Per-rank memory budget, e.g. "24GiB" (None = unlimited).
+    pub device_memory: Option<String>,
+}
+
+impl Default for MeshSection {
+    fn default() -> Self {
+        Self { tp: 1, dp: 1, zero1: false, device_memory: None }
+    }
+}
+
+/// Parses "24GiB", "512MiB", "80GB", "1.5GiB" or a plain byte count.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().with_context(|| format!("`{s}` is not a size like 24GiB or 512MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => bail!("unknown size unit `{other}` in `{s}`: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"),
+    };
+    if !(n.is_finite() && n >= 0.0) {
+        bail!("size `{s}` must be non-negative");
+    }
+    Ok((n * mult) as u64)
+}
+
+/// The built-in small model for CPU runs on the synthetic dataset.
+pub fn tiny_model(text_vocab: usize, image_vocab: usize, image_length: usize, text_length: usize) -> DalleBartConfig {
+    DalleBartConfig {
+        d_model: 128,
+        encoder_layers: 2,
+        decoder_layers: 2,
+        encoder_attention_heads: 4,
+        decoder_attention_heads: 4,
+        encoder_ffn_dim: 256,
+        decoder_ffn_dim: 256,
+        encoder_vocab_size: text_vocab,
+        image_vocab_size: image_vocab,
+        image_length,
+        max_text_length: text_length,
+        init_std: 0.02,
+        use_scan: true,
+    }
+}
+
+impl RunConfig {
+    pub fn from_yaml_str(text: &str) -> Result<Self> {
+        let cfg: RunConfig = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("run config: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_yaml_str(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Value checks serde cannot express; each error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.training;
+        let o = &self.optimizer;
+        let m = &self.mesh;
+        let checks: [(bool, String); 13] = [
+            (t.batch_size == 0, "training.batch_size must be positive".into()),
+            (t.grad_accumulation == 0, "training.grad_accumulation must be positive".into()),
+            (
+                t.grad_accumulation > 0 && !t.batch_size.is_multiple_of(t.grad_accumulation),
+                format!(
+                    "training.batch_size {} is not divisible by training.grad_accumulation {}",
+                    t.batch_size, t.grad_accumulation
+                ),
+            ),
+            (t.steps == 0, "training.steps must be positive".into()),
+            (t.log_every == 0, "training.log_every must be positive".into()),
+            (t.keep_checkpoints == 0, "training.keep_checkpoints must be at least 1".into()),
+            (!(o.learning_rate.is_finite() && o.learning_rate >= 0.0), "optimizer.learning_rate must be ≥ 0".into()),
+            (!(0.0..1.0).contains(&o.b1), "optimizer.b1 must be in [0, 1)".into()),
+            (!(0.0..1.0).contains(&o.b2), "optimizer.b2 must be in [0, 1)".into()),
+            (o.eps.is_nan() || o.eps <= 0.0, "optimizer.eps must be positive".into()),
+            (o.max_grad_norm.is_some_and(|g| g.is_nan() || g <= 0.0), "optimizer.max_grad_norm must be positive".into()),
+            (m.tp == 0 || m.dp == 0, "mesh.tp and mesh.dp must be at least 1".into()),
+            (
+                self.data.dataset.is_some() && self.data.tokenizer.is_none(),
+                "data.tokenizer is required with data.dataset (a tokenizer.json)".into(),
+            ),
+        ];
+        if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {
+            bail!("run config: {msg}");
+        }
+        let per_rank = t.batch_size / t.grad_accumulation.max(1);
+        if !per_rank.is_multiple_of(m.dp) {
+            bail!(
+                "run config: the micro-batch training.batch_size / grad_accumulation = {per_rank} is not divisible by mesh.dp {}",
+                m.dp
+            );
+        }
+        if let Some(mem) = &m.device_memory {
+            parse_bytes(mem).context("mesh.device_memory")?;
+        }
+        if self.model.preset.is_some() && self.model.config.is_some() {
+            bail!("run config: give either model.preset or model.config, not both");
+        }
+        Ok(())
+    }
+
+    /// The model config: preset or config.json, then explicit fields. `tiny` (the default)
+    /// takes its vocabularies and lengths from the data.
+    pub fn model_config(&self, text_vocab: usize, image_vocab: usize, image_length: usize) -> Result<DalleBartConfig> {
+        let s = &self.model;
+        let mut c = match (&s.preset, &s.config) {
+            (_, Some(path)) => DalleBartConfig::from_file(path)?,
+            (Some(p), None) if p == "tiny" => {
+                tiny_model(text_vocab, image_vocab, image_length, self.data.max_text_length)
+            }
+            (Some(p), None) => DalleBartConfig::preset(p)?,
+            (None, None) => tiny_model(text_vocab, image_vocab, image_length, self.data.max_text_length),
+        };
+        if let Some(v) = s.d_model {
+            c.d_model = v;
+        }
+        if let Some(v) = s.encoder_layers {
+            c.encoder_layers = v;
+        }
+        if let Some(v) = s.decoder_layers {
+            c.decoder_layers = v;
+        }
+        if let Some(v) = s.attention_heads {
+            c.encoder_attention_heads = v;
+            c.decoder_attention_heads = v;
+        }
+        if let Some(v) = s.ffn_dim {
+            c.encoder_ffn_dim = v;
+            c.decoder_ffn_dim = v;
+        }
+        if let Some(v) = s.init_std {
+            c.init_std = v;
+        }
+        c.validate().context("model section")?;
+        if c.encoder_vocab_size < text_vocab {
+            bail!(
+                "model encoder_vocab_size {} is smaller than the tokenizer's vocabulary {text_vocab}",
+                c.encoder_vocab_size
+            );
+        }
+        if c.image_vocab_size < image_vocab || c.image_length != image_length {
+            bail!(
+                "the model (image_vocab_size {}, image_length {}) does not fit the dataset (image vocab {image_vocab}, image length {image_length})",
+                c.image_vocab_size,
+                c.image_length
+            );
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = RunConfig::default();
+        c.validate().unwrap();
+        let back = RunConfig::from_yaml_str(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = RunConfig::from_yaml_str("training:\n  stepz: 3\n").unwrap_err().to_string();
+        assert!(err.contains("stepz"), "{err}");
+    }
+
+    #[test]
+    fn batch_not_divisible_by_accumulation_is_refused() {
+        let err = RunConfig::from_yaml_str("training:\n  batch_size: 10\n  grad_accumulation: 3\n").unwrap_err();
+        assert!(err.to_string().contains("grad_accumulation"), "{err}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error() {
+        assert!(RunConfig::from_yaml_str("training: [1, 2\n").is_err());
+    }
+
+    #[test]
+    fn schedules() {
+        let mut o = OptimizerSection { learning_rate: 1.0, warmup_steps: 10, ..Default::default() };
+        assert_eq!(o.learning_rate_at(0), 0.0);
+        assert_eq!(o.learning_rate_at(5), 0.5);
+        assert_eq!(o.learning_rate_at(50), 1.0);
+        o.schedule = Schedule::Linear;
+        o.decay_steps = 10;
+        assert!((o.learning_rate_at(15) - 0.5).abs() < 1e-6);
+        assert_eq!(o.learning_rate_at(100), 0.0);
+        o.schedule = Schedule::Exponential;
+        o.decay_rate = 0.5;
+        assert!((o.learning_rate_at(20) - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("24GiB").unwrap(), 24 << 30);
+        assert_eq!(parse_bytes("80GB").unwrap(), 80_000_000_000);
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
+}

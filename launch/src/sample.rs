@@ -1,0 +1,69 @@
+//! `dalle-mesh sample`: generate image codes for prompts from a checkpoint and decode them.
+//! Codes of the built-in synthetic dataset decode through its codebook to a PNG grid (one row
+//! per prompt); codes of an imported (VQGAN-encoded) dataset are written as JSON, since the
+//! VQGAN decoder is not part of dalle-mesh.
+
+use crate::train::DataInfo;
+use anyhow::{bail, Context, Result};
+use dm_data::TextTokenizer;
+use dm_model::dallebart::{Prompt, SamplingOptions};
+use dm_model::DalleBart;
+use dm_runtime::Backend;
+use std::path::{Path, PathBuf};
+
+fn prompt(tok: &TextTokenizer, caption: &str) -> Result<Prompt> {
+    let e = tok.encode(caption)?;
+    Ok(Prompt { input_ids: e.input_ids, attention_mask: e.attention_mask })
+}
+
+/// Generates `n` samples per prompt and writes them to `path` (PNG for synthetic codes, JSON
+/// otherwise). Returns the codes, prompt-major.
+pub fn sample_to_png<B: Backend>(
+    model: &mut DalleBart<B>,
+    tok: &TextTokenizer,
+    info: &DataInfo,
+    captions: &[String],
+    n: usize,
+    opts: &SamplingOptions,
+    path: &Path,
+) -> Result<Vec<Vec<u32>>> {
+    let mut prompts = Vec::new();
+    for c in captions {
+        for _ in 0..n {
+            prompts.push(prompt(tok, c)?);
+        }
+    }
+    let uncond = prompt(tok, "")?;
+    let codes = model.generate(&prompts, Some(&uncond), opts)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if info.kind == "synthetic" {
+        let images = codes.iter().map(|c| dm_data::decode_codes(c, info.grid)).collect::<dm_data::Result<Vec<_>>>()?;
+        dm_data::save_png_grid(&images, path)?;
+    } else {
+        let json = serde_json::json!({"prompts": captions, "per_prompt": n, "codes": codes});
+        std::fs::write(path.with_extension("json"), serde_json::to_vec_pretty(&json)?)?;
+    }
+    Ok(codes)
+}
+
+/// Loads a checkpoint (a run folder or one `step_*` folder) and samples prompts from it.
+pub fn run(checkpoint: &Path, captions: &[String], n: usize, opts: &SamplingOptions, out: &Path) -> Result<PathBuf> {
+    if captions.is_empty() {
+        bail!("give at least one --prompt");
+    }
+    let dir = crate::run_checkpoint::latest(checkpoint)?;
+    crate::run_checkpoint::verify(&dir)?;
+    let cfg = dm_model::DalleBartConfig::from_file(&dir.join("config.json"))?;
+    let table = dm_model::ParamTable::new(&cfg);
+    let weights = dm_model::checkpoint::load_weights(&dir.join("weights.safetensors"), &table)?;
+    let info: DataInfo = serde_json::from_slice(&std::fs::read(dir.join("data.json"))?)
+        .with_context(|| format!("{}: data.json", dir.display()))?;
+    let tok = TextTokenizer::from_file(dir.join("tokenizer.json"))?
+        .with_max_text_length(cfg.max_text_length)?
+        .with_normalizer(info.normalize_text);
+    let mut model = DalleBart::new(dm_runtime::cpu::CpuBackend::new(), cfg, weights)?;
+    sample_to_png(&mut model, &tok, &info, captions, n, opts, out)?;
+    Ok(if info.kind == "synthetic" { out.to_path_buf() } else { out.with_extension("json") })
+}

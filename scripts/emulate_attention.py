@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""CPU emulation of the control flow of kernels/cuda/attention.cu (f32 FlashAttention-2 kernels).
+
+No GPU is needed: each kernel is ported at tile level — same 64-row tiles, same loop bounds (causal
+tile skipping, key-tile ranges), same masking, online-softmax updates, uniform-row fallback and NaN
+lse convention, same lse/D indexing — and compared with a naive implementation of the CPU
+reference's semantics (runtime/src/cpu/attention.rs) on awkward shapes: ragged lengths, Tq != Tk,
+head dims below the compiled variant (zero padding), key masks, all-masked rows, causal with and
+without a key mask. Thread-level details (which lane holds what) are not modelled here; they are a
+plain bijection (rows 4·ty+i, columns tx+16·j).
+
+Keep it in step with attention.cu when the kernel changes. Pure Python, ~30 s.
+Usage: python3 scripts/emulate_attention.py
+"""
+
+import math
+import random
+
+T = 64  # ATT_T
+NAN = float("nan")
+
+
+def tile(src, b, rows, width, col0, row0, hd, hdm):
+    """att_load_tile: [64][hdm] with zero padding."""
+    return [[src[b][row0 + r][col0 + d] if row0 + r < rows and d < hd else 0.0 for d in range(hdm)] for r in range(T)]
+
+
+def key_flags(mask, b, tk, k0):
+    return [1.0 if (k0 + kl < tk and (mask is None or mask[b][k0 + kl] != 0)) else 0.0 for kl in range(T)]
+
+
+def dot(x, y):
+    return sum(a * c for a, c in zip(x, y))
+
+
+def fwd(q, k, v, mask, B, H, Tq, Tk, hd, causal, hdm):
+    scale = 1.0 / math.sqrt(hd)
+    W = H * hd
+    out = [[[0.0] * W for _ in range(Tq)] for _ in range(B)]
+    lse = [[[0.0] * Tq for _ in range(H)] for _ in range(B)]
+    for b in range(B):
+        for h in range(H):
+            col0 = h * hd
+            for q0 in range(0, Tq, T):
+                Qs = tile(q, b, Tq, W, col0, q0, hd, hdm)
+                m = [-math.inf] * T
+                l = [0.0] * T
+                acc = [[0.0] * hdm for _ in range(T)]
+                kv_end = min(Tk, q0 + T) if causal else Tk
+                for k0 in range(0, kv_end, T):
+                    Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
+                    Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
+                    kf = key_flags(mask, b, Tk, k0)
+                    for r in range(T):
+                        row = q0 + r
+                        s = []
+                        for kl in range(T):
+                            vis = kf[kl] != 0.0 and (not causal or k0 + kl <= row)
+                            s.append(dot(Qs[r], Ks[kl]) * scale if vis else -math.inf)
+                        mx = max(s)
+                        m_new = max(m[r], mx)
+                        if m_new != -math.inf:
+                            alpha = math.exp(m[r] - m_new) if m[r] != -math.inf else 0.0
+                            p = [math.exp(x - m_new) if x != -math.inf else 0.0 for x in s]
+                        else:
+                            alpha, p = 1.0, [0.0] * T
+                        l[r] = l[r] * alpha + sum(p)
+                        m[r] = m_new
+                        acc[r] = [a * alpha + dot(p, [Vs[kl][d] for kl in range(T)]) for d, a in enumerate(acc[r])]
+                if any(q0 + r < Tq and l[r] == 0.0 for r in range(T)):
+                    vsum = [0.0] * hdm
+                    for k0 in range(0, Tk, T):
+                        Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
+                        for kl in range(T):
+                            vsum = [a + Vs[kl][d] for d, a in enumerate(vsum)]
+                    for r in range(T):
+                        if l[r] == 0.0:
+                            acc[r] = [x / Tk for x in vsum]
+                for r in range(T):
+                    row = q0 + r
+                    if row >= Tq:
+                        continue
+                    uniform = l[r] == 0.0
+                    inv = 1.0 if uniform else 1.0 / l[r]
+                    for d in range(hd):
+                        out[b][row][col0 + d] = acc[r][d] * inv
+                    lse[b][h][row] = NAN if uniform else m[r] + math.log(l[r])
+    return out, lse
+
+
+def preprocess(dout, out, B, H, Tq, hd):
+    return [[[dot(dout[b][i][h * hd:(h + 1) * hd], out[b][i][h * hd:(h + 1) * hd]) for i in range(Tq)]
+             for h in range(H)] for b in range(B)]
+
+
+def bwd_prob(s, lse_row, row_ok, key_exists, vis, scale, tk):
+    if not row_ok or not key_exists:
+        return 0.0
+    if math.isnan(lse_row):
+        return 1.0 / tk
+    return math.exp(s * scale - lse_row) if vis else 0.0
+
+
+def bwd_dkdv(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm):
+    scale = 1.0 / math.sqrt(hd)
+    W = H * hd
+    dk = [[[0.0] * W for _ in range(Tk)] for _ in range(B)]
+    dv = [[[0.0] * W for _ in range(Tk)] for _ in range(B)]
+    for b in range(B):
+        for h in range(H):
+            col0 = h * hd
+            for k0 in range(0, Tk, T):
+                Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
+                Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
+                kf = key_flags(mask, b, Tk, k0)
+                dka = [[0.0] * hdm for _ in range(T)]
+                dva = [[0.0] * hdm for _ in range(T)]
+                q_begin = k0 if (causal and mask is None) else 0
+                for q0 in range(q_begin, Tq, T):
+                    Qs = tile(q, b, Tq, W, col0, q0, hd, hdm)
+                    dOs = tile(dout, b, Tq, W, col0, q0, hd, hdm)
+                    lse_s = [lse[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
+                    D_s = [D[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
+                    for kl in range(T):
+                        key = k0 + kl
+                        for ql in range(T):
+                            row = q0 + ql
+                            vis = kf[kl] != 0.0 and (not causal or key <= row)
+                            p = bwd_prob(dot(Ks[kl], Qs[ql]), lse_s[ql], row < Tq, key < Tk, vis, scale, Tk)
+                            ds = p * (dot(Vs[kl], dOs[ql]) - D_s[ql])
+                            for d in range(hdm):
+                                dva[kl][d] += p * dOs[ql][d]
+                                dka[kl][d] += ds * Qs[ql][d]
+                for kl in range(T):
+                    if k0 + kl >= Tk:
+                        continue
+                    for d in range(hd):
+                        dk[b][k0 + kl][col0 + d] = dka[kl][d] * scale
+                        dv[b][k0 + kl][col0 + d] = dva[kl][d]
+    return dk, dv
+
+
+def bwd_dq(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm):
+    scale = 1.0 / math.sqrt(hd)
+    W = H * hd
+    dq = [[[0.0] * W for _ in range(Tq)] for _ in range(B)]
+    for b in range(B):
+        for h in range(H):
+            col0 = h * hd
+            for q0 in range(0, Tq, T):
+                Qs = tile(q, b, Tq, W, col0, q0, hd, hdm)
+                dOs = tile(dout, b, Tq, W, col0, q0, hd, hdm)
+                lse_s = [lse[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
+                D_s = [D[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
+                dqa = [[0.0] * hdm for _ in range(T)]
+                kv_end = min(Tk, q0 + T) if (causal and mask is None) else Tk
+                for k0 in range(0, kv_end, T):
+                    Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
+                    Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
+                    kf = key_flags(mask, b, Tk, k0)
+                    for ql in range(T):
+                        row = q0 + ql
+                        for kl in range(T):
+                            key = k0 + kl
+                            vis = kf[kl] != 0.0 and (not causal or key <= row)
+                            p = bwd_prob(dot(Qs[ql], Ks[kl]), lse_s[ql], row < Tq, key < Tk, vis, scale, Tk)
+                            ds = p * (dot(dOs[ql], Vs[kl]) - D_s[ql])
+                            for d in range(hdm):
+                                dqa[ql][d] += ds * Ks[kl][d]
+                for ql in range(T):
+                    if q0 + ql >= Tq:
+                        continue
+                    for d in range(hd):
+                        dq[b][q0 + ql][col0 + d] = dqa[ql][d] * scale
+    return dq
+
+
+def reference(q, k, v, dout, mask, B, H, Tq, Tk, hd, causal):
+    """Naive semantics of runtime/src/cpu/attention.rs (full P matrices)."""
+    scale = 1.0 / math.sqrt(hd)
+    W = H * hd
+    out = [[[0.0] * W for _ in range(Tq)] for _ in range(B)]
+    dq = [[[0.0] * W for _ in range(Tq)] for _ in range(B)]
+    dk = [[[0.0] * W for _ in range(Tk)] for _ in range(B)]
+    dv = [[[0.0] * W for _ in range(Tk)] for _ in range(B)]
+    for b in range(B):
+        for h in range(H):
+            sl = slice(h * hd, (h + 1) * hd)
+            P = []
+            for i in range(Tq):
+                vis = [(not causal or j <= i) and (mask is None or mask[b][j] != 0) for j in range(Tk)]
+                if not any(vis):
+                    P.append([1.0 / Tk] * Tk)
+                    continue
+                s = [dot(q[b][i][sl], k[b][j][sl]) * scale for j in range(Tk)]
+                mx = max(s[j] for j in range(Tk) if vis[j])
+                e = [math.exp(s[j] - mx) if vis[j] else 0.0 for j in range(Tk)]
+                tot = sum(e)
+                P.append([x / tot for x in e])
+            for i in range(Tq):
+                for d in range(hd):
+                    out[b][i][h * hd + d] = sum(P[i][j] * v[b][j][h * hd + d] for j in range(Tk))
+            for i in range(Tq):
+                Di = dot(dout[b][i][sl], out[b][i][sl])
+                dS = [P[i][j] * (dot(dout[b][i][sl], v[b][j][sl]) - Di) for j in range(Tk)]
+                for d in range(hd):
+                    dq[b][i][h * hd + d] += scale * sum(dS[j] * k[b][j][h * hd + d] for j in range(Tk))
+                for j in range(Tk):
+                    for d in range(hd):
+                        dk[b][j][h * hd + d] += scale * dS[j] * q[b][i][h * hd + d]
+                        dv[b][j][h * hd + d] += P[i][j] * dout[b][i][h * hd + d]
+    return out, dq, dk, dv
+
+
+def close(a, b, what, tol=1e-9):
+    flat_a = [x for m in a for r in m for x in r]
+    flat_b = [x for m in b for r in m for x in r]
+    worst = max(abs(x - y) for x, y in zip(flat_a, flat_b))
+    assert worst < tol, f"{what}: max abs diff {worst}"
+
+
+def run(B, H, Tq, Tk, hd, hdm, causal, mask_kind, rng):
+    W = H * hd
+
+    def rnd(rows):
+        return [[[rng.uniform(-1, 1) for _ in range(W)] for _ in range(rows)] for _ in range(B)]
+
+    q, k, v, dout = rnd(Tq), rnd(Tk), rnd(Tk), rnd(Tq)
+    mask = None
+    if mask_kind == "padding":
+        mask = [[1 if j < Tk - 3 * bb else 0 for j in range(Tk)] for bb in range(B)]
+    elif mask_kind == "all-masked-row":  # batch 0 has no visible key at all
+        mask = [[0] * Tk] + [[1 if j % 3 else 0 for j in range(Tk)] for _ in range(B - 1)]
+    out, lse = fwd(q, k, v, mask, B, H, Tq, Tk, hd, causal, hdm)
+    D = preprocess(dout, out, B, H, Tq, hd)
+    dk, dv = bwd_dkdv(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm)
+    dq = bwd_dq(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm)
+    r_out, r_dq, r_dk, r_dv = reference(q, k, v, dout, mask, B, H, Tq, Tk, hd, causal)
+    close(out, r_out, "out")
+    close(dq, r_dq, "dq")
+    close(dk, r_dk, "dk")
+    close(dv, r_dv, "dv")
+    if mask_kind == "all-masked-row":
+        assert all(math.isnan(x) for x in lse[0][0]), "all-masked rows must have NaN lse"
+    print(f"ok  B={B} H={H} Tq={Tq} Tk={Tk} hd={hd} (variant {hdm}) causal={causal} mask={mask_kind}")
+
+
+def main():
+    rng = random.Random(3)
+    run(2, 2, 70, 70, 16, 32, True, None, rng)
+    run(2, 1, 70, 70, 16, 32, True, "padding", rng)
+    run(2, 2, 5, 67, 16, 32, False, "padding", rng)
+    run(2, 1, 66, 20, 20, 32, False, "all-masked-row", rng)
+    run(2, 1, 65, 65, 8, 32, True, "all-masked-row", rng)
+    run(1, 1, 64, 130, 40, 64, False, None, rng)
+    print("all attention emulations match the reference")
+
+
+if __name__ == "__main__":
+    main()
