@@ -32,3 +32,15 @@ pub fn plot_loss(out: &Path, train: &[(f64, f64)], eval: &[(f64, f64)], baseline
     plot::write_svg(&chart, &out.join("loss.svg"))?;
     Ok(())
 }
+
+/// Crash-test hook: when `DALLE_MESH_TEST_HOLD` is `<point>:<step>` (points: `step`, in the middle
+/// of an optimizer step after its backward; `checkpoint`, after a checkpoint's files are written
+/// and before it is published), prints `HOLD <point> <step>` to stderr and sleeps, so a test can
+/// SIGKILL the process at exactly that point. Does nothing otherwise.
+pub fn test_hook(point: &str, step: u64) {
+    let Ok(spec) = std::env::var("DALLE_MESH_TEST_HOLD") else { return };
+    if spec == format!("{point}:{step}") {
+        eprintln!("HOLD {point} {step}");
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
+}

@@ -60,6 +60,7 @@ pub fn write_checkpoint(out: &Path, step: u64, files: &[(&str, Vec<u8>)], keep: 
         f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
         sums.push(FileSum { name: name.to_string(), bytes: bytes.len() as u64, crc32: crc32fast::hash(bytes) });
     }
+    crate::test_hook("checkpoint", step);
     let manifest = CheckpointManifest { format: 1, step, files: sums };
     let path = tmp.join(MANIFEST);
     let mut f = std::fs::File::create(&path)?;

@@ -305,7 +305,10 @@ impl RunConfig {
             (!(0.0..1.0).contains(&o.b1), "optimizer.b1 must be in [0, 1)".into()),
             (!(0.0..1.0).contains(&o.b2), "optimizer.b2 must be in [0, 1)".into()),
             (o.eps.is_nan() || o.eps <= 0.0, "optimizer.eps must be positive".into()),
-            (o.max_grad_norm.is_some_and(|g| g.is_nan() || g <= 0.0), "optimizer.max_grad_norm must be positive".into()),
+            (
+                o.max_grad_norm.is_some_and(|g| g.is_nan() || g <= 0.0),
+                "optimizer.max_grad_norm must be positive".into(),
+            ),
             (m.tp == 0 || m.dp == 0, "mesh.tp and mesh.dp must be at least 1".into()),
             (
                 self.data.dataset.is_some() && self.data.tokenizer.is_none(),

@@ -301,6 +301,14 @@ impl Trainer {
 pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainSummary> {
     cfg.validate()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    if resume.is_none() && !list_checkpoints(out).is_empty() {
+        bail!(
+            "{} already holds checkpoints of another run: pass --resume {} to continue it, or choose another --out \
+             (nothing was changed)",
+            out.display(),
+            out.display()
+        );
+    }
     if cfg.mesh.tp * cfg.mesh.dp > 1 {
         bail!(
             "mesh.tp = {} × mesh.dp = {}: training on a mesh is not implemented yet; use tp: 1, dp: 1",
@@ -390,6 +398,7 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
             t.model.forward(&b)?;
             loss_sum += t.model.loss_and_backward(1.0 / tokens_per_step)?.loss as f64;
         }
+        crate::test_hook("step", t.step + 1);
         let loss = (loss_sum / tr.grad_accumulation as f64) as f32;
         if !loss.is_finite() {
             bail!(
