@@ -173,6 +173,66 @@ pub trait Backend: Clone + Send + Sync + 'static {
         accumulate_dx: bool,
     ) -> Result<()>;
 
+    // ---- layernorm over a dimension sharded across tensor-parallel ranks -----------------
+    // Forward: `layernorm_row_sums(x) → all-reduce → mean = Σ/dim_global`,
+    // `layernorm_row_sums(x, center = mean, squared) → all-reduce → rstd`, then
+    // `layernorm_apply`. Backward: `layernorm_backward_row_sums → all-reduce →
+    // layernorm_backward_apply`. With one shard these equal the fused ops above.
+    /// `sums[r] = Σ_j x[r, j]`, or `Σ_j (x[r, j] − center[r])²` when `center` is given.
+    fn layernorm_row_sums(
+        &self,
+        sums: &mut Self::Buf,
+        x: &Self::Buf,
+        center: Option<&Self::Buf>,
+        dim: usize,
+    ) -> Result<()>;
+    /// Turns all-reduced row sums into statistics in place: `Σx → mean = Σx / dim_global`
+    /// (`squared = false`) or `Σ(x−mean)² → rstd = 1/√(Σ/dim_global + eps)` (`squared = true`).
+    fn layernorm_finish_stats(&self, sums: &mut Self::Buf, dim_global: usize, squared: bool) -> Result<()>;
+    /// `out = (x − mean)·rstd·scale + bias` with given statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_apply(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        scale: Option<&Self::Buf>,
+        bias: &Self::Buf,
+        dim: usize,
+    ) -> Result<()>;
+    /// Per-row partial sums for the backward, `sums = [Σ_j ĝ, Σ_j ĝ·x̂]` as `[2, rows]`, where
+    /// `ĝ = dout·scale` and `x̂ = (x − mean)·rstd`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_row_sums(
+        &self,
+        sums: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        scale: Option<&Self::Buf>,
+        dim: usize,
+    ) -> Result<()>;
+    /// `dx (= | +=) rstd·(ĝ − Σĝ/dim_global − x̂·Σĝx̂/dim_global)` from all-reduced `sums`;
+    /// `dscale`, `dbias` accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_apply(
+        &self,
+        dx: &mut Self::Buf,
+        dscale: Option<&mut Self::Buf>,
+        dbias: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        scale: Option<&Self::Buf>,
+        sums: &Self::Buf,
+        dim: usize,
+        dim_global: usize,
+        accumulate_dx: bool,
+    ) -> Result<()>;
+
     // ---- GELU-GLU ----------------------------------------------------------------------
     /// `out = gelu(a) · b`, exact (erf) GELU.
     fn gelu_glu_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
@@ -251,6 +311,44 @@ pub trait Backend: Clone + Send + Sync + 'static {
         losses: &mut Self::Buf,
         targets: &Self::Ids,
         classes: usize,
+        grad_scale: f32,
+    ) -> Result<()>;
+
+    /// Vocab-parallel cross-entropy, step 1: `row_max[r] = max` over this rank's first
+    /// `valid_cols` columns of `logits` (`[rows, cols]`; columns past `valid_cols` are padding).
+    fn vocab_parallel_max(
+        &self,
+        row_max: &mut Self::Buf,
+        logits: &Self::Buf,
+        cols: usize,
+        valid_cols: usize,
+    ) -> Result<()>;
+    /// Step 2, after all-reducing the max: `stats = [Σ_valid e^(x − max), target logit or 0]` as
+    /// `[2, rows]`; this rank holds global columns `vocab_start ..`.
+    #[allow(clippy::too_many_arguments)]
+    fn vocab_parallel_sums(
+        &self,
+        stats: &mut Self::Buf,
+        logits: &Self::Buf,
+        row_max: &Self::Buf,
+        targets: &Self::Ids,
+        cols: usize,
+        valid_cols: usize,
+        vocab_start: usize,
+    ) -> Result<()>;
+    /// Step 3, after all-reducing `stats`: `losses[r] = max + ln Σ − target logit`, and `logits`
+    /// overwritten by `grad_scale·(softmax − onehot)` on valid columns, 0 on padding.
+    #[allow(clippy::too_many_arguments)]
+    fn vocab_parallel_grad(
+        &self,
+        logits: &mut Self::Buf,
+        losses: &mut Self::Buf,
+        row_max: &Self::Buf,
+        stats: &Self::Buf,
+        targets: &Self::Ids,
+        cols: usize,
+        valid_cols: usize,
+        vocab_start: usize,
         grad_scale: f32,
     ) -> Result<()>;
 

@@ -121,3 +121,109 @@ pub fn backward(
         }
     }
 }
+
+/// `sums[r] = Σ x[r]` or `Σ (x[r] − center[r])²`.
+pub fn row_sums(sums: &mut [f32], x: &[f32], center: Option<&[f32]>, dim: usize) {
+    sums.par_iter_mut().zip(x.par_chunks(dim)).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, (s, x))| {
+        *s = match center {
+            None => sum(x),
+            Some(c) => {
+                let mu = c[r];
+                let mut acc = [0.0f32; 8];
+                for ch in x.chunks(8) {
+                    for (a, v) in acc.iter_mut().zip(ch) {
+                        *a += (v - mu) * (v - mu);
+                    }
+                }
+                acc.iter().sum()
+            }
+        }
+    });
+}
+
+pub fn finish_stats(sums: &mut [f32], dim_global: usize, squared: bool) {
+    let n = dim_global as f32;
+    for s in sums.iter_mut() {
+        *s = if squared { 1.0 / (*s / n + EPS).sqrt() } else { *s / n };
+    }
+}
+
+pub fn apply(out: &mut [f32], x: &[f32], mean: &[f32], rstd: &[f32], scale: Option<&[f32]>, bias: &[f32], dim: usize) {
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, (o, x))| {
+        let (mu, rs) = (mean[r], rstd[r]);
+        for j in 0..dim {
+            let s = scale.map_or(1.0, |s| s[j]);
+            o[j] = (x[j] - mu) * rs * s + bias[j];
+        }
+    });
+}
+
+/// `sums[r] = Σ ĝ`, `sums[rows + r] = Σ ĝ·x̂`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_row_sums(
+    sums: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    scale: Option<&[f32]>,
+    dim: usize,
+) {
+    let rows = mean.len();
+    let (s1, s2) = sums.split_at_mut(rows);
+    s1.par_iter_mut().zip(s2.par_iter_mut()).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, (a, b))| {
+        let (g, xr) = (&dout[r * dim..(r + 1) * dim], &x[r * dim..(r + 1) * dim]);
+        let (mut sa, mut sb) = (0.0f32, 0.0f32);
+        for j in 0..dim {
+            let gh = g[j] * scale.map_or(1.0, |s| s[j]);
+            sa += gh;
+            sb += gh * (xr[j] - mean[r]) * rstd[r];
+        }
+        *a = sa;
+        *b = sb;
+    });
+}
+
+/// The sharded backward's second half; see `Backend::layernorm_backward_apply`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_apply(
+    dx: &mut [f32],
+    dscale: Option<&mut [f32]>,
+    dbias: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    scale: Option<&[f32]>,
+    sums: &[f32],
+    dim: usize,
+    dim_global: usize,
+    accumulate_dx: bool,
+) {
+    let rows = mean.len();
+    let n = dim_global as f32;
+    dx.par_chunks_mut(dim).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, dxr)| {
+        let (g, xr) = (&dout[r * dim..(r + 1) * dim], &x[r * dim..(r + 1) * dim]);
+        let (m1, m2) = (sums[r] / n, sums[rows + r] / n);
+        for j in 0..dim {
+            let gh = g[j] * scale.map_or(1.0, |s| s[j]);
+            let xh = (xr[j] - mean[r]) * rstd[r];
+            let v = rstd[r] * (gh - m1 - xh * m2);
+            if accumulate_dx {
+                dxr[j] += v;
+            } else {
+                dxr[j] = v;
+            }
+        }
+    });
+    let mut dscale = dscale;
+    for r in 0..rows {
+        let (g, xr) = (&dout[r * dim..(r + 1) * dim], &x[r * dim..(r + 1) * dim]);
+        for j in 0..dim {
+            dbias[j] += g[j];
+            if let Some(ds) = dscale.as_deref_mut() {
+                ds[j] += g[j] * (xr[j] - mean[r]) * rstd[r];
+            }
+        }
+    }
+}

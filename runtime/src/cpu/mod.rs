@@ -269,6 +269,126 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn layernorm_row_sums(&self, sums: &mut CpuBuf, x: &CpuBuf, center: Option<&CpuBuf>, dim: usize) -> Result<()> {
+        let rows = rows_of("layernorm_row_sums", x.data.len(), dim)?;
+        check_len("layernorm_row_sums", "sums", sums.data.len(), rows)?;
+        if let Some(c) = center {
+            check_len("layernorm_row_sums", "center", c.data.len(), rows)?;
+        }
+        layernorm::row_sums(&mut sums.data, &x.data, center.map(|c| c.as_slice()), dim);
+        Ok(())
+    }
+    fn layernorm_finish_stats(&self, sums: &mut CpuBuf, dim_global: usize, squared: bool) -> Result<()> {
+        if dim_global == 0 {
+            return Err(RuntimeError::Invalid { op: "layernorm_finish_stats", detail: "dim_global is 0".into() });
+        }
+        layernorm::finish_stats(&mut sums.data, dim_global, squared);
+        Ok(())
+    }
+    fn layernorm_apply(
+        &self,
+        out: &mut CpuBuf,
+        x: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
+        scale: Option<&CpuBuf>,
+        bias: &CpuBuf,
+        dim: usize,
+    ) -> Result<()> {
+        let op = "layernorm_apply";
+        let rows = rows_of(op, x.data.len(), dim)?;
+        check_len(op, "out", out.data.len(), x.data.len())?;
+        check_len(op, "mean", mean.data.len(), rows)?;
+        check_len(op, "rstd", rstd.data.len(), rows)?;
+        check_len(op, "bias", bias.data.len(), dim)?;
+        if let Some(s) = scale {
+            check_len(op, "scale", s.data.len(), dim)?;
+        }
+        layernorm::apply(&mut out.data, &x.data, &mean.data, &rstd.data, scale.map(|s| s.as_slice()), &bias.data, dim);
+        Ok(())
+    }
+    fn layernorm_backward_row_sums(
+        &self,
+        sums: &mut CpuBuf,
+        dout: &CpuBuf,
+        x: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
+        scale: Option<&CpuBuf>,
+        dim: usize,
+    ) -> Result<()> {
+        let op = "layernorm_backward_row_sums";
+        let rows = rows_of(op, x.data.len(), dim)?;
+        check_len(op, "sums", sums.data.len(), 2 * rows)?;
+        check_len(op, "dout", dout.data.len(), x.data.len())?;
+        check_len(op, "mean", mean.data.len(), rows)?;
+        check_len(op, "rstd", rstd.data.len(), rows)?;
+        if let Some(s) = scale {
+            check_len(op, "scale", s.data.len(), dim)?;
+        }
+        layernorm::backward_row_sums(
+            &mut sums.data,
+            &dout.data,
+            &x.data,
+            &mean.data,
+            &rstd.data,
+            scale.map(|s| s.as_slice()),
+            dim,
+        );
+        Ok(())
+    }
+    fn layernorm_backward_apply(
+        &self,
+        dx: &mut CpuBuf,
+        dscale: Option<&mut CpuBuf>,
+        dbias: &mut CpuBuf,
+        dout: &CpuBuf,
+        x: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
+        scale: Option<&CpuBuf>,
+        sums: &CpuBuf,
+        dim: usize,
+        dim_global: usize,
+        accumulate_dx: bool,
+    ) -> Result<()> {
+        let op = "layernorm_backward_apply";
+        let rows = rows_of(op, x.data.len(), dim)?;
+        check_len(op, "dx", dx.data.len(), x.data.len())?;
+        check_len(op, "dout", dout.data.len(), x.data.len())?;
+        check_len(op, "mean", mean.data.len(), rows)?;
+        check_len(op, "rstd", rstd.data.len(), rows)?;
+        check_len(op, "sums", sums.data.len(), 2 * rows)?;
+        check_len(op, "dbias", dbias.data.len(), dim)?;
+        if scale.is_some() != dscale.is_some() {
+            return Err(RuntimeError::Invalid {
+                op,
+                detail: "scale and dscale must both be given or both be absent".into(),
+            });
+        }
+        if let Some(s) = scale {
+            check_len(op, "scale", s.data.len(), dim)?;
+        }
+        if let Some(s) = dscale.as_ref() {
+            check_len(op, "dscale", s.data.len(), dim)?;
+        }
+        layernorm::backward_apply(
+            &mut dx.data,
+            dscale.map(|s| s.as_mut_slice()),
+            &mut dbias.data,
+            &dout.data,
+            &x.data,
+            &mean.data,
+            &rstd.data,
+            scale.map(|s| s.as_slice()),
+            &sums.data,
+            dim,
+            dim_global,
+            accumulate_dx,
+        );
+        Ok(())
+    }
+
     fn gelu_glu_forward(&self, out: &mut CpuBuf, a: &CpuBuf, b: &CpuBuf) -> Result<()> {
         check_len("gelu_glu_forward", "a", a.data.len(), out.data.len())?;
         check_len("gelu_glu_forward", "b", b.data.len(), out.data.len())?;
@@ -383,6 +503,74 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn vocab_parallel_max(&self, row_max: &mut CpuBuf, logits: &CpuBuf, cols: usize, valid_cols: usize) -> Result<()> {
+        let op = "vocab_parallel_max";
+        let rows = rows_of(op, logits.data.len(), cols)?;
+        check_len(op, "row_max", row_max.data.len(), rows)?;
+        check_valid(op, cols, valid_cols)?;
+        cross_entropy::vp_max(&mut row_max.data, &logits.data, cols, valid_cols);
+        Ok(())
+    }
+    fn vocab_parallel_sums(
+        &self,
+        stats: &mut CpuBuf,
+        logits: &CpuBuf,
+        row_max: &CpuBuf,
+        targets: &CpuIds,
+        cols: usize,
+        valid_cols: usize,
+        vocab_start: usize,
+    ) -> Result<()> {
+        let op = "vocab_parallel_sums";
+        let rows = rows_of(op, logits.data.len(), cols)?;
+        check_len(op, "stats", stats.data.len(), 2 * rows)?;
+        check_len(op, "row_max", row_max.data.len(), rows)?;
+        check_len(op, "targets", targets.data.len(), rows)?;
+        check_valid(op, cols, valid_cols)?;
+        cross_entropy::vp_sums(
+            &mut stats.data,
+            &logits.data,
+            &row_max.data,
+            &targets.data,
+            cols,
+            valid_cols,
+            vocab_start,
+        );
+        Ok(())
+    }
+    fn vocab_parallel_grad(
+        &self,
+        logits: &mut CpuBuf,
+        losses: &mut CpuBuf,
+        row_max: &CpuBuf,
+        stats: &CpuBuf,
+        targets: &CpuIds,
+        cols: usize,
+        valid_cols: usize,
+        vocab_start: usize,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let op = "vocab_parallel_grad";
+        let rows = rows_of(op, logits.data.len(), cols)?;
+        check_len(op, "losses", losses.data.len(), rows)?;
+        check_len(op, "row_max", row_max.data.len(), rows)?;
+        check_len(op, "stats", stats.data.len(), 2 * rows)?;
+        check_len(op, "targets", targets.data.len(), rows)?;
+        check_valid(op, cols, valid_cols)?;
+        cross_entropy::vp_grad(
+            &mut logits.data,
+            &mut losses.data,
+            &row_max.data,
+            &stats.data,
+            &targets.data,
+            cols,
+            valid_cols,
+            vocab_start,
+            grad_scale,
+        );
+        Ok(())
+    }
+
     fn adamw(&self, param: &mut CpuBuf, grad: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, step: &AdamWStep) -> Result<()> {
         let n = param.data.len();
         check_len("adamw", "grad", grad.data.len(), n)?;
@@ -394,6 +582,13 @@ impl Backend for CpuBackend {
         adamw::step(&mut param.data, &grad.data, &mut m.data, &mut v.data, step);
         Ok(())
     }
+}
+
+fn check_valid(op: &'static str, cols: usize, valid: usize) -> Result<()> {
+    if valid == 0 || valid > cols {
+        return Err(RuntimeError::Invalid { op, detail: format!("valid_cols {valid} must be in 1..={cols}") });
+    }
+    Ok(())
 }
 
 fn check_embedding(op: &'static str, range: VocabRange, dim: usize) -> Result<()> {
