@@ -10,11 +10,37 @@
 use crate::batch::Batch;
 use crate::config::DalleBartConfig;
 use crate::error::{ModelError, Result};
-use crate::params::{AttnIdx, GluIdx, LnIdx, ParamTable};
+use crate::params::{split_axis, AttnIdx, GluIdx, LnIdx, ParamTable};
+use dm_parallel::{Communicator, ReduceOp};
 use dm_runtime::{AttentionShape, Backend, MatmulSpec, VocabRange};
+use std::sync::Arc;
 
 pub mod generate;
 pub use generate::{Prompt, SamplingOptions};
+
+/// This rank's place in its tensor-parallel group and the group's communicator.
+///
+/// Collectives the model issues over it (all sums unless noted), per layer:
+/// - forward: token embeddings (vocab-parallel rows) all-reduce; every attention `out_proj` and
+///   GLU `Dense_2` (row-parallel) all-reduce their output; the GLU middle LayerNorm (its width is
+///   the sharded ffn) all-reduces two `[rows]` statistics; the vocab-parallel cross-entropy
+///   all-reduces the row max (max) and `[2, rows]` sums — the logits are never gathered;
+/// - backward: the inputs of every column-parallel projection (q/k/v, GLU Dense_0/1, lm_head)
+///   all-reduce their gradient; the GLU middle LayerNorm all-reduces `[2, rows]` sums; the
+///   encoder output's gradient (from every cross-attention) is all-reduced once.
+#[derive(Clone)]
+pub struct TpGroup<B: Backend> {
+    pub rank: usize,
+    pub size: usize,
+    pub comm: Arc<dyn Communicator<B>>,
+}
+
+fn all_reduce<B: Backend>(tp: Option<&TpGroup<B>>, buf: &mut B::Buf, op: ReduceOp) -> Result<()> {
+    if let Some(g) = tp.filter(|g| g.size > 1) {
+        g.comm.all_reduce(buf, op).map_err(|e| ModelError::Comm(e.to_string()))?;
+    }
+    Ok(())
+}
 
 /// What one forward+backward reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,6 +118,8 @@ struct StackScratch<B: Backend> {
     dffn_c: B::Buf,
     /// Cross-attention key/value gradients, `[text tokens, d]` (decoder only).
     dk_cross: Option<(B::Buf, B::Buf)>,
+    /// `[2, tokens]` row sums of the sharded LayerNorm backward (tp > 1).
+    ln_sums: B::Buf,
 }
 
 struct Activations<B: Backend> {
@@ -108,6 +136,9 @@ struct Activations<B: Backend> {
     d_enc_out: B::Buf,
     /// Whether `logits` currently hold logits (not yet overwritten by their gradient).
     logits_valid: bool,
+    /// Vocab-parallel cross-entropy statistics: row max `[tokens]` and sums `[2, tokens]`.
+    ce_max: B::Buf,
+    ce_stats: B::Buf,
 }
 
 /// DalleBart on one device: parameters, their gradients, and activations.
@@ -118,23 +149,53 @@ pub struct DalleBart<B: Backend> {
     pub params: Vec<B::Buf>,
     pub grads: Vec<B::Buf>,
     acts: Option<Activations<B>>,
+    tp: Option<TpGroup<B>>,
 }
 
-/// Shapes of one stack, derived from the config.
+/// Shapes of one stack on this rank, derived from the config and the tp split.
 #[derive(Clone, Copy)]
 struct StackDims {
     len: usize,
     d: usize,
+    /// Heads on this rank, and their size.
     heads: usize,
+    head_dim: usize,
+    /// ffn columns on this rank, of `ffn_global`.
     ffn: usize,
+    ffn_global: usize,
+    /// Vocabulary rows on this rank (padded), the first of them globally, and how many are real.
     vocab: usize,
+    vocab_start: usize,
+    vocab_valid: usize,
+}
+
+impl StackDims {
+    /// Width of this rank's attention heads (`heads · head_dim`).
+    fn dl(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn vocab_range(&self) -> VocabRange {
+        VocabRange { start: self.vocab_start, end: self.vocab_start + self.vocab }
+    }
 }
 
 impl<B: Backend> DalleBart<B> {
     /// Uploads parameter values (in [`ParamTable`] order) and allocates their gradients.
     pub fn new(backend: B, config: DalleBartConfig, values: Vec<Vec<f32>>) -> Result<Self> {
+        Self::new_sharded(backend, config, None, values)
+    }
+
+    /// One tensor-parallel shard: `values` are this rank's slices ([`ParamTable::sharded`]).
+    pub fn new_sharded(
+        backend: B,
+        config: DalleBartConfig,
+        tp: Option<TpGroup<B>>,
+        values: Vec<Vec<f32>>,
+    ) -> Result<Self> {
         config.validate()?;
-        let table = ParamTable::new(&config);
+        let (rank, size) = tp.as_ref().map_or((0, 1), |g| (g.rank, g.size));
+        crate::params::check_tp(&config, size).map_err(ModelError::Config)?;
+        let table = ParamTable::sharded(&config, rank, size);
         if values.len() != table.specs.len() {
             return Err(ModelError::Checkpoint {
                 path: "<memory>".into(),
@@ -157,7 +218,7 @@ impl<B: Backend> DalleBart<B> {
             .iter()
             .map(|s| backend.zeros(&format!("grad.{}", s.name), s.numel()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self { config, table, backend, params, grads, acts: None })
+        Ok(Self { config, table, backend, params, grads, acts: None, tp })
     }
 
     /// A freshly initialised model (dalle-mini's init distribution), deterministic in `seed`.
@@ -170,25 +231,41 @@ impl<B: Backend> DalleBart<B> {
         &self.backend
     }
 
+    /// (rank, size) of the tensor-parallel group.
+    pub fn tp_coords(&self) -> (usize, usize) {
+        self.tp.as_ref().map_or((0, 1), |g| (g.rank, g.size))
+    }
+
+    fn stack_dims(&self, len: usize, heads: usize, ffn: usize, vocab: usize) -> StackDims {
+        let (rank, size) = self.tp_coords();
+        let (_, f_local, _) = split_axis(ffn, size, rank, false);
+        let (v_start, v_valid, v_local) = split_axis(vocab, size, rank, true);
+        StackDims {
+            len,
+            d: self.config.d_model,
+            heads: heads / size,
+            head_dim: self.config.d_model / heads,
+            ffn: f_local,
+            ffn_global: ffn,
+            vocab: v_local,
+            vocab_start: v_start,
+            vocab_valid: v_valid,
+        }
+    }
     fn enc_dims(&self) -> StackDims {
         let c = &self.config;
-        StackDims {
-            len: c.max_text_length,
-            d: c.d_model,
-            heads: c.encoder_attention_heads,
-            ffn: c.encoder_ffn_dim,
-            vocab: c.encoder_vocab_size,
-        }
+        self.stack_dims(c.max_text_length, c.encoder_attention_heads, c.encoder_ffn_dim, c.encoder_vocab_size)
     }
     fn dec_dims(&self) -> StackDims {
         let c = &self.config;
-        StackDims {
-            len: c.image_length,
-            d: c.d_model,
-            heads: c.decoder_attention_heads,
-            ffn: c.decoder_ffn_dim,
-            vocab: c.image_rows(),
-        }
+        self.stack_dims(c.image_length, c.decoder_attention_heads, c.decoder_ffn_dim, c.image_rows())
+    }
+
+    /// The columns of [`Self::logits`] rows on this rank: (padded width, first global column,
+    /// real columns).
+    pub fn logits_columns(&self) -> (usize, usize, usize) {
+        let d = self.dec_dims();
+        (d.vocab, d.vocab_start, d.vocab_valid)
     }
 
     /// Downloads every parameter (table order).
@@ -235,6 +312,8 @@ impl<B: Backend> DalleBart<B> {
             enc,
             dec,
             logits_valid: false,
+            ce_max: be.zeros("loss.row_max", image_tokens)?,
+            ce_stats: be.zeros("loss.row_sums", 2 * image_tokens)?,
         });
         Ok(())
     }
@@ -244,7 +323,8 @@ impl<B: Backend> DalleBart<B> {
         batch.validate(&self.config)?;
         self.ensure_activations(batch.batch)?;
         let (e, dd) = (self.enc_dims(), self.dec_dims());
-        let Self { backend: be, params: p, table: t, acts, .. } = self;
+        let Self { backend: be, params: p, table: t, acts, tp, .. } = self;
+        let tp = tp.as_ref();
         let a = acts.as_mut().expect("allocated above");
         a.mask = be.upload_ids("batch.attention_mask", &batch.attention_mask)?;
         a.labels = be.upload_ids("batch.labels", &batch.labels)?;
@@ -253,32 +333,33 @@ impl<B: Backend> DalleBart<B> {
         let b = batch.batch;
 
         // Encoder.
-        embed(be, p, &t.encoder.into(), &mut a.enc, e)?;
+        embed(be, p, tp, &t.encoder.into(), &mut a.enc, e)?;
         for (li, idx) in t.encoder_layers.iter().enumerate() {
             let (done, rest) = a.enc.layers.split_at_mut(li);
             let x = if li == 0 { &a.enc.ln_emb.out } else { &done[li - 1].out };
             let la = &mut rest[0];
             let shape = attn_shape(b, e.len, e.len, e, false);
-            attn_block_fwd(be, p, idx.ln0_bias, &idx.attn, idx.ln1, &mut la.self_attn, x, None, Some(&a.mask), shape)?;
-            glu_fwd(be, p, &idx.glu, &mut la.glu, &la.self_attn.out, &mut la.out, e)?;
+            attn_block_fwd(be, p, tp, idx.ln0_bias, &idx.attn, idx.ln1, &mut la.self_attn, x, None, Some(&a.mask), shape)?;
+            glu_fwd(be, p, tp, &idx.glu, &mut la.glu, &la.self_attn.out, &mut la.out, e)?;
         }
         let last = a.enc.layers.last().map_or(&a.enc.ln_emb.out, |l| &l.out);
         ln_fwd(be, &mut a.enc.final_ln, last, None, &p[t.encoder.final_ln_bias], e.d)?;
 
         // Decoder.
-        embed(be, p, &t.decoder.into(), &mut a.dec, dd)?;
+        embed(be, p, tp, &t.decoder.into(), &mut a.dec, dd)?;
         let enc_out = &a.enc.final_ln.out;
         for (li, idx) in t.decoder_layers.iter().enumerate() {
             let (done, rest) = a.dec.layers.split_at_mut(li);
             let x = if li == 0 { &a.dec.ln_emb.out } else { &done[li - 1].out };
             let la = &mut rest[0];
             let shape = attn_shape(b, dd.len, dd.len, dd, true);
-            attn_block_fwd(be, p, idx.ln0_bias, &idx.self_attn, idx.ln1, &mut la.self_attn, x, None, None, shape)?;
+            attn_block_fwd(be, p, tp, idx.ln0_bias, &idx.self_attn, idx.ln1, &mut la.self_attn, x, None, None, shape)?;
             let cross = la.cross_attn.as_mut().expect("decoder layers have cross-attention");
             let shape = attn_shape(b, dd.len, e.len, dd, false);
             attn_block_fwd(
                 be,
                 p,
+                tp,
                 idx.ln2_bias,
                 &idx.cross_attn,
                 idx.ln3,
@@ -288,7 +369,7 @@ impl<B: Backend> DalleBart<B> {
                 Some(&a.mask),
                 shape,
             )?;
-            glu_fwd(be, p, &idx.glu, &mut la.glu, &cross.out, &mut la.out, dd)?;
+            glu_fwd(be, p, tp, &idx.glu, &mut la.glu, &cross.out, &mut la.out, dd)?;
         }
         let last = a.dec.layers.last().map_or(&a.dec.ln_emb.out, |l| &l.out);
         ln_fwd(be, &mut a.dec.final_ln, last, None, &p[t.decoder.final_ln_bias], dd.d)?;
@@ -329,13 +410,26 @@ impl<B: Backend> DalleBart<B> {
 
     fn loss(&mut self, grad_scale: f32) -> Result<f32> {
         let classes = self.config.image_rows();
+        let dd = self.dec_dims();
         let be = &self.backend;
+        let tp = self.tp.as_ref().filter(|g| g.size > 1);
         let a = self
             .acts
             .as_mut()
             .filter(|a| a.logits_valid)
             .ok_or_else(|| ModelError::Batch("loss needs a forward pass first".into()))?;
-        be.cross_entropy_fused(&mut a.logits, &mut a.losses, &a.labels, classes, grad_scale)?;
+        if tp.is_some() {
+            // Vocab-parallel: local max → max-reduce → local sums → sum-reduce → gradient.
+            let (cols, valid, start) = (dd.vocab, dd.vocab_valid, dd.vocab_start);
+            be.vocab_parallel_max(&mut a.ce_max, &a.logits, cols, valid)?;
+            all_reduce(tp, &mut a.ce_max, ReduceOp::Max)?;
+            be.vocab_parallel_sums(&mut a.ce_stats, &a.logits, &a.ce_max, &a.labels, cols, valid, start)?;
+            all_reduce(tp, &mut a.ce_stats, ReduceOp::Sum)?;
+            let (m, st) = (&a.ce_max, &a.ce_stats);
+            be.vocab_parallel_grad(&mut a.logits, &mut a.losses, m, st, &a.labels, cols, valid, start, grad_scale)?;
+        } else {
+            be.cross_entropy_fused(&mut a.logits, &mut a.losses, &a.labels, classes, grad_scale)?;
+        }
         a.logits_valid = false;
         let losses = be.download(&a.losses)?;
         let sum: f64 = losses.iter().map(|&l| l as f64).sum();
@@ -344,7 +438,8 @@ impl<B: Backend> DalleBart<B> {
 
     fn backward(&mut self) -> Result<()> {
         let (e, dd) = (self.enc_dims(), self.dec_dims());
-        let Self { backend: be, params: p, grads: g, table: t, acts, .. } = self;
+        let Self { backend: be, params: p, grads: g, table: t, acts, tp, .. } = self;
+        let tp = tp.as_ref();
         let a = acts.as_mut().ok_or_else(|| ModelError::Batch("backward needs a forward pass first".into()))?;
         let b = a.batch;
         let nd = b * dd.len;
@@ -364,6 +459,7 @@ impl<B: Backend> DalleBart<B> {
             &p[t.lm_head],
             MatmulSpec { m: nd, n: dd.d, k: dd.vocab, trans_a: false, trans_b: true, accumulate: false },
         )?;
+        all_reduce(tp, &mut ds.dtmp, ReduceOp::Sum)?;
         let last = a.dec.layers.last().map_or(&a.dec.ln_emb.out, |l| &l.out);
         be.layernorm_backward(
             &mut ds.dres,
@@ -384,13 +480,14 @@ impl<B: Backend> DalleBart<B> {
         for (li, idx) in t.decoder_layers.iter().enumerate().rev() {
             let x = if li == 0 { &a.dec.ln_emb.out } else { &a.dec.layers[li - 1].out };
             let la = &a.dec.layers[li];
-            glu_bwd(be, p, g, &idx.glu, &la.glu, la.cross_attn.as_ref().map(|c| &c.out).expect("decoder"), ds, dd)?;
+            glu_bwd(be, p, g, tp, &idx.glu, &la.glu, la.cross_attn.as_ref().map(|c| &c.out).expect("decoder"), ds, dd)?;
             let cross = la.cross_attn.as_ref().expect("decoder layers have cross-attention");
             let shape = attn_shape(b, dd.len, e.len, dd, false);
             attn_block_bwd(
                 be,
                 p,
                 g,
+                tp,
                 idx.ln2_bias,
                 &idx.cross_attn,
                 idx.ln3,
@@ -402,9 +499,11 @@ impl<B: Backend> DalleBart<B> {
                 ds,
             )?;
             let shape = attn_shape(b, dd.len, dd.len, dd, true);
-            attn_block_bwd(be, p, g, idx.ln0_bias, &idx.self_attn, idx.ln1, &la.self_attn, x, None, None, shape, ds)?;
+            attn_block_bwd(be, p, g, tp, idx.ln0_bias, &idx.self_attn, idx.ln1, &la.self_attn, x, None, None, shape, ds)?;
         }
         embed_bwd(be, p, g, &t.decoder.into(), &a.dec, ds, dd)?;
+        // The cross-attentions' contributions are partial sums over this rank's heads.
+        all_reduce(tp, &mut a.d_enc_out, ReduceOp::Sum)?;
 
         // Encoder: final_ln from ∂encoder_output, then layers.
         let es = &mut a.enc_scratch;
@@ -424,12 +523,13 @@ impl<B: Backend> DalleBart<B> {
         for (li, idx) in t.encoder_layers.iter().enumerate().rev() {
             let x = if li == 0 { &a.enc.ln_emb.out } else { &a.enc.layers[li - 1].out };
             let la = &a.enc.layers[li];
-            glu_bwd(be, p, g, &idx.glu, &la.glu, &la.self_attn.out, es, e)?;
+            glu_bwd(be, p, g, tp, &idx.glu, &la.glu, &la.self_attn.out, es, e)?;
             let shape = attn_shape(b, e.len, e.len, e, false);
             attn_block_bwd(
                 be,
                 p,
                 g,
+                tp,
                 idx.ln0_bias,
                 &idx.attn,
                 idx.ln1,
@@ -479,14 +579,14 @@ fn alloc_attn_block<B: Backend>(
     kv_tokens: usize,
 ) -> Result<AttnBlockActs<B>> {
     let n = batch * dims.len;
-    let d = dims.d;
+    let (d, dl) = (dims.d, dims.dl());
     Ok(AttnBlockActs {
         ln_pre: alloc_ln(be, &format!("{name}.ln_pre"), n, d)?,
         attn: AttnActs {
-            q: be.zeros(&format!("{name}.q"), n * d)?,
-            k: be.zeros(&format!("{name}.k"), kv_tokens * d)?,
-            v: be.zeros(&format!("{name}.v"), kv_tokens * d)?,
-            o: be.zeros(&format!("{name}.attn"), n * d)?,
+            q: be.zeros(&format!("{name}.q"), n * dl)?,
+            k: be.zeros(&format!("{name}.k"), kv_tokens * dl)?,
+            v: be.zeros(&format!("{name}.v"), kv_tokens * dl)?,
+            o: be.zeros(&format!("{name}.attn"), n * dl)?,
             lse: be.zeros(&format!("{name}.lse"), batch * dims.heads * dims.len)?,
             proj: be.zeros(&format!("{name}.out_proj"), n * d)?,
         },
@@ -542,22 +642,23 @@ fn alloc_scratch<B: Backend>(
     cross_kv_tokens: Option<usize>,
 ) -> Result<StackScratch<B>> {
     let n = batch * dims.len;
-    let (d, f) = (dims.d, dims.ffn);
+    let (d, dl, f) = (dims.d, dims.dl(), dims.ffn);
     let z = |what: &str, len: usize| be.zeros(&format!("{name}.scratch.{what}"), len);
     Ok(StackScratch {
         dres: z("dres", n * d)?,
         dtmp: z("dtmp", n * d)?,
-        dtmp2: z("dtmp2", n * d)?,
-        dq: z("dq", n * d)?,
-        dk: z("dk", n * d)?,
-        dv: z("dv", n * d)?,
+        dtmp2: z("dtmp2", n * dl)?,
+        dq: z("dq", n * dl)?,
+        dk: z("dk", n * dl)?,
+        dv: z("dv", n * dl)?,
         dffn_a: z("dffn_a", n * f)?,
         dffn_b: z("dffn_b", n * f)?,
         dffn_c: z("dffn_c", n * f)?,
         dk_cross: match cross_kv_tokens {
-            Some(kv) => Some((z("dk_cross", kv * d)?, z("dv_cross", kv * d)?)),
+            Some(kv) => Some((z("dk_cross", kv * dl)?, z("dv_cross", kv * dl)?)),
             None => None,
         },
+        ln_sums: z("ln_sums", 2 * n)?,
     })
 }
 
@@ -584,14 +685,22 @@ fn pair_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
     }
 }
 
-/// Token embedding + positions, then `layernorm_embedding`.
-fn embed<B: Backend>(be: &B, p: &[B::Buf], idx: &EmbedIdx, s: &mut StackActs<B>, dims: StackDims) -> Result<()> {
-    be.embedding_forward(&mut s.emb, &p[idx.tokens], &s.ids, VocabRange::full(dims.vocab), dims.d)?;
+/// Token embedding (vocab-parallel rows: all-reduced) + positions, then `layernorm_embedding`.
+fn embed<B: Backend>(
+    be: &B,
+    p: &[B::Buf],
+    tp: Option<&TpGroup<B>>,
+    idx: &EmbedIdx,
+    s: &mut StackActs<B>,
+    dims: StackDims,
+) -> Result<()> {
+    be.embedding_forward(&mut s.emb, &p[idx.tokens], &s.ids, dims.vocab_range(), dims.d)?;
+    all_reduce(tp, &mut s.emb, ReduceOp::Sum)?;
     be.add_broadcast_rows(&mut s.emb, &p[idx.positions], dims.len * dims.d)?;
     ln_fwd(be, &mut s.ln_emb, &s.emb, Some(&p[idx.ln.scale]), &p[idx.ln.bias], dims.d)
 }
 
-/// Backward of [`embed`] from `sc.dres` (= ∂ layernorm_embedding output).
+/// Backward of [`embed`] from `sc.dres` (= ∂ layernorm_embedding output, replicated across tp).
 fn embed_bwd<B: Backend>(
     be: &B,
     p: &[B::Buf],
@@ -614,17 +723,19 @@ fn embed_bwd<B: Backend>(
         dims.d,
         false,
     )?;
-    be.embedding_backward(&mut g[idx.tokens], &sc.dtmp, &s.ids, VocabRange::full(dims.vocab), dims.d)?;
+    be.embedding_backward(&mut g[idx.tokens], &sc.dtmp, &s.ids, dims.vocab_range(), dims.d)?;
     be.sum_broadcast_rows(&mut g[idx.positions], &sc.dtmp, dims.len * dims.d)?;
     Ok(())
 }
 
 /// Forward of `out = x + LN_post(Attn(LN_pre(x), kv))` where `kv` is `x`'s normalised self (self
-/// attention) or the encoder output (cross-attention).
+/// attention) or the encoder output (cross-attention). q/k/v are column-parallel (this rank's
+/// heads), out_proj row-parallel: its output is all-reduced across tp.
 #[allow(clippy::too_many_arguments)]
 fn attn_block_fwd<B: Backend>(
     be: &B,
     p: &[B::Buf],
+    tp: Option<&TpGroup<B>>,
     ln_pre_bias: usize,
     w: &AttnIdx,
     ln_post: LnIdx,
@@ -634,29 +745,34 @@ fn attn_block_fwd<B: Backend>(
     mask: Option<&B::Ids>,
     shape: AttentionShape,
 ) -> Result<()> {
-    let d = shape.width();
+    let dl = shape.width();
     let nq = shape.batch * shape.q_len;
     let nk = shape.batch * shape.kv_len;
+    let d = be.buf_len(x) / nq;
     ln_fwd(be, &mut s.ln_pre, x, None, &p[ln_pre_bias], d)?;
     let kv = kv_source.unwrap_or(&s.ln_pre.out);
     let a = &mut s.attn;
-    be.matmul(&mut a.q, &s.ln_pre.out, &p[w.q], MatmulSpec::nn(nq, d, d))?;
-    be.matmul(&mut a.k, kv, &p[w.k], MatmulSpec::nn(nk, d, d))?;
-    be.matmul(&mut a.v, kv, &p[w.v], MatmulSpec::nn(nk, d, d))?;
+    be.matmul(&mut a.q, &s.ln_pre.out, &p[w.q], MatmulSpec::nn(nq, dl, d))?;
+    be.matmul(&mut a.k, kv, &p[w.k], MatmulSpec::nn(nk, dl, d))?;
+    be.matmul(&mut a.v, kv, &p[w.v], MatmulSpec::nn(nk, dl, d))?;
     be.attention_forward(&mut a.o, &mut a.lse, &a.q, &a.k, &a.v, mask, shape)?;
-    be.matmul(&mut a.proj, &a.o, &p[w.out], MatmulSpec::nn(nq, d, d))?;
+    be.matmul(&mut a.proj, &a.o, &p[w.out], MatmulSpec::nn(nq, d, dl))?;
+    all_reduce(tp, &mut a.proj, ReduceOp::Sum)?;
     ln_fwd(be, &mut s.ln_post, &a.proj, Some(&p[ln_post.scale]), &p[ln_post.bias], d)?;
     be.add(&mut s.out, x, &s.ln_post.out)?;
     Ok(())
 }
 
 /// Backward of [`attn_block_fwd`]: on entry `sc.dres` = ∂out, on exit ∂x. For cross-attention,
-/// `kv` carries the encoder output and its gradient accumulator.
+/// `kv` carries the encoder output and its gradient accumulator (a partial sum over this rank's
+/// heads, all-reduced by the caller once for all layers). The input gradient of q/k/v
+/// (column-parallel) is all-reduced across tp.
 #[allow(clippy::too_many_arguments)]
 fn attn_block_bwd<B: Backend>(
     be: &B,
     p: &[B::Buf],
     g: &mut [B::Buf],
+    tp: Option<&TpGroup<B>>,
     ln_pre_bias: usize,
     w: &AttnIdx,
     ln_post: LnIdx,
@@ -667,9 +783,10 @@ fn attn_block_bwd<B: Backend>(
     shape: AttentionShape,
     sc: &mut StackScratch<B>,
 ) -> Result<()> {
-    let d = shape.width();
+    let dl = shape.width();
     let nq = shape.batch * shape.q_len;
     let nk = shape.batch * shape.kv_len;
+    let d = be.buf_len(x) / nq;
     let a = &s.attn;
     // Post-attention LayerNorm: ∂proj into dtmp.
     let (dscale, dbias) = pair_mut(g, ln_post.scale, ln_post.bias);
@@ -685,19 +802,10 @@ fn attn_block_bwd<B: Backend>(
         d,
         false,
     )?;
-    // out_proj.
-    be.matmul(
-        &mut g[w.out],
-        &a.o,
-        &sc.dtmp,
-        MatmulSpec { m: d, n: d, k: nq, trans_a: true, trans_b: false, accumulate: true },
-    )?;
-    be.matmul(
-        &mut sc.dtmp2,
-        &sc.dtmp,
-        &p[w.out],
-        MatmulSpec { m: nq, n: d, k: d, trans_a: false, trans_b: true, accumulate: false },
-    )?;
+    // out_proj (row-parallel): weight gradient and ∂o are local.
+    let t = |m, n, k, ta, tb, acc| MatmulSpec { m, n, k, trans_a: ta, trans_b: tb, accumulate: acc };
+    be.matmul(&mut g[w.out], &a.o, &sc.dtmp, t(dl, d, nq, true, false, true))?;
+    be.matmul(&mut sc.dtmp2, &sc.dtmp, &p[w.out], t(nq, dl, d, false, true, false))?;
     // Attention core.
     let (dk, dv) = match sc.dk_cross.as_mut() {
         Some((dk, dv)) if kv.is_some() => (dk, dv),
@@ -705,8 +813,8 @@ fn attn_block_bwd<B: Backend>(
     };
     be.attention_backward(&mut sc.dq, dk, dv, &sc.dtmp2, &a.q, &a.k, &a.v, &a.o, &a.lse, mask, shape)?;
     // q/k/v projections. ∂(LN_pre output) into dtmp.
-    let wgrad = |m: usize| MatmulSpec { m: d, n: d, k: m, trans_a: true, trans_b: false, accumulate: true };
-    let dgrad = |m: usize, acc: bool| MatmulSpec { m, n: d, k: d, trans_a: false, trans_b: true, accumulate: acc };
+    let wgrad = |m: usize| t(d, dl, m, true, false, true);
+    let dgrad = |m: usize, acc: bool| t(m, d, dl, false, true, acc);
     be.matmul(&mut g[w.q], &s.ln_pre.out, &sc.dq, wgrad(nq))?;
     be.matmul(&mut sc.dtmp, &sc.dq, &p[w.q], dgrad(nq, false))?;
     match kv {
@@ -723,6 +831,7 @@ fn attn_block_bwd<B: Backend>(
             be.matmul(d_enc_out, dv, &p[w.v], dgrad(nk, true))?;
         }
     }
+    all_reduce(tp, &mut sc.dtmp, ReduceOp::Sum)?;
     // Pre-attention LayerNorm (bias only); adds into the residual gradient.
     be.layernorm_backward(
         &mut sc.dres,
@@ -739,10 +848,14 @@ fn attn_block_bwd<B: Backend>(
     Ok(())
 }
 
-/// Forward of `out = x + GLU(x)`.
+/// Forward of `out = x + GLU(x)`. Dense_0/1 are column-parallel (this rank's ffn columns), the
+/// middle LayerNorm takes its statistics from all-reduced row sums over the sharded ffn, and
+/// Dense_2 is row-parallel: its output is all-reduced.
+#[allow(clippy::too_many_arguments)]
 fn glu_fwd<B: Backend>(
     be: &B,
     p: &[B::Buf],
+    tp: Option<&TpGroup<B>>,
     w: &GluIdx,
     s: &mut GluActs<B>,
     x: &B::Buf,
@@ -755,18 +868,33 @@ fn glu_fwd<B: Backend>(
     be.matmul(&mut s.a0, &s.ln0.out, &p[w.dense0], MatmulSpec::nn(n, f, d))?;
     be.matmul(&mut s.a1, &s.ln0.out, &p[w.dense1], MatmulSpec::nn(n, f, d))?;
     be.gelu_glu_forward(&mut s.act, &s.a0, &s.a1)?;
-    ln_fwd(be, &mut s.ln1, &s.act, None, &p[w.ln1_bias], f)?;
+    if tp.is_some_and(|g| g.size > 1) {
+        // Two passes (mean, then centred squares), each one all-reduce of [rows].
+        let l = &mut s.ln1;
+        be.layernorm_row_sums(&mut l.mean, &s.act, None, f)?;
+        all_reduce(tp, &mut l.mean, ReduceOp::Sum)?;
+        be.layernorm_finish_stats(&mut l.mean, dims.ffn_global, false)?;
+        be.layernorm_row_sums(&mut l.rstd, &s.act, Some(&l.mean), f)?;
+        all_reduce(tp, &mut l.rstd, ReduceOp::Sum)?;
+        be.layernorm_finish_stats(&mut l.rstd, dims.ffn_global, true)?;
+        be.layernorm_apply(&mut l.out, &s.act, &l.mean, &l.rstd, None, &p[w.ln1_bias], f)?;
+    } else {
+        ln_fwd(be, &mut s.ln1, &s.act, None, &p[w.ln1_bias], f)?;
+    }
     be.matmul(out, &s.ln1.out, &p[w.dense2], MatmulSpec::nn(n, d, f))?;
+    all_reduce(tp, out, ReduceOp::Sum)?;
     be.add_assign(out, x)?;
     Ok(())
 }
 
-/// Backward of [`glu_fwd`]: on entry `sc.dres` = ∂out, on exit ∂x.
+/// Backward of [`glu_fwd`]: on entry `sc.dres` = ∂out, on exit ∂x. The middle LayerNorm
+/// all-reduces `[2, rows]` sums; the input gradient of Dense_0/1 is all-reduced.
 #[allow(clippy::too_many_arguments)]
 fn glu_bwd<B: Backend>(
     be: &B,
     p: &[B::Buf],
     g: &mut [B::Buf],
+    tp: Option<&TpGroup<B>>,
     w: &GluIdx,
     s: &GluActs<B>,
     x: &B::Buf,
@@ -775,38 +903,49 @@ fn glu_bwd<B: Backend>(
 ) -> Result<()> {
     let (d, f) = (dims.d, dims.ffn);
     let n = be.buf_len(x) / d;
-    be.matmul(
-        &mut g[w.dense2],
-        &s.ln1.out,
-        &sc.dres,
-        MatmulSpec { m: f, n: d, k: n, trans_a: true, trans_b: false, accumulate: true },
-    )?;
-    be.matmul(
-        &mut sc.dffn_a,
-        &sc.dres,
-        &p[w.dense2],
-        MatmulSpec { m: n, n: f, k: d, trans_a: false, trans_b: true, accumulate: false },
-    )?;
-    be.layernorm_backward(
-        &mut sc.dffn_b,
-        None,
-        &mut g[w.ln1_bias],
-        &sc.dffn_a,
-        &s.act,
-        &s.ln1.mean,
-        &s.ln1.rstd,
-        None,
-        f,
-        false,
-    )?;
+    let t = |m, nn, k, ta, tb, acc| MatmulSpec { m, n: nn, k, trans_a: ta, trans_b: tb, accumulate: acc };
+    be.matmul(&mut g[w.dense2], &s.ln1.out, &sc.dres, t(f, d, n, true, false, true))?;
+    be.matmul(&mut sc.dffn_a, &sc.dres, &p[w.dense2], t(n, f, d, false, true, false))?;
+    let l = &s.ln1;
+    if tp.is_some_and(|g| g.size > 1) {
+        be.layernorm_backward_row_sums(&mut sc.ln_sums, &sc.dffn_a, &s.act, &l.mean, &l.rstd, None, f)?;
+        all_reduce(tp, &mut sc.ln_sums, ReduceOp::Sum)?;
+        be.layernorm_backward_apply(
+            &mut sc.dffn_b,
+            None,
+            &mut g[w.ln1_bias],
+            &sc.dffn_a,
+            &s.act,
+            &l.mean,
+            &l.rstd,
+            None,
+            &sc.ln_sums,
+            f,
+            dims.ffn_global,
+            false,
+        )?;
+    } else {
+        be.layernorm_backward(
+            &mut sc.dffn_b,
+            None,
+            &mut g[w.ln1_bias],
+            &sc.dffn_a,
+            &s.act,
+            &l.mean,
+            &l.rstd,
+            None,
+            f,
+            false,
+        )?;
+    }
     // dffn_a ← ∂a0, dffn_c ← ∂a1
     be.gelu_glu_backward(&mut sc.dffn_a, &mut sc.dffn_c, &sc.dffn_b, &s.a0, &s.a1)?;
-    let wgrad = MatmulSpec { m: d, n: f, k: n, trans_a: true, trans_b: false, accumulate: true };
+    let wgrad = t(d, f, n, true, false, true);
     be.matmul(&mut g[w.dense0], &s.ln0.out, &sc.dffn_a, wgrad)?;
     be.matmul(&mut g[w.dense1], &s.ln0.out, &sc.dffn_c, wgrad)?;
-    let dgrad = |acc| MatmulSpec { m: n, n: d, k: f, trans_a: false, trans_b: true, accumulate: acc };
-    be.matmul(&mut sc.dtmp, &sc.dffn_a, &p[w.dense0], dgrad(false))?;
-    be.matmul(&mut sc.dtmp, &sc.dffn_c, &p[w.dense1], dgrad(true))?;
+    be.matmul(&mut sc.dtmp, &sc.dffn_a, &p[w.dense0], t(n, d, f, false, true, false))?;
+    be.matmul(&mut sc.dtmp, &sc.dffn_c, &p[w.dense1], t(n, d, f, false, true, true))?;
+    all_reduce(tp, &mut sc.dtmp, ReduceOp::Sum)?;
     be.layernorm_backward(
         &mut sc.dres,
         None,

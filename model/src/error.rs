@@ -10,6 +10,8 @@ pub enum ModelError {
     Checkpoint { path: String, detail: String },
     #[error("batch: {0}")]
     Batch(String),
+    #[error("collective failed: {0}")]
+    Comm(String),
     #[error(transparent)]
     Runtime(#[from] dm_runtime::RuntimeError),
     #[error("{context}: {source}")]

@@ -93,6 +93,9 @@ impl<B: Backend> DalleBart<B> {
         uncond: Option<&Prompt>,
         opts: &SamplingOptions,
     ) -> Result<Vec<Vec<u32>>> {
+        if self.tp_coords().1 > 1 {
+            return Err(ModelError::Config("generation runs on one device; load the checkpoint with tp = 1".into()));
+        }
         let cfg = self.config.clone();
         let guided = opts.cond_scale != 1.0;
         if guided && uncond.is_none() {

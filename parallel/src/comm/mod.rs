@@ -21,6 +21,7 @@
 //! same order on every rank of a group, results identical on every rank, no hang when a rank fails
 //! ([`Communicator::abort`] and timeouts), and the byte accounting of [`CommStats`].
 
+pub mod nccl;
 pub mod solo;
 pub mod threads;
 

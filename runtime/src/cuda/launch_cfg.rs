@@ -294,7 +294,13 @@ pub fn layernorm_backward(rows: usize, dim: usize, sms: usize) -> Result<Launch,
 
 /// `layernorm_param_grads_f32`: grid ceil(dim/256), block 256.
 pub fn layernorm_param_grads(dim: usize) -> Result<Launch, String> {
-    Launch::new((dim.div_ceil(256).max(1), 1, 1), 256, 0)
+    one_thread_each(dim)
+}
+
+/// Kernels with one thread per item and no grid-stride loop (`layernorm_param_grads_f32`,
+/// `layernorm_sharded_stats_f32`): grid ceil(n/256), block 256.
+pub fn one_thread_each(n: usize) -> Result<Launch, String> {
+    Launch::new((n.div_ceil(256).max(1), 1, 1), 256, 0)
 }
 
 /// cross_entropy.cu: one block per row, block a multiple of 32 giving ~32 columns a thread, at
@@ -510,10 +516,11 @@ mod tests {
         assert_eq!(layernorm_backward(5, 64, 132).unwrap().grid.0, 5);
         assert!(layernorm_backward(8, 16_385, 132).is_err());
         assert_eq!(layernorm_param_grads(2730).unwrap().grid.0, 11);
+        assert_eq!(one_thread_each(100_000).unwrap().grid.0, 391);
         assert_eq!(cross_entropy(2048, 16385).unwrap().block.0, 512);
         assert_eq!(cross_entropy(4, 7).unwrap().block.0, 32);
         assert_eq!(cross_entropy(4, 2000).unwrap().block.0, 64);
-        assert!(cross_entropy(2048, 16385).unwrap().block.0 % 32 == 0);
+        assert!(cross_entropy(2048, 16385).unwrap().block.0.is_multiple_of(32));
         assert_eq!(embedding(512, 1024).unwrap().block.0, 256);
         assert_eq!(embedding(512, 24).unwrap().block.0, 32);
     }

@@ -1,0 +1,975 @@
+//! [`NcclComm`]: the [`Communicator`] of ranks that are GPUs, one process (or thread) per GPU,
+//! over NCCL (cudarc's bindings, loaded at run time: libnccl is probed before any call, so a
+//! machine without it gets [`CommError::Device`] naming the library, never a panic).
+//!
+//! # Streams and ordering
+//!
+//! Each communicator owns a **side stream** on its backend's GPU. A collective is ordered after
+//! everything already enqueued on the backend's compute stream (event record → side stream
+//! waits), runs on the side stream, and the compute stream then waits for it (second event), so
+//! every later op sees the result — exactly the single-stream semantics of the other
+//! communicators, with the host never blocked by the GPU. By default each trait call also waits
+//! (on the host, polling, with the communicator's timeout) until the collective has finished, so a
+//! dead peer becomes [`CommError::Timeout`] instead of a hang; [`NcclOptions::wait_for_completion`]
+//! `= false` drops that wait for speed (a hang then surfaces at the next synchronising call).
+//!
+//! # Overlapping the gradient all-reduce with the backward
+//!
+//! [`NcclComm::all_reduce_async`] enqueues an all-reduce on the side stream and returns a
+//! [`PendingAllReduce`] that mutably borrows the buffer. The backward pass calls it for each
+//! gradient (or bucket) as soon as that gradient is final and keeps computing the earlier layers
+//! on the compute stream while NCCL reduces on the side stream; before the optimizer it
+//! [`PendingAllReduce::join`]s them (the compute stream waits on each collective's completion
+//! event; the host does not block). Sketch:
+//!
+//! ```ignore
+//! let mut pending = Vec::new();
+//! for (layer, grad) in layers.iter().rev().zip(grads.iter_mut().rev()) {
+//!     layer.backward(&be, grad)?;                          // compute stream
+//!     pending.push(dp.all_reduce_async(grad, ReduceOp::Avg)?); // side stream, overlaps
+//! }
+//! for p in pending { p.join()?; }                          // compute waits, host does not
+//! optimizer.update(&be, &mut params, &grads, lr, 1.0)?;
+//! ```
+//!
+//! # Rendezvous
+//!
+//! Every group needs an `ncclUniqueId` made by one member and handed to the others:
+//! [`Rendezvous::File`] (a shared folder: the group's first rank writes `<session>.<key>.id`
+//! atomically, the others poll for it) or [`Rendezvous::Tcp`] (a tiny key-value server that world
+//! rank 0 runs on a background thread; the others connect with bounded retries). Both give up
+//! after the configured timeout. [`NcclComm::mesh`] makes a rank's world, tp and dp communicators.
+//!
+//! # Differences from [`super::ThreadComm`]
+//!
+//! - `ReduceOp::Max` uses NCCL's max, which follows `fmaxf` and so does **not** propagate NaN;
+//!   `ReduceOp::Avg` is `ncclAvg` (NCCL scales in its own order, within an ulp of sum/n).
+//! - [`Communicator::abort`] calls `ncclCommAbort` on this rank only; peers see their collectives
+//!   fail (NCCL remote error) or time out. Cross-rank abort needs the launcher's side channel.
+//! - NCCL refuses two ranks of one communicator on the same GPU (before NCCL 2.30): multi-rank
+//!   tests on one GPU use the in-process communicators; NCCL runs one rank per GPU.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io::{BufRead, BufReader, Write};
+use std::marker::PhantomData;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaEvent, CudaStream};
+use cudarc::nccl::sys;
+use dm_runtime::cuda::{CudaBackend, CudaBuf};
+use dm_runtime::Backend;
+
+use super::threads::default_timeout;
+use super::{CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder};
+use crate::mesh::Mesh;
+
+/// How often waits poll for completion, errors and aborts.
+const POLL: Duration = Duration::from_millis(1);
+
+fn dev_err(op: &'static str, detail: impl Into<String>) -> CommError {
+    CommError::Device { op, detail: detail.into() }
+}
+
+/// Whether libnccl can be loaded (memoised). Loading it calls nothing.
+pub fn nccl_library_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: `is_culib_present` only tries `libloading::Library::new` on cudarc's candidate
+    // file names and drops what it opened.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// `Ok` when NCCL can be used, else the error every NCCL entry point returns.
+pub fn nccl_available() -> Result<()> {
+    if nccl_library_present() {
+        return Ok(());
+    }
+    let mut names = cudarc::get_lib_name_candidates("nccl");
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    Err(dev_err(
+        "nccl",
+        format!(
+            "NCCL is unavailable: libnccl was not found (looked for {}); the pip package nvidia-nccl ships \
+             libnccl.so.2 — put its lib folder on LD_LIBRARY_PATH with a libnccl.so symlink next to it",
+            names.join(", ")
+        ),
+    ))
+}
+
+/// libnccl's version code, e.g. 22704 for 2.27.4.
+pub fn nccl_version() -> Result<i32> {
+    nccl_available()?;
+    cudarc::nccl::result::get_nccl_version().map_err(|e| dev_err("ncclGetVersion", nccl_msg(e.0)))
+}
+
+fn nccl_msg(r: sys::ncclResult_t) -> String {
+    // SAFETY: libnccl is loaded (every caller passed nccl_available); ncclGetErrorString returns
+    // a static NUL-terminated string (or null).
+    let p = unsafe { sys::ncclGetErrorString(r) };
+    if p.is_null() {
+        format!("{r:?}")
+    } else {
+        // SAFETY: non-null, NUL-terminated, static.
+        format!("{r:?}: {}", unsafe { CStr::from_ptr(p) }.to_string_lossy())
+    }
+}
+
+fn check(op: &'static str, r: sys::ncclResult_t) -> Result<()> {
+    match r {
+        sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => Ok(()),
+        other => Err(dev_err(op, nccl_msg(other))),
+    }
+}
+
+/// The NCCL form of a [`ReduceOp`].
+pub fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
+    match op {
+        ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+        ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
+        ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
+    }
+}
+
+/// An `ncclUniqueId`: 128 opaque bytes that one rank makes and every member of the group needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct NcclId(pub [u8; 128]);
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclId({}…)", &self.to_hex()[..16])
+    }
+}
+
+impl NcclId {
+    /// A fresh id (`ncclGetUniqueId`; this process hosts the group's bootstrap root until the
+    /// group is initialised).
+    pub fn new() -> Result<Self> {
+        nccl_available()?;
+        let id = cudarc::nccl::result::get_uniqueid().map_err(|e| dev_err("ncclGetUniqueId", nccl_msg(e.0)))?;
+        let mut bytes = [0u8; 128];
+        for (b, c) in bytes.iter_mut().zip(id.internal.iter()) {
+            *b = *c as u8;
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The 256 lowercase hex digits of the id (what the rendezvous exchanges).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`NcclId::to_hex`]'s output (surrounding whitespace allowed).
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s.len() != 256 {
+            return None;
+        }
+        let mut bytes = [0u8; 128];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Self(bytes))
+    }
+
+    fn raw(&self) -> sys::ncclUniqueId {
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (c, b) in internal.iter_mut().zip(self.0.iter()) {
+            *c = *b as std::ffi::c_char;
+        }
+        sys::ncclUniqueId { internal }
+    }
+}
+
+// ---- rendezvous -------------------------------------------------------------------------------
+
+/// How the members of a group find the group's [`NcclId`].
+#[derive(Debug, Clone)]
+pub enum Rendezvous {
+    /// A folder every rank can read (a shared file system for several nodes). The first rank of
+    /// a group writes `<session>.<key>.id` (temporary file + rename, so readers never see a
+    /// partial id); the others poll for it. Use a fresh `session` (e.g. the job id) per run so a
+    /// stale file of an earlier run is never read.
+    File {
+        /// The shared folder.
+        dir: PathBuf,
+        /// A name unique to this run (prefix of every file).
+        session: String,
+    },
+    /// World rank 0 serves ids on `addr` (e.g. `node0:29500`) from a background thread; every
+    /// rank connects to it (bounded retries until the timeout).
+    Tcp {
+        /// `host:port` of world rank 0's server.
+        addr: String,
+    },
+}
+
+/// World rank 0's TCP key-value server: serves until `expected_gets` ids were handed out, or
+/// its deadline, or [`TcpRendezvousServer::stop`]. Dropping the handle does **not** stop it
+/// (other groups may still be fetching after rank 0's own groups are up); the thread ends on
+/// its own.
+pub struct TcpRendezvousServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    store: Arc<Mutex<HashMap<String, String>>>,
+    /// The address the server listens on (useful when bound to port 0).
+    pub addr: SocketAddr,
+}
+
+impl TcpRendezvousServer {
+    /// Binds `addr` and serves until `expected_gets` successful fetches or `timeout`.
+    pub fn start(addr: &str, expected_gets: usize, timeout: Duration) -> Result<Self> {
+        let listener = TcpListener::bind(addr).map_err(|e| dev_err("rendezvous", format!("binding {addr}: {e}")))?;
+        let local = listener.local_addr().map_err(|e| dev_err("rendezvous", e.to_string()))?;
+        listener.set_nonblocking(true).map_err(|e| dev_err("rendezvous", e.to_string()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let store: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let (stop2, store2) = (stop.clone(), store.clone());
+        let thread = std::thread::Builder::new()
+            .name("nccl-rendezvous".into())
+            .spawn(move || {
+                let deadline = Instant::now() + timeout;
+                let mut served = 0usize;
+                while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline && served < expected_gets.max(1) {
+                    match listener.accept() {
+                        Ok((conn, _)) => served += serve_one(conn, &store2),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL * 5),
+                        Err(e) => {
+                            tracing::warn!("rendezvous accept failed: {e}");
+                            std::thread::sleep(POLL * 5);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| dev_err("rendezvous", e.to_string()))?;
+        Ok(Self { stop, thread: Some(thread), store, addr: local })
+    }
+
+    /// Publishes `key` locally (world rank 0 needs no connection to itself).
+    pub fn put(&self, key: &str, value: &str) {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner).insert(key.to_string(), value.to_string());
+    }
+
+    /// Reads `key` locally.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
+    }
+}
+
+impl TcpRendezvousServer {
+    /// Stops serving now and waits for the thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One request: `PUT <key> <value>` → `OK`; `GET <key>` → `VAL <value>` or `WAIT`. Returns 1
+/// when it handed out a value.
+fn serve_one(conn: TcpStream, store: &Mutex<HashMap<String, String>>) -> usize {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return 0,
+    });
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return 0;
+    }
+    let mut parts = line.trim_end().splitn(3, ' ');
+    let (reply, served) = match (parts.next(), parts.next(), parts.next()) {
+        (Some("PUT"), Some(k), Some(v)) => {
+            store.lock().unwrap_or_else(PoisonError::into_inner).insert(k.to_string(), v.to_string());
+            ("OK\n".to_string(), 0)
+        }
+        (Some("GET"), Some(k), None) => match store.lock().unwrap_or_else(PoisonError::into_inner).get(k) {
+            Some(v) => (format!("VAL {v}\n"), 1),
+            None => ("WAIT\n".to_string(), 0),
+        },
+        _ => ("ERR\n".to_string(), 0),
+    };
+    let mut conn = conn;
+    if conn.write_all(reply.as_bytes()).is_err() {
+        return 0;
+    }
+    served
+}
+
+fn tcp_request(addr: &str, request: &str, deadline: Instant) -> Result<String> {
+    let mut last_err = String::new();
+    while Instant::now() < deadline {
+        let attempt = (|| -> std::io::Result<String> {
+            let sock = addr
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing"))?;
+            let mut conn = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(request.as_bytes())?;
+            let mut line = String::new();
+            BufReader::new(conn).read_line(&mut line)?;
+            Ok(line.trim_end().to_string())
+        })();
+        match attempt {
+            Ok(reply) => return Ok(reply),
+            Err(e) => last_err = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(dev_err("rendezvous", format!("no answer from the rendezvous server at {addr}: {last_err}")))
+}
+
+impl Rendezvous {
+    fn file_path(dir: &Path, session: &str, key: &str) -> PathBuf {
+        dir.join(format!("{session}.{key}.id"))
+    }
+
+    /// Publishes `value` under `key` (the group's first rank does this).
+    pub fn publish(&self, server: Option<&TcpRendezvousServer>, key: &str, value: &str, timeout: Duration) -> Result<()> {
+        match self {
+            Rendezvous::File { dir, session } => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| dev_err("rendezvous", format!("creating {}: {e}", dir.display())))?;
+                let path = Self::file_path(dir, session, key);
+                let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+                std::fs::write(&tmp, format!("{value}\n"))
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .map_err(|e| dev_err("rendezvous", format!("writing {}: {e}", path.display())))
+            }
+            Rendezvous::Tcp { addr } => match server {
+                Some(s) => {
+                    s.put(key, value);
+                    Ok(())
+                }
+                None => {
+                    let reply = tcp_request(addr, &format!("PUT {key} {value}\n"), Instant::now() + timeout)?;
+                    if reply == "OK" {
+                        Ok(())
+                    } else {
+                        Err(dev_err("rendezvous", format!("server refused PUT {key}: {reply}")))
+                    }
+                }
+            },
+        }
+    }
+
+    /// Waits (polling, at most `timeout`) for the value published under `key`.
+    pub fn fetch(&self, server: Option<&TcpRendezvousServer>, key: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = match self {
+                Rendezvous::File { dir, session } => std::fs::read_to_string(Self::file_path(dir, session, key))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty()),
+                Rendezvous::Tcp { addr } => match server {
+                    Some(s) => s.get(key),
+                    None => {
+                        let reply = tcp_request(addr, &format!("GET {key}\n"), deadline)?;
+                        reply.strip_prefix("VAL ").map(str::to_string)
+                    }
+                },
+            };
+            if let Some(v) = got {
+                return Ok(v);
+            }
+            if Instant::now() >= deadline {
+                return Err(CommError::Timeout { op: "rendezvous", rank: usize::MAX, waited_s: timeout.as_secs_f64(), missing: vec![] });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+// ---- the communicator -------------------------------------------------------------------------
+
+/// Options of an [`NcclComm`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NcclOptions {
+    /// How long a wait (initialisation, a collective's completion, a barrier) may take.
+    pub timeout: Duration,
+    /// Whether trait collectives wait on the host for completion (see the module docs).
+    pub wait_for_completion: bool,
+}
+
+impl Default for NcclOptions {
+    fn default() -> Self {
+        Self { timeout: default_timeout(), wait_for_completion: true }
+    }
+}
+
+/// An initialised `ncclComm_t`; aborted when dropped (never blocks on a dead peer).
+struct RawComm(sys::ncclComm_t);
+
+// SAFETY: an NCCL communicator may be used from any thread; NcclComm serialises all use of it
+// behind a Mutex, so it is never used concurrently.
+unsafe impl Send for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitRank and is released exactly once, here.
+        let r = unsafe { sys::ncclCommAbort(self.0) };
+        if r != sys::ncclResult_t::ncclSuccess {
+            tracing::warn!("ncclCommAbort failed: {}", nccl_msg(r));
+        }
+    }
+}
+
+struct Inner {
+    comm: Option<RawComm>,
+    /// Re-recorded around every collective: compute-stream position, then side-stream completion.
+    before: CudaEvent,
+    after: CudaEvent,
+    /// One float for barriers.
+    token: CudaBuf,
+}
+
+/// One rank's handle of an NCCL communicator group (see the module docs).
+pub struct NcclComm {
+    backend: CudaBackend,
+    stream: Arc<CudaStream>,
+    inner: Mutex<Inner>,
+    rank: usize,
+    size: usize,
+    label: String,
+    options: NcclOptions,
+    stats: StatsRecorder,
+    aborted: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclComm")
+            .field("label", &self.label)
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("device", &self.backend.name())
+            .finish()
+    }
+}
+
+/// A rank's world, tensor-parallel and data-parallel communicators.
+#[derive(Debug)]
+pub struct NcclRankComms {
+    /// All ranks; group rank = world rank.
+    pub world: NcclComm,
+    /// The ranks sharing this rank's dp_index; group rank = tp_index.
+    pub tp: NcclComm,
+    /// The ranks sharing this rank's tp_index; group rank = dp_index.
+    pub dp: NcclComm,
+}
+
+/// An all-reduce running on a communicator's side stream (see [`NcclComm::all_reduce_async`]).
+/// The buffer stays mutably borrowed until it is joined; dropping it joins it.
+#[must_use = "join the pending all-reduce before using its buffer"]
+pub struct PendingAllReduce<'a> {
+    comm: &'a NcclComm,
+    done: Option<CudaEvent>,
+    elems: usize,
+    _buf: PhantomData<&'a mut CudaBuf>,
+}
+
+impl PendingAllReduce<'_> {
+    /// Whether the collective has finished on the GPU (never blocks).
+    pub fn is_complete(&self) -> bool {
+        self.done.as_ref().is_none_or(|e| e.is_complete())
+    }
+
+    /// Makes the compute stream wait for the collective (the host does not block). Every op
+    /// enqueued afterwards sees the reduced buffer.
+    pub fn join(mut self) -> Result<()> {
+        self.join_inner()
+    }
+
+    /// Waits on the host (with the communicator's timeout), then joins.
+    pub fn wait(mut self) -> Result<()> {
+        if let Some(e) = &self.done {
+            self.comm.wait_event(e, "all_reduce")?;
+        }
+        self.join_inner()
+    }
+
+    fn join_inner(&mut self) -> Result<()> {
+        if let Some(e) = self.done.take() {
+            self.comm
+                .backend
+                .stream()
+                .wait(&e)
+                .map_err(|err| dev_err("all_reduce", format!("joining the compute stream: {err}")))?;
+            self.comm.stats.record(CollectiveKind::AllReduce, self.elems);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingAllReduce<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.join_inner() {
+            tracing::error!("joining a pending all-reduce failed: {e}");
+        }
+    }
+}
+
+impl NcclComm {
+    /// Joins group `id` as `rank` of `size` on `backend`'s GPU (blocks until every member has
+    /// joined, at most `options.timeout`).
+    pub fn new(backend: &CudaBackend, id: &NcclId, rank: usize, size: usize, label: &str, options: NcclOptions) -> Result<Self> {
+        nccl_available()?;
+        if size == 0 || rank >= size {
+            return Err(dev_err("ncclCommInitRank", format!("rank {rank} is outside a group of {size}")));
+        }
+        let ctx = backend.context().clone();
+        let stream = ctx.new_stream().map_err(|e| dev_err("ncclCommInitRank", format!("creating the side stream: {e}")))?;
+        let raw = id.raw();
+        let (tx, rx) = mpsc::channel();
+        let ctx2 = ctx.clone();
+        // ncclCommInitRank blocks until every member joined: run it on a helper thread so a
+        // missing peer becomes a timeout (the helper then stays blocked; the process should exit).
+        std::thread::Builder::new()
+            .name(format!("nccl-init-{label}"))
+            .spawn(move || {
+                let r = ctx2.bind_to_thread().map_err(|e| format!("binding the CUDA context: {e}")).and_then(|_| {
+                    let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+                    // SAFETY: `comm` is valid for a write; the id came from ncclGetUniqueId (via the
+                    // rendezvous); rank < size was checked; the context is current on this thread.
+                    let r = unsafe { sys::ncclCommInitRank(&mut comm, size as i32, raw, rank as i32) };
+                    if r == sys::ncclResult_t::ncclSuccess {
+                        Ok(RawComm(comm))
+                    } else {
+                        Err(nccl_msg(r))
+                    }
+                });
+                let _ = tx.send(r);
+            })
+            .map_err(|e| dev_err("ncclCommInitRank", e.to_string()))?;
+        let comm = match rx.recv_timeout(options.timeout) {
+            Ok(Ok(c)) => c,
+            Ok(Err(msg)) => return Err(dev_err("ncclCommInitRank", format!("{label}, rank {rank} of {size}: {msg}"))),
+            Err(_) => {
+                return Err(CommError::Timeout {
+                    op: "ncclCommInitRank",
+                    rank,
+                    waited_s: options.timeout.as_secs_f64(),
+                    missing: vec![],
+                })
+            }
+        };
+        let ev = || ctx.new_event(None).map_err(|e| dev_err("ncclCommInitRank", format!("creating an event: {e}")));
+        let token = backend
+            .zeros(&format!("nccl.{label}.barrier"), 1)
+            .map_err(|e| dev_err("ncclCommInitRank", e.to_string()))?;
+        let inner = Inner { comm: Some(comm), before: ev()?, after: ev()?, token };
+        Ok(Self {
+            backend: backend.clone(),
+            stream,
+            inner: Mutex::new(inner),
+            rank,
+            size,
+            label: label.to_string(),
+            options,
+            stats: StatsRecorder::new(),
+            aborted: Mutex::new(None),
+        })
+    }
+
+    /// Joins a group through `rendezvous`: `members` are the group's world ranks in group-rank
+    /// order; `members[0]` makes the id and publishes it under `key`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join_group(
+        backend: &CudaBackend,
+        rendezvous: &Rendezvous,
+        server: Option<&TcpRendezvousServer>,
+        key: &str,
+        members: &[usize],
+        world_rank: usize,
+        label: &str,
+        options: NcclOptions,
+    ) -> Result<Self> {
+        let rank = members
+            .iter()
+            .position(|&m| m == world_rank)
+            .ok_or_else(|| dev_err("rendezvous", format!("world rank {world_rank} is not in group {key}")))?;
+        let id = if rank == 0 {
+            let id = NcclId::new()?;
+            rendezvous.publish(server, key, &id.to_hex(), options.timeout)?;
+            id
+        } else {
+            let hex = rendezvous.fetch(server, key, options.timeout).map_err(|e| match e {
+                CommError::Timeout { op, waited_s, .. } => {
+                    CommError::Timeout { op, rank: world_rank, waited_s, missing: vec![members[0]] }
+                }
+                other => other,
+            })?;
+            NcclId::from_hex(&hex).ok_or_else(|| dev_err("rendezvous", format!("malformed id under {key}")))?
+        };
+        Self::new(backend, &id, rank, members.len(), label, options)
+    }
+
+    /// The world, tp and dp communicators of `world_rank` in `mesh` (initialised in that order on
+    /// every rank, which cannot deadlock). With [`Rendezvous::Tcp`], world rank 0 hosts the server.
+    pub fn mesh(
+        backend: &CudaBackend,
+        mesh: &Mesh,
+        world_rank: usize,
+        rendezvous: &Rendezvous,
+        options: NcclOptions,
+    ) -> Result<NcclRankComms> {
+        let (d, t) = mesh.coords(world_rank);
+        let server = match rendezvous {
+            Rendezvous::Tcp { addr } if world_rank == 0 => {
+                let (tp, dp) = (mesh.tp(), mesh.dp());
+                let gets = (mesh.world() - 1) + dp * (tp - 1) + tp * (dp - 1);
+                Some(TcpRendezvousServer::start(addr, gets, options.timeout)?)
+            }
+            _ => None,
+        };
+        let s = server.as_ref();
+        let world: Vec<usize> = (0..mesh.world()).collect();
+        let world = Self::join_group(backend, rendezvous, s, "world", &world, world_rank, "world", options)?;
+        let tp = Self::join_group(
+            backend,
+            rendezvous,
+            s,
+            &format!("tp{d}"),
+            &mesh.tp_group(world_rank),
+            world_rank,
+            &format!("tp group of dp_index {d}"),
+            options,
+        )?;
+        let dp = Self::join_group(
+            backend,
+            rendezvous,
+            s,
+            &format!("dp{t}"),
+            &mesh.dp_group(world_rank),
+            world_rank,
+            &format!("dp group of tp_index {t}"),
+            options,
+        )?;
+        Ok(NcclRankComms { world, tp, dp })
+    }
+
+    /// The group's name in messages.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The side stream the collectives run on.
+    pub fn side_stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn check_aborted(&self) -> Result<()> {
+        match &*self.aborted.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(reason) => Err(CommError::Aborted { rank: self.rank, reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Polls `event` until it completes, NCCL reports an asynchronous error, the group is
+    /// aborted, or the timeout passes (then the communicator is aborted: NCCL cannot cancel).
+    fn wait_event(&self, event: &CudaEvent, op: &'static str) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(dev_err(op, format!("waiting for the collective: {e}"))),
+            }
+            self.check_aborted()?;
+            {
+                let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(c) = &inner.comm {
+                    let mut state = sys::ncclResult_t::ncclSuccess;
+                    // SAFETY: `c.0` is a live communicator; `state` is valid for a write.
+                    let r = unsafe { sys::ncclCommGetAsyncError(c.0, &mut state) };
+                    check(op, r)?;
+                    check(op, state)?;
+                }
+            }
+            if t0.elapsed() > self.options.timeout {
+                let waited_s = t0.elapsed().as_secs_f64();
+                self.abort(&format!("{op} timed out after {waited_s:.1} s"));
+                return Err(CommError::Timeout { op, rank: self.rank, waited_s, missing: vec![] });
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Enqueues `f(comm, side stream)` between the two events (see the module docs); returns the
+    /// completion event's recorded state for waiting, when `fresh_done` asks for a new event.
+    fn run(
+        &self,
+        op: &'static str,
+        fresh_done: bool,
+        f: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t, &Inner) -> sys::ncclResult_t,
+    ) -> Result<Option<CudaEvent>> {
+        self.check_aborted()?;
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let comm = inner.comm.as_ref().ok_or_else(|| CommError::Aborted { rank: self.rank, reason: "aborted".into() })?.0;
+        let compute = self.backend.stream();
+        let e = |what: &str, err: cudarc::driver::DriverError| dev_err(op, format!("{what}: {err}"));
+        inner.before.record(compute).map_err(|err| e("recording the compute stream", err))?;
+        self.stream.wait(&inner.before).map_err(|err| e("ordering the side stream", err))?;
+        self.backend.context().bind_to_thread().map_err(|err| e("binding the context", err))?;
+        check(op, f(comm, self.stream.cu_stream() as sys::cudaStream_t, &inner))?;
+        if fresh_done {
+            let done = self.stream.record_event(None).map_err(|err| e("recording completion", err))?;
+            return Ok(Some(done));
+        }
+        inner.after.record(&self.stream).map_err(|err| e("recording completion", err))?;
+        compute.wait(&inner.after).map_err(|err| e("joining the compute stream", err))?;
+        drop(inner);
+        if self.options.wait_for_completion {
+            // `after` may be re-recorded by another thread's collective once the lock is released;
+            // waiting on a fresh record of the side stream is equivalent (it is later in order).
+            let done = self.stream.record_event(None).map_err(|err| e("recording completion", err))?;
+            self.wait_event(&done, op)?;
+        }
+        Ok(None)
+    }
+
+    /// Starts an all-reduce of `buf` on the side stream and returns at once; see
+    /// [`PendingAllReduce`] and the module docs (this is how the gradient all-reduce overlaps
+    /// the backward). Stats are counted when it is joined.
+    pub fn all_reduce_async<'a>(&'a self, buf: &'a mut CudaBuf, op: ReduceOp) -> Result<PendingAllReduce<'a>> {
+        let n = buf.len();
+        if n == 0 {
+            return Ok(PendingAllReduce { comm: self, done: None, elems: 0, _buf: PhantomData });
+        }
+        let p = buf.device_ptr();
+        let done = self.run("all_reduce", true, |comm, stream, _| {
+            // SAFETY: in-place all-reduce of n f32 at p (a live allocation of n floats), on this
+            // communicator's side stream, ordered after the compute stream by the event above.
+            unsafe {
+                sys::ncclAllReduce(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, nccl_op(op), comm, stream)
+            }
+        })?;
+        Ok(PendingAllReduce { comm: self, done, elems: n, _buf: PhantomData })
+    }
+
+    /// Waits (with the timeout) until every collective enqueued so far has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        let done = self.stream.record_event(None).map_err(|e| dev_err("synchronize", e.to_string()))?;
+        self.wait_event(&done, "synchronize")
+    }
+}
+
+impl Communicator<CudaBackend> for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce(&self, buf: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        let n = buf.len();
+        if n > 0 {
+            let p = buf.device_ptr();
+            self.run("all_reduce", false, |comm, stream, _| {
+                // SAFETY: in-place all-reduce of the n floats of `buf` on the side stream.
+                unsafe {
+                    sys::ncclAllReduce(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, nccl_op(op), comm, stream)
+                }
+            })?;
+        } else {
+            self.check_aborted()?;
+        }
+        self.stats.record(CollectiveKind::AllReduce, n);
+        Ok(())
+    }
+
+    fn all_gather(&self, send: &CudaBuf, recv: &mut CudaBuf) -> Result<()> {
+        let (n, m) = (send.len(), recv.len());
+        if m != self.size * n {
+            return Err(CommError::Shape {
+                op: "all_gather",
+                rank: self.rank,
+                detail: format!("send has {n} elements, so recv must have {} in a group of {}, but it has {m}", self.size * n, self.size),
+            });
+        }
+        if n > 0 {
+            let (s, r) = (send.device_ptr(), recv.device_ptr());
+            self.run("all_gather", false, |comm, stream, _| {
+                // SAFETY: send holds n floats, recv size·n (checked), distinct buffers.
+                unsafe { sys::ncclAllGather(s as *const _, r as *mut _, n, sys::ncclDataType_t::ncclFloat32, comm, stream) }
+            })?;
+        } else {
+            self.check_aborted()?;
+        }
+        self.stats.record(CollectiveKind::AllGather, n);
+        Ok(())
+    }
+
+    fn reduce_scatter(&self, send: &CudaBuf, recv: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        let (n, m) = (send.len(), recv.len());
+        if n != self.size * m {
+            return Err(CommError::Shape {
+                op: "reduce_scatter",
+                rank: self.rank,
+                detail: format!("send has {n} elements, which must be {} × recv ({m})", self.size),
+            });
+        }
+        if m > 0 {
+            let (s, r) = (send.device_ptr(), recv.device_ptr());
+            self.run("reduce_scatter", false, |comm, stream, _| {
+                // SAFETY: send holds size·m floats, recv m (checked), distinct buffers.
+                unsafe {
+                    sys::ncclReduceScatter(s as *const _, r as *mut _, m, sys::ncclDataType_t::ncclFloat32, nccl_op(op), comm, stream)
+                }
+            })?;
+        } else {
+            self.check_aborted()?;
+        }
+        self.stats.record(CollectiveKind::ReduceScatter, n);
+        Ok(())
+    }
+
+    fn broadcast(&self, buf: &mut CudaBuf, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(CommError::InvalidRoot { root, size: self.size });
+        }
+        let n = buf.len();
+        if n > 0 {
+            let p = buf.device_ptr();
+            self.run("broadcast", false, |comm, stream, _| {
+                // SAFETY: in-place broadcast of the n floats of `buf` from group rank `root`.
+                unsafe {
+                    sys::ncclBroadcast(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, root as i32, comm, stream)
+                }
+            })?;
+        } else {
+            self.check_aborted()?;
+        }
+        self.stats.record(CollectiveKind::Broadcast, n);
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.run("barrier", false, |comm, stream, inner| {
+            let p = inner.token.device_ptr();
+            // SAFETY: a 1-float all-reduce of the communicator's own token buffer.
+            unsafe { sys::ncclAllReduce(p as *const _, p as *mut _, 1, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, comm, stream) }
+        })?;
+        // A barrier returns only once every rank entered it, whatever `wait_for_completion` says.
+        if !self.options.wait_for_completion {
+            self.synchronize()?;
+        }
+        self.stats.record(CollectiveKind::Barrier, 0);
+        Ok(())
+    }
+
+    fn stats(&self) -> CommStats {
+        self.stats.snapshot()
+    }
+
+    fn abort(&self, reason: &str) {
+        let mut slot = self.aborted.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            return;
+        }
+        tracing::error!(group = %self.label, rank = self.rank, reason, "aborting the NCCL communicator");
+        *slot = Some(reason.to_string());
+        drop(slot);
+        // Dropping the RawComm calls ncclCommAbort, which also unblocks kernels stuck on peers.
+        let comm = self.inner.lock().unwrap_or_else(PoisonError::into_inner).comm.take();
+        drop(comm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_hex() {
+        let mut b = [0u8; 128];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i * 37 % 256) as u8;
+        }
+        let id = NcclId(b);
+        let hex = id.to_hex();
+        assert_eq!(hex.len(), 256);
+        assert_eq!(NcclId::from_hex(&hex), Some(id));
+        assert_eq!(NcclId::from_hex(&format!("{hex}\n")), Some(id));
+        assert_eq!(NcclId::from_hex(&hex[..254]), None);
+        assert_eq!(NcclId::from_hex(&hex.replace('0', "g")), None);
+        assert_eq!(id.raw().internal[1] as u8, 37);
+    }
+
+    #[test]
+    fn reduce_ops_map_to_nccl() {
+        assert_eq!(nccl_op(ReduceOp::Sum), sys::ncclRedOp_t::ncclSum);
+        assert_eq!(nccl_op(ReduceOp::Avg), sys::ncclRedOp_t::ncclAvg);
+        assert_eq!(nccl_op(ReduceOp::Max), sys::ncclRedOp_t::ncclMax);
+    }
+
+    #[test]
+    fn missing_nccl_is_a_clean_error() {
+        let id = std::panic::catch_unwind(NcclId::new).expect("never panics");
+        if nccl_library_present() {
+            eprintln!("libnccl present: {id:?}");
+        } else {
+            let err = id.expect_err("no libnccl").to_string();
+            assert!(err.contains("NCCL is unavailable") && err.contains("libnccl"), "{err}");
+            assert!(nccl_version().is_err());
+        }
+    }
+
+    #[test]
+    fn file_rendezvous_hands_the_id_to_every_rank() {
+        let dir = std::env::temp_dir().join(format!("dm-nccl-rdv-{}", std::process::id()));
+        let rdv = Rendezvous::File { dir: dir.clone(), session: "t1".into() };
+        let timeout = Duration::from_secs(10);
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let r = rdv.clone();
+                std::thread::spawn(move || r.fetch(None, "tp0", timeout))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        rdv.publish(None, "tp0", "abc123", timeout).unwrap();
+        for r in readers {
+            assert_eq!(r.join().unwrap().unwrap(), "abc123");
+        }
+        // A key nobody publishes times out instead of hanging.
+        let err = rdv.fetch(None, "dp9", Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(err, CommError::Timeout { op: "rendezvous", .. }), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn tcp_rendezvous_serves_puts_and_gets() {
+        let server = TcpRendezvousServer::start("127.0.0.1:0", 3, Duration::from_secs(20)).unwrap();
+        let addr = server.addr.to_string();
+        let rdv = Rendezvous::Tcp { addr: addr.clone() };
+        let timeout = Duration::from_secs(10);
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let r = rdv.clone();
+                std::thread::spawn(move || r.fetch(None, "world", timeout))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        // Rank 0 publishes locally; another group's root publishes over the wire.
+        rdv.publish(Some(&server), "world", "id-w", timeout).unwrap();
+        rdv.publish(None, "dp1", "id-d", timeout).unwrap();
+        for r in readers {
+            assert_eq!(r.join().unwrap().unwrap(), "id-w");
+        }
+        assert_eq!(rdv.fetch(None, "dp1", timeout).unwrap(), "id-d");
+        assert_eq!(rdv.fetch(Some(&server), "dp1", timeout).unwrap(), "id-d");
+        server.stop();
+        // With the server gone, a client gives up after its deadline.
+        let err = Rendezvous::Tcp { addr }.fetch(None, "x", Duration::from_millis(300)).unwrap_err();
+        assert!(err.to_string().contains("rendezvous"), "{err}");
+    }
+}

@@ -1,0 +1,290 @@
+//! The CUDA backend: [`CudaBackend`] implements [`Backend`] with the `dm-kernels` CUDA kernels
+//! (NVRTC-compiled on first use, disk-cached) and, optionally, cuBLAS — all through cudarc 0.19
+//! with dynamic loading, so this crate builds and runs on machines without CUDA: every entry point
+//! probes for the driver library first ([`probe`], [`available`]) and answers a clean error.
+//!
+//! # Device model
+//!
+//! One [`CudaBackend`] handle = one GPU, one CUDA context (the primary one), **one compute stream**.
+//! Ops only enqueue work on that stream and return; [`Backend::download`] and
+//! [`Backend::sum_squares`] synchronise (they return host data), as does
+//! [`CudaBackend::synchronize`]. Because a single stream orders everything, cudarc's per-buffer
+//! event tracking is turned off. Kernel-launch errors surface at the launch; errors inside a
+//! kernel surface at the next synchronising call. Every allocation (tensors and the backend's own
+//! scratch) is registered with the device's [`MemoryTracker`] first, so a budget refusal names
+//! the tensor and allocates nothing; cuBLAS's internal workspace is not tracked.
+//!
+//! # Precision ([`Precision`])
+//!
+//! - [`Precision::F32`] — the parity mode: f32 everywhere. GEMMs run the f32 SIMT kernel
+//!   (`matmul_f32_*`) or cuBLAS `Sgemm` ([`MatmulImpl`]); attention the f32 FlashAttention-2
+//!   kernels of `attention.cu`.
+//! - [`Precision::Bf16Mixed`] — bf16 tensor cores where the FLOPs are, f32 elsewhere. **Mixed**:
+//!   every GEMM's two operands (activations, weights, and the gradients in the backward GEMMs)
+//!   are rounded to bf16 into scratch buffers just before the product (leading dimensions padded
+//!   to multiples of 8 for the fast path), the product accumulates in f32 and writes f32;
+//!   attention with head_dim > 32 runs the tensor-core kernels of `attention_tc.cu` (Q, K, V, P,
+//!   dO, dS enter the MMAs as bf16; softmax statistics, lse and D stay f32). **Not mixed**:
+//!   parameters (fp32 master weights), gradients, AdamW moments, LayerNorm, GELU-GLU,
+//!   embeddings, cross-entropy, residual adds and every activation buffer stay f32 (the
+//!   [`Backend`] buffers are f32, so activation memory is not halved yet, and the weights are
+//!   re-cast on every GEMM rather than kept as a persistent bf16 copy — see the crate report).
+//!
+//! # Op → kernel map
+//!
+//! | op | kernels |
+//! |---|---|
+//! | fill, add, add_assign, scale | `elementwise.cu`: `fill_f32`, `add_f32`, `add_assign_f32`, `scale_f32` |
+//! | sum_squares | `sum_squares_partial_f32` + `sum_f64_finish` (f64), then a 1-value download |
+//! | add/sum_broadcast_rows | `embedding.cu`: `add_broadcast_rows_f32`, `sum_broadcast_rows_f32` |
+//! | matmul, F32 | `matmul_f32_{nn,nt,tn,tt}` or cuBLAS `Sgemm` (operands swapped: row-major) |
+//! | matmul, Bf16Mixed | `cast_f32_to_bf16` (+ padded 2-D copy) then `matmul_bf16_*_{128x128,64x64}` or cuBLAS `GemmEx` |
+//! | layernorm_forward / backward | `layernorm_forward_f32`; `layernorm_backward_f32` + `layernorm_param_grads_f32` |
+//! | layernorm sharded (tp) | `layernorm_sharded_sums_f32`, `layernorm_sharded_stats_f32`, `layernorm_apply_f32`, `layernorm_backward_sums_f32`, `layernorm_backward_f32` (row_sums) — with 2-D copies between the trait's `[rows]`/`[2, rows]` layouts and the kernels' interleaved pairs |
+//! | gelu_glu_forward / backward | `gelu_glu_forward_f32`, `gelu_glu_backward_f32` |
+//! | embedding_forward / backward | `embedding_forward_f32`, `embedding_backward_f32` (atomicAdd) |
+//! | attention_forward | F32: `attention_fwd_f32_hd{32,64,128}`; Bf16Mixed, hd > 32: `attention_tc_fwd_f32_hd{64,128}` |
+//! | attention_backward | `attention_bwd_preprocess_f32`, then `attention_{,tc_}bwd_dkdv_*` and `attention_{,tc_}bwd_dq_*` |
+//! | cross_entropy_fused | `cross_entropy_fused_f32` |
+//! | vocab_parallel_{max,sums,grad} | `vocab_parallel_max_f32`, `vocab_parallel_sumexp_f32`, `vocab_parallel_grad_f32` |
+//! | adamw | `adamw_f32` (bias corrections computed on the host in f64, as the CPU does) |
+
+mod blas;
+pub mod device;
+pub mod launch_cfg;
+pub mod memory;
+mod ops;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaStream};
+
+pub use device::{driver_library_present, probe, CudaProbe, DeviceInfo};
+pub use memory::{CudaBuf, CudaIds};
+
+use crate::error::{Result, RuntimeError};
+use crate::memory::MemoryTracker;
+use device::{driver_err, KernelCache, ScratchSet};
+
+/// Arithmetic of the compute-heavy ops (see the module docs for exactly what is mixed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 everywhere: the parity mode.
+    #[default]
+    F32,
+    /// bf16 tensor-core GEMMs and attention with f32 accumulation; f32 master weights, optimizer
+    /// state and all other ops.
+    Bf16Mixed,
+}
+
+/// Which GEMM implementation [`Backend::matmul`] uses, so the custom kernels can always be
+/// compared with the vendor library on the same buffers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum MatmulImpl {
+    /// dm-kernels' `matmul.cu` (f32 SIMT or bf16 tensor cores, by precision).
+    #[default]
+    Custom,
+    /// cuBLAS (`Sgemm`, or `GemmEx` with bf16 inputs and f32 output).
+    Cublas,
+}
+
+/// How a [`CudaBackend`] computes. [`CudaBackend::with_options`] makes handles with other
+/// settings on the same device, stream and memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    pub precision: Precision,
+    pub matmul: MatmulImpl,
+    /// Memory budget of the device's tracker in bytes (`None` = unlimited); set at creation.
+    pub memory_budget: Option<u64>,
+}
+
+/// Shared state of one device (every handle of it points here).
+pub(crate) struct DeviceState {
+    pub(crate) info: DeviceInfo,
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) memory: MemoryTracker,
+    pub(crate) kernels: KernelCache,
+    pub(crate) scratch: Mutex<ScratchSet>,
+    pub(crate) blas: Mutex<Option<blas::Blas>>,
+    /// Whether the padded bf16 staging (a 2-D copy) works here; cleared on the first failure, after
+    /// which operands are staged unpadded (the GEMM's slower, bounds-checked path).
+    pub(crate) pad_2d_ok: AtomicBool,
+}
+
+/// A CUDA device running DalleBart's ops. Cheap to clone; clones share the device.
+#[derive(Clone)]
+pub struct CudaBackend {
+    pub(crate) dev: Arc<DeviceState>,
+    pub(crate) opts: CudaOptions,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("device", &self.dev.info).field("options", &self.opts).finish()
+    }
+}
+
+/// Whether a usable GPU is present (driver library loads, initialises, and sees a device).
+/// Never panics.
+pub fn available() -> bool {
+    probe().is_ok()
+}
+
+impl CudaBackend {
+    /// [`probe`]: the driver's view of the GPUs, or a clean error on machines without CUDA.
+    pub fn probe() -> Result<CudaProbe> {
+        probe()
+    }
+
+    /// [`available`].
+    pub fn available() -> bool {
+        available()
+    }
+
+    /// Opens GPU `ordinal`. Fails cleanly (never panics) when the driver or NVRTC library is
+    /// missing, the ordinal does not exist, or the GPU is older than sm_80 (the kernels use bf16
+    /// MMA and cp.async).
+    pub fn new(ordinal: usize, options: CudaOptions) -> Result<Self> {
+        let found = probe()?;
+        let info = found.devices.get(ordinal).cloned().ok_or_else(|| {
+            RuntimeError::Device(format!("no CUDA device {ordinal}: the driver sees {} GPU(s)", found.devices.len()))
+        })?;
+        if info.compute_capability.0 < 8 {
+            return Err(RuntimeError::Device(format!(
+                "{} is {}: dalle-mesh's kernels need compute capability 8.0 or newer (bf16 MMA, cp.async)",
+                info.name,
+                info.arch()
+            )));
+        }
+        dm_kernels::nvrtc_available().map_err(|e| RuntimeError::Device(format!("CUDA kernels cannot be compiled: {e}")))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(&format!("creating a context on GPU {ordinal}"), e))?;
+        // SAFETY: nothing has been allocated in this context handle yet. One compute stream orders
+        // every op; the only other streams (NCCL's) synchronise with it through explicit events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| driver_err("creating the compute stream", e))?;
+        let memory = MemoryTracker::new(format!("cuda:{ordinal}"), options.memory_budget);
+        let kernels = KernelCache::new(info.arch());
+        let dev = DeviceState {
+            info,
+            ctx,
+            stream,
+            memory,
+            kernels,
+            scratch: Mutex::new(ScratchSet::new()),
+            blas: Mutex::new(None),
+            pad_2d_ok: AtomicBool::new(true),
+        };
+        Ok(Self { dev: Arc::new(dev), opts: options })
+    }
+
+    /// A handle on the same device, stream and memory with other precision / GEMM settings
+    /// (the memory budget of the device is not changed).
+    pub fn with_options(&self, precision: Precision, matmul: MatmulImpl) -> Self {
+        Self { dev: self.dev.clone(), opts: CudaOptions { precision, matmul, ..self.opts } }
+    }
+
+    pub fn options(&self) -> CudaOptions {
+        self.opts
+    }
+    pub fn precision(&self) -> Precision {
+        self.opts.precision
+    }
+    pub fn matmul_impl(&self) -> MatmulImpl {
+        self.opts.matmul
+    }
+    pub fn info(&self) -> &DeviceInfo {
+        &self.dev.info
+    }
+    /// The NVRTC architecture the kernels are compiled for, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        self.dev.kernels.arch()
+    }
+    /// The compute stream every op enqueues on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.dev.stream
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.dev.ctx
+    }
+
+    /// Waits for every op enqueued so far; reports asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.stream.synchronize().map_err(|e| driver_err("stream synchronize", e))?;
+        self.dev.ctx.check_err().map_err(|e| driver_err("a deferred operation", e))
+    }
+
+    /// Compiles (or reads from the disk cache) and loads every kernel family now, instead of at
+    /// first use; returns the time each family took.
+    pub fn preload_kernels(&self) -> Result<Vec<(&'static str, Duration)>> {
+        let mut out = Vec::new();
+        for fam in dm_kernels::families() {
+            let t0 = Instant::now();
+            self.dev.kernels.module(&self.dev.ctx, fam.name)?;
+            for e in fam.entry_points {
+                self.dev.kernels.function(&self.dev.ctx, fam.name, e)?;
+            }
+            out.push((fam.name, t0.elapsed()));
+        }
+        Ok(out)
+    }
+
+    /// Kernel families loaded so far.
+    pub fn loaded_kernel_families(&self) -> Vec<&'static str> {
+        self.dev.kernels.loaded_families()
+    }
+
+    /// Whether operands of mixed-precision GEMMs are staged with padded leading dimensions
+    /// (false after the 2-D copy failed once on this device).
+    pub fn bf16_padding_active(&self) -> bool {
+        self.dev.pad_2d_ok.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` with the cuBLAS handle, creating it on first use.
+    pub(crate) fn with_blas<R>(&self, f: impl FnOnce(&blas::Blas) -> Result<R>) -> Result<R> {
+        let mut guard = self.dev.blas.lock().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            *guard = Some(blas::Blas::new(self.dev.stream.clone())?);
+        }
+        f(guard.as_ref().expect("created above"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without the driver (CI, this project's build machines) every entry point
+    /// must be a clean error; with a driver, probing must still never panic.
+    #[test]
+    fn probe_without_a_driver_is_a_clean_error() {
+        let present = driver_library_present();
+        let probed = std::panic::catch_unwind(probe).expect("probe never panics");
+        let opened = std::panic::catch_unwind(|| CudaBackend::new(0, CudaOptions::default()).map(|_| ()))
+            .expect("CudaBackend::new never panics");
+        if !present {
+            let err = probed.expect_err("no driver library, no devices").to_string();
+            assert!(err.contains("CUDA is unavailable") && err.contains("libcuda"), "{err}");
+            assert!(!available() && !CudaBackend::available());
+            let err = opened.expect_err("no driver library, no backend").to_string();
+            assert!(err.contains("CUDA is unavailable"), "{err}");
+        } else {
+            eprintln!("libcuda present: probe -> {probed:?}, open -> {:?}", opened.as_ref().map(|_| "ok"));
+        }
+    }
+
+    #[test]
+    fn options_default_to_the_parity_mode() {
+        let o = CudaOptions::default();
+        assert_eq!((o.precision, o.matmul, o.memory_budget), (Precision::F32, MatmulImpl::Custom, None));
+    }
+
+    #[test]
+    fn library_candidates_name_the_library() {
+        let c = device::library_candidates("cuda");
+        assert!(c.contains("libcuda.so"), "{c}");
+        assert!(c.contains("libcuda.so.1"), "{c}");
+    }
+}
