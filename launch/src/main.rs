@@ -73,6 +73,12 @@ enum Command {
         /// Fixture folder (config.json, weights/batch/expected safetensors, fixture.json).
         #[arg(long)]
         fixture: PathBuf,
+        /// Tensor-parallel ranks (CPU threads).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Data-parallel ranks (CPU threads).
+        #[arg(long, default_value_t = 1)]
+        dp: usize,
     },
     /// Benchmarks.
     Bench {
@@ -227,8 +233,9 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&serde_json::json!({"out": out, "vocab_size": tok.vocab_size()}))?;
             Ok(0)
         }
-        Command::Parity { fixture } => {
-            let report = parity::run(&fixture).with_context(|| format!("parity on {}", fixture.display()))?;
+        Command::Parity { fixture, tp, dp } => {
+            let report =
+                parity::run_mesh(&fixture, tp, dp).with_context(|| format!("parity on {}", fixture.display()))?;
             print_json(&report)?;
             Ok(if report.pass { 0 } else { 1 })
         }

@@ -189,3 +189,145 @@ pub fn run_on<B: Backend>(backend: B, dir: &Path) -> Result<ParityReport> {
         pass,
     })
 }
+
+/// What one rank of a mesh parity run returns (host copies of its shards).
+struct RankResult {
+    dp_index: usize,
+    tp_index: usize,
+    logits: Vec<f32>,
+    logits_cols: (usize, usize, usize),
+    loss: f32,
+    grads: Vec<Vec<f32>>,
+    adamw_from_ref: Vec<Vec<f32>>,
+    adamw: Vec<Vec<f32>>,
+}
+
+/// Refuses a mesh the fixture's config or batch can't take, before anything is allocated.
+pub fn check_mesh(cfg: &DalleBartConfig, batch: usize, tp: usize, dp: usize) -> Result<dm_parallel::Mesh> {
+    let mesh = dm_parallel::Mesh::new(tp, dp)?;
+    dm_model::params::check_tp(cfg, tp).map_err(|e| anyhow::anyhow!("mesh tp={tp}: {e}"))?;
+    if batch % dp != 0 {
+        bail!("mesh dp={dp}: the batch of {batch} rows is not divisible by dp; choose a dp that divides it");
+    }
+    Ok(mesh)
+}
+
+/// Parity on a tp × dp mesh of CPU ranks (threads): the batch is split across dp, the weights
+/// sharded across tp from the same safetensors; the gathered results are compared with the
+/// same tolerances as on one device.
+pub fn run_mesh(dir: &Path, tp: usize, dp: usize) -> Result<ParityReport> {
+    if tp * dp == 1 {
+        return run(dir);
+    }
+    let cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
+    let opt = read_fixture_optimizer(dir)?;
+    let full_table = dm_model::ParamTable::new(&cfg);
+    let weights = load_weights(&dir.join("weights.safetensors"), &full_table)?;
+    let batch = read_batch(&dir.join("batch.safetensors"), &cfg)?;
+    let mesh = check_mesh(&cfg, batch.batch, tp, dp)?;
+    let expected_path = dir.join("expected.safetensors");
+    let expected = read_tensors(&expected_path)?;
+    let ref_logits = f32_tensor(&expected, "logits", &expected_path)?.to_vec();
+    let ref_loss = f32_tensor(&expected, "loss", &expected_path)?[0] as f64;
+    let ref_grads = params_from_tensors(&expected_path, &full_table, &expected, "grad.")?;
+    let ref_adamw = params_from_tensors(&expected_path, &full_table, &expected, "adamw1.")?;
+    let rows = batch.batch / dp;
+    let tokens = (batch.batch * batch.image_len) as f32;
+
+    let results = dm_parallel::run_ranks(&mesh, |rank, comms| -> Result<RankResult> {
+        let (dp_index, tp_index) = mesh.coords(rank);
+        let be = CpuBackend::with_budget(&format!("cpu:rank{rank}"), None);
+        let table = dm_model::ParamTable::sharded(&cfg, tp_index, tp);
+        let local = table.shard_values(&weights);
+        let tp_comm: std::sync::Arc<dyn dm_parallel::Communicator<CpuBackend>> = std::sync::Arc::new(comms.tp);
+        let group = dm_model::dallebart::TpGroup { rank: tp_index, size: tp, comm: tp_comm };
+        let mut model = DalleBart::new_sharded(be.clone(), cfg.clone(), Some(group), local.clone())?;
+        let part = batch.slice(dp_index * rows, rows);
+        model.forward(&part)?;
+        let logits = model.logits()?;
+        let out = model.loss_and_backward(1.0 / tokens)?;
+        use dm_parallel::Communicator as _;
+        for g in model.grads.iter_mut() {
+            comms.dp.all_reduce(g, dm_parallel::ReduceOp::Sum)?;
+        }
+        let grads = model.grad_values()?;
+        let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
+        let mut step = |g: &[Vec<f32>]| -> Result<Vec<Vec<f32>>> {
+            for ((p, gb), (w, gv)) in model.params.iter_mut().zip(model.grads.iter_mut()).zip(local.iter().zip(g)) {
+                be.write(p, 0, w)?;
+                be.write(gb, 0, gv)?;
+            }
+            let mut adamw = AdamW::new(&be, opt.adamw, &names, &model.params)?;
+            adamw.update(&be, &mut model.params, &model.grads, opt.lr, 1.0)?;
+            Ok(model.param_values()?)
+        };
+        let adamw_from_ref = step(&table.shard_values(&ref_grads))?;
+        let adamw = step(&grads)?;
+        Ok(RankResult {
+            dp_index,
+            tp_index,
+            logits,
+            logits_cols: model.logits_columns(),
+            loss: out.loss,
+            grads,
+            adamw_from_ref,
+            adamw,
+        })
+    })
+    .map_err(|f| anyhow::anyhow!("{f}"))?;
+
+    // Gather: logits by (dp rows, tp columns); tensors from the dp_index 0 ranks.
+    let classes = cfg.image_rows();
+    let mut logits = vec![f32::NAN; ref_logits.len()];
+    let per_rank_rows = rows * batch.image_len;
+    for r in &results {
+        let (cols, start, valid) = r.logits_cols;
+        for i in 0..per_rank_rows {
+            let row = r.dp_index * per_rank_rows + i;
+            logits[row * classes + start..row * classes + start + valid]
+                .copy_from_slice(&r.logits[i * cols..i * cols + valid]);
+        }
+    }
+    let loss = results.iter().filter(|r| r.tp_index == 0).map(|r| r.loss as f64).sum::<f64>() / dp as f64;
+    let tables: Vec<dm_model::ParamTable> = (0..tp).map(|t| dm_model::ParamTable::sharded(&cfg, t, tp)).collect();
+    let gather = |pick: &dyn Fn(&RankResult) -> &Vec<Vec<f32>>| {
+        let mut by_tp: Vec<&RankResult> = results.iter().filter(|r| r.dp_index == 0).collect();
+        by_tp.sort_by_key(|r| r.tp_index);
+        let locals: Vec<Vec<Vec<f32>>> = by_tp.iter().map(|r| pick(r).clone()).collect();
+        dm_model::ParamTable::unshard_values(&tables, &locals)
+    };
+    let grads = gather(&|r| &r.grads);
+    let adamw_ref = gather(&|r| &r.adamw_from_ref);
+    let adamw_own = gather(&|r| &r.adamw);
+    let (mut grad_max_rel_err, mut grad_worst_param) = (0.0f64, String::new());
+    for ((spec, g), r) in full_table.specs.iter().zip(&grads).zip(&ref_grads) {
+        let denom = max_abs(r);
+        let diff = max_abs_diff(g, r);
+        let rel = if denom > 0.0 { diff / denom } else { diff };
+        if rel >= grad_max_rel_err {
+            grad_max_rel_err = rel;
+            grad_worst_param = spec.name.clone();
+        }
+    }
+    let adam_err = |v: &[Vec<f32>]| v.iter().zip(&ref_adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max);
+    let loss_abs_err = (loss - ref_loss).abs();
+    let logits_max_abs_err = max_abs_diff(&logits, &ref_logits);
+    let adamw_from_ref_grads_max_abs_err = adam_err(&adamw_ref);
+    let adamw_max_abs_err = adam_err(&adamw_own);
+    let pass = loss_abs_err <= LOSS_TOL
+        && logits_max_abs_err <= LOGITS_TOL
+        && grad_max_rel_err <= GRAD_REL_TOL
+        && adamw_from_ref_grads_max_abs_err <= ADAMW_FROM_REF_TOL
+        && adamw_max_abs_err <= ADAMW_TOL;
+    Ok(ParityReport {
+        fixture: format!("{} (tp={tp}, dp={dp})", dir.display()),
+        loss,
+        loss_abs_err,
+        logits_max_abs_err,
+        grad_max_rel_err,
+        grad_worst_param,
+        adamw_from_ref_grads_max_abs_err,
+        adamw_max_abs_err,
+        pass,
+    })
+}

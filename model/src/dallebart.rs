@@ -560,7 +560,7 @@ impl From<crate::params::StackIdx> for EmbedIdx {
 }
 
 fn attn_shape(batch: usize, q_len: usize, kv_len: usize, dims: StackDims, causal: bool) -> AttentionShape {
-    AttentionShape { batch, q_len, kv_len, heads: dims.heads, head_dim: dims.d / dims.heads, causal }
+    AttentionShape { batch, q_len, kv_len, heads: dims.heads, head_dim: dims.head_dim, causal }
 }
 
 fn alloc_ln<B: Backend>(be: &B, name: &str, rows: usize, dim: usize) -> Result<LnActs<B>> {
