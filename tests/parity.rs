@@ -48,3 +48,34 @@ fn parity_is_sensitive_to_a_wrong_weight() {
     assert!(r.logits_max_abs_err > 1e-5);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn every_fixture_passes_parity_on_every_mesh_it_allows_and_refuses_the_others() {
+    let meshes = [(1, 2), (2, 1), (2, 2), (4, 1)];
+    let mut ran = 0;
+    for dir in fixtures() {
+        let cfg = dm_model::DalleBartConfig::from_file(&dir.join("config.json")).unwrap();
+        let batch = parity::read_batch(&dir.join("batch.safetensors"), &cfg).unwrap().batch;
+        for (tp, dp) in meshes {
+            let allowed = dm_model::params::check_tp(&cfg, tp).is_ok() && batch % dp == 0;
+            match parity::run_mesh(&dir, tp, dp) {
+                Ok(r) => {
+                    assert!(allowed, "{}: tp={tp} dp={dp} should have been refused", dir.display());
+                    assert!(r.pass, "{r:#?}");
+                    ran += 1;
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    assert!(!allowed, "{}: tp={tp} dp={dp} failed: {msg}", dir.display());
+                    assert!(msg.contains("not divisible"), "unclear refusal: {msg}");
+                }
+            }
+        }
+    }
+    assert!(ran >= 10, "only {ran} mesh parity runs");
+    // The fixture made for it runs on all four meshes.
+    let ready = fixtures().into_iter().find(|p| p.ends_with("mesh-ready")).unwrap();
+    for (tp, dp) in meshes {
+        assert!(parity::run_mesh(&ready, tp, dp).unwrap().pass);
+    }
+}

@@ -8,6 +8,7 @@
 
 pub mod comm;
 pub mod mesh;
+pub mod zero;
 
 pub use comm::{
     run_ranks, run_ranks_on, CollectiveKind, CommError, CommStats, Communicator, OpStats, RankComms, RankFailure,
