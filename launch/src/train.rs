@@ -18,6 +18,7 @@ use dm_data::{Dataset, ReaderState, ShardedReader, TextTokenizer};
 use dm_model::checkpoint::{layout_tensors, load_weights, params_from_tensors, read_tensors, write_safetensors};
 use dm_model::dallebart::SamplingOptions;
 use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig};
+use dm_parallel::{Communicator, Mesh, ReduceOp, ThreadComm};
 use dm_runtime::cpu::CpuBackend;
 use dm_runtime::Backend;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,8 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     pub sample_png: Option<PathBuf>,
     pub loss_png: PathBuf,
+    /// Largest per-rank peak of tracked device memory.
+    pub peak_bytes_per_rank: u64,
 }
 
 /// The training data of a run.
@@ -170,10 +173,6 @@ fn to_model_batch(b: dm_data::Batch, cfg: &DalleBartConfig) -> Result<Batch> {
     Ok(batch)
 }
 
-fn param_names(model: &DalleBart<CpuBackend>) -> Vec<String> {
-    model.table.specs.iter().map(|s| s.name.clone()).collect()
-}
-
 /// Appends JSON lines to metrics.jsonl.
 struct Metrics {
     file: std::fs::File,
@@ -207,97 +206,441 @@ impl Metrics {
     }
 }
 
-/// Everything a training run holds.
-struct Trainer {
-    cfg: RunConfig,
-    out: PathBuf,
-    be: CpuBackend,
-    model: DalleBart<CpuBackend>,
-    opt: AdamW<CpuBackend>,
-    reader: ShardedReader,
-    data: RunData,
+/// The communicators of one rank (None on a single device).
+#[derive(Clone)]
+struct Groups {
+    tp: Option<Arc<dyn Communicator<CpuBackend>>>,
+    dp: Option<Arc<dyn Communicator<CpuBackend>>>,
+    world: Option<Arc<dyn Communicator<CpuBackend>>>,
+}
+
+impl Groups {
+    fn single() -> Self {
+        Self { tp: None, dp: None, world: None }
+    }
+}
+
+/// All-reduces one scalar over `comm` (identity without one).
+fn reduce_scalar(be: &CpuBackend, comm: &Option<Arc<dyn Communicator<CpuBackend>>>, x: f32, op: ReduceOp) -> Result<f32> {
+    let Some(c) = comm else { return Ok(x) };
+    let mut b = be.upload("scalar", &[x])?;
+    c.all_reduce(&mut b, op)?;
+    Ok(be.download(&b)?[0])
+}
+
+/// A rank's host copy of its shards, handed to world rank 0 for a checkpoint.
+struct RankState {
+    dp_index: usize,
+    tp_index: usize,
+    params: Vec<Vec<f32>>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// Full (unsharded) weights and optimizer state, as a checkpoint holds them.
+pub struct FullState {
+    pub params: Vec<Vec<f32>>,
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+/// Assembles full tensors from every rank's shards (ZeRO-1 chunks concatenated across dp).
+fn assemble(cfg: &DalleBartConfig, mesh: &Mesh, zero1: bool, states: &[RankState]) -> FullState {
+    let tables: Vec<dm_model::ParamTable> =
+        (0..mesh.tp()).map(|t| dm_model::ParamTable::sharded(cfg, t, mesh.tp())).collect();
+    let by = |dp: usize, tp: usize| states.iter().find(|s| s.dp_index == dp && s.tp_index == tp).expect("every rank reported");
+    let params: Vec<Vec<Vec<f32>>> = (0..mesh.tp()).map(|t| by(0, t).params.clone()).collect();
+    let moment = |pick: &dyn Fn(&RankState) -> &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+        let locals: Vec<Vec<Vec<f32>>> = (0..mesh.tp())
+            .map(|t| {
+                if !zero1 {
+                    return pick(by(0, t)).clone();
+                }
+                (0..tables[t].specs.len())
+                    .map(|i| {
+                        let n = tables[t].specs[i].numel();
+                        let mut v: Vec<f32> = (0..mesh.dp()).flat_map(|d| pick(by(d, t))[i].clone()).collect();
+                        v.truncate(n);
+                        v
+                    })
+                    .collect()
+            })
+            .collect();
+        dm_model::ParamTable::unshard_values(&tables, &locals)
+    };
+    FullState {
+        params: dm_model::ParamTable::unshard_values(&tables, &params),
+        m: moment(&|s| &s.m),
+        v: moment(&|s| &s.v),
+    }
+}
+
+/// Writes a checkpoint from full state (world rank 0 only).
+fn save_checkpoint(
+    out: &Path,
+    cfg: &RunConfig,
+    model_cfg: &DalleBartConfig,
+    data: &RunData,
     step: u64,
+    reader: ReaderState,
+    full: &FullState,
+) -> Result<PathBuf> {
+    let table = dm_model::ParamTable::new(model_cfg);
+    let weights = layout_tensors(&table, &full.params, model_cfg.use_scan);
+    let mut moments = Vec::new();
+    for ((spec, m), v) in table.specs.iter().zip(&full.m).zip(&full.v) {
+        moments.push((format!("m.{}", spec.name), spec.shape.clone(), m.clone()));
+        moments.push((format!("v.{}", spec.name), spec.shape.clone(), v.clone()));
+    }
+    let tmp = std::env::temp_dir().join(format!("dm-save-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    write_safetensors(&tmp.join("w"), &weights)?;
+    write_safetensors(&tmp.join("o"), &moments)?;
+    let state = TrainerState { step, reader, seed: cfg.training.seed, run_config: cfg.clone() };
+    let files = vec![
+        ("weights.safetensors", std::fs::read(tmp.join("w"))?),
+        ("optimizer.safetensors", std::fs::read(tmp.join("o"))?),
+        ("config.json", serde_json::to_vec_pretty(&model_cfg.to_json())?),
+        ("trainer_state.json", serde_json::to_vec_pretty(&state)?),
+        ("tokenizer.json", std::fs::read(&data.tokenizer_path)?),
+        ("data.json", serde_json::to_vec_pretty(&data.info)?),
+    ];
+    let _ = std::fs::remove_dir_all(&tmp);
+    let dir = write_checkpoint(out, step, &files, cfg.training.keep_checkpoints)?;
+    tracing::info!(step, dir = %dir.display(), "checkpoint saved");
+    Ok(dir)
 }
 
-impl Trainer {
-    fn save(&self) -> Result<PathBuf> {
-        let values = self.model.param_values()?;
-        let stacked = self.model.config.use_scan;
-        let weights = layout_tensors(&self.model.table, &values, stacked);
-        let mut moments = Vec::new();
-        for ((spec, m), v) in self.model.table.specs.iter().zip(&self.opt.m).zip(&self.opt.v) {
-            moments.push((format!("m.{}", spec.name), spec.shape.clone(), self.be.download(m)?));
-            moments.push((format!("v.{}", spec.name), spec.shape.clone(), self.be.download(v)?));
-        }
-        let tmp = std::env::temp_dir().join(format!("dm-save-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp)?;
-        write_safetensors(&tmp.join("w"), &weights)?;
-        write_safetensors(&tmp.join("o"), &moments)?;
-        let state = TrainerState {
-            step: self.step,
-            reader: self.reader.state(),
-            seed: self.cfg.training.seed,
-            run_config: self.cfg.clone(),
-        };
-        let files = vec![
-            ("weights.safetensors", std::fs::read(tmp.join("w"))?),
-            ("optimizer.safetensors", std::fs::read(tmp.join("o"))?),
-            ("config.json", serde_json::to_vec_pretty(&self.model.config.to_json())?),
-            ("trainer_state.json", serde_json::to_vec_pretty(&state)?),
-            ("tokenizer.json", std::fs::read(&self.data.tokenizer_path)?),
-            ("data.json", serde_json::to_vec_pretty(&self.data.info)?),
-        ];
-        let _ = std::fs::remove_dir_all(&tmp);
-        let dir = write_checkpoint(&self.out, self.step, &files, self.cfg.training.keep_checkpoints)?;
-        tracing::info!(step = self.step, dir = %dir.display(), "checkpoint saved");
-        Ok(dir)
+/// Loads a checkpoint's full state, refusing one from a different model config.
+fn load_checkpoint(path: &Path, model_cfg: &DalleBartConfig) -> Result<(TrainerState, FullState)> {
+    let dir = run_checkpoint::latest(path)?;
+    verify(&dir)?;
+    let state: TrainerState = serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json"))?)
+        .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
+    let saved_cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
+    if &saved_cfg != model_cfg {
+        bail!(
+            "checkpoint {} was saved from a different model config:\n  checkpoint: {saved_cfg:?}\n  this run:   {model_cfg:?}\n\
+             resume with the run config it was trained with (its run.yaml), or start a new run",
+            dir.display()
+        );
     }
-
-    fn eval_loss(&mut self) -> Result<Option<f32>> {
-        let Some(eval) = self.data.eval.clone() else { return Ok(None) };
-        let micro = self.cfg.training.batch_size / self.cfg.training.grad_accumulation;
-        let micro = micro.min(eval.len());
-        let batches = self.cfg.training.eval_batches.min(eval.len() / micro).max(1);
-        let mut reader = ShardedReader::with_state(eval, self.data.tokenizer.clone(), ReaderState::new(0))?;
-        let mut sum = 0.0f64;
-        for _ in 0..batches {
-            let b = to_model_batch(reader.next_batch(micro, 0, 1)?, &self.model.config)?;
-            sum += self.model.eval_loss(&b)? as f64;
-        }
-        Ok(Some((sum / batches as f64) as f32))
-    }
-
-    fn sample(&mut self) -> Result<Option<PathBuf>> {
-        let prompts = if self.cfg.training.sample_prompts.is_empty() {
-            self.data.default_prompts.clone()
-        } else {
-            self.cfg.training.sample_prompts.clone()
-        };
-        if prompts.is_empty() {
-            return Ok(None);
-        }
-        let path = self.out.join("samples").join(format!("step_{:08}.png", self.step));
-        let opts = SamplingOptions {
-            temperature: 1.0,
-            top_k: Some(16),
-            seed: self.cfg.training.seed ^ self.step,
-            ..Default::default()
-        };
-        crate::sample::sample_to_png(
-            &mut self.model,
-            &self.data.tokenizer,
-            &self.data.info,
-            &prompts,
-            1,
-            &opts,
-            &path,
-        )?;
-        tracing::info!(path = %path.display(), "samples written");
-        Ok(Some(path))
-    }
+    let table = dm_model::ParamTable::new(model_cfg);
+    let params = load_weights(&dir.join("weights.safetensors"), &table)?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let tensors = read_tensors(&opt_path)?;
+    let m = params_from_tensors(&opt_path, &table, &tensors, "m.")?;
+    let v = params_from_tensors(&opt_path, &table, &tensors, "v.")?;
+    tracing::info!(step = state.step, dir = %dir.display(), "resuming");
+    Ok((state, FullState { params, m, v }))
 }
 
-/// Runs (or resumes) training into `out`.
+/// The optimizer of one rank.
+enum Optimizer {
+    Full(AdamW<CpuBackend>),
+    Zero1(dm_parallel::zero::Zero1<CpuBackend>),
+}
+
+/// What every rank shares (read-only) during a run.
+struct Shared<'a> {
+    cfg: &'a RunConfig,
+    model_cfg: &'a DalleBartConfig,
+    mesh: Mesh,
+    out: &'a Path,
+    data: &'a RunData,
+    budget: Option<u64>,
+    start_step: u64,
+    start_reader: ReaderState,
+    restored: Option<&'a FullState>,
+    collector: std::sync::Mutex<Vec<RankState>>,
+    baseline: f64,
+}
+
+/// What world rank 0 reports at the end.
+#[derive(Default)]
+struct RankOutcome {
+    steps: u64,
+    final_loss: f32,
+    eval_loss: Option<f32>,
+    samples_per_s: f64,
+    checkpoint: Option<PathBuf>,
+    sample_png: Option<PathBuf>,
+    peak_bytes: u64,
+}
+
+/// The training loop of one rank (the only rank on a single device).
+fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
+    let (cfg, model_cfg, mesh) = (sh.cfg, sh.model_cfg, sh.mesh);
+    let (dp_index, tp_index) = mesh.coords(rank);
+    let (tp, dp) = (mesh.tp(), mesh.dp());
+    let leader = rank == 0;
+    let name = if mesh.world() == 1 { "cpu:0".to_string() } else { format!("cpu:rank{rank}") };
+    let be = CpuBackend::with_budget(&name, sh.budget);
+    let table = dm_model::ParamTable::sharded(model_cfg, tp_index, tp);
+    let full_params = match sh.restored {
+        Some(r) => r.params.clone(),
+        None => dm_model::ParamTable::new(model_cfg).init_values(model_cfg.init_std, cfg.training.seed),
+    };
+    let local = table.shard_values(&full_params);
+    drop(full_params);
+    let group = groups.tp.clone().map(|comm| dm_model::dallebart::TpGroup { rank: tp_index, size: tp, comm });
+    let mut model = DalleBart::new_sharded(be.clone(), model_cfg.clone(), group, local)?;
+    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
+    let adamw = AdamWConfig {
+        b1: cfg.optimizer.b1,
+        b2: cfg.optimizer.b2,
+        eps: cfg.optimizer.eps,
+        weight_decay: cfg.optimizer.weight_decay,
+    };
+    let zero1 = cfg.mesh.zero1 && dp > 1;
+    let mut opt = if zero1 {
+        let lens: Vec<usize> = table.specs.iter().map(|s| s.numel()).collect();
+        let mut z = dm_parallel::zero::Zero1::new(&be, &names, &lens, dp_index, dp)?;
+        if let Some(r) = sh.restored {
+            let (m, v) = (table.shard_values(&r.m), table.shard_values(&r.v));
+            for i in 0..names.len() {
+                let (start, end) = z.chunk_range(i);
+                be.write(&mut z.shards[i].m, 0, &m[i][start..end])?;
+                be.write(&mut z.shards[i].v, 0, &v[i][start..end])?;
+            }
+        }
+        Optimizer::Zero1(z)
+    } else {
+        let mut a = AdamW::new(&be, adamw, &names, &model.params)?;
+        if let Some(r) = sh.restored {
+            for (buf, vals) in a.m.iter_mut().zip(table.shard_values(&r.m)) {
+                be.write(buf, 0, &vals)?;
+            }
+            for (buf, vals) in a.v.iter_mut().zip(table.shard_values(&r.v)) {
+                be.write(buf, 0, &vals)?;
+            }
+        }
+        a.step = sh.start_step;
+        Optimizer::Full(a)
+    };
+    let mut reader = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), sh.start_reader)?;
+    let mut metrics = if leader { Some(Metrics::open(&sh.out.join("metrics.jsonl"), sh.restored.map(|_| sh.start_step))?) } else { None };
+
+    let tr = &cfg.training;
+    let micro = tr.batch_size / tr.grad_accumulation;
+    let tokens_per_step = (tr.batch_size * model_cfg.image_length) as f32;
+    let started = Instant::now();
+    let progress = if leader { indicatif::ProgressBar::new(tr.steps) } else { indicatif::ProgressBar::hidden() };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.set_position(sh.start_step);
+    let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
+    let mut outcome = RankOutcome { steps: sh.start_step, final_loss: f32::NAN, ..Default::default() };
+    let mut first_eval = true;
+    let mut step = sh.start_step;
+    while step < tr.steps {
+        let lr = cfg.optimizer.learning_rate_at(step);
+        model.zero_grads()?;
+        let mut loss_sum = 0.0f64;
+        for _ in 0..tr.grad_accumulation {
+            let b = to_model_batch(reader.next_batch(micro, dp_index, dp)?, model_cfg)?;
+            model.forward(&b)?;
+            loss_sum += model.loss_and_backward(1.0 / tokens_per_step)?.loss as f64;
+        }
+        crate::test_hook("step", step + 1);
+        let loss = reduce_scalar(&be, &groups.dp, (loss_sum / tr.grad_accumulation as f64) as f32, ReduceOp::Avg)?;
+        if !loss.is_finite() {
+            bail!("loss became {loss} at step {}: lower optimizer.learning_rate or set optimizer.max_grad_norm", step + 1);
+        }
+        // Gradient sync across dp and the global gradient norm (replicated tensors counted once).
+        let counted = |i: usize| tp_index == 0 || table.specs[i].shard != dm_model::params::Shard::Replicated;
+        let (grad_norm, chunks) = match &opt {
+            Optimizer::Full(_) => {
+                if let Some(c) = &groups.dp {
+                    for g in model.grads.iter_mut() {
+                        c.all_reduce(g, ReduceOp::Sum)?;
+                    }
+                }
+                let mut sq = 0.0f64;
+                for (i, g) in model.grads.iter().enumerate() {
+                    if counted(i) {
+                        sq += be.sum_squares(g)?;
+                    }
+                }
+                let sq = if groups.tp.is_some() { reduce_scalar(&be, &groups.tp, sq as f32, ReduceOp::Sum)? as f64 } else { sq };
+                (sq.sqrt() as f32, None)
+            }
+            Optimizer::Zero1(z) => {
+                let c = groups.dp.as_ref().expect("zero1 needs dp > 1");
+                let chunks = z.reduce_scatter_grads(&be, c.as_ref(), &model.grads, &names)?;
+                let mut sq = 0.0f64;
+                for (i, g) in chunks.iter().enumerate() {
+                    if counted(i) {
+                        sq += be.sum_squares(g)?;
+                    }
+                }
+                let sq = reduce_scalar(&be, &groups.world, sq as f32, ReduceOp::Sum)? as f64;
+                (sq.sqrt() as f32, Some(chunks))
+            }
+        };
+        let clip = match cfg.optimizer.max_grad_norm {
+            Some(max) if grad_norm > max => max / grad_norm,
+            _ => 1.0,
+        };
+        match (&mut opt, chunks) {
+            (Optimizer::Full(a), _) => {
+                let DalleBart { params, grads, .. } = &mut model;
+                a.update(&be, params, grads, lr, clip)?;
+            }
+            (Optimizer::Zero1(z), Some(chunks)) => {
+                let s = dm_runtime::AdamWStep {
+                    lr,
+                    b1: adamw.b1,
+                    b2: adamw.b2,
+                    eps: adamw.eps,
+                    weight_decay: adamw.weight_decay,
+                    step: step + 1,
+                    grad_scale: clip,
+                };
+                let c = groups.dp.as_ref().expect("zero1 needs dp > 1");
+                z.update(&be, c.as_ref(), &mut model.params, &chunks, &names, &s)?;
+            }
+            (Optimizer::Zero1(_), None) => unreachable!("zero1 always reduce-scatters"),
+        }
+        step += 1;
+        outcome.steps = step;
+        outcome.final_loss = loss;
+        window_samples += tr.batch_size;
+        progress.inc(1);
+        progress.set_message(format!("loss {loss:.4}"));
+
+        if step.is_multiple_of(tr.log_every) || step == tr.steps {
+            let dt = window_start.elapsed().as_secs_f64();
+            outcome.samples_per_s = window_samples as f64 / dt.max(1e-9);
+            let peak = reduce_scalar(&be, &groups.world, be.memory().report().peak_bytes as f32, ReduceOp::Max)?;
+            if let Some(m) = metrics.as_mut() {
+                m.write(serde_json::json!({
+                    "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "samples_per_s": outcome.samples_per_s,
+                    "image_tokens_per_s": outcome.samples_per_s * model_cfg.image_length as f64,
+                    "peak_bytes": peak as u64,
+                }))?;
+            }
+            (window_start, window_samples) = (Instant::now(), 0);
+        }
+        let last = step == tr.steps;
+        let over_time = tr.time_limit_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0);
+        // Every rank must agree to stop, or the others would wait in a collective.
+        let out_of_time = reduce_scalar(&be, &groups.world, over_time as u8 as f32, ReduceOp::Max)? > 0.5;
+        if (tr.eval_every > 0 && step.is_multiple_of(tr.eval_every)) || last || out_of_time {
+            if let Some(e) = eval_loss(&mut model, sh, &be, &groups, dp_index, dp)? {
+                if let Some(m) = metrics.as_mut() {
+                    let mut line = serde_json::json!({"step": step, "eval_loss": e});
+                    if first_eval {
+                        line["unigram_baseline_loss"] = sh.baseline.into();
+                        first_eval = false;
+                    }
+                    m.write(line)?;
+                }
+                progress.println(format!("step {step} eval loss {e:.4} (unigram baseline {:.4})", sh.baseline));
+                outcome.eval_loss = Some(e);
+            }
+        }
+        let save = (tr.save_every > 0 && step.is_multiple_of(tr.save_every)) || last || out_of_time;
+        let sample = (tr.sample_every > 0 && step.is_multiple_of(tr.sample_every)) || last || out_of_time;
+        if save || sample {
+            let full = gather_state(&model, &opt, sh, &be, &groups, dp_index, tp_index)?;
+            if let Some(full) = full {
+                if save {
+                    outcome.checkpoint = Some(save_checkpoint(sh.out, cfg, model_cfg, sh.data, step, reader.state(), &full)?);
+                }
+                if sample {
+                    outcome.sample_png = sample_from(sh, model_cfg, step, &full.params)?;
+                }
+            }
+            if let Some(w) = &groups.world {
+                w.barrier()?;
+            }
+        }
+        if out_of_time {
+            tracing::warn!(step, "training.time_limit_minutes reached: stopping after saving");
+            break;
+        }
+    }
+    progress.finish_and_clear();
+    outcome.peak_bytes = be.memory().report().peak_bytes;
+    Ok(outcome)
+}
+
+/// Mean eval loss over the first `eval_batches` eval batches, split across dp.
+fn eval_loss(
+    model: &mut DalleBart<CpuBackend>,
+    sh: &Shared,
+    be: &CpuBackend,
+    groups: &Groups,
+    dp_index: usize,
+    dp: usize,
+) -> Result<Option<f32>> {
+    let Some(eval) = sh.data.eval.clone() else { return Ok(None) };
+    let tr = &sh.cfg.training;
+    let micro = (tr.batch_size / tr.grad_accumulation).min(eval.len() / dp * dp).max(dp);
+    let batches = tr.eval_batches.min(eval.len() / micro).max(1);
+    let mut reader = ShardedReader::with_state(eval, sh.data.tokenizer.clone(), ReaderState::new(0))?;
+    let mut sum = 0.0f64;
+    for _ in 0..batches {
+        let b = to_model_batch(reader.next_batch(micro, dp_index, dp)?, sh.model_cfg)?;
+        sum += model.eval_loss(&b)? as f64;
+    }
+    let local = (sum / batches as f64) as f32;
+    Ok(Some(reduce_scalar(be, &groups.dp, local, ReduceOp::Avg)?))
+}
+
+/// Hands this rank's shards to world rank 0, which assembles the full state (others get None).
+fn gather_state(
+    model: &DalleBart<CpuBackend>,
+    opt: &Optimizer,
+    sh: &Shared,
+    be: &CpuBackend,
+    groups: &Groups,
+    dp_index: usize,
+    tp_index: usize,
+) -> Result<Option<FullState>> {
+    let (m, v) = match opt {
+        Optimizer::Full(a) => (
+            a.m.iter().map(|b| be.download(b)).collect::<Result<Vec<_>, _>>()?,
+            a.v.iter().map(|b| be.download(b)).collect::<Result<Vec<_>, _>>()?,
+        ),
+        Optimizer::Zero1(z) => (
+            z.shards.iter().map(|s| be.download(&s.m)).collect::<Result<Vec<_>, _>>()?,
+            z.shards.iter().map(|s| be.download(&s.v)).collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let state = RankState { dp_index, tp_index, params: model.param_values()?, m, v };
+    sh.collector.lock().expect("collector").push(state);
+    // In-process ranks hand their host copies over directly; the barrier orders the hand-over.
+    if let Some(w) = &groups.world {
+        w.barrier()?;
+    }
+    if dp_index != 0 || tp_index != 0 {
+        return Ok(None);
+    }
+    let states = std::mem::take(&mut *sh.collector.lock().expect("collector"));
+    Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
+}
+
+/// Samples the run's prompts from full weights on a single-device model (world rank 0).
+fn sample_from(sh: &Shared, model_cfg: &DalleBartConfig, step: u64, params: &[Vec<f32>]) -> Result<Option<PathBuf>> {
+    let tr = &sh.cfg.training;
+    let prompts = if tr.sample_prompts.is_empty() { sh.data.default_prompts.clone() } else { tr.sample_prompts.clone() };
+    if prompts.is_empty() {
+        return Ok(None);
+    }
+    let mut model = DalleBart::new(CpuBackend::new(), model_cfg.clone(), params.to_vec())?;
+    let path = sh.out.join("samples").join(format!("step_{step:08}.png"));
+    let opts = SamplingOptions { temperature: 1.0, top_k: Some(16), seed: tr.seed ^ step, ..Default::default() };
+    crate::sample::sample_to_png(&mut model, &sh.data.tokenizer, &sh.data.info, &prompts, 1, &opts, &path)?;
+    tracing::info!(path = %path.display(), "samples written");
+    Ok(Some(path))
+}
+
+/// Runs (or resumes) training into `out`, on one device or a tp × dp mesh of CPU ranks.
 pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainSummary> {
     cfg.validate()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -309,178 +652,68 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
             out.display()
         );
     }
-    if cfg.mesh.tp * cfg.mesh.dp > 1 {
-        bail!(
-            "mesh.tp = {} × mesh.dp = {}: training on a mesh is not implemented yet; use tp: 1, dp: 1",
-            cfg.mesh.tp,
-            cfg.mesh.dp
-        );
-    }
+    let mesh = Mesh::new(cfg.mesh.tp, cfg.mesh.dp)?;
     let budget = cfg.mesh.device_memory.as_deref().map(parse_bytes).transpose()?;
-    let be = CpuBackend::with_budget("cpu:0", budget);
     let data = prepare_data(&cfg, out)?;
-    let model_cfg =
-        cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
-    let adamw = AdamWConfig {
-        b1: cfg.optimizer.b1,
-        b2: cfg.optimizer.b2,
-        eps: cfg.optimizer.eps,
-        weight_decay: cfg.optimizer.weight_decay,
-    };
-
-    // Fresh start or exact resume.
-    let (model, opt, reader_state, step) = match resume {
-        None => {
-            let model = DalleBart::init(be.clone(), model_cfg.clone(), cfg.training.seed)?;
-            let opt = AdamW::new(&be, adamw, &param_names(&model), &model.params)?;
-            (model, opt, ReaderState::new(cfg.training.seed), 0)
-        }
-        Some(path) => {
-            let dir = run_checkpoint::latest(path)?;
-            verify(&dir)?;
-            let state: TrainerState = serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json"))?)
-                .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
-            let saved_cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
-            if saved_cfg != model_cfg {
-                bail!(
-                    "checkpoint {} was saved from a different model config:\n  checkpoint: {saved_cfg:?}\n  this run:   {model_cfg:?}\n\
-                     resume with the run config it was trained with (its run.yaml), or start a new run",
-                    dir.display()
-                );
-            }
-            let table = dm_model::ParamTable::new(&model_cfg);
-            let weights = load_weights(&dir.join("weights.safetensors"), &table)?;
-            let model = DalleBart::new(be.clone(), model_cfg.clone(), weights)?;
-            let mut opt = AdamW::new(&be, adamw, &param_names(&model), &model.params)?;
-            let opt_path = dir.join("optimizer.safetensors");
-            let tensors = read_tensors(&opt_path)?;
-            let m = params_from_tensors(&opt_path, &table, &tensors, "m.")?;
-            let v = params_from_tensors(&opt_path, &table, &tensors, "v.")?;
-            for (buf, vals) in opt.m.iter_mut().zip(&m).chain(opt.v.iter_mut().zip(&v)) {
-                be.write(buf, 0, vals)?;
-            }
-            opt.step = state.step;
-            tracing::info!(step = state.step, dir = %dir.display(), "resuming");
-            (model, opt, state.reader, state.step)
-        }
-    };
-    crate::atomic_write(&out.join("run.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
-    let reader = ShardedReader::with_state(data.train.clone(), data.tokenizer.clone(), reader_state)?;
-    let baseline = unigram_baseline(&data.train, model_cfg.image_rows())?;
-    let mut metrics = Metrics::open(&out.join("metrics.jsonl"), resume.map(|_| step))?;
-    let mut t = Trainer { cfg: cfg.clone(), out: out.to_path_buf(), be, model, opt, reader, data, step };
-
-    let tr = &cfg.training;
-    let micro = tr.batch_size / tr.grad_accumulation;
-    let tokens_per_step = (tr.batch_size * model_cfg.image_length) as f32;
-    let started = Instant::now();
-    let progress = indicatif::ProgressBar::new(tr.steps);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    progress.set_position(t.step);
-    let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
-    let mut last_loss = f32::NAN;
-    let mut last_eval = None;
-    let mut first_eval = true;
-    let mut last_saved = None;
-    let mut sample_png = None;
-    let mut train_curve: Vec<(f64, f64)> = Vec::new();
-    let mut eval_curve: Vec<(f64, f64)> = Vec::new();
-    let mut samples_per_s = 0.0;
-    while t.step < tr.steps {
-        let lr = cfg.optimizer.learning_rate_at(t.step);
-        t.model.zero_grads()?;
-        let mut loss_sum = 0.0f64;
-        for _ in 0..tr.grad_accumulation {
-            let b = to_model_batch(t.reader.next_batch(micro, 0, 1)?, &model_cfg)?;
-            t.model.forward(&b)?;
-            loss_sum += t.model.loss_and_backward(1.0 / tokens_per_step)?.loss as f64;
-        }
-        crate::test_hook("step", t.step + 1);
-        let loss = (loss_sum / tr.grad_accumulation as f64) as f32;
-        if !loss.is_finite() {
-            bail!(
-                "loss became {loss} at step {}: lower optimizer.learning_rate or set optimizer.max_grad_norm",
-                t.step + 1
-            );
-        }
-        let mut sq = 0.0f64;
-        for g in &t.model.grads {
-            sq += t.be.sum_squares(g)?;
-        }
-        let grad_norm = sq.sqrt() as f32;
-        let clip = match cfg.optimizer.max_grad_norm {
-            Some(max) if grad_norm > max => max / grad_norm,
-            _ => 1.0,
-        };
-        let DalleBart { params, grads, .. } = &mut t.model;
-        t.opt.update(&t.be, params, grads, lr, clip)?;
-        t.step += 1;
-        last_loss = loss;
-        window_samples += tr.batch_size;
-        progress.inc(1);
-        progress.set_message(format!("loss {loss:.4}"));
-        train_curve.push((t.step as f64, loss as f64));
-
-        if t.step.is_multiple_of(tr.log_every) || t.step == tr.steps {
-            let dt = window_start.elapsed().as_secs_f64();
-            samples_per_s = window_samples as f64 / dt.max(1e-9);
-            metrics.write(serde_json::json!({
-                "step": t.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "samples_per_s": samples_per_s,
-                "image_tokens_per_s": samples_per_s * model_cfg.image_length as f64,
-                "peak_bytes": t.be.memory().report().peak_bytes,
-            }))?;
-            (window_start, window_samples) = (Instant::now(), 0);
-        }
-        let last = t.step == tr.steps;
-        let out_of_time = tr.time_limit_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0);
-        if (tr.eval_every > 0 && t.step.is_multiple_of(tr.eval_every)) || last || out_of_time {
-            if let Some(e) = t.eval_loss()? {
-                let mut line = serde_json::json!({"step": t.step, "eval_loss": e});
-                if first_eval {
-                    line["unigram_baseline_loss"] = baseline.into();
-                    first_eval = false;
-                }
-                metrics.write(line)?;
-                eval_curve.push((t.step as f64, e as f64));
-                progress.println(format!("step {} eval loss {e:.4} (unigram baseline {baseline:.4})", t.step));
-                last_eval = Some(e);
-            }
-        }
-        if (tr.sample_every > 0 && t.step.is_multiple_of(tr.sample_every)) || last || out_of_time {
-            sample_png = t.sample()?;
-        }
-        if (tr.save_every > 0 && t.step.is_multiple_of(tr.save_every)) || last || out_of_time {
-            last_saved = Some(t.save()?);
-        }
-        if out_of_time {
-            tracing::warn!(step = t.step, "training.time_limit_minutes reached: stopping after saving");
-            break;
-        }
+    let model_cfg = cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
+    dm_model::params::check_tp(&model_cfg, mesh.tp()).map_err(|e| anyhow::anyhow!("mesh.tp = {}: {e}", mesh.tp()))?;
+    if let Some(b) = budget {
+        crate::plan_check(&model_cfg, &cfg, b)?;
     }
-    progress.finish_and_clear();
-    let loss_png = out.join("loss.png");
-    write_loss_curve(out, &train_curve, &eval_curve, baseline)?;
-    let summary = TrainSummary {
-        out: out.to_path_buf(),
-        steps: t.step,
-        final_loss: last_loss,
-        eval_loss: last_eval,
-        unigram_baseline_loss: baseline,
-        minutes: started.elapsed().as_secs_f64() / 60.0,
-        samples_per_s,
-        checkpoint: last_saved.or_else(|| list_checkpoints(out).pop().map(|(_, d)| d)),
-        sample_png,
-        loss_png,
+    let restored = resume.map(|p| load_checkpoint(p, &model_cfg)).transpose()?;
+    crate::atomic_write(&out.join("run.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
+    let (start_step, start_reader) =
+        restored.as_ref().map_or((0, ReaderState::new(cfg.training.seed)), |(s, _)| (s.step, s.reader));
+    let shared = Shared {
+        cfg: &cfg,
+        model_cfg: &model_cfg,
+        mesh,
+        out,
+        data: &data,
+        budget,
+        start_step,
+        start_reader,
+        restored: restored.as_ref().map(|(_, f)| f),
+        collector: std::sync::Mutex::new(Vec::new()),
+        baseline: unigram_baseline(&data.train, model_cfg.image_rows())?,
     };
-    Ok(summary)
+    let started = Instant::now();
+    let outcome = if mesh.world() == 1 {
+        run_rank(0, Groups::single(), &shared)?
+    } else {
+        let results = dm_parallel::run_ranks(&mesh, |rank, comms| {
+            let arc = |c: ThreadComm| -> Arc<dyn Communicator<CpuBackend>> { Arc::new(c) };
+            let groups = Groups {
+                tp: (mesh.tp() > 1).then(|| arc(comms.tp)),
+                dp: (mesh.dp() > 1).then(|| arc(comms.dp)),
+                world: Some(arc(comms.world)),
+            };
+            run_rank(rank, groups, &shared)
+        })
+        .map_err(|f| anyhow::anyhow!("{f}"))?;
+        let peak = results.iter().map(|r| r.peak_bytes).max().unwrap_or(0);
+        let mut first = results.into_iter().next().expect("at least one rank");
+        first.peak_bytes = peak;
+        first
+    };
+    write_loss_curve(out, shared.baseline)?;
+    Ok(TrainSummary {
+        out: out.to_path_buf(),
+        steps: outcome.steps,
+        final_loss: outcome.final_loss,
+        eval_loss: outcome.eval_loss,
+        unigram_baseline_loss: shared.baseline,
+        minutes: started.elapsed().as_secs_f64() / 60.0,
+        samples_per_s: outcome.samples_per_s,
+        checkpoint: outcome.checkpoint.or_else(|| list_checkpoints(out).pop().map(|(_, d)| d)),
+        sample_png: outcome.sample_png,
+        loss_png: out.join("loss.png"),
+        peak_bytes_per_rank: outcome.peak_bytes,
+    })
 }
 
 /// loss.png / loss.svg from this session's points plus any earlier ones in metrics.jsonl.
-fn write_loss_curve(out: &Path, _train: &[(f64, f64)], _eval: &[(f64, f64)], baseline: f64) -> Result<()> {
+fn write_loss_curve(out: &Path, baseline: f64) -> Result<()> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in text.lines() {

@@ -332,7 +332,13 @@ impl Rendezvous {
     }
 
     /// Publishes `value` under `key` (the group's first rank does this).
-    pub fn publish(&self, server: Option<&TcpRendezvousServer>, key: &str, value: &str, timeout: Duration) -> Result<()> {
+    pub fn publish(
+        &self,
+        server: Option<&TcpRendezvousServer>,
+        key: &str,
+        value: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         match self {
             Rendezvous::File { dir, session } => {
                 std::fs::create_dir_all(dir)
@@ -381,7 +387,12 @@ impl Rendezvous {
                 return Ok(v);
             }
             if Instant::now() >= deadline {
-                return Err(CommError::Timeout { op: "rendezvous", rank: usize::MAX, waited_s: timeout.as_secs_f64(), missing: vec![] });
+                return Err(CommError::Timeout {
+                    op: "rendezvous",
+                    rank: usize::MAX,
+                    waited_s: timeout.as_secs_f64(),
+                    missing: vec![],
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -520,13 +531,21 @@ impl Drop for PendingAllReduce<'_> {
 impl NcclComm {
     /// Joins group `id` as `rank` of `size` on `backend`'s GPU (blocks until every member has
     /// joined, at most `options.timeout`).
-    pub fn new(backend: &CudaBackend, id: &NcclId, rank: usize, size: usize, label: &str, options: NcclOptions) -> Result<Self> {
+    pub fn new(
+        backend: &CudaBackend,
+        id: &NcclId,
+        rank: usize,
+        size: usize,
+        label: &str,
+        options: NcclOptions,
+    ) -> Result<Self> {
         nccl_available()?;
         if size == 0 || rank >= size {
             return Err(dev_err("ncclCommInitRank", format!("rank {rank} is outside a group of {size}")));
         }
         let ctx = backend.context().clone();
-        let stream = ctx.new_stream().map_err(|e| dev_err("ncclCommInitRank", format!("creating the side stream: {e}")))?;
+        let stream =
+            ctx.new_stream().map_err(|e| dev_err("ncclCommInitRank", format!("creating the side stream: {e}")))?;
         let raw = id.raw();
         let (tx, rx) = mpsc::channel();
         let ctx2 = ctx.clone();
@@ -713,7 +732,8 @@ impl NcclComm {
     ) -> Result<Option<CudaEvent>> {
         self.check_aborted()?;
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let comm = inner.comm.as_ref().ok_or_else(|| CommError::Aborted { rank: self.rank, reason: "aborted".into() })?.0;
+        let comm =
+            inner.comm.as_ref().ok_or_else(|| CommError::Aborted { rank: self.rank, reason: "aborted".into() })?.0;
         let compute = self.backend.stream();
         let e = |what: &str, err: cudarc::driver::DriverError| dev_err(op, format!("{what}: {err}"));
         inner.before.record(compute).map_err(|err| e("recording the compute stream", err))?;
@@ -749,7 +769,15 @@ impl NcclComm {
             // SAFETY: in-place all-reduce of n f32 at p (a live allocation of n floats), on this
             // communicator's side stream, ordered after the compute stream by the event above.
             unsafe {
-                sys::ncclAllReduce(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, nccl_op(op), comm, stream)
+                sys::ncclAllReduce(
+                    p as *const _,
+                    p as *mut _,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    nccl_op(op),
+                    comm,
+                    stream,
+                )
             }
         })?;
         Ok(PendingAllReduce { comm: self, done, elems: n, _buf: PhantomData })
@@ -777,7 +805,15 @@ impl Communicator<CudaBackend> for NcclComm {
             self.run("all_reduce", false, |comm, stream, _| {
                 // SAFETY: in-place all-reduce of the n floats of `buf` on the side stream.
                 unsafe {
-                    sys::ncclAllReduce(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, nccl_op(op), comm, stream)
+                    sys::ncclAllReduce(
+                        p as *const _,
+                        p as *mut _,
+                        n,
+                        sys::ncclDataType_t::ncclFloat32,
+                        nccl_op(op),
+                        comm,
+                        stream,
+                    )
                 }
             })?;
         } else {
@@ -793,14 +829,20 @@ impl Communicator<CudaBackend> for NcclComm {
             return Err(CommError::Shape {
                 op: "all_gather",
                 rank: self.rank,
-                detail: format!("send has {n} elements, so recv must have {} in a group of {}, but it has {m}", self.size * n, self.size),
+                detail: format!(
+                    "send has {n} elements, so recv must have {} in a group of {}, but it has {m}",
+                    self.size * n,
+                    self.size
+                ),
             });
         }
         if n > 0 {
             let (s, r) = (send.device_ptr(), recv.device_ptr());
             self.run("all_gather", false, |comm, stream, _| {
                 // SAFETY: send holds n floats, recv size·n (checked), distinct buffers.
-                unsafe { sys::ncclAllGather(s as *const _, r as *mut _, n, sys::ncclDataType_t::ncclFloat32, comm, stream) }
+                unsafe {
+                    sys::ncclAllGather(s as *const _, r as *mut _, n, sys::ncclDataType_t::ncclFloat32, comm, stream)
+                }
             })?;
         } else {
             self.check_aborted()?;
@@ -823,7 +865,15 @@ impl Communicator<CudaBackend> for NcclComm {
             self.run("reduce_scatter", false, |comm, stream, _| {
                 // SAFETY: send holds size·m floats, recv m (checked), distinct buffers.
                 unsafe {
-                    sys::ncclReduceScatter(s as *const _, r as *mut _, m, sys::ncclDataType_t::ncclFloat32, nccl_op(op), comm, stream)
+                    sys::ncclReduceScatter(
+                        s as *const _,
+                        r as *mut _,
+                        m,
+                        sys::ncclDataType_t::ncclFloat32,
+                        nccl_op(op),
+                        comm,
+                        stream,
+                    )
                 }
             })?;
         } else {
@@ -843,7 +893,15 @@ impl Communicator<CudaBackend> for NcclComm {
             self.run("broadcast", false, |comm, stream, _| {
                 // SAFETY: in-place broadcast of the n floats of `buf` from group rank `root`.
                 unsafe {
-                    sys::ncclBroadcast(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, root as i32, comm, stream)
+                    sys::ncclBroadcast(
+                        p as *const _,
+                        p as *mut _,
+                        n,
+                        sys::ncclDataType_t::ncclFloat32,
+                        root as i32,
+                        comm,
+                        stream,
+                    )
                 }
             })?;
         } else {
@@ -857,7 +915,17 @@ impl Communicator<CudaBackend> for NcclComm {
         self.run("barrier", false, |comm, stream, inner| {
             let p = inner.token.device_ptr();
             // SAFETY: a 1-float all-reduce of the communicator's own token buffer.
-            unsafe { sys::ncclAllReduce(p as *const _, p as *mut _, 1, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, comm, stream) }
+            unsafe {
+                sys::ncclAllReduce(
+                    p as *const _,
+                    p as *mut _,
+                    1,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            }
         })?;
         // A barrier returns only once every rank entered it, whatever `wait_for_completion` says.
         if !self.options.wait_for_completion {

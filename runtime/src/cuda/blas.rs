@@ -94,7 +94,15 @@ impl Blas {
     ///
     /// # Safety
     /// As [`Blas::sgemm`], with `a` and `b` holding bf16 matrices.
-    pub(crate) unsafe fn gemm_bf16(&self, spec: &MatmulSpec, a: u64, lda: usize, b: u64, ldb: usize, c: u64) -> Result<()> {
+    pub(crate) unsafe fn gemm_bf16(
+        &self,
+        spec: &MatmulSpec,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        c: u64,
+    ) -> Result<()> {
         let g = launch_cfg::cublas_row_major(spec, lda, ldb, spec.n);
         let [m, n, k, lda, ldb, ldc] = Self::dims(&g)?;
         let alpha = 1.0f32;

@@ -177,7 +177,13 @@ impl KernelCache {
     }
 
     /// Raises `f`'s dynamic shared memory limit to at least `bytes` (once per size).
-    pub(crate) fn ensure_smem(&self, ctx: &Arc<CudaContext>, entry: &str, f: &CudaFunction, bytes: usize) -> Result<()> {
+    pub(crate) fn ensure_smem(
+        &self,
+        ctx: &Arc<CudaContext>,
+        entry: &str,
+        f: &CudaFunction,
+        bytes: usize,
+    ) -> Result<()> {
         if bytes <= super::launch_cfg::DEFAULT_SMEM_LIMIT {
             return Ok(());
         }
@@ -214,7 +220,12 @@ impl<T: DeviceRepr> Scratch<T> {
 
     /// At least `len` elements (contents undefined). Growing frees the old buffer in stream order,
     /// so work already enqueued that reads it is unaffected.
-    pub(crate) fn get(&mut self, stream: &Arc<CudaStream>, memory: &MemoryTracker, len: usize) -> Result<&mut CudaSlice<T>> {
+    pub(crate) fn get(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        memory: &MemoryTracker,
+        len: usize,
+    ) -> Result<&mut CudaSlice<T>> {
         let len = len.max(1);
         if self.slice.as_ref().is_none_or(|s| s.len() < len) {
             self.slice = None;
@@ -222,7 +233,8 @@ impl<T: DeviceRepr> Scratch<T> {
             let reservation = memory.reserve(self.name, (len * std::mem::size_of::<T>()) as u64)?;
             // SAFETY: scratch contents are always written before they are read (every user
             // fills the range it reads in the same stream first).
-            let slice = unsafe { stream.alloc::<T>(len) }.map_err(|e| driver_err(&format!("allocating {}", self.name), e))?;
+            let slice =
+                unsafe { stream.alloc::<T>(len) }.map_err(|e| driver_err(&format!("allocating {}", self.name), e))?;
             self.slice = Some(slice);
             self._reservation = Some(reservation);
         }

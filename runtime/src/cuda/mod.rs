@@ -54,6 +54,7 @@ pub mod device;
 pub mod launch_cfg;
 pub mod memory;
 mod ops;
+mod signatures;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -112,6 +113,9 @@ pub(crate) struct DeviceState {
     /// Whether the padded bf16 staging (a 2-D copy) works here; cleared on the first failure, after
     /// which operands are staged unpadded (the GEMM's slower, bounds-checked path).
     pub(crate) pad_2d_ok: AtomicBool,
+    /// Whether asynchronous 2-D copies with arbitrary pitches work here (layout adapters fall
+    /// back to a synchronous copy once they failed).
+    pub(crate) copy_2d_async_ok: AtomicBool,
 }
 
 /// A CUDA device running DalleBart's ops. Cheap to clone; clones share the device.
@@ -159,8 +163,10 @@ impl CudaBackend {
                 info.arch()
             )));
         }
-        dm_kernels::nvrtc_available().map_err(|e| RuntimeError::Device(format!("CUDA kernels cannot be compiled: {e}")))?;
-        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(&format!("creating a context on GPU {ordinal}"), e))?;
+        dm_kernels::nvrtc_available()
+            .map_err(|e| RuntimeError::Device(format!("CUDA kernels cannot be compiled: {e}")))?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| driver_err(&format!("creating a context on GPU {ordinal}"), e))?;
         // SAFETY: nothing has been allocated in this context handle yet. One compute stream orders
         // every op; the only other streams (NCCL's) synchronise with it through explicit events.
         unsafe { ctx.disable_event_tracking() };
@@ -176,6 +182,7 @@ impl CudaBackend {
             scratch: Mutex::new(ScratchSet::new()),
             blas: Mutex::new(None),
             pad_2d_ok: AtomicBool::new(true),
+            copy_2d_async_ok: AtomicBool::new(true),
         };
         Ok(Self { dev: Arc::new(dev), opts: options })
     }
@@ -240,6 +247,12 @@ impl CudaBackend {
     /// (false after the 2-D copy failed once on this device).
     pub fn bf16_padding_active(&self) -> bool {
         self.dev.pad_2d_ok.load(Ordering::Relaxed)
+    }
+
+    /// Whether the sharded-LayerNorm layout adapters still use asynchronous 2-D copies (false
+    /// after the driver refused one; they then fall back to a synchronous copy).
+    pub fn copy_2d_async_active(&self) -> bool {
+        self.dev.copy_2d_async_ok.load(Ordering::Relaxed)
     }
 
     /// Runs `f` with the cuBLAS handle, creating it on first use.

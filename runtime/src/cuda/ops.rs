@@ -136,6 +136,21 @@ impl CudaBackend {
     /// enough for everything the kernel reads or writes under this launch shape and these sizes;
     /// output buffers must not be read or written by anything else until the stream reaches them.
     unsafe fn launch(&self, family: &'static str, entry: &str, l: Launch, args: &[Arg]) -> Result<()> {
+        let kinds: String = args
+            .iter()
+            .map(|a| match a {
+                Arg::P(_) => 'P',
+                Arg::U(_) => 'U',
+                Arg::I(_) => 'I',
+                Arg::F(_) => 'F',
+            })
+            .collect();
+        if super::signatures::signature(family, entry) != Some(kinds.as_str()) {
+            return Err(RuntimeError::Device(format!(
+                "internal error: arguments {kinds} do not match the declared parameters of {family}/{entry} ({:?})",
+                super::signatures::signature(family, entry)
+            )));
+        }
         let k = &self.dev.kernels;
         let f = k.function(&self.dev.ctx, family, entry)?;
         if l.smem as usize > lc::DEFAULT_SMEM_LIMIT {
@@ -166,42 +181,72 @@ impl CudaBackend {
                 &mut params,
             )
         }
-        .map_err(|e| driver_err(&format!("launching {entry} (grid {:?}, block {:?}, smem {})", l.grid, l.block, l.smem), e))
+        .map_err(|e| {
+            driver_err(&format!("launching {entry} (grid {:?}, block {:?}, smem {})", l.grid, l.block, l.smem), e)
+        })
     }
 
-    /// A stream-ordered 2-D copy (bytes) between device addresses.
+    /// A stream-ordered 2-D copy (bytes) between device addresses (`cuMemcpy2DAsync`).
     ///
     /// # Safety
     /// Both ranges (`height` rows of `width` bytes at the given pitches) must lie inside live
     /// allocations of this device, and must not overlap.
-    unsafe fn copy_2d(&self, dst: u64, dst_pitch: usize, src: u64, src_pitch: usize, width: usize, height: usize) -> Result<()> {
+    unsafe fn copy_2d_async(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        height: usize,
+    ) -> Result<()> {
         if width == 0 || height == 0 {
             return Ok(());
         }
-        let p = ds::CUDA_MEMCPY2D {
-            srcXInBytes: 0,
-            srcY: 0,
-            srcMemoryType: ds::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-            srcHost: std::ptr::null(),
-            srcDevice: src,
-            srcArray: std::ptr::null_mut(),
-            srcPitch: src_pitch,
-            dstXInBytes: 0,
-            dstY: 0,
-            dstMemoryType: ds::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-            dstHost: std::ptr::null_mut(),
-            dstDevice: dst,
-            dstArray: std::ptr::null_mut(),
-            dstPitch: dst_pitch,
-            WidthInBytes: width,
-            Height: height,
-        };
+        let p = memcpy_2d_desc(dst, dst_pitch, src, src_pitch, width, height);
         self.dev.ctx.bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))?;
         // SAFETY: the descriptor addresses only device memory the caller vouches for; the stream
         // is the backend's compute stream, so the copy is ordered with every kernel.
         unsafe { ds::cuMemcpy2DAsync_v2(&p, self.dev.stream.cu_stream()) }
             .result()
             .map_err(|e| driver_err("cuMemcpy2DAsync", e))
+    }
+
+    /// [`Self::copy_2d_async`], falling back to a synchronous `cuMemcpy2DUnaligned` (the driver
+    /// may refuse asynchronous intra-device copies whose pitches did not come from
+    /// `cuMemAllocPitch`; the fallback is slow but always accepted). Used for the tiny `[rows]`
+    /// layout adapters of the sharded LayerNorm ops.
+    ///
+    /// # Safety
+    /// As [`Self::copy_2d_async`].
+    unsafe fn copy_2d(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        height: usize,
+    ) -> Result<()> {
+        if self.dev.copy_2d_async_ok.load(Ordering::Relaxed) {
+            // SAFETY: forwarded.
+            match unsafe { self.copy_2d_async(dst, dst_pitch, src, src_pitch, width, height) } {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!("{e}; falling back to synchronous cuMemcpy2DUnaligned for layout adapters");
+                    self.dev.copy_2d_async_ok.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        if width == 0 || height == 0 {
+            return Ok(());
+        }
+        self.dev.stream.synchronize().map_err(|e| driver_err("stream synchronize", e))?;
+        let p = memcpy_2d_desc(dst, dst_pitch, src, src_pitch, width, height);
+        self.dev.ctx.bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+        // SAFETY: as above; the compute stream is idle (synchronised), so nothing races the copy.
+        unsafe { ds::cuMemcpy2DUnaligned_v2(&p) }.result().map_err(|e| driver_err("cuMemcpy2DUnaligned", e))?;
+        self.dev.ctx.synchronize().map_err(|e| driver_err("context synchronize", e))
     }
 
     // ---- elementwise ------------------------------------------------------------------------
@@ -243,10 +288,12 @@ impl CudaBackend {
             let (sp, dp, w, h) = st.copy_2d_bytes();
             // SAFETY: `t` holds rows×cols bf16 (pitch cols·2), `d` rows×ld bf16 (pitch ld·2 >= width);
             // they are distinct scratch buffers.
-            match unsafe { self.copy_2d(d, dp, t, sp, w, h) } {
+            match unsafe { self.copy_2d_async(d, dp, t, sp, w, h) } {
                 Ok(()) => return Ok((d, st.ld)),
                 Err(e) => {
-                    tracing::warn!("padded bf16 staging disabled on this device ({e}); GEMMs fall back to unpadded operands");
+                    tracing::warn!(
+                        "padded bf16 staging disabled on this device ({e}); GEMMs fall back to unpadded operands"
+                    );
                     self.dev.pad_2d_ok.store(false, Ordering::Relaxed);
                 }
             }
@@ -277,7 +324,16 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn gemm_args(&self, c: u64, a: u64, lda: usize, b: u64, ldb: usize, ldc: usize, s: &MatmulSpec) -> Result<[Arg; 11]> {
+    fn gemm_args(
+        &self,
+        c: u64,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        ldc: usize,
+        s: &MatmulSpec,
+    ) -> Result<[Arg; 11]> {
         let op = "matmul";
         Ok([
             Arg::P(c),
@@ -394,6 +450,35 @@ impl CudaBackend {
     }
 }
 
+/// A device-to-device `CUDA_MEMCPY2D` descriptor.
+fn memcpy_2d_desc(
+    dst: u64,
+    dst_pitch: usize,
+    src: u64,
+    src_pitch: usize,
+    width: usize,
+    height: usize,
+) -> ds::CUDA_MEMCPY2D {
+    ds::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: ds::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: ds::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: width,
+        Height: height,
+    }
+}
+
 fn tn(t: bool) -> &'static str {
     if t {
         "t"
@@ -450,10 +535,7 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
-        self.dev
-            .stream
-            .memcpy_htod(data, &mut dst.data.slice_mut(offset..end))
-            .map_err(|e| driver_err("write", e))
+        self.dev.stream.memcpy_htod(data, &mut dst.data.slice_mut(offset..end)).map_err(|e| driver_err("write", e))
     }
     fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
         self.fill_raw("fill", buf.device_ptr(), buf.len, value)
@@ -536,7 +618,9 @@ impl Backend for CudaBackend {
         let n_blocks = rows_of("add_broadcast_rows", out.len, row_len)?;
         let op = "add_broadcast_rows";
         let base = out.device_ptr();
-        for (first, count, l) in lc::add_broadcast_rows(row_len, n_blocks).map_err(|detail| RuntimeError::Invalid { op, detail })? {
+        for (first, count, l) in
+            lc::add_broadcast_rows(row_len, n_blocks).map_err(|detail| RuntimeError::Invalid { op, detail })?
+        {
             let args = [
                 offset_f32(base, first * row_len),
                 ptr(row),
@@ -648,7 +732,22 @@ impl Backend for CudaBackend {
             check_len(op, "dscale", ds.len, dim)?;
         }
         let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.layernorm_backward_launch(&mut guard, op, dx, dscale, dbias, dout, x, mean, rstd, scale, 0, dim, dim, accumulate_dx)
+        self.layernorm_backward_launch(
+            &mut guard,
+            op,
+            dx,
+            dscale,
+            dbias,
+            dout,
+            x,
+            mean,
+            rstd,
+            scale,
+            0,
+            dim,
+            dim,
+            accumulate_dx,
+        )
     }
 
     fn layernorm_row_sums(&self, sums: &mut CudaBuf, x: &CudaBuf, center: Option<&CudaBuf>, dim: usize) -> Result<()> {
@@ -664,7 +763,8 @@ impl Backend for CudaBackend {
         let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
         let l = cfg(op, lc::layernorm_rows(rows))?;
-        let args = [ptr(x), opt_ptr(center), Arg::P(pairs), Arg::I(int(op, "rows", rows)?), Arg::I(int(op, "dim", dim)?)];
+        let args =
+            [ptr(x), opt_ptr(center), Arg::P(pairs), Arg::I(int(op, "rows", rows)?), Arg::I(int(op, "dim", dim)?)];
         // SAFETY: layernorm_sharded_sums_f32(x, center, sums, rows, dim) writes 2·rows interleaved
         // floats (Σ(x−c), Σ(x−c)²) into the pairs scratch; x holds rows·dim, center rows (or null).
         unsafe { self.launch("layernorm", "layernorm_sharded_sums_f32", l, &args)? };
@@ -818,7 +918,10 @@ impl Backend for CudaBackend {
         check_len(op, "sums", sums.len, 2 * rows)?;
         check_len(op, "dbias", dbias.len, dim)?;
         if scale.is_some() != dscale.is_some() {
-            return Err(RuntimeError::Invalid { op, detail: "scale and dscale must both be given or both be absent".into() });
+            return Err(RuntimeError::Invalid {
+                op,
+                detail: "scale and dscale must both be given or both be absent".into(),
+            });
         }
         if let Some(s) = scale {
             check_len(op, "scale", s.len, dim)?;
@@ -843,7 +946,20 @@ impl Backend for CudaBackend {
             self.copy_2d(pairs + 4, 8, s + 4 * rows as u64, 4, 4, rows)?;
         }
         self.layernorm_backward_launch(
-            &mut guard, op, dx, dscale, dbias, dout, x, mean, rstd, scale, pairs, dim, dim_global, accumulate_dx,
+            &mut guard,
+            op,
+            dx,
+            dscale,
+            dbias,
+            dout,
+            x,
+            mean,
+            rstd,
+            scale,
+            pairs,
+            dim,
+            dim_global,
+            accumulate_dx,
         )
     }
 
@@ -855,9 +971,18 @@ impl Backend for CudaBackend {
         }
         let l = cfg("gelu_glu_forward", lc::grid_stride(out.len, self.sms()))?;
         // SAFETY: gelu_glu_forward_f32(out, a, b, n), all n floats.
-        unsafe { self.launch("glu", "gelu_glu_forward_f32", l, &[mut_ptr(out), ptr(a), ptr(b), Arg::U(out.len as u64)]) }
+        unsafe {
+            self.launch("glu", "gelu_glu_forward_f32", l, &[mut_ptr(out), ptr(a), ptr(b), Arg::U(out.len as u64)])
+        }
     }
-    fn gelu_glu_backward(&self, da: &mut CudaBuf, db: &mut CudaBuf, dout: &CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
+    fn gelu_glu_backward(
+        &self,
+        da: &mut CudaBuf,
+        db: &mut CudaBuf,
+        dout: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+    ) -> Result<()> {
         let n = dout.len;
         for (what, len) in [("da", da.len), ("db", db.len), ("a", a.len), ("b", b.len)] {
             check_len("gelu_glu_backward", what, len, n)?;
@@ -871,7 +996,14 @@ impl Backend for CudaBackend {
         unsafe { self.launch("glu", "gelu_glu_backward_f32", l, &args) }
     }
 
-    fn embedding_forward(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &CudaIds, range: VocabRange, dim: usize) -> Result<()> {
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        table: &CudaBuf,
+        ids: &CudaIds,
+        range: VocabRange,
+        dim: usize,
+    ) -> Result<()> {
         let op = "embedding_forward";
         check_embedding(op, range, dim)?;
         check_len(op, "table", table.len, range.len() * dim)?;
@@ -893,7 +1025,14 @@ impl Backend for CudaBackend {
         // only for ids in [start, end) (range.len() rows held), writes n_ids·dim floats.
         unsafe { self.launch("embedding", "embedding_forward_f32", l, &args) }
     }
-    fn embedding_backward(&self, dtable: &mut CudaBuf, dout: &CudaBuf, ids: &CudaIds, range: VocabRange, dim: usize) -> Result<()> {
+    fn embedding_backward(
+        &self,
+        dtable: &mut CudaBuf,
+        dout: &CudaBuf,
+        ids: &CudaIds,
+        range: VocabRange,
+        dim: usize,
+    ) -> Result<()> {
         let op = "embedding_backward";
         check_embedding(op, range, dim)?;
         check_len(op, "dtable", dtable.len, range.len() * dim)?;
@@ -986,23 +1125,72 @@ impl Backend for CudaBackend {
         // SAFETY: attention_bwd_preprocess_f32(D, dout, out, B, H, Tq, hd) writes B·H·Tq floats of
         // D (the scratch holds lse_len) from dout and out (B·Tq·H·hd each). The f32 version serves
         // both paths (attention_tc.cu's header: f32 I/O uses attention.cu's preprocess).
-        unsafe { self.launch("attention", "attention_bwd_preprocess_f32", l, &[Arg::P(d), ptr(dout), ptr(out), b, h, tq, hd])? };
-        let (maskp, causal, scale) =
-            (Arg::P(mask.map_or(0, CudaIds::device_ptr)), Arg::I(shape.causal as i32), Arg::F(1.0 / (shape.head_dim as f32).sqrt()));
+        unsafe {
+            self.launch(
+                "attention",
+                "attention_bwd_preprocess_f32",
+                l,
+                &[Arg::P(d), ptr(dout), ptr(out), b, h, tq, hd],
+            )?
+        };
+        let (maskp, causal, scale) = (
+            Arg::P(mask.map_or(0, CudaIds::device_ptr)),
+            Arg::I(shape.causal as i32),
+            Arg::F(1.0 / (shape.head_dim as f32).sqrt()),
+        );
         let l = cfg(op, path.launch(AttentionKernel::BackwardDkDv, &shape))?;
-        let args =
-            [mut_ptr(dk), mut_ptr(dv), ptr(dout), ptr(q), ptr(k), ptr(v), ptr(lse), Arg::P(d), maskp, b, h, tq, tk, hd, causal, scale];
+        let args = [
+            mut_ptr(dk),
+            mut_ptr(dv),
+            ptr(dout),
+            ptr(q),
+            ptr(k),
+            ptr(v),
+            ptr(lse),
+            Arg::P(d),
+            maskp,
+            b,
+            h,
+            tq,
+            tk,
+            hd,
+            causal,
+            scale,
+        ];
         // SAFETY: *_bwd_dkdv_*(dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale):
         // dk/dv overwritten (B·Tk·H·hd each), inputs with the checked lengths, D written just above.
         unsafe { self.launch(family, &path.entry(AttentionKernel::BackwardDkDv), l, &args)? };
         let l = cfg(op, path.launch(AttentionKernel::BackwardDq, &shape))?;
-        let args = [mut_ptr(dq), ptr(dout), ptr(q), ptr(k), ptr(v), ptr(lse), Arg::P(d), maskp, b, h, tq, tk, hd, causal, scale];
+        let args = [
+            mut_ptr(dq),
+            ptr(dout),
+            ptr(q),
+            ptr(k),
+            ptr(v),
+            ptr(lse),
+            Arg::P(d),
+            maskp,
+            b,
+            h,
+            tq,
+            tk,
+            hd,
+            causal,
+            scale,
+        ];
         // SAFETY: *_bwd_dq_*(dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale): dq
         // overwritten (B·Tq·H·hd), the rest as above.
         unsafe { self.launch(family, &path.entry(AttentionKernel::BackwardDq), l, &args) }
     }
 
-    fn cross_entropy_fused(&self, logits: &mut CudaBuf, losses: &mut CudaBuf, targets: &CudaIds, classes: usize, grad_scale: f32) -> Result<()> {
+    fn cross_entropy_fused(
+        &self,
+        logits: &mut CudaBuf,
+        losses: &mut CudaBuf,
+        targets: &CudaIds,
+        classes: usize,
+        grad_scale: f32,
+    ) -> Result<()> {
         let op = "cross_entropy_fused";
         let rows = rows_of(op, logits.len, classes)?;
         check_len(op, "losses", losses.len, rows)?;
@@ -1015,13 +1203,27 @@ impl Backend for CudaBackend {
         }
         let l = cfg(op, lc::cross_entropy(rows, classes))?;
         let c = Arg::I(int(op, "classes", classes)?);
-        let args = [mut_ptr(logits), mut_ptr(losses), Arg::P(targets.device_ptr()), Arg::I(int(op, "rows", rows)?), c, c, Arg::F(grad_scale)];
+        let args = [
+            mut_ptr(logits),
+            mut_ptr(losses),
+            Arg::P(targets.device_ptr()),
+            Arg::I(int(op, "rows", rows)?),
+            c,
+            c,
+            Arg::F(grad_scale),
+        ];
         // SAFETY: cross_entropy_fused_f32(logits, losses, targets, rows, valid_cols, ld, grad_scale)
         // with ld = valid_cols = classes: logits rows·classes, losses and targets rows (checked).
         unsafe { self.launch("cross_entropy", "cross_entropy_fused_f32", l, &args) }
     }
 
-    fn vocab_parallel_max(&self, row_max: &mut CudaBuf, logits: &CudaBuf, cols: usize, valid_cols: usize) -> Result<()> {
+    fn vocab_parallel_max(
+        &self,
+        row_max: &mut CudaBuf,
+        logits: &CudaBuf,
+        cols: usize,
+        valid_cols: usize,
+    ) -> Result<()> {
         let op = "vocab_parallel_max";
         let rows = rows_of(op, logits.len, cols)?;
         check_len(op, "row_max", row_max.len, rows)?;
@@ -1122,7 +1324,14 @@ impl Backend for CudaBackend {
         unsafe { self.launch("cross_entropy", "vocab_parallel_grad_f32", l, &args) }
     }
 
-    fn adamw(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, step: &AdamWStep) -> Result<()> {
+    fn adamw(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        step: &AdamWStep,
+    ) -> Result<()> {
         let n = param.len;
         check_len("adamw", "grad", grad.len, n)?;
         check_len("adamw", "m", m.len, n)?;
