@@ -9,7 +9,10 @@
 //!    fully-masked row, is required to match exactly).
 //! 2. **Parity** — every reference fixture under `tests/fixtures/` through
 //!    [`crate::parity::run_on`] on the GPU in fp32 (custom GEMM and cuBLAS).
-//! 3. **tp = 2** on one GPU — reported SKIPPED until the tensor-parallel model exists.
+//! 3. **tp = 2** on one GPU — two rank threads, each with its own [`CudaBackend`] (own stream) on
+//!    the same GPU, the tensor-parallel model ([`DalleBart::new_sharded`]) over the in-process
+//!    [`ThreadComm`] (device buffers staged through host memory by [`HostStagedComm`]); the
+//!    gathered logits, loss and gradients against each fixture that admits tp = 2.
 //! 4. **NCCL** — a 1-rank communicator: every collective and the async all-reduce round-trip.
 //! 5. **Benchmarks** — GEMM TFLOP/s (custom vs cuBLAS, fp32 and bf16) on mini's and mega's
 //!    shapes, attention forward/backward TFLOP/s, cross-entropy GB/s, and mini training steps
@@ -22,16 +25,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use dm_model::checkpoint::{load_weights, params_from_tensors, read_tensors, HostTensor};
+use dm_model::dallebart::TpGroup;
 use dm_model::flops::step_flops;
 use dm_model::{AdamW, AdamWConfig, DalleBart, DalleBartConfig, ParamTable};
 use dm_parallel::comm::nccl::{nccl_library_present, nccl_version, NcclComm, NcclId, NcclOptions};
-use dm_parallel::{Communicator, ReduceOp};
+use dm_parallel::{run_ranks, CommError, CommStats, Communicator, Mesh, ReduceOp, ThreadComm};
 use dm_runtime::cpu::CpuBackend;
 use dm_runtime::cuda::{CudaBackend, CudaOptions, MatmulImpl, Precision};
 use dm_runtime::{AdamWStep, AttentionShape, Backend, MatmulSpec, VocabRange};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Dense bf16 tensor-core peak of an H100 SXM, the MFU denominator.
 pub const PEAK_BF16_TFLOPS: f64 = 989.0;
@@ -215,14 +221,7 @@ pub fn run_with(opts: &GpuCheckOptions) -> Result<GpuCheckReport> {
 
     ck.section("ops", |c| c.ops());
     ck.section("parity", |c| c.parity(&opts.fixtures));
-    ck.row(
-        "tp",
-        "tp=2 on one GPU (in-process communicator)",
-        Status::Skipped,
-        None,
-        None,
-        "tp=2: not available in this build".into(),
-    );
+    ck.section("tp", |c| c.tp2(&opts.fixtures));
     ck.section("nccl", |c| c.nccl());
     if opts.benches {
         let deadline = t0 + opts.time_budget;
@@ -247,6 +246,151 @@ fn write_json(opts: &GpuCheckOptions, report: &mut GpuCheckReport) -> Result<()>
         crate::atomic_write(&path, serde_json::to_string_pretty(report)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// The fixture folders (those with a `config.json`) under `dir`, sorted.
+fn fixture_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the fixtures folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    fixtures.sort();
+    Ok(fixtures)
+}
+
+/// A [`Communicator`] for any backend over an in-process [`ThreadComm`]: device buffers are
+/// downloaded, combined by the thread rendezvous on host slices, and written back. Slow (every
+/// collective synchronises), exact, and enough to run tensor parallelism with several ranks on
+/// one GPU, where NCCL (before 2.30) refuses two ranks of one communicator.
+pub struct HostStagedComm<B: Backend> {
+    comm: ThreadComm,
+    be: B,
+}
+
+impl<B: Backend> HostStagedComm<B> {
+    pub fn new(comm: ThreadComm, be: B) -> Self {
+        Self { comm, be }
+    }
+}
+
+fn staged_err(op: &'static str, e: dm_runtime::RuntimeError) -> CommError {
+    CommError::Device { op, detail: e.to_string() }
+}
+
+impl<B: Backend> Communicator<B> for HostStagedComm<B> {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn size(&self) -> usize {
+        self.comm.size()
+    }
+    fn all_reduce(&self, buf: &mut B::Buf, op: ReduceOp) -> dm_parallel::comm::Result<()> {
+        let mut h = self.be.download(buf).map_err(|e| staged_err("all_reduce", e))?;
+        self.comm.all_reduce_slice(&mut h, op)?;
+        self.be.write(buf, 0, &h).map_err(|e| staged_err("all_reduce", e))
+    }
+    fn all_gather(&self, send: &B::Buf, recv: &mut B::Buf) -> dm_parallel::comm::Result<()> {
+        let s = self.be.download(send).map_err(|e| staged_err("all_gather", e))?;
+        let mut r = vec![0.0; self.be.buf_len(recv)];
+        self.comm.all_gather_slice(&s, &mut r)?;
+        self.be.write(recv, 0, &r).map_err(|e| staged_err("all_gather", e))
+    }
+    fn reduce_scatter(&self, send: &B::Buf, recv: &mut B::Buf, op: ReduceOp) -> dm_parallel::comm::Result<()> {
+        let s = self.be.download(send).map_err(|e| staged_err("reduce_scatter", e))?;
+        let mut r = vec![0.0; self.be.buf_len(recv)];
+        self.comm.reduce_scatter_slice(&s, &mut r, op)?;
+        self.be.write(recv, 0, &r).map_err(|e| staged_err("reduce_scatter", e))
+    }
+    fn broadcast(&self, buf: &mut B::Buf, root: usize) -> dm_parallel::comm::Result<()> {
+        let mut h = self.be.download(buf).map_err(|e| staged_err("broadcast", e))?;
+        self.comm.broadcast_slice(&mut h, root)?;
+        self.be.write(buf, 0, &h).map_err(|e| staged_err("broadcast", e))
+    }
+    fn barrier(&self) -> dm_parallel::comm::Result<()> {
+        self.comm.barrier()
+    }
+    fn stats(&self) -> CommStats {
+        self.comm.stats()
+    }
+    fn abort(&self, reason: &str) {
+        self.comm.abort(reason)
+    }
+}
+
+type Tp2Errors = ([f64; 3], String);
+/// One tp rank's results: (tp_index, logits, logits columns, loss, gradients).
+type Tp2Rank = (usize, Vec<f32>, (usize, usize, usize), f32, Vec<Vec<f32>>);
+
+/// Forward, loss and backward of fixture `dir` on two tensor-parallel ranks, each on a backend
+/// from `make_backend` (on the GPU check: two CUDA backends sharing one GPU); `None` when the fixture's config or batch does not admit tp = 2. Returns the loss
+/// (abs), logits (max abs) and gradient (max relative to each tensor's max) errors.
+fn tp2_fixture<B: Backend>(
+    make_backend: impl Fn() -> dm_runtime::Result<B> + Sync,
+    dir: &Path,
+) -> Result<Option<Tp2Errors>> {
+    let cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
+    let batch = crate::parity::read_batch(&dir.join("batch.safetensors"), &cfg)?;
+    if crate::parity::check_mesh(&cfg, batch.batch, 2, 1).is_err() {
+        return Ok(None);
+    }
+    let full = ParamTable::new(&cfg);
+    let weights = load_weights(&dir.join("weights.safetensors"), &full)?;
+    let expected_path = dir.join("expected.safetensors");
+    let expected = read_tensors(&expected_path)?;
+    let f32_of = |name: &str| -> Result<Vec<f32>> {
+        match expected.get(name) {
+            Some(HostTensor::F32 { data, .. }) => Ok(data.clone()),
+            _ => anyhow::bail!("{}: float tensor `{name}` is missing", expected_path.display()),
+        }
+    };
+    let (ref_logits, ref_loss) = (f32_of("logits")?, f32_of("loss")?[0] as f64);
+    let ref_grads = params_from_tensors(&expected_path, &full, &expected, "grad.")?;
+    let tokens = (batch.batch * batch.image_len) as f32;
+    let mesh = Mesh::new(2, 1)?;
+    let results = run_ranks(&mesh, |rank, comms| -> Result<Tp2Rank> {
+        let (_, tp_index) = mesh.coords(rank);
+        let be = make_backend()?;
+        let table = ParamTable::sharded(&cfg, tp_index, 2);
+        let local = table.shard_values(&weights);
+        let comm: Arc<dyn Communicator<B>> = Arc::new(HostStagedComm::new(comms.tp, be.clone()));
+        let group = TpGroup { rank: tp_index, size: 2, comm };
+        let mut model = DalleBart::new_sharded(be, cfg.clone(), Some(group), local)?;
+        model.forward(&batch)?;
+        let logits = model.logits()?;
+        let cols = model.logits_columns();
+        let out = model.loss_and_backward(1.0 / tokens)?;
+        Ok((tp_index, logits, cols, out.loss, model.grad_values()?))
+    })
+    .map_err(|f| anyhow::anyhow!("{f}"))?;
+    let classes = cfg.image_rows();
+    let rows = batch.batch * batch.image_len;
+    let mut logits = vec![f32::NAN; ref_logits.len()];
+    for (_, l, (cols, start, valid), _, _) in &results {
+        for i in 0..rows {
+            logits[i * classes + start..i * classes + start + valid].copy_from_slice(&l[i * cols..i * cols + valid]);
+        }
+    }
+    let mut by_tp: Vec<_> = results.iter().collect();
+    by_tp.sort_by_key(|r| r.0);
+    let tables: Vec<ParamTable> = (0..2).map(|t| ParamTable::sharded(&cfg, t, 2)).collect();
+    let locals: Vec<Vec<Vec<f32>>> = by_tp.iter().map(|r| r.4.clone()).collect();
+    let grads = ParamTable::unshard_values(&tables, &locals);
+    let mut worst = (0.0f64, String::new());
+    for ((spec, g), r) in full.specs.iter().zip(&grads).zip(&ref_grads) {
+        let e = rel_err(g, r);
+        if e >= worst.0 {
+            worst = (e, spec.name.clone());
+        }
+    }
+    let loss_err = (by_tp[0].3 as f64 - ref_loss).abs();
+    let logits_err = logits
+        .iter()
+        .zip(&ref_logits)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, |m: f64, x| if x.is_nan() { f64::INFINITY } else { m.max(x) });
+    let detail = format!("loss {loss_err:.1e} logits {logits_err:.1e} grad {:.1e} ({})", worst.0, worst.1);
+    Ok(Some(([loss_err, logits_err, worst.0], detail)))
 }
 
 // ---- comparison helpers -----------------------------------------------------------------------
@@ -878,13 +1022,7 @@ impl Checker {
     // ---- section 2: parity fixtures --------------------------------------------------------------
 
     fn parity(&mut self, dir: &Path) -> Result<()> {
-        let mut fixtures: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading the fixtures folder {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("config.json").is_file())
-            .collect();
-        fixtures.sort();
-        for f in fixtures {
+        for f in fixture_dirs(dir)? {
             let name = f.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
             for (label, be) in [
                 ("f32 custom", self.gpu.with_options(Precision::F32, MatmulImpl::Custom)),
@@ -915,6 +1053,33 @@ impl Checker {
                         self.row("parity", &format!("{name} ({label})"), Status::Fail, None, None, format!("{e:#}"))
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- section 3: tp = 2 on one GPU ---------------------------------------------------------
+
+    fn tp2(&mut self, dir: &Path) -> Result<()> {
+        let ordinal = self.gpu.info().ordinal;
+        for f in fixture_dirs(dir)? {
+            let name = format!(
+                "tp=2 {} (f32 custom)",
+                f.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            );
+            match tp2_fixture(|| CudaBackend::new(ordinal, CudaOptions::default()), &f) {
+                Ok(None) => {
+                    self.row("tp", &name, Status::Skipped, None, None, "the fixture does not admit tp=2".into())
+                }
+                Ok(Some((errs, detail))) => {
+                    let [loss, logits, grad] = errs;
+                    let pass = loss <= crate::parity::LOSS_TOL
+                        && logits <= crate::parity::LOGITS_TOL
+                        && grad <= crate::parity::GRAD_REL_TOL;
+                    let st = if pass { Status::Pass } else { Status::Fail };
+                    self.row("tp", &name, st, Some(grad), Some(crate::parity::GRAD_REL_TOL), detail);
+                }
+                Err(e) => self.row("tp", &name, Status::Fail, None, None, format!("{e:#}")),
             }
         }
         Ok(())
@@ -1227,6 +1392,17 @@ mod tests {
         assert_eq!(round_bf16(-3.0), -3.0);
         let x = 0.123_456_79f32;
         assert!(((round_bf16(x) - x) / x).abs() < 1.0 / 256.0);
+    }
+
+    /// The tp = 2 harness (host-staged communicator, sharding, gathering) on CPU ranks: what the
+    /// GPU check runs, minus the GPU.
+    #[test]
+    fn tp2_harness_matches_the_fixture_on_cpu_ranks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/dallebart-tiny");
+        let (errs, detail) = tp2_fixture(|| Ok(CpuBackend::new()), &dir).unwrap().expect("tiny admits tp=2");
+        assert!(errs[0] <= crate::parity::LOSS_TOL, "{detail}");
+        assert!(errs[1] <= crate::parity::LOGITS_TOL, "{detail}");
+        assert!(errs[2] <= crate::parity::GRAD_REL_TOL, "{detail}");
     }
 
     #[test]

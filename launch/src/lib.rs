@@ -46,6 +46,20 @@ pub fn test_hook(point: &str, step: u64) {
 }
 
 /// Refuses up front a run whose per-rank memory plan exceeds the budget.
-pub fn plan_check(_model: &dm_model::DalleBartConfig, _cfg: &run_config::RunConfig, _budget: u64) -> anyhow::Result<()> {
+pub fn plan_check(
+    _model: &dm_model::DalleBartConfig,
+    _cfg: &run_config::RunConfig,
+    _budget: u64,
+) -> anyhow::Result<()> {
+    Ok(())
+}
+
+/// Failure-test hook: when `DALLE_MESH_TEST_FAIL` is `<rank>:<step>`, that rank returns an error
+/// in the middle of that step (after its backward, before the gradient collectives), as a rank
+/// whose device failed would. Does nothing otherwise.
+pub fn test_fail(rank: usize, step: u64) -> anyhow::Result<()> {
+    if std::env::var("DALLE_MESH_TEST_FAIL").is_ok_and(|s| s == format!("{rank}:{step}")) {
+        anyhow::bail!("injected failure on rank {rank} at step {step} (DALLE_MESH_TEST_FAIL)");
+    }
     Ok(())
 }

@@ -221,7 +221,12 @@ impl Groups {
 }
 
 /// All-reduces one scalar over `comm` (identity without one).
-fn reduce_scalar(be: &CpuBackend, comm: &Option<Arc<dyn Communicator<CpuBackend>>>, x: f32, op: ReduceOp) -> Result<f32> {
+fn reduce_scalar(
+    be: &CpuBackend,
+    comm: &Option<Arc<dyn Communicator<CpuBackend>>>,
+    x: f32,
+    op: ReduceOp,
+) -> Result<f32> {
     let Some(c) = comm else { return Ok(x) };
     let mut b = be.upload("scalar", &[x])?;
     c.all_reduce(&mut b, op)?;
@@ -248,7 +253,9 @@ pub struct FullState {
 fn assemble(cfg: &DalleBartConfig, mesh: &Mesh, zero1: bool, states: &[RankState]) -> FullState {
     let tables: Vec<dm_model::ParamTable> =
         (0..mesh.tp()).map(|t| dm_model::ParamTable::sharded(cfg, t, mesh.tp())).collect();
-    let by = |dp: usize, tp: usize| states.iter().find(|s| s.dp_index == dp && s.tp_index == tp).expect("every rank reported");
+    let by = |dp: usize, tp: usize| {
+        states.iter().find(|s| s.dp_index == dp && s.tp_index == tp).expect("every rank reported")
+    };
     let params: Vec<Vec<Vec<f32>>> = (0..mesh.tp()).map(|t| by(0, t).params.clone()).collect();
     let moment = |pick: &dyn Fn(&RankState) -> &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
         let locals: Vec<Vec<Vec<f32>>> = (0..mesh.tp())
@@ -419,7 +426,11 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         Optimizer::Full(a)
     };
     let mut reader = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), sh.start_reader)?;
-    let mut metrics = if leader { Some(Metrics::open(&sh.out.join("metrics.jsonl"), sh.restored.map(|_| sh.start_step))?) } else { None };
+    let mut metrics = if leader {
+        Some(Metrics::open(&sh.out.join("metrics.jsonl"), sh.restored.map(|_| sh.start_step))?)
+    } else {
+        None
+    };
 
     let tr = &cfg.training;
     let micro = tr.batch_size / tr.grad_accumulation;
@@ -445,9 +456,13 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
             loss_sum += model.loss_and_backward(1.0 / tokens_per_step)?.loss as f64;
         }
         crate::test_hook("step", step + 1);
+        crate::test_fail(rank, step + 1)?;
         let loss = reduce_scalar(&be, &groups.dp, (loss_sum / tr.grad_accumulation as f64) as f32, ReduceOp::Avg)?;
         if !loss.is_finite() {
-            bail!("loss became {loss} at step {}: lower optimizer.learning_rate or set optimizer.max_grad_norm", step + 1);
+            bail!(
+                "loss became {loss} at step {}: lower optimizer.learning_rate or set optimizer.max_grad_norm",
+                step + 1
+            );
         }
         // Gradient sync across dp and the global gradient norm (replicated tensors counted once).
         let counted = |i: usize| tp_index == 0 || table.specs[i].shard != dm_model::params::Shard::Replicated;
@@ -464,7 +479,11 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
                         sq += be.sum_squares(g)?;
                     }
                 }
-                let sq = if groups.tp.is_some() { reduce_scalar(&be, &groups.tp, sq as f32, ReduceOp::Sum)? as f64 } else { sq };
+                let sq = if groups.tp.is_some() {
+                    reduce_scalar(&be, &groups.tp, sq as f32, ReduceOp::Sum)? as f64
+                } else {
+                    sq
+                };
                 (sq.sqrt() as f32, None)
             }
             Optimizer::Zero1(z) => {
@@ -549,7 +568,8 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
             let full = gather_state(&model, &opt, sh, &be, &groups, dp_index, tp_index)?;
             if let Some(full) = full {
                 if save {
-                    outcome.checkpoint = Some(save_checkpoint(sh.out, cfg, model_cfg, sh.data, step, reader.state(), &full)?);
+                    outcome.checkpoint =
+                        Some(save_checkpoint(sh.out, cfg, model_cfg, sh.data, step, reader.state(), &full)?);
                 }
                 if sample {
                     outcome.sample_png = sample_from(sh, model_cfg, step, &full.params)?;
@@ -628,7 +648,8 @@ fn gather_state(
 /// Samples the run's prompts from full weights on a single-device model (world rank 0).
 fn sample_from(sh: &Shared, model_cfg: &DalleBartConfig, step: u64, params: &[Vec<f32>]) -> Result<Option<PathBuf>> {
     let tr = &sh.cfg.training;
-    let prompts = if tr.sample_prompts.is_empty() { sh.data.default_prompts.clone() } else { tr.sample_prompts.clone() };
+    let prompts =
+        if tr.sample_prompts.is_empty() { sh.data.default_prompts.clone() } else { tr.sample_prompts.clone() };
     if prompts.is_empty() {
         return Ok(None);
     }
@@ -655,7 +676,8 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
     let mesh = Mesh::new(cfg.mesh.tp, cfg.mesh.dp)?;
     let budget = cfg.mesh.device_memory.as_deref().map(parse_bytes).transpose()?;
     let data = prepare_data(&cfg, out)?;
-    let model_cfg = cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
+    let model_cfg =
+        cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
     dm_model::params::check_tp(&model_cfg, mesh.tp()).map_err(|e| anyhow::anyhow!("mesh.tp = {}: {e}", mesh.tp()))?;
     if let Some(b) = budget {
         crate::plan_check(&model_cfg, &cfg, b)?;

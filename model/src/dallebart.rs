@@ -339,7 +339,19 @@ impl<B: Backend> DalleBart<B> {
             let x = if li == 0 { &a.enc.ln_emb.out } else { &done[li - 1].out };
             let la = &mut rest[0];
             let shape = attn_shape(b, e.len, e.len, e, false);
-            attn_block_fwd(be, p, tp, idx.ln0_bias, &idx.attn, idx.ln1, &mut la.self_attn, x, None, Some(&a.mask), shape)?;
+            attn_block_fwd(
+                be,
+                p,
+                tp,
+                idx.ln0_bias,
+                &idx.attn,
+                idx.ln1,
+                &mut la.self_attn,
+                x,
+                None,
+                Some(&a.mask),
+                shape,
+            )?;
             glu_fwd(be, p, tp, &idx.glu, &mut la.glu, &la.self_attn.out, &mut la.out, e)?;
         }
         let last = a.enc.layers.last().map_or(&a.enc.ln_emb.out, |l| &l.out);
@@ -499,7 +511,21 @@ impl<B: Backend> DalleBart<B> {
                 ds,
             )?;
             let shape = attn_shape(b, dd.len, dd.len, dd, true);
-            attn_block_bwd(be, p, g, tp, idx.ln0_bias, &idx.self_attn, idx.ln1, &la.self_attn, x, None, None, shape, ds)?;
+            attn_block_bwd(
+                be,
+                p,
+                g,
+                tp,
+                idx.ln0_bias,
+                &idx.self_attn,
+                idx.ln1,
+                &la.self_attn,
+                x,
+                None,
+                None,
+                shape,
+                ds,
+            )?;
         }
         embed_bwd(be, p, g, &t.decoder.into(), &a.dec, ds, dd)?;
         // The cross-attentions' contributions are partial sums over this rank's heads.

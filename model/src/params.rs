@@ -23,9 +23,17 @@ pub enum Init {
 pub enum Shard {
     Replicated,
     /// Split along the last axis (column-parallel kernels, lm_head).
-    Cols { full: usize, start: usize, valid: usize },
+    Cols {
+        full: usize,
+        start: usize,
+        valid: usize,
+    },
     /// Split along the first axis (row-parallel kernels, embedding rows, the GLU middle bias).
-    Rows { full: usize, start: usize, valid: usize },
+    Rows {
+        full: usize,
+        start: usize,
+        valid: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +216,8 @@ impl Builder {
     }
     /// q/k/v column-parallel (heads split across tp), out_proj row-parallel.
     fn attn(&mut self, p: &str, d: usize) -> AttnIdx {
-        let mut k = |n: &str, out: bool| self.add_split(format!("{p}.{n}_proj.kernel"), &[d, d], Init::Normal, !out, false);
+        let mut k =
+            |n: &str, out: bool| self.add_split(format!("{p}.{n}_proj.kernel"), &[d, d], Init::Normal, !out, false);
         AttnIdx { q: k("q", false), k: k("k", false), v: k("v", false), out: k("out", true) }
     }
     /// Dense_0/1 column-parallel, the middle LayerNorm and Dense_2 split along ffn.
@@ -345,9 +354,13 @@ pub fn check_tp(c: &DalleBartConfig, tp: usize) -> Result<(), String> {
     if tp == 0 {
         return Err("tp must be at least 1".into());
     }
-    for (heads, name) in [(c.encoder_attention_heads, "encoder_attention_heads"), (c.decoder_attention_heads, "decoder_attention_heads")] {
+    for (heads, name) in
+        [(c.encoder_attention_heads, "encoder_attention_heads"), (c.decoder_attention_heads, "decoder_attention_heads")]
+    {
         if !heads.is_multiple_of(tp) {
-            return Err(format!("{name} = {heads} is not divisible by tp = {tp}: choose a tp that divides the head count"));
+            return Err(format!(
+                "{name} = {heads} is not divisible by tp = {tp}: choose a tp that divides the head count"
+            ));
         }
     }
     for (n, name) in [

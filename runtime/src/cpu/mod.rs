@@ -186,12 +186,19 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, out: &mut CpuBuf, a: &CpuBuf, b: &CpuBuf, spec: MatmulSpec) -> Result<()> {
-        let lens = [("a", a.data.len(), spec.m * spec.k), ("b", b.data.len(), spec.k * spec.n), ("out", out.data.len(), spec.m * spec.n)];
+        let lens = [
+            ("a", a.data.len(), spec.m * spec.k),
+            ("b", b.data.len(), spec.k * spec.n),
+            ("out", out.data.len(), spec.m * spec.n),
+        ];
         if let Some((what, got, want)) = lens.iter().find(|(_, got, want)| got != want) {
             if std::env::var_os("DM_DEBUG_SHAPES").is_some() {
                 eprintln!("{}", std::backtrace::Backtrace::force_capture());
             }
-            return Err(RuntimeError::Shape { op: "matmul", detail: format!("{what} has {got} elements, expected {want} for {spec:?}") });
+            return Err(RuntimeError::Shape {
+                op: "matmul",
+                detail: format!("{what} has {got} elements, expected {want} for {spec:?}"),
+            });
         }
         matmul::matmul(&mut out.data, &a.data, &b.data, spec);
         Ok(())
