@@ -206,7 +206,7 @@ struct RankResult {
 pub fn check_mesh(cfg: &DalleBartConfig, batch: usize, tp: usize, dp: usize) -> Result<dm_parallel::Mesh> {
     let mesh = dm_parallel::Mesh::new(tp, dp)?;
     dm_model::params::check_tp(cfg, tp).map_err(|e| anyhow::anyhow!("mesh tp={tp}: {e}"))?;
-    if batch % dp != 0 {
+    if !batch.is_multiple_of(dp) {
         bail!("mesh dp={dp}: the batch of {batch} rows is not divisible by dp; choose a dp that divides it");
     }
     Ok(mesh)
