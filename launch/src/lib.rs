@@ -2,7 +2,10 @@
 //! function returning a serialisable report, so tests drive exactly what the binary runs.
 
 pub mod bench;
+pub mod gpu_check;
+pub mod kernels_cmd;
 pub mod parity;
+pub mod plan_cmd;
 pub mod plot;
 pub mod run_checkpoint;
 pub mod run_config;
@@ -45,13 +48,95 @@ pub fn test_hook(point: &str, step: u64) {
     }
 }
 
-/// Refuses up front a run whose per-rank memory plan exceeds the budget.
-pub fn plan_check(
-    _model: &dm_model::DalleBartConfig,
-    _cfg: &run_config::RunConfig,
-    _budget: u64,
-) -> anyhow::Result<()> {
-    Ok(())
+/// Refuses up front a run whose per-rank memory plan exceeds the budget: the plan
+/// ([`dm_model::plan`], fp32 as the CPU ranks allocate) of the largest rank with the run's mesh,
+/// ZeRO-1 setting and micro-batch per rank (`batch_size / grad_accumulation / dp`), compared with
+/// `budget` on the tracked total (the untracked attention scratch is not budgeted). The error
+/// gives the plan's parts and what would fit: a smaller micro-batch (more accumulation), ZeRO-1,
+/// a larger tp or dp. `DALLE_MESH_SKIP_PLAN_CHECK=1` skips the check (tests of the tracker's own
+/// refusal).
+pub fn plan_check(model: &dm_model::DalleBartConfig, cfg: &run_config::RunConfig, budget: u64) -> anyhow::Result<()> {
+    use dm_model::plan::{plan, PlanOptions};
+    use plan_cmd::human_bytes as h;
+    if std::env::var("DALLE_MESH_SKIP_PLAN_CHECK").is_ok_and(|v| !v.is_empty() && v != "0") {
+        tracing::warn!("DALLE_MESH_SKIP_PLAN_CHECK is set: not checking the memory plan against the budget");
+        return Ok(());
+    }
+    let (t, m) = (&cfg.training, &cfg.mesh);
+    let options = |tp: usize, dp: usize, ga: usize, zero1: bool| PlanOptions {
+        zero1: zero1 && dp > 1,
+        device_memory: Some(budget),
+        ..PlanOptions::new(tp, dp, t.batch_size / ga / dp)
+    };
+    let opts = options(m.tp, m.dp, t.grad_accumulation, m.zero1);
+    let p = plan(model, &opts).map_err(|e| anyhow::anyhow!("mesh (tp {}, dp {}): {e}", m.tp, m.dp))?;
+    if p.total_tracked <= budget {
+        tracing::info!(
+            planned = %h(p.total_tracked),
+            budget = %h(budget),
+            "the memory plan of the largest rank fits mesh.device_memory"
+        );
+        return Ok(());
+    }
+    let fits = |o: &PlanOptions| plan(model, o).ok().filter(|q| q.total_tracked <= budget).map(|q| q.total_tracked);
+    let mut hints = Vec::new();
+    // A smaller micro-batch: more gradient accumulation, same global batch.
+    let micro = t.batch_size / t.grad_accumulation;
+    if let Some((ga, b)) = (2..=micro)
+        .map(|k| t.grad_accumulation * k)
+        .filter(|&ga| t.batch_size.is_multiple_of(ga) && (t.batch_size / ga).is_multiple_of(m.dp))
+        .find_map(|ga| fits(&options(m.tp, m.dp, ga, m.zero1)).map(|b| (ga, b)))
+    {
+        hints.push(format!(
+            "training.grad_accumulation: {ga} (micro-batch {} per rank) → {}",
+            t.batch_size / ga / m.dp,
+            h(b)
+        ));
+    }
+    if !m.zero1 && m.dp > 1 {
+        if let Some(b) = fits(&options(m.tp, m.dp, t.grad_accumulation, true)) {
+            hints.push(format!("mesh.zero1: true → {}", h(b)));
+        }
+    }
+    if let Some((tp, b)) = [2, 4, 8, 16, 32, 64]
+        .iter()
+        .map(|k| m.tp * k)
+        .find_map(|tp| fits(&options(tp, m.dp, t.grad_accumulation, m.zero1)).map(|b| (tp, b)))
+    {
+        hints.push(format!("mesh.tp: {tp} → {} per rank", h(b)));
+    }
+    if let Some((dp, b)) = [2, 4, 8, 16, 32, 64]
+        .iter()
+        .map(|k| m.dp * k)
+        .filter(|&dp| micro.is_multiple_of(dp))
+        .find_map(|dp| fits(&options(m.tp, dp, t.grad_accumulation, true)).map(|b| (dp, b)))
+    {
+        hints.push(format!("mesh.dp: {dp} with mesh.zero1: true (same global batch) → {} per rank", h(b)));
+    }
+    let hint = if hints.is_empty() {
+        "nothing tried fits (micro-batch 1, ZeRO-1, tp and dp up to ×64): use devices with more memory".to_string()
+    } else {
+        format!("options that fit: {}", hints.join("; "))
+    };
+    anyhow::bail!(
+        "the memory plan of the largest rank (tp rank {}) needs {} ({} bytes) but mesh.device_memory is {} \
+         ({budget} bytes): weights {} + gradients {} + optimizer state {} + activations {} (micro-batch {} per \
+         rank) + communication buffers {}, on tp {} × dp {}{}. Lower training.batch_size or raise \
+         training.grad_accumulation, raise mesh.tp or mesh.dp, or set mesh.zero1; {hint}",
+        p.tp_rank,
+        h(p.total_tracked),
+        p.total_tracked,
+        h(budget),
+        h(p.weights),
+        h(p.gradients),
+        h(p.optimizer_state),
+        h(p.activations),
+        opts.batch_per_device,
+        h(p.communication_buffers),
+        m.tp,
+        m.dp,
+        if opts.zero1 { " with ZeRO-1" } else { "" },
+    )
 }
 
 /// Failure-test hook: when `DALLE_MESH_TEST_FAIL` is `<rank>:<step>`, that rank returns an error

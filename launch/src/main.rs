@@ -80,10 +80,31 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         dp: usize,
     },
+    /// Every CUDA op against the CPU, the parity fixtures on the GPU, NCCL, benchmarks (needs an
+    /// NVIDIA GPU; exits 2 without one, 1 if a check fails).
+    GpuCheck {
+        /// Folder for gpu-check.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// CUDA kernels.
+    Kernels {
+        #[command(subcommand)]
+        what: KernelsCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelsCommand {
+    /// Compile every kernel with NVRTC (no GPU needed); ptxas register/spill report when found.
+    Check {
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
     },
 }
 
@@ -194,6 +215,18 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::GpuCheck { out } => {
+            let r = dalle_mesh::gpu_check::run(out.as_deref())?;
+            print_json(&serde_json::json!({
+                "available": r.available, "pass": r.pass, "failed": r.failed, "message": r.message, "json": r.json,
+            }))?;
+            Ok(r.exit_code())
+        }
+        Command::Kernels { what: KernelsCommand::Check { arch } } => {
+            let r = dalle_mesh::kernels_cmd::run(&arch)?;
+            print_json(&r)?;
+            Ok(r.exit_code())
+        }
         Command::Train { config, out, resume, steps } => {
             let mut cfg = match &config {
                 Some(p) => RunConfig::from_file(p)?,

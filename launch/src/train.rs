@@ -15,7 +15,7 @@ use crate::run_checkpoint::{self, list_checkpoints, verify, write_checkpoint};
 use crate::run_config::{parse_bytes, RunConfig};
 use anyhow::{bail, Context, Result};
 use dm_data::{Dataset, ReaderState, ShardedReader, TextTokenizer};
-use dm_model::checkpoint::{layout_tensors, load_weights, params_from_tensors, read_tensors, write_safetensors};
+use dm_model::checkpoint::{layout_tensors, load_weights, params_from_tensors, read_tensors, serialize_safetensors};
 use dm_model::dallebart::SamplingOptions;
 use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig};
 use dm_parallel::{Communicator, Mesh, ReduceOp, ThreadComm};
@@ -299,20 +299,15 @@ fn save_checkpoint(
         moments.push((format!("m.{}", spec.name), spec.shape.clone(), m.clone()));
         moments.push((format!("v.{}", spec.name), spec.shape.clone(), v.clone()));
     }
-    let tmp = std::env::temp_dir().join(format!("dm-save-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    write_safetensors(&tmp.join("w"), &weights)?;
-    write_safetensors(&tmp.join("o"), &moments)?;
     let state = TrainerState { step, reader, seed: cfg.training.seed, run_config: cfg.clone() };
     let files = vec![
-        ("weights.safetensors", std::fs::read(tmp.join("w"))?),
-        ("optimizer.safetensors", std::fs::read(tmp.join("o"))?),
+        ("weights.safetensors", serialize_safetensors(Path::new("weights.safetensors"), &weights)?),
+        ("optimizer.safetensors", serialize_safetensors(Path::new("optimizer.safetensors"), &moments)?),
         ("config.json", serde_json::to_vec_pretty(&model_cfg.to_json())?),
         ("trainer_state.json", serde_json::to_vec_pretty(&state)?),
         ("tokenizer.json", std::fs::read(&data.tokenizer_path)?),
         ("data.json", serde_json::to_vec_pretty(&data.info)?),
     ];
-    let _ = std::fs::remove_dir_all(&tmp);
     let dir = write_checkpoint(out, step, &files, cfg.training.keep_checkpoints)?;
     tracing::info!(step, dir = %dir.display(), "checkpoint saved");
     Ok(dir)

@@ -229,6 +229,11 @@ pub fn layout_tensors(table: &ParamTable, values: &[Vec<f32>], stacked: bool) ->
 /// Writes tensors (f32) as safetensors to `path` atomically: a temporary file in the same
 /// folder is written, fsynced, then renamed over `path`.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    write_atomic(path, &serialize_safetensors(path, tensors)?)
+}
+
+/// The safetensors bytes of f32 tensors (`path` only names them in errors).
+pub fn serialize_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(name, shape, data)| {
@@ -237,8 +242,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
             Ok((name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| ck(path, format!("serialising: {e}")))?;
-    write_atomic(path, &bytes)
+    safetensors::serialize(views, None).map_err(|e| ck(path, format!("serialising: {e}")))
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a torn one.

@@ -11,16 +11,14 @@ use crate::batch::Batch;
 use crate::config::DalleBartConfig;
 use crate::error::{ModelError, Result};
 use crate::params::{split_axis, AttnIdx, GluIdx, LnIdx, ParamTable};
-use dm_parallel::{Communicator, ReduceOp};
+use dm_parallel::layers::{self as tpl, VocabShard};
 use dm_runtime::{AttentionShape, Backend, MatmulSpec, VocabRange};
-use std::sync::Arc;
 
 pub mod generate;
 pub use generate::{Prompt, SamplingOptions};
 
-/// This rank's place in its tensor-parallel group and the group's communicator.
-///
-/// Collectives the model issues over it (all sums unless noted), per layer:
+/// This rank's tensor-parallel group. DalleBart is built from the tensor-parallel blocks of
+/// `dm_parallel::layers` (each documents its collectives). Per layer, over the group:
 /// - forward: token embeddings (vocab-parallel rows) all-reduce; every attention `out_proj` and
 ///   GLU `Dense_2` (row-parallel) all-reduce their output; the GLU middle LayerNorm (its width is
 ///   the sharded ffn) all-reduces two `[rows]` statistics; the vocab-parallel cross-entropy
@@ -28,19 +26,7 @@ pub use generate::{Prompt, SamplingOptions};
 /// - backward: the inputs of every column-parallel projection (q/k/v, GLU Dense_0/1, lm_head)
 ///   all-reduce their gradient; the GLU middle LayerNorm all-reduces `[2, rows]` sums; the
 ///   encoder output's gradient (from every cross-attention) is all-reduced once.
-#[derive(Clone)]
-pub struct TpGroup<B: Backend> {
-    pub rank: usize,
-    pub size: usize,
-    pub comm: Arc<dyn Communicator<B>>,
-}
-
-fn all_reduce<B: Backend>(tp: Option<&TpGroup<B>>, buf: &mut B::Buf, op: ReduceOp) -> Result<()> {
-    if let Some(g) = tp.filter(|g| g.size > 1) {
-        g.comm.all_reduce(buf, op).map_err(|e| ModelError::Comm(e.to_string()))?;
-    }
-    Ok(())
-}
+pub use dm_parallel::layers::TpGroup;
 
 /// What one forward+backward reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -430,18 +416,19 @@ impl<B: Backend> DalleBart<B> {
             .as_mut()
             .filter(|a| a.logits_valid)
             .ok_or_else(|| ModelError::Batch("loss needs a forward pass first".into()))?;
-        if tp.is_some() {
-            // Vocab-parallel: local max → max-reduce → local sums → sum-reduce → gradient.
-            let (cols, valid, start) = (dd.vocab, dd.vocab_valid, dd.vocab_start);
-            be.vocab_parallel_max(&mut a.ce_max, &a.logits, cols, valid)?;
-            all_reduce(tp, &mut a.ce_max, ReduceOp::Max)?;
-            be.vocab_parallel_sums(&mut a.ce_stats, &a.logits, &a.ce_max, &a.labels, cols, valid, start)?;
-            all_reduce(tp, &mut a.ce_stats, ReduceOp::Sum)?;
-            let (m, st) = (&a.ce_max, &a.ce_stats);
-            be.vocab_parallel_grad(&mut a.logits, &mut a.losses, m, st, &a.labels, cols, valid, start, grad_scale)?;
-        } else {
-            be.cross_entropy_fused(&mut a.logits, &mut a.losses, &a.labels, classes, grad_scale)?;
-        }
+        let shard = VocabShard { cols: dd.vocab, start: dd.vocab_start, valid: dd.vocab_valid };
+        debug_assert!(tp.is_some() || shard.cols == classes);
+        tpl::vocab_parallel_cross_entropy(
+            be,
+            tp,
+            &mut a.logits,
+            &mut a.losses,
+            &mut a.ce_max,
+            &mut a.ce_stats,
+            &a.labels,
+            shard,
+            grad_scale,
+        )?;
         a.logits_valid = false;
         let losses = be.download(&a.losses)?;
         let sum: f64 = losses.iter().map(|&l| l as f64).sum();
@@ -471,7 +458,7 @@ impl<B: Backend> DalleBart<B> {
             &p[t.lm_head],
             MatmulSpec { m: nd, n: dd.d, k: dd.vocab, trans_a: false, trans_b: true, accumulate: false },
         )?;
-        all_reduce(tp, &mut ds.dtmp, ReduceOp::Sum)?;
+        tpl::reduce_input_grad(tp, &mut ds.dtmp)?;
         let last = a.dec.layers.last().map_or(&a.dec.ln_emb.out, |l| &l.out);
         be.layernorm_backward(
             &mut ds.dres,
@@ -529,7 +516,7 @@ impl<B: Backend> DalleBart<B> {
         }
         embed_bwd(be, p, g, &t.decoder.into(), &a.dec, ds, dd)?;
         // The cross-attentions' contributions are partial sums over this rank's heads.
-        all_reduce(tp, &mut a.d_enc_out, ReduceOp::Sum)?;
+        tpl::reduce_input_grad(tp, &mut a.d_enc_out)?;
 
         // Encoder: final_ln from ∂encoder_output, then layers.
         let es = &mut a.enc_scratch;
@@ -720,8 +707,7 @@ fn embed<B: Backend>(
     s: &mut StackActs<B>,
     dims: StackDims,
 ) -> Result<()> {
-    be.embedding_forward(&mut s.emb, &p[idx.tokens], &s.ids, dims.vocab_range(), dims.d)?;
-    all_reduce(tp, &mut s.emb, ReduceOp::Sum)?;
+    tpl::vocab_parallel_embedding(be, tp, &mut s.emb, &p[idx.tokens], &s.ids, dims.vocab_range(), dims.d)?;
     be.add_broadcast_rows(&mut s.emb, &p[idx.positions], dims.len * dims.d)?;
     ln_fwd(be, &mut s.ln_emb, &s.emb, Some(&p[idx.ln.scale]), &p[idx.ln.bias], dims.d)
 }
@@ -782,8 +768,7 @@ fn attn_block_fwd<B: Backend>(
     be.matmul(&mut a.k, kv, &p[w.k], MatmulSpec::nn(nk, dl, d))?;
     be.matmul(&mut a.v, kv, &p[w.v], MatmulSpec::nn(nk, dl, d))?;
     be.attention_forward(&mut a.o, &mut a.lse, &a.q, &a.k, &a.v, mask, shape)?;
-    be.matmul(&mut a.proj, &a.o, &p[w.out], MatmulSpec::nn(nq, d, dl))?;
-    all_reduce(tp, &mut a.proj, ReduceOp::Sum)?;
+    tpl::row_parallel_forward(be, tp, &mut a.proj, &a.o, &p[w.out], MatmulSpec::nn(nq, d, dl))?;
     ln_fwd(be, &mut s.ln_post, &a.proj, Some(&p[ln_post.scale]), &p[ln_post.bias], d)?;
     be.add(&mut s.out, x, &s.ln_post.out)?;
     Ok(())
@@ -857,7 +842,7 @@ fn attn_block_bwd<B: Backend>(
             be.matmul(d_enc_out, dv, &p[w.v], dgrad(nk, true))?;
         }
     }
-    all_reduce(tp, &mut sc.dtmp, ReduceOp::Sum)?;
+    tpl::reduce_input_grad(tp, &mut sc.dtmp)?;
     // Pre-attention LayerNorm (bias only); adds into the residual gradient.
     be.layernorm_backward(
         &mut sc.dres,
@@ -894,21 +879,19 @@ fn glu_fwd<B: Backend>(
     be.matmul(&mut s.a0, &s.ln0.out, &p[w.dense0], MatmulSpec::nn(n, f, d))?;
     be.matmul(&mut s.a1, &s.ln0.out, &p[w.dense1], MatmulSpec::nn(n, f, d))?;
     be.gelu_glu_forward(&mut s.act, &s.a0, &s.a1)?;
-    if tp.is_some_and(|g| g.size > 1) {
-        // Two passes (mean, then centred squares), each one all-reduce of [rows].
-        let l = &mut s.ln1;
-        be.layernorm_row_sums(&mut l.mean, &s.act, None, f)?;
-        all_reduce(tp, &mut l.mean, ReduceOp::Sum)?;
-        be.layernorm_finish_stats(&mut l.mean, dims.ffn_global, false)?;
-        be.layernorm_row_sums(&mut l.rstd, &s.act, Some(&l.mean), f)?;
-        all_reduce(tp, &mut l.rstd, ReduceOp::Sum)?;
-        be.layernorm_finish_stats(&mut l.rstd, dims.ffn_global, true)?;
-        be.layernorm_apply(&mut l.out, &s.act, &l.mean, &l.rstd, None, &p[w.ln1_bias], f)?;
-    } else {
-        ln_fwd(be, &mut s.ln1, &s.act, None, &p[w.ln1_bias], f)?;
-    }
-    be.matmul(out, &s.ln1.out, &p[w.dense2], MatmulSpec::nn(n, d, f))?;
-    all_reduce(tp, out, ReduceOp::Sum)?;
+    let l = &mut s.ln1;
+    tpl::sharded_layernorm_forward(
+        be,
+        tp,
+        &mut l.out,
+        &mut l.mean,
+        &mut l.rstd,
+        &s.act,
+        &p[w.ln1_bias],
+        f,
+        dims.ffn_global,
+    )?;
+    tpl::row_parallel_forward(be, tp, out, &s.ln1.out, &p[w.dense2], MatmulSpec::nn(n, d, f))?;
     be.add_assign(out, x)?;
     Ok(())
 }
@@ -933,37 +916,19 @@ fn glu_bwd<B: Backend>(
     be.matmul(&mut g[w.dense2], &s.ln1.out, &sc.dres, t(f, d, n, true, false, true))?;
     be.matmul(&mut sc.dffn_a, &sc.dres, &p[w.dense2], t(n, f, d, false, true, false))?;
     let l = &s.ln1;
-    if tp.is_some_and(|g| g.size > 1) {
-        be.layernorm_backward_row_sums(&mut sc.ln_sums, &sc.dffn_a, &s.act, &l.mean, &l.rstd, None, f)?;
-        all_reduce(tp, &mut sc.ln_sums, ReduceOp::Sum)?;
-        be.layernorm_backward_apply(
-            &mut sc.dffn_b,
-            None,
-            &mut g[w.ln1_bias],
-            &sc.dffn_a,
-            &s.act,
-            &l.mean,
-            &l.rstd,
-            None,
-            &sc.ln_sums,
-            f,
-            dims.ffn_global,
-            false,
-        )?;
-    } else {
-        be.layernorm_backward(
-            &mut sc.dffn_b,
-            None,
-            &mut g[w.ln1_bias],
-            &sc.dffn_a,
-            &s.act,
-            &l.mean,
-            &l.rstd,
-            None,
-            f,
-            false,
-        )?;
-    }
+    tpl::sharded_layernorm_backward(
+        be,
+        tp,
+        &mut sc.ln_sums,
+        &mut sc.dffn_b,
+        &mut g[w.ln1_bias],
+        &sc.dffn_a,
+        &s.act,
+        &l.mean,
+        &l.rstd,
+        f,
+        dims.ffn_global,
+    )?;
     // dffn_a ← ∂a0, dffn_c ← ∂a1
     be.gelu_glu_backward(&mut sc.dffn_a, &mut sc.dffn_c, &sc.dffn_b, &s.a0, &s.a1)?;
     let wgrad = t(d, f, n, true, false, true);
@@ -971,7 +936,7 @@ fn glu_bwd<B: Backend>(
     be.matmul(&mut g[w.dense1], &s.ln0.out, &sc.dffn_c, wgrad)?;
     be.matmul(&mut sc.dtmp, &sc.dffn_a, &p[w.dense0], t(n, d, f, false, true, false))?;
     be.matmul(&mut sc.dtmp, &sc.dffn_c, &p[w.dense1], t(n, d, f, false, true, true))?;
-    all_reduce(tp, &mut sc.dtmp, ReduceOp::Sum)?;
+    tpl::reduce_input_grad(tp, &mut sc.dtmp)?;
     be.layernorm_backward(
         &mut sc.dres,
         None,

@@ -22,6 +22,15 @@ pub enum ModelError {
     },
 }
 
+impl From<dm_parallel::layers::LayerError> for ModelError {
+    fn from(e: dm_parallel::layers::LayerError) -> Self {
+        match e {
+            dm_parallel::layers::LayerError::Runtime(r) => ModelError::Runtime(r),
+            dm_parallel::layers::LayerError::Comm(c) => ModelError::Comm(c.to_string()),
+        }
+    }
+}
+
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ModelError {

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod comm;
+pub mod layers;
 pub mod mesh;
 pub mod zero;
 

@@ -125,6 +125,10 @@ pub fn probe() -> Result<CudaProbe> {
 
 /// Compiled kernel modules of one device, loaded on first use and cached (functions too), and
 /// the dynamic-shared-memory limit each function has been raised to.
+///
+/// One cache per GPU per process ([`KernelCache::for_device`]): every backend handle of a GPU uses
+/// its primary context, so modules loaded once serve them all, and the driver's PTX JIT (seconds
+/// per family without a warm `~/.nv/ComputeCache`) runs once per process, not once per backend.
 pub(crate) struct KernelCache {
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
@@ -133,6 +137,13 @@ pub(crate) struct KernelCache {
 }
 
 impl KernelCache {
+    /// The process-wide cache of GPU `ordinal`.
+    pub(crate) fn for_device(ordinal: usize, arch: String) -> Arc<Self> {
+        static CACHES: OnceLock<Mutex<HashMap<usize, Arc<KernelCache>>>> = OnceLock::new();
+        let mut caches = CACHES.get_or_init(Mutex::default).lock().unwrap_or_else(PoisonError::into_inner);
+        caches.entry(ordinal).or_insert_with(|| Arc::new(Self::new(arch))).clone()
+    }
+
     pub(crate) fn new(arch: String) -> Self {
         Self {
             arch,

@@ -32,22 +32,26 @@
 //!
 //! # Op → kernel map
 //!
-//! | op | kernels |
+//! | op | kernels (`kernels/cuda/*.cu`) |
 //! |---|---|
-//! | fill, add, add_assign, scale | `elementwise.cu`: `fill_f32`, `add_f32`, `add_assign_f32`, `scale_f32` |
-//! | sum_squares | `sum_squares_partial_f32` + `sum_f64_finish` (f64), then a 1-value download |
-//! | add/sum_broadcast_rows | `embedding.cu`: `add_broadcast_rows_f32`, `sum_broadcast_rows_f32` |
-//! | matmul, F32 | `matmul_f32_{nn,nt,tn,tt}` or cuBLAS `Sgemm` (operands swapped: row-major) |
-//! | matmul, Bf16Mixed | `cast_f32_to_bf16` (+ padded 2-D copy) then `matmul_bf16_*_{128x128,64x64}` or cuBLAS `GemmEx` |
-//! | layernorm_forward / backward | `layernorm_forward_f32`; `layernorm_backward_f32` + `layernorm_param_grads_f32` |
-//! | layernorm sharded (tp) | `layernorm_sharded_sums_f32`, `layernorm_sharded_stats_f32`, `layernorm_apply_f32`, `layernorm_backward_sums_f32`, `layernorm_backward_f32` (row_sums) — with 2-D copies between the trait's `[rows]`/`[2, rows]` layouts and the kernels' interleaved pairs |
-//! | gelu_glu_forward / backward | `gelu_glu_forward_f32`, `gelu_glu_backward_f32` |
-//! | embedding_forward / backward | `embedding_forward_f32`, `embedding_backward_f32` (atomicAdd) |
-//! | attention_forward | F32: `attention_fwd_f32_hd{32,64,128}`; Bf16Mixed, hd > 32: `attention_tc_fwd_f32_hd{64,128}` |
-//! | attention_backward | `attention_bwd_preprocess_f32`, then `attention_{,tc_}bwd_dkdv_*` and `attention_{,tc_}bwd_dq_*` |
+//! | fill, add, add_assign, scale | `fill_f32`, `add_f32`, `add_assign_f32`, `scale_f32` |
+//! | sum_squares | `sum_squares_partial_f32` + `sum_f64_finish` (f64), 1-value download |
+//! | add/sum_broadcast_rows | `add_broadcast_rows_f32`, `sum_broadcast_rows_f32` |
+//! | matmul, F32 | `matmul_f32_{nn,nt,tn,tt}`, or cuBLAS `Sgemm` (operands swapped) |
+//! | matmul, Bf16Mixed | `cast_f32_to_bf16` (+ 2-D copy to padded ld), `matmul_bf16_*`, or cuBLAS `GemmEx` |
+//! | layernorm_forward | `layernorm_forward_f32` |
+//! | layernorm_backward | `layernorm_backward_f32` + `layernorm_param_grads_f32` |
+//! | layernorm (sharded, tp) | `layernorm_{sharded_sums,sharded_stats,apply,backward_sums,backward}_f32` |
+//! | gelu_glu_forward/backward | `gelu_glu_forward_f32`, `gelu_glu_backward_f32` |
+//! | embedding_forward/backward | `embedding_forward_f32`, `embedding_backward_f32` (atomicAdd) |
+//! | attention_forward | F32: `attention_fwd_f32_hd*`; Bf16Mixed, hd > 32: `attention_tc_fwd_f32_hd*` |
+//! | attention_backward | `attention_bwd_preprocess_f32`, `attention{,_tc}_bwd_dkdv_*`, `..._bwd_dq_*` |
 //! | cross_entropy_fused | `cross_entropy_fused_f32` |
-//! | vocab_parallel_{max,sums,grad} | `vocab_parallel_max_f32`, `vocab_parallel_sumexp_f32`, `vocab_parallel_grad_f32` |
+//! | vocab_parallel_{max,sums,grad} | `vocab_parallel_{max,sumexp,grad}_f32` |
 //! | adamw | `adamw_f32` (bias corrections computed on the host in f64, as the CPU does) |
+//!
+//! The sharded-LayerNorm kernels exchange row sums as interleaved pairs `[rows][2]`, the trait as
+//! `[rows]` or planar `[2, rows]`: 2-D copies (`cuMemcpy2DAsync`, pitch 8 ↔ 4 bytes) convert.
 
 mod blas;
 pub mod device;
@@ -107,7 +111,7 @@ pub(crate) struct DeviceState {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) memory: MemoryTracker,
-    pub(crate) kernels: KernelCache,
+    pub(crate) kernels: Arc<KernelCache>,
     pub(crate) scratch: Mutex<ScratchSet>,
     pub(crate) blas: Mutex<Option<blas::Blas>>,
     /// Whether the padded bf16 staging (a 2-D copy) works here; cleared on the first failure, after
@@ -172,7 +176,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| driver_err("creating the compute stream", e))?;
         let memory = MemoryTracker::new(format!("cuda:{ordinal}"), options.memory_budget);
-        let kernels = KernelCache::new(info.arch());
+        let kernels = KernelCache::for_device(ordinal, info.arch());
         let dev = DeviceState {
             info,
             ctx,
