@@ -15,7 +15,8 @@
 //!             end_learning_rate: 0.0, max_grad_norm: 1.0}
 //! training: {steps: 1000, batch_size: 32, grad_accumulation: 1, seed: 0, log_every: 10,
 //!            eval_every: 100, eval_batches: 4, save_every: 200, keep_checkpoints: 3,
-//!            sample_every: 0, sample_prompts: [...], time_limit_minutes: null}
+//!            sample_every: 0, sample_prompts: [...], sample_prompts_file: null,
+//!            time_limit_minutes: null}
 //! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null}
 //! ```
 
@@ -189,6 +190,8 @@ pub struct TrainingSection {
     /// Sample `sample_prompts` every N steps (0 = only at the end).
     pub sample_every: u64,
     pub sample_prompts: Vec<String>,
+    /// A file of prompts to sample, one per line (added to `sample_prompts`).
+    pub sample_prompts_file: Option<PathBuf>,
     /// Stop (after saving) once this much wall time has passed.
     pub time_limit_minutes: Option<f64>,
 }
@@ -207,6 +210,7 @@ impl Default for TrainingSection {
             keep_checkpoints: 3,
             sample_every: 0,
             sample_prompts: Vec::new(),
+            sample_prompts_file: None,
             time_limit_minutes: None,
         }
     }
@@ -324,6 +328,11 @@ impl RunConfig {
                 "run config: the micro-batch training.batch_size / grad_accumulation = {per_rank} is not divisible by mesh.dp {}",
                 m.dp
             );
+        }
+        if let Some(f) = &t.sample_prompts_file {
+            if !f.is_file() {
+                bail!("run config: training.sample_prompts_file {} does not exist", f.display());
+            }
         }
         if let Some(mem) = &m.device_memory {
             parse_bytes(mem).context("mesh.device_memory")?;
