@@ -92,6 +92,30 @@ enum Command {
         #[command(subcommand)]
         what: KernelsCommand,
     },
+    /// Per-rank memory plan (and per-step communication) of training a model on a tp × dp mesh,
+    /// before anything is allocated. Exits 1 when --device-memory is given and the plan doesn't fit.
+    Plan {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Tensor-parallel ranks.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Data-parallel ranks.
+        #[arg(long, default_value_t = 1)]
+        dp: usize,
+        /// Micro-batch rows per data-parallel rank.
+        #[arg(long, default_value_t = 8)]
+        batch_per_device: usize,
+        /// Memory of one device, e.g. 24GiB or 80GB.
+        #[arg(long)]
+        device_memory: Option<String>,
+        /// fp32 (what the CPU ranks allocate) or bf16-mixed (GPU mixed-precision estimate).
+        #[arg(long, default_value = "fp32")]
+        precision: dm_model::plan::Precision,
+        /// Shard the optimizer state across dp (ZeRO-1).
+        #[arg(long)]
+        zero1: bool,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -215,6 +239,19 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Plan { model, tp, dp, batch_per_device, device_memory, precision, zero1 } => {
+            let (_, cfg) = model.resolve()?;
+            let device_memory = device_memory.as_deref().map(dalle_mesh::run_config::parse_bytes).transpose()?;
+            let opts = dm_model::plan::PlanOptions {
+                precision,
+                zero1,
+                device_memory,
+                ..dm_model::plan::PlanOptions::new(tp, dp, batch_per_device)
+            };
+            let report = dalle_mesh::plan_cmd::run(&cfg, opts)?;
+            print_json(&report)?;
+            Ok(if report["fits"] == serde_json::json!(false) { 1 } else { 0 })
+        }
         Command::GpuCheck { out } => {
             let r = dalle_mesh::gpu_check::run(out.as_deref())?;
             print_json(&serde_json::json!({
