@@ -113,6 +113,58 @@ fn max_abs(a: &[f32]) -> f64 {
     a.iter().map(|x| (*x as f64).abs()).fold(0.0, f64::max)
 }
 
+/// Everything a parity run compares, gathered to full tensors on the host.
+struct Results<'a> {
+    fixture: String,
+    loss: f64,
+    logits: &'a [f32],
+    grads: &'a [Vec<f32>],
+    adamw_from_ref: &'a [Vec<f32>],
+    adamw: &'a [Vec<f32>],
+}
+
+/// The reference values of a fixture.
+struct Reference<'a> {
+    loss: f64,
+    logits: &'a [f32],
+    grads: &'a [Vec<f32>],
+    adamw: &'a [Vec<f32>],
+}
+
+fn compare(table: &dm_model::ParamTable, got: Results, want: Reference) -> ParityReport {
+    let (mut grad_max_rel_err, mut grad_worst_param) = (0.0f64, String::new());
+    for ((spec, g), r) in table.specs.iter().zip(got.grads).zip(want.grads) {
+        let denom = max_abs(r);
+        let diff = max_abs_diff(g, r);
+        let rel = if denom > 0.0 { diff / denom } else { diff };
+        if rel >= grad_max_rel_err {
+            grad_max_rel_err = rel;
+            grad_worst_param = spec.name.clone();
+        }
+    }
+    let adam_err = |v: &[Vec<f32>]| v.iter().zip(want.adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max);
+    let loss_abs_err = (got.loss - want.loss).abs();
+    let logits_max_abs_err = max_abs_diff(got.logits, want.logits);
+    let adamw_from_ref_grads_max_abs_err = adam_err(got.adamw_from_ref);
+    let adamw_max_abs_err = adam_err(got.adamw);
+    let pass = loss_abs_err <= LOSS_TOL
+        && logits_max_abs_err <= LOGITS_TOL
+        && grad_max_rel_err <= GRAD_REL_TOL
+        && adamw_from_ref_grads_max_abs_err <= ADAMW_FROM_REF_TOL
+        && adamw_max_abs_err <= ADAMW_TOL;
+    ParityReport {
+        fixture: got.fixture,
+        loss: got.loss,
+        loss_abs_err,
+        logits_max_abs_err,
+        grad_max_rel_err,
+        grad_worst_param,
+        adamw_from_ref_grads_max_abs_err,
+        adamw_max_abs_err,
+        pass,
+    }
+}
+
 /// Runs the fixture on the CPU backend.
 pub fn run(dir: &Path) -> Result<ParityReport> {
     run_on(CpuBackend::new(), dir)
@@ -139,25 +191,13 @@ pub fn run_on<B: Backend>(backend: B, dir: &Path) -> Result<ParityReport> {
     if logits.len() != ref_logits.len() {
         bail!("logits have {} values, the fixture {}", logits.len(), ref_logits.len());
     }
-    let logits_max_abs_err = max_abs_diff(&logits, ref_logits);
     let tokens = (batch.batch * batch.image_len) as f32;
     let out = model.loss_and_backward(1.0 / tokens)?;
-    let loss_abs_err = (out.loss as f64 - ref_loss).abs();
 
     let grads = model.grad_values()?;
-    let (mut grad_max_rel_err, mut grad_worst_param) = (0.0f64, String::new());
-    for ((spec, g), r) in table.specs.iter().zip(&grads).zip(&ref_grads) {
-        let denom = max_abs(r);
-        let diff = max_abs_diff(g, r);
-        let rel = if denom > 0.0 { diff / denom } else { diff };
-        if rel >= grad_max_rel_err {
-            grad_max_rel_err = rel;
-            grad_worst_param = spec.name.clone();
-        }
-    }
 
     // One AdamW step from the reference gradients, then one from ours, both from the fixture's weights.
-    let adamw_err = |model: &mut DalleBart<B>, grads: &[Vec<f32>]| -> Result<f64> {
+    let adamw_err = |model: &mut DalleBart<B>, grads: &[Vec<f32>]| -> Result<Vec<Vec<f32>>> {
         let be = model.backend().clone();
         for ((p, g), (w, gv)) in model.params.iter_mut().zip(model.grads.iter_mut()).zip(weights.iter().zip(grads)) {
             be.write(p, 0, w)?;
@@ -166,28 +206,20 @@ pub fn run_on<B: Backend>(backend: B, dir: &Path) -> Result<ParityReport> {
         let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
         let mut adamw = AdamW::new(&be, opt.adamw, &names, &model.params)?;
         adamw.update(&be, &mut model.params, &model.grads, opt.lr, 1.0)?;
-        let after = model.param_values()?;
-        Ok(after.iter().zip(&ref_adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max))
+        Ok(model.param_values()?)
     };
-    let adamw_from_ref_grads_max_abs_err = adamw_err(&mut model, &ref_grads)?;
-    let adamw_max_abs_err = adamw_err(&mut model, &grads)?;
-
-    let pass = loss_abs_err <= LOSS_TOL
-        && logits_max_abs_err <= LOGITS_TOL
-        && grad_max_rel_err <= GRAD_REL_TOL
-        && adamw_from_ref_grads_max_abs_err <= ADAMW_FROM_REF_TOL
-        && adamw_max_abs_err <= ADAMW_TOL;
-    Ok(ParityReport {
+    let adamw_from_ref = adamw_err(&mut model, &ref_grads)?;
+    let adamw = adamw_err(&mut model, &grads)?;
+    let reference = Reference { loss: ref_loss, logits: ref_logits, grads: &ref_grads, adamw: &ref_adamw };
+    let results = Results {
         fixture: dir.display().to_string(),
         loss: out.loss as f64,
-        loss_abs_err,
-        logits_max_abs_err,
-        grad_max_rel_err,
-        grad_worst_param,
-        adamw_from_ref_grads_max_abs_err,
-        adamw_max_abs_err,
-        pass,
-    })
+        logits: &logits,
+        grads: &grads,
+        adamw_from_ref: &adamw_from_ref,
+        adamw: &adamw,
+    };
+    Ok(compare(&table, results, reference))
 }
 
 /// What one rank of a mesh parity run returns (host copies of its shards).
@@ -299,35 +331,14 @@ pub fn run_mesh(dir: &Path, tp: usize, dp: usize) -> Result<ParityReport> {
     let grads = gather(&|r| &r.grads);
     let adamw_ref = gather(&|r| &r.adamw_from_ref);
     let adamw_own = gather(&|r| &r.adamw);
-    let (mut grad_max_rel_err, mut grad_worst_param) = (0.0f64, String::new());
-    for ((spec, g), r) in full_table.specs.iter().zip(&grads).zip(&ref_grads) {
-        let denom = max_abs(r);
-        let diff = max_abs_diff(g, r);
-        let rel = if denom > 0.0 { diff / denom } else { diff };
-        if rel >= grad_max_rel_err {
-            grad_max_rel_err = rel;
-            grad_worst_param = spec.name.clone();
-        }
-    }
-    let adam_err = |v: &[Vec<f32>]| v.iter().zip(&ref_adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max);
-    let loss_abs_err = (loss - ref_loss).abs();
-    let logits_max_abs_err = max_abs_diff(&logits, &ref_logits);
-    let adamw_from_ref_grads_max_abs_err = adam_err(&adamw_ref);
-    let adamw_max_abs_err = adam_err(&adamw_own);
-    let pass = loss_abs_err <= LOSS_TOL
-        && logits_max_abs_err <= LOGITS_TOL
-        && grad_max_rel_err <= GRAD_REL_TOL
-        && adamw_from_ref_grads_max_abs_err <= ADAMW_FROM_REF_TOL
-        && adamw_max_abs_err <= ADAMW_TOL;
-    Ok(ParityReport {
+    let reference = Reference { loss: ref_loss, logits: &ref_logits, grads: &ref_grads, adamw: &ref_adamw };
+    let results = Results {
         fixture: format!("{} (tp={tp}, dp={dp})", dir.display()),
         loss,
-        loss_abs_err,
-        logits_max_abs_err,
-        grad_max_rel_err,
-        grad_worst_param,
-        adamw_from_ref_grads_max_abs_err,
-        adamw_max_abs_err,
-        pass,
-    })
+        logits: &logits,
+        grads: &grads,
+        adamw_from_ref: &adamw_ref,
+        adamw: &adamw_own,
+    };
+    Ok(compare(&full_table, results, reference))
 }

@@ -14,6 +14,7 @@ pub mod math;
 pub mod matmul;
 
 use crate::backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
+use crate::checks::{check_attention, check_embedding, check_len, check_prefix, check_valid, rows_of};
 use crate::error::{Result, RuntimeError};
 use crate::memory::{MemoryTracker, Reservation};
 
@@ -66,30 +67,6 @@ impl Default for CpuBackend {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(RuntimeError::Shape { op, detail: format!("{what} has {got} elements, expected {want}") });
-    }
-    Ok(())
-}
-
-fn check_prefix(op: &'static str, have: usize, row_len: usize) -> Result<()> {
-    if have < row_len {
-        return Err(RuntimeError::Shape {
-            op,
-            detail: format!("row buffer has {have} elements, fewer than row_len {row_len}"),
-        });
-    }
-    Ok(())
-}
-
-fn rows_of(op: &'static str, len: usize, dim: usize) -> Result<usize> {
-    if dim == 0 || !len.is_multiple_of(dim) {
-        return Err(RuntimeError::Shape { op, detail: format!("length {len} is not a multiple of dim {dim}") });
-    }
-    Ok(len / dim)
 }
 
 impl Backend for CpuBackend {
@@ -454,7 +431,14 @@ impl Backend for CpuBackend {
         mask: KeyMask<'_, Self>,
         shape: AttentionShape,
     ) -> Result<()> {
-        check_attention("attention_forward", &shape, q, k, v, mask)?;
+        check_attention(
+            "attention_forward",
+            &shape,
+            q.data.len(),
+            k.data.len(),
+            v.data.len(),
+            mask.map(|m| m.data.len()),
+        )?;
         check_len("attention_forward", "out", out.data.len(), q.data.len())?;
         check_len("attention_forward", "lse", lse.data.len(), shape.lse_len())?;
         attention::forward(&mut out.data, &mut lse.data, &q.data, &k.data, &v.data, mask.map(|m| m.as_slice()), shape);
@@ -475,7 +459,14 @@ impl Backend for CpuBackend {
         mask: KeyMask<'_, Self>,
         shape: AttentionShape,
     ) -> Result<()> {
-        check_attention("attention_backward", &shape, q, k, v, mask)?;
+        check_attention(
+            "attention_backward",
+            &shape,
+            q.data.len(),
+            k.data.len(),
+            v.data.len(),
+            mask.map(|m| m.data.len()),
+        )?;
         check_len("attention_backward", "dq", dq.data.len(), q.data.len())?;
         check_len("attention_backward", "dk", dk.data.len(), k.data.len())?;
         check_len("attention_backward", "dv", dv.data.len(), v.data.len())?;
@@ -593,45 +584,4 @@ impl Backend for CpuBackend {
         adamw::step(&mut param.data, &grad.data, &mut m.data, &mut v.data, step);
         Ok(())
     }
-}
-
-fn check_valid(op: &'static str, cols: usize, valid: usize) -> Result<()> {
-    if valid == 0 || valid > cols {
-        return Err(RuntimeError::Invalid { op, detail: format!("valid_cols {valid} must be in 1..={cols}") });
-    }
-    Ok(())
-}
-
-fn check_embedding(op: &'static str, range: VocabRange, dim: usize) -> Result<()> {
-    if dim == 0 || range.start > range.end {
-        return Err(RuntimeError::Invalid {
-            op,
-            detail: format!("dim {dim} and vocab range {range:?} must be non-empty"),
-        });
-    }
-    Ok(())
-}
-
-fn check_attention(
-    op: &'static str,
-    s: &AttentionShape,
-    q: &CpuBuf,
-    k: &CpuBuf,
-    v: &CpuBuf,
-    mask: Option<&CpuIds>,
-) -> Result<()> {
-    if s.batch == 0 || s.q_len == 0 || s.kv_len == 0 || s.heads == 0 || s.head_dim == 0 {
-        return Err(RuntimeError::Invalid { op, detail: format!("attention shape has a zero dimension: {s:?}") });
-    }
-    let w = s.width();
-    check_len(op, "q", q.data.len(), s.batch * s.q_len * w)?;
-    check_len(op, "k", k.data.len(), s.batch * s.kv_len * w)?;
-    check_len(op, "v", v.data.len(), s.batch * s.kv_len * w)?;
-    if let Some(m) = mask {
-        check_len(op, "key mask", m.data.len(), s.batch * s.kv_len)?;
-    }
-    if s.causal && s.q_len != s.kv_len {
-        return Err(RuntimeError::Invalid { op, detail: "causal attention needs q_len == kv_len".into() });
-    }
-    Ok(())
 }

@@ -13,6 +13,7 @@ use super::launch_cfg::{self as lc, AttentionPath, Bf16Staging, Launch};
 use super::memory::{raw_ptr, CudaBuf, CudaIds};
 use super::{CudaBackend, MatmulImpl, Precision};
 use crate::backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
+use crate::checks::{check_attention, check_embedding, check_len, check_prefix, check_valid, rows_of};
 use crate::error::{Result, RuntimeError};
 use crate::memory::MemoryTracker;
 
@@ -27,71 +28,6 @@ enum Arg {
     F(f32),
     /// `u64` (unsigned long long) element counts.
     U(u64),
-}
-
-fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(RuntimeError::Shape { op, detail: format!("{what} has {got} elements, expected {want}") });
-    }
-    Ok(())
-}
-
-fn check_prefix(op: &'static str, have: usize, row_len: usize) -> Result<()> {
-    if have < row_len {
-        return Err(RuntimeError::Shape {
-            op,
-            detail: format!("row buffer has {have} elements, fewer than row_len {row_len}"),
-        });
-    }
-    Ok(())
-}
-
-fn rows_of(op: &'static str, len: usize, dim: usize) -> Result<usize> {
-    if dim == 0 || !len.is_multiple_of(dim) {
-        return Err(RuntimeError::Shape { op, detail: format!("length {len} is not a multiple of dim {dim}") });
-    }
-    Ok(len / dim)
-}
-
-fn check_valid(op: &'static str, cols: usize, valid: usize) -> Result<()> {
-    if valid == 0 || valid > cols {
-        return Err(RuntimeError::Invalid { op, detail: format!("valid_cols {valid} must be in 1..={cols}") });
-    }
-    Ok(())
-}
-
-fn check_embedding(op: &'static str, range: VocabRange, dim: usize) -> Result<()> {
-    if dim == 0 || range.start > range.end {
-        return Err(RuntimeError::Invalid {
-            op,
-            detail: format!("dim {dim} and vocab range {range:?} must be non-empty"),
-        });
-    }
-    Ok(())
-}
-
-fn check_attention(
-    op: &'static str,
-    s: &AttentionShape,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
-    mask: Option<&CudaIds>,
-) -> Result<()> {
-    if s.batch == 0 || s.q_len == 0 || s.kv_len == 0 || s.heads == 0 || s.head_dim == 0 {
-        return Err(RuntimeError::Invalid { op, detail: format!("attention shape has a zero dimension: {s:?}") });
-    }
-    let w = s.width();
-    check_len(op, "q", q.len, s.batch * s.q_len * w)?;
-    check_len(op, "k", k.len, s.batch * s.kv_len * w)?;
-    check_len(op, "v", v.len, s.batch * s.kv_len * w)?;
-    if let Some(m) = mask {
-        check_len(op, "key mask", m.len(), s.batch * s.kv_len)?;
-    }
-    if s.causal && s.q_len != s.kv_len {
-        return Err(RuntimeError::Invalid { op, detail: "causal attention needs q_len == kv_len".into() });
-    }
-    Ok(())
 }
 
 fn cfg(op: &'static str, r: std::result::Result<Launch, String>) -> Result<Launch> {
@@ -1066,7 +1002,7 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
     ) -> Result<()> {
         let op = "attention_forward";
-        check_attention(op, &shape, q, k, v, mask)?;
+        check_attention(op, &shape, q.len, k.len, v.len, mask.map(|m| m.len()))?;
         check_len(op, "out", out.len, q.len)?;
         check_len(op, "lse", lse.len, shape.lse_len())?;
         let path = self.attention_path(op, &shape)?;
@@ -1109,7 +1045,7 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
     ) -> Result<()> {
         let op = "attention_backward";
-        check_attention(op, &shape, q, k, v, mask)?;
+        check_attention(op, &shape, q.len, k.len, v.len, mask.map(|m| m.len()))?;
         check_len(op, "dq", dq.len, q.len)?;
         check_len(op, "dk", dk.len, k.len)?;
         check_len(op, "dv", dv.len, v.len)?;
