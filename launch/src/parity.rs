@@ -143,6 +143,26 @@ fn compare(table: &dm_model::ParamTable, got: Results, want: Reference) -> Parit
         }
     }
     let adam_err = |v: &[Vec<f32>]| v.iter().zip(want.adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max);
+    // Where our own AdamW step is furthest from the reference, with the gradients behind it.
+    let mut worst = (0.0f64, 0usize, 0usize);
+    for (t, (a, r)) in got.adamw.iter().zip(want.adamw).enumerate() {
+        for (i, (x, y)) in a.iter().zip(r).enumerate() {
+            let d = (*x as f64 - *y as f64).abs();
+            if d > worst.0 {
+                worst = (d, t, i);
+            }
+        }
+    }
+    let (_, wt, wi) = worst;
+    if !table.specs.is_empty() {
+        tracing::debug!(
+            param = %table.specs[wt].name,
+            index = wi,
+            grad = got.grads[wt][wi],
+            grad_ref = want.grads[wt][wi],
+            "largest AdamW difference"
+        );
+    }
     let loss_abs_err = (got.loss - want.loss).abs();
     let logits_max_abs_err = max_abs_diff(got.logits, want.logits);
     let adamw_from_ref_grads_max_abs_err = adam_err(got.adamw_from_ref);
