@@ -69,3 +69,26 @@ pub(crate) fn check_attention(
     }
     Ok(())
 }
+
+/// Lengths of a LayerNorm call's buffers (`scale` absent for the bias-only form).
+pub(crate) struct LayerNormLens {
+    pub x: usize,
+    pub out: usize,
+    pub mean: usize,
+    pub rstd: usize,
+    pub bias: usize,
+    pub scale: Option<usize>,
+}
+
+/// Checks a LayerNorm forward (fused or with given statistics); returns the row count.
+pub(crate) fn check_layernorm(op: &'static str, l: LayerNormLens, dim: usize) -> Result<usize> {
+    let rows = rows_of(op, l.x, dim)?;
+    check_len(op, "out", l.out, l.x)?;
+    check_len(op, "mean", l.mean, rows)?;
+    check_len(op, "rstd", l.rstd, rows)?;
+    check_len(op, "bias", l.bias, dim)?;
+    if let Some(s) = l.scale {
+        check_len(op, "scale", s, dim)?;
+    }
+    Ok(rows)
+}

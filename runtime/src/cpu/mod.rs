@@ -14,7 +14,9 @@ pub mod math;
 pub mod matmul;
 
 use crate::backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
-use crate::checks::{check_attention, check_embedding, check_len, check_prefix, check_valid, rows_of};
+use crate::checks::{
+    check_attention, check_embedding, check_layernorm, check_len, check_prefix, check_valid, rows_of, LayerNormLens,
+};
 use crate::error::{Result, RuntimeError};
 use crate::memory::{MemoryTracker, Reservation};
 
@@ -191,14 +193,15 @@ impl Backend for CpuBackend {
         bias: &CpuBuf,
         dim: usize,
     ) -> Result<()> {
-        let rows = rows_of("layernorm_forward", x.data.len(), dim)?;
-        check_len("layernorm_forward", "out", out.data.len(), x.data.len())?;
-        check_len("layernorm_forward", "mean", mean.data.len(), rows)?;
-        check_len("layernorm_forward", "rstd", rstd.data.len(), rows)?;
-        check_len("layernorm_forward", "bias", bias.data.len(), dim)?;
-        if let Some(s) = scale {
-            check_len("layernorm_forward", "scale", s.data.len(), dim)?;
-        }
+        let lens = LayerNormLens {
+            x: x.data.len(),
+            out: out.data.len(),
+            mean: mean.data.len(),
+            rstd: rstd.data.len(),
+            bias: bias.data.len(),
+            scale: scale.map(|s| s.data.len()),
+        };
+        check_layernorm("layernorm_forward", lens, dim)?;
         layernorm::forward(
             &mut out.data,
             &mut mean.data,
@@ -284,14 +287,15 @@ impl Backend for CpuBackend {
         dim: usize,
     ) -> Result<()> {
         let op = "layernorm_apply";
-        let rows = rows_of(op, x.data.len(), dim)?;
-        check_len(op, "out", out.data.len(), x.data.len())?;
-        check_len(op, "mean", mean.data.len(), rows)?;
-        check_len(op, "rstd", rstd.data.len(), rows)?;
-        check_len(op, "bias", bias.data.len(), dim)?;
-        if let Some(s) = scale {
-            check_len(op, "scale", s.data.len(), dim)?;
-        }
+        let lens = LayerNormLens {
+            x: x.data.len(),
+            out: out.data.len(),
+            mean: mean.data.len(),
+            rstd: rstd.data.len(),
+            bias: bias.data.len(),
+            scale: scale.map(|s| s.data.len()),
+        };
+        check_layernorm(op, lens, dim)?;
         layernorm::apply(&mut out.data, &x.data, &mean.data, &rstd.data, scale.map(|s| s.as_slice()), &bias.data, dim);
         Ok(())
     }

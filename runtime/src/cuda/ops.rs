@@ -13,7 +13,9 @@ use super::launch_cfg::{self as lc, AttentionPath, Bf16Staging, Launch};
 use super::memory::{raw_ptr, CudaBuf, CudaIds};
 use super::{CudaBackend, MatmulImpl, Precision};
 use crate::backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
-use crate::checks::{check_attention, check_embedding, check_len, check_prefix, check_valid, rows_of};
+use crate::checks::{
+    check_attention, check_embedding, check_layernorm, check_len, check_prefix, check_valid, rows_of, LayerNormLens,
+};
 use crate::error::{Result, RuntimeError};
 use crate::memory::MemoryTracker;
 
@@ -608,14 +610,15 @@ impl Backend for CudaBackend {
         dim: usize,
     ) -> Result<()> {
         let op = "layernorm_forward";
-        let rows = rows_of(op, x.len, dim)?;
-        check_len(op, "out", out.len, x.len)?;
-        check_len(op, "mean", mean.len, rows)?;
-        check_len(op, "rstd", rstd.len, rows)?;
-        check_len(op, "bias", bias.len, dim)?;
-        if let Some(s) = scale {
-            check_len(op, "scale", s.len, dim)?;
-        }
+        let lens = LayerNormLens {
+            x: x.len,
+            out: out.len,
+            mean: mean.len,
+            rstd: rstd.len,
+            bias: bias.len,
+            scale: scale.map(|s| s.len),
+        };
+        let rows = check_layernorm(op, lens, dim)?;
         if rows == 0 {
             return Ok(());
         }
@@ -757,14 +760,15 @@ impl Backend for CudaBackend {
         dim: usize,
     ) -> Result<()> {
         let op = "layernorm_apply";
-        let rows = rows_of(op, x.len, dim)?;
-        check_len(op, "out", out.len, x.len)?;
-        check_len(op, "mean", mean.len, rows)?;
-        check_len(op, "rstd", rstd.len, rows)?;
-        check_len(op, "bias", bias.len, dim)?;
-        if let Some(s) = scale {
-            check_len(op, "scale", s.len, dim)?;
-        }
+        let lens = LayerNormLens {
+            x: x.len,
+            out: out.len,
+            mean: mean.len,
+            rstd: rstd.len,
+            bias: bias.len,
+            scale: scale.map(|s| s.len),
+        };
+        let rows = check_layernorm(op, lens, dim)?;
         if rows == 0 {
             return Ok(());
         }
