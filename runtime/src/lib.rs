@@ -11,7 +11,9 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod memory;
+pub mod profiled;
 
 pub use backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
 pub use error::{Result, RuntimeError};
 pub use memory::{MemoryReport, MemoryTracker};
+pub use profiled::{OpClass, OpProfile, Profiled};
