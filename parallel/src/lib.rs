@@ -15,4 +15,5 @@ pub use comm::{
     run_ranks, run_ranks_on, CollectiveKind, CommError, CommStats, Communicator, OpStats, RankComms, RankFailure,
     ReduceOp, SoloComm, StatsRecorder, ThreadComm,
 };
+pub use comm::{CommTimes, TimedComm};
 pub use mesh::{Mesh, MeshError};

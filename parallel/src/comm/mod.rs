@@ -21,9 +21,11 @@
 //! same order on every rank of a group, results identical on every rank, no hang when a rank fails
 //! ([`Communicator::abort`] and timeouts), and the byte accounting of [`CommStats`].
 
+pub mod bandwidth;
 pub mod nccl;
 pub mod solo;
 pub mod threads;
+pub mod timed;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,6 +35,7 @@ use thiserror::Error;
 
 pub use solo::SoloComm;
 pub use threads::{run_ranks, run_ranks_on, RankComms, RankFailure, ThreadComm};
+pub use timed::{CommTimes, TimedComm};
 
 /// How the elements of the ranks' buffers are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
