@@ -11,6 +11,7 @@ pub mod error;
 pub mod flops;
 pub mod optimizer;
 pub mod params;
+pub mod perf_model;
 pub mod plan;
 
 pub use batch::Batch;
