@@ -1,32 +1,22 @@
-//! `dalle-mesh bench`: throughput of full training steps, and of the GEMMs they are made of.
-//! Figures are medians over timed repetitions after warm-up; compare ratios measured in one run.
+//! `dalle-mesh bench`: throughput of full training steps (on one device or a `tp × dp` mesh of
+//! CPU ranks), and of the GEMMs they are made of. Figures are medians over timed repetitions
+//! after warm-up; compare ratios measured in one run. `bench comm` is in [`crate::bench_comm`].
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
+use dm_model::dallebart::TpGroup;
 use dm_model::flops::step_flops;
-use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig};
+use dm_model::params::check_tp;
+use dm_model::plan::{PlanOptions, Precision, StepComm};
+use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig, ParamTable};
+use dm_parallel::zero::Zero1;
+use dm_parallel::{CollectiveKind, CommStats, Communicator, Mesh, OpStats, ReduceOp, ThreadComm, TimedComm};
 use dm_runtime::cpu::CpuBackend;
-use dm_runtime::{Backend, MatmulSpec};
+use dm_runtime::{Backend, MatmulSpec, OpClass, OpProfile, Profiled};
+use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::time::Instant;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StepBench {
-    pub preset: String,
-    pub device: String,
-    pub batch: usize,
-    pub steps: usize,
-    pub warmup: usize,
-    pub samples_per_s: f64,
-    pub step_s_median: f64,
-    pub step_s_min: f64,
-    pub gflop_per_step: f64,
-    pub gflops_per_s: f64,
-    pub peak_bytes: u64,
-    pub params: usize,
-    pub threads: usize,
-}
 
 /// A random but valid batch (captions with a few padded positions).
 pub fn random_batch(cfg: &DalleBartConfig, batch: usize, seed: u64) -> Result<Batch> {
@@ -46,9 +36,12 @@ pub fn random_batch(cfg: &DalleBartConfig, batch: usize, seed: u64) -> Result<Ba
     Ok(Batch::new(cfg, batch, input_ids, mask, labels)?)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
     if n % 2 == 1 {
         v[n / 2]
     } else {
@@ -56,45 +49,488 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Times `steps` full training steps (zero grads, forward, backward, AdamW) after `warmup`.
-pub fn bench_step(preset: &str, cfg: DalleBartConfig, batch: usize, steps: usize, warmup: usize) -> Result<StepBench> {
-    let be = CpuBackend::new();
-    let mut model = DalleBart::init(be.clone(), cfg.clone(), 0)?;
-    let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
-    let mut opt = AdamW::new(&be, AdamWConfig { weight_decay: 0.0, ..Default::default() }, &names, &model.params)?;
-    let data = random_batch(&cfg, batch, 1)?;
-    let mut times = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
-        let t0 = Instant::now();
-        model.zero_grads()?;
-        let out = model.forward_backward(&data)?;
-        opt.update(&be, &mut model.params, &model.grads, 1e-4, 1.0)?;
-        let dt = t0.elapsed().as_secs_f64();
-        tracing::info!(step = i, loss = out.loss, seconds = dt, warmup = i < warmup, "bench step");
-        if i >= warmup {
-            times.push(dt);
+/// The device a benchmark runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
         }
     }
-    let med = median(times.clone());
-    let flops = step_flops(&cfg, batch).total();
+}
+
+/// What `bench step` runs: a mesh, a micro-batch per data-parallel rank, and how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOptions {
+    pub tp: usize,
+    pub dp: usize,
+    pub zero1: bool,
+    /// Rows per data-parallel rank.
+    pub batch_per_device: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub precision: Precision,
+    pub device: Device,
+    /// Per-rank memory budget of the CPU ranks (None = unlimited).
+    pub device_memory: Option<u64>,
+    /// The device's dense peak for MFU; None = measure it with a short GEMM probe (CPU).
+    pub peak_flops_per_s: Option<f64>,
+}
+
+impl StepOptions {
+    /// One CPU device, fp32, 2 warm-up and 10 timed steps.
+    pub fn new(tp: usize, dp: usize, batch_per_device: usize) -> Self {
+        Self {
+            tp,
+            dp,
+            zero1: false,
+            batch_per_device,
+            steps: 10,
+            warmup: 2,
+            precision: Precision::Fp32,
+            device: Device::Cpu,
+            device_memory: None,
+            peak_flops_per_s: None,
+        }
+    }
+    /// The memory plan's options for this run.
+    pub fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            precision: self.precision,
+            zero1: self.zero1,
+            device_memory: self.device_memory,
+            cpu_threads: rayon_threads(),
+            ..PlanOptions::new(self.tp, self.dp, self.batch_per_device)
+        }
+    }
+}
+
+/// Refuses, before anything is allocated, what the runtime can't run yet (exit 2 through main).
+pub fn check_supported(precision: Precision, device: Device) -> Result<()> {
+    if device == Device::Cuda {
+        bail!(
+            "not implemented yet: training steps with --device cuda need the CUDA training path of issue 11 \
+             (mixed precision, NCCL mesh); this build times CPU ranks only. Use --device cpu, or `dalle-mesh \
+             gpu-check` for the CUDA ops and single-GPU step timings"
+        );
+    }
+    if precision == Precision::Bf16Mixed {
+        bail!(
+            "not implemented yet: --precision bf16-mixed needs mixed-precision training (issue 11); the CPU \
+             backend trains in fp32 only. Use --precision fp32 (`dalle-mesh plan --time --precision bf16-mixed \
+             --profile h100-sxm` predicts bf16 steps)"
+        );
+    }
+    Ok(())
+}
+
+/// Median, 10th and 90th percentile (nearest rank).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
+}
+
+impl Spread {
+    pub fn of(v: &[f64]) -> Spread {
+        if v.is_empty() {
+            return Spread { median: f64::NAN, p10: f64::NAN, p90: f64::NAN };
+        }
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let at = |q: f64| s[((q * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)];
+        Spread { median: median(v.to_vec()), p10: at(0.1), p90: at(0.9) }
+    }
+    /// `k / x` of every figure (a time spread becomes a rate spread; p10 and p90 swap).
+    pub fn inverse(&self, k: f64) -> Spread {
+        Spread { median: k / self.median, p10: k / self.p90, p90: k / self.p10 }
+    }
+}
+
+/// Seconds per step in each op class, averaged over ranks and timed steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ClassSeconds {
+    pub gemm: f64,
+    pub attention: f64,
+    pub cross_entropy: f64,
+    pub norm: f64,
+    pub elementwise: f64,
+    pub optimizer: f64,
+    pub memory: f64,
+}
+
+impl ClassSeconds {
+    fn from_profile(p: &OpProfile, per: f64) -> Self {
+        let s = |c: OpClass| p.get(c).seconds / per;
+        ClassSeconds {
+            gemm: s(OpClass::Gemm),
+            attention: s(OpClass::Attention),
+            cross_entropy: s(OpClass::CrossEntropy),
+            norm: s(OpClass::Norm),
+            elementwise: s(OpClass::Elementwise),
+            optimizer: s(OpClass::Optimizer),
+            memory: s(OpClass::Memory),
+        }
+    }
+}
+
+/// What `bench step` reports (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBench {
+    pub preset: String,
+    pub device: String,
+    pub precision: String,
+    pub tp: usize,
+    pub dp: usize,
+    pub world: usize,
+    pub zero1: bool,
+    pub batch_per_device: usize,
+    pub global_batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub step_s_median: f64,
+    pub step_s_min: f64,
+    pub step_s: Spread,
+    pub samples_per_s: f64,
+    pub samples_per_s_spread: Spread,
+    pub image_tokens_per_s: Spread,
+    /// Model FLOPs of one step over the whole mesh (`model/src/flops.rs`).
+    pub gflop_per_step: f64,
+    pub gflops_per_s: f64,
+    /// Dense peak of the device(s) the mesh runs on (CPU: one host shared by every rank).
+    pub peak_gflops_per_s: f64,
+    pub mfu: f64,
+    /// Time in collectives (waiting and copying) over step time, averaged over ranks.
+    pub comm_share: f64,
+    pub comm_wait_s_per_step: f64,
+    /// Calls and bytes of one step on world rank 0, per communicator (tp, dp, world).
+    pub comm_per_step: StepComm,
+    /// Σ bytes of one step on world rank 0, by collective kind.
+    pub comm_bytes_per_step: std::collections::BTreeMap<String, u64>,
+    pub compute_s_per_step: ClassSeconds,
+    /// Largest per-rank peak of tracked memory, and what the memory plan says for it.
+    pub peak_bytes: u64,
+    pub planned_bytes: u64,
+    pub loss_first: f32,
+    pub loss_last: f32,
+    pub params: usize,
+    pub threads: usize,
+}
+
+/// What one rank measured.
+struct RankRun {
+    step_s: Vec<f64>,
+    wait_s: Vec<f64>,
+    profile: OpProfile,
+    comm: StepComm,
+    losses: Vec<f32>,
+    peak_bytes: u64,
+}
+
+type Comm = Arc<dyn Communicator<Profiled<CpuBackend>>>;
+
+/// One rank's communicators, timed.
+struct RankGroups {
+    tp: Option<(Comm, Arc<TimedComm<CpuBackend>>)>,
+    dp: Option<(Comm, Arc<TimedComm<CpuBackend>>)>,
+    world: Option<(Comm, Arc<TimedComm<CpuBackend>>)>,
+}
+
+impl RankGroups {
+    fn new(mesh: &Mesh, comms: dm_parallel::RankComms) -> Self {
+        let wrap = |c: ThreadComm, on: bool| {
+            on.then(|| {
+                let inner: Arc<dyn Communicator<CpuBackend>> = Arc::new(c);
+                let t = Arc::new(TimedComm::new(inner));
+                (t.clone() as Comm, t)
+            })
+        };
+        RankGroups {
+            tp: wrap(comms.tp, mesh.tp() > 1),
+            dp: wrap(comms.dp, mesh.dp() > 1),
+            world: wrap(comms.world, mesh.world() > 1),
+        }
+    }
+    fn all(&self) -> [&Option<(Comm, Arc<TimedComm<CpuBackend>>)>; 3] {
+        [&self.tp, &self.dp, &self.world]
+    }
+    fn wait_s(&self) -> f64 {
+        self.all().iter().filter_map(|g| g.as_ref()).map(|(_, t)| t.times().total()).sum()
+    }
+    fn stats(&self) -> StepComm {
+        let s = |g: &Option<(Comm, Arc<TimedComm<CpuBackend>>)>| g.as_ref().map(|(c, _)| c.stats()).unwrap_or_default();
+        StepComm { tp: s(&self.tp), dp: s(&self.dp), world: s(&self.world) }
+    }
+}
+
+fn diff(a: &StepComm, b: &StepComm) -> StepComm {
+    let d = |x: &CommStats, y: &CommStats| {
+        let mut out = *x;
+        for k in CollectiveKind::ALL {
+            let (o, e) = (x.get(k), y.get(k));
+            let v = OpStats { calls: o.calls - e.calls, bytes: o.bytes - e.bytes };
+            match k {
+                CollectiveKind::AllReduce => out.all_reduce = v,
+                CollectiveKind::AllGather => out.all_gather = v,
+                CollectiveKind::ReduceScatter => out.reduce_scatter = v,
+                CollectiveKind::Broadcast => out.broadcast = v,
+                CollectiveKind::Barrier => out.barrier = v,
+            }
+        }
+        out
+    };
+    StepComm { tp: d(&a.tp, &b.tp), dp: d(&a.dp, &b.dp), world: d(&a.world, &b.world) }
+}
+
+/// All-reduces one scalar over `comm` (identity without one).
+fn reduce_scalar(be: &Profiled<CpuBackend>, comm: Option<&Comm>, x: f32, op: ReduceOp) -> Result<f32> {
+    let Some(c) = comm else { return Ok(x) };
+    let mut b = be.upload("scalar", &[x])?;
+    c.all_reduce(&mut b, op)?;
+    Ok(be.download(&b)?[0])
+}
+
+/// The optimizer of one rank.
+enum Opt {
+    Full(AdamW<Profiled<CpuBackend>>),
+    Zero1(Zero1<Profiled<CpuBackend>>),
+}
+
+/// The training loop of one rank: the trainer's optimizer step (`launch/src/train.rs`) with the
+/// same collectives — forward, loss and backward over tp, the loss average over dp, the gradient
+/// all-reduce (or ZeRO-1 reduce-scatter, update, all-gather), the global gradient norm and
+/// clipping to 1, AdamW at lr 1e-3, and the world stop-flag all-reduce — on this dp rank's fixed
+/// random batch, so the loss falls.
+fn run_rank(cfg: &DalleBartConfig, o: &StepOptions, mesh: &Mesh, rank: usize, groups: RankGroups) -> Result<RankRun> {
+    let (dp_index, tp_index) = mesh.coords(rank);
+    let be = Profiled::new(CpuBackend::with_budget(&format!("cpu:rank{rank}"), o.device_memory));
+    let table = ParamTable::sharded(cfg, tp_index, mesh.tp());
+    let local = table.shard_values(&ParamTable::new(cfg).init_values(cfg.init_std, 0));
+    let group = groups.tp.as_ref().map(|(c, _)| TpGroup { rank: tp_index, size: mesh.tp(), comm: c.clone() });
+    let mut model = DalleBart::new_sharded(be.clone(), cfg.clone(), group, local)?;
+    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
+    let adamw = AdamWConfig { weight_decay: 0.0, ..Default::default() };
+    let mut opt = if o.zero1 && mesh.dp() > 1 {
+        let lens: Vec<usize> = table.specs.iter().map(|s| s.numel()).collect();
+        Opt::Zero1(Zero1::new(&be, &names, &lens, dp_index, mesh.dp())?)
+    } else {
+        Opt::Full(AdamW::new(&be, adamw, &names, &model.params)?)
+    };
+    let data = random_batch(cfg, o.batch_per_device, 1 + dp_index as u64)?;
+    let tokens = (o.batch_per_device * mesh.dp() * cfg.image_length) as f32;
+    let (tp_c, dp_c, world_c) =
+        (groups.tp.as_ref().map(|g| &g.0), groups.dp.as_ref().map(|g| &g.0), groups.world.as_ref().map(|g| &g.0));
+    let counted = |i: usize| tp_index == 0 || table.specs[i].shard != dm_model::params::Shard::Replicated;
+    let mut run = RankRun {
+        step_s: Vec::new(),
+        wait_s: Vec::new(),
+        profile: OpProfile::default(),
+        comm: StepComm::default(),
+        losses: Vec::new(),
+        peak_bytes: 0,
+    };
+    let mut start_profile = be.profile();
+    for i in 0..o.warmup + o.steps {
+        if i == o.warmup {
+            start_profile = be.profile();
+        }
+        let (wait0, comm0) = (groups.wait_s(), groups.stats());
+        let t0 = Instant::now();
+        model.zero_grads()?;
+        model.forward(&data)?;
+        let loss = model.loss_and_backward(1.0 / tokens)?.loss;
+        let loss = reduce_scalar(&be, dp_c, loss, ReduceOp::Avg)?;
+        let (sq, chunks) = match &opt {
+            Opt::Full(_) => {
+                if let Some(c) = dp_c {
+                    for g in model.grads.iter_mut() {
+                        c.all_reduce(g, ReduceOp::Sum)?;
+                    }
+                }
+                let mut sq = 0.0f64;
+                for (i, g) in model.grads.iter().enumerate() {
+                    if counted(i) {
+                        sq += be.sum_squares(g)?;
+                    }
+                }
+                (reduce_scalar(&be, tp_c, sq as f32, ReduceOp::Sum)?, None)
+            }
+            Opt::Zero1(z) => {
+                let c = dp_c.context("ZeRO-1 needs dp > 1")?;
+                let chunks = z.reduce_scatter_grads(&be, c.as_ref(), &model.grads, &names)?;
+                let mut sq = 0.0f64;
+                for (i, g) in chunks.iter().enumerate() {
+                    if counted(i) {
+                        sq += be.sum_squares(g)?;
+                    }
+                }
+                (reduce_scalar(&be, world_c, sq as f32, ReduceOp::Sum)?, Some(chunks))
+            }
+        };
+        let norm = sq.sqrt();
+        let clip = if norm > 1.0 { 1.0 / norm } else { 1.0 };
+        let lr = 1e-3;
+        match (&mut opt, chunks) {
+            (Opt::Full(a), _) => {
+                let DalleBart { params, grads, .. } = &mut model;
+                a.update(&be, params, grads, lr, clip)?;
+            }
+            (Opt::Zero1(z), Some(chunks)) => {
+                let s = dm_runtime::AdamWStep {
+                    lr,
+                    b1: adamw.b1,
+                    b2: adamw.b2,
+                    eps: adamw.eps,
+                    weight_decay: adamw.weight_decay,
+                    step: i as u64 + 1,
+                    grad_scale: clip,
+                };
+                let c = dp_c.context("ZeRO-1 needs dp > 1")?;
+                z.update(&be, c.as_ref(), &mut model.params, &chunks, &names, &s)?;
+            }
+            (Opt::Zero1(_), None) => bail!("internal: ZeRO-1 step without gradient chunks"),
+        }
+        // The trainer's stop flag: every rank agrees, and the step ends on every rank together.
+        reduce_scalar(&be, world_c, 0.0, ReduceOp::Max)?;
+        let dt = t0.elapsed().as_secs_f64();
+        tracing::debug!(rank, step = i, loss, seconds = dt, warmup = i < o.warmup, "bench step");
+        if i >= o.warmup {
+            run.step_s.push(dt);
+            run.wait_s.push(groups.wait_s() - wait0);
+            run.losses.push(loss);
+            if i == o.warmup {
+                run.comm = diff(&groups.stats(), &comm0);
+            }
+        }
+    }
+    run.profile = be.profile().since(&start_profile);
+    run.peak_bytes = be.memory().report().peak_bytes;
+    Ok(run)
+}
+
+/// Measures a dense peak for MFU on this CPU: the best of a few 1024³ and 2048³ GEMMs.
+pub fn cpu_peak_flops() -> Result<f64> {
+    let be = CpuBackend::new();
+    let mut best = 0.0f64;
+    for n in [1024usize, 2048] {
+        let a = be.upload("a", &vec![0.5; n * n])?;
+        let b = be.upload("b", &vec![0.25; n * n])?;
+        let mut c = be.zeros("c", n * n)?;
+        let s = MatmulSpec::nn(n, n, n);
+        be.matmul(&mut c, &a, &b, s)?;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            be.matmul(&mut c, &a, &b, s)?;
+            best = best.max(s.flops() / t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(best)
+}
+
+/// Times `steps` training steps after `warmup` on the mesh of `o` (ranks are CPU threads).
+pub fn bench_step(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Result<StepBench> {
+    check_supported(o.precision, o.device)?;
+    if o.steps == 0 || o.batch_per_device == 0 {
+        bail!("--steps and --batch must be at least 1");
+    }
+    let mesh = Mesh::new(o.tp, o.dp)?;
+    check_tp(cfg, o.tp).map_err(|e| anyhow!("--tp {}: {e}", o.tp))?;
+    let plan = dm_model::plan::plan(cfg, &o.plan_options()).map_err(|e| anyhow!("cannot plan this mesh: {e}"))?;
+    if let Some(budget) = o.device_memory {
+        if plan.total_tracked > budget {
+            bail!(
+                "the memory plan of one rank needs {} but the device memory is {}: lower --batch, raise --tp, or \
+                 pass --zero1",
+                crate::plan_cmd::human_bytes(plan.total_tracked),
+                crate::plan_cmd::human_bytes(budget)
+            );
+        }
+    }
+    let peak = match o.peak_flops_per_s {
+        Some(p) => p,
+        None => cpu_peak_flops()?,
+    };
+    let runs = dm_parallel::run_ranks(&mesh, |rank, comms| run_rank(cfg, o, &mesh, rank, RankGroups::new(&mesh, comms)))
+        .map_err(|f| anyhow!("{f}"))?;
+    summarise(preset, cfg, o, &mesh, &runs, peak, plan.total_tracked)
+}
+
+fn summarise(
+    preset: &str,
+    cfg: &DalleBartConfig,
+    o: &StepOptions,
+    mesh: &Mesh,
+    runs: &[RankRun],
+    peak: f64,
+    planned: u64,
+) -> Result<StepBench> {
+    let first = runs.first().context("no ranks ran")?;
+    // Every step ends with a world collective, so world rank 0's step time is the mesh's.
+    let step = Spread::of(&first.step_s);
+    let global = o.batch_per_device * o.dp;
+    let flops = step_flops(cfg, o.batch_per_device).total() * o.dp as f64;
+    let timed: f64 = runs.iter().map(|r| r.step_s.iter().sum::<f64>()).sum();
+    let waited: f64 = runs.iter().map(|r| r.wait_s.iter().sum::<f64>()).sum();
+    let mut profile = OpProfile::default();
+    for r in runs {
+        for (a, b) in profile.classes.iter_mut().zip(&r.profile.classes) {
+            a.calls += b.calls;
+            a.units += b.units;
+            a.seconds += b.seconds;
+        }
+    }
+    let mut bytes = std::collections::BTreeMap::new();
+    for k in CollectiveKind::ALL {
+        let c = &first.comm;
+        let b = c.tp.get(k).bytes + c.dp.get(k).bytes + c.world.get(k).bytes;
+        bytes.insert(k.name().to_string(), b);
+    }
     Ok(StepBench {
         preset: preset.to_string(),
-        device: be.name(),
-        batch,
-        steps,
-        warmup,
-        samples_per_s: batch as f64 / med,
-        step_s_median: med,
-        step_s_min: times.iter().copied().fold(f64::INFINITY, f64::min),
+        device: format!("{} ({} rank threads sharing {} cores)", o.device.name(), mesh.world(), rayon_threads()),
+        precision: o.precision.name().into(),
+        tp: o.tp,
+        dp: o.dp,
+        world: mesh.world(),
+        zero1: o.zero1 && o.dp > 1,
+        batch_per_device: o.batch_per_device,
+        global_batch: global,
+        steps: o.steps,
+        warmup: o.warmup,
+        step_s_median: step.median,
+        step_s_min: first.step_s.iter().copied().fold(f64::INFINITY, f64::min),
+        step_s: step,
+        samples_per_s: global as f64 / step.median,
+        samples_per_s_spread: step.inverse(global as f64),
+        image_tokens_per_s: step.inverse((global * cfg.image_length) as f64),
         gflop_per_step: flops / 1e9,
-        gflops_per_s: flops / med / 1e9,
-        peak_bytes: be.memory().report().peak_bytes,
-        params: model.table.numel(),
+        gflops_per_s: flops / step.median / 1e9,
+        peak_gflops_per_s: peak / 1e9,
+        // The thread mesh shares one host: its peak is the host's.
+        mfu: flops / step.median / peak,
+        comm_share: waited / timed.max(f64::MIN_POSITIVE),
+        comm_wait_s_per_step: waited / (runs.len() * o.steps) as f64,
+        comm_per_step: first.comm,
+        comm_bytes_per_step: bytes,
+        compute_s_per_step: ClassSeconds::from_profile(&profile, (runs.len() * o.steps) as f64),
+        peak_bytes: runs.iter().map(|r| r.peak_bytes).max().unwrap_or(0),
+        planned_bytes: planned,
+        loss_first: first.losses.first().copied().unwrap_or(f32::NAN),
+        loss_last: first.losses.last().copied().unwrap_or(f32::NAN),
+        params: ParamTable::new(cfg).numel(),
         threads: rayon_threads(),
     })
 }
 
-fn rayon_threads() -> usize {
+pub fn rayon_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 

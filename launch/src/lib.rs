@@ -2,6 +2,8 @@
 //! function returning a serialisable report, so tests drive exactly what the binary runs.
 
 pub mod bench;
+pub mod bench_comm;
+pub mod calibrate;
 pub mod gpu_check;
 pub mod kernels_cmd;
 pub mod parity;
@@ -10,6 +12,7 @@ pub mod plot;
 pub mod run_checkpoint;
 pub mod run_config;
 pub mod sample;
+pub mod sweep;
 pub mod train;
 
 use std::path::Path;

@@ -104,7 +104,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         dp: usize,
         /// Micro-batch rows per data-parallel rank.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, alias = "batch", default_value_t = 8)]
         batch_per_device: usize,
         /// Memory of one device, e.g. 24GiB or 80GB.
         #[arg(long)]
@@ -115,6 +115,30 @@ enum Command {
         /// Shard the optimizer state across dp (ZeRO-1).
         #[arg(long)]
         zero1: bool,
+        /// Also predict the step time (performance model): predicted_step_s, predicted_samples_per_s,
+        /// predicted_mfu, bottleneck.
+        #[arg(long)]
+        time: bool,
+        /// Hardware profile for --time: a built-in name (h100-sxm, tpu-v3, cpu-epyc-2core) or a YAML
+        /// file; default on --device cpu: this CPU's cached calibration (measured once).
+        #[arg(long)]
+        profile: Option<String>,
+        /// Device the prediction is for (as `bench step --device`).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: bench::Device,
+    },
+    /// Train over a grid of meshes, ZeRO-1 settings, model sizes and batches; tables and plots.
+    Sweep {
+        /// Sweep YAML (see configs/sweep-cpu.yaml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output folder: results.jsonl, results.csv, results.md, plots; an interrupted sweep
+        /// started again with the same --out continues where it stopped.
+        #[arg(long)]
+        out: PathBuf,
+        /// How points run: local (this machine, ranks as threads) or slurm.
+        #[arg(long, value_enum, default_value = "local")]
+        launcher: dalle_mesh::sweep::Launcher,
     },
     /// Benchmarks.
     Bench {
@@ -180,12 +204,39 @@ enum BenchCommand {
     Step {
         #[command(flatten)]
         model: ModelArgs,
+        /// Rows per data-parallel rank.
         #[arg(long, default_value_t = 8)]
         batch: usize,
         #[arg(long, default_value_t = 10)]
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Tensor-parallel ranks (CPU threads).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Data-parallel ranks (CPU threads).
+        #[arg(long, default_value_t = 1)]
+        dp: usize,
+        /// Shard the optimizer state across dp (ZeRO-1).
+        #[arg(long)]
+        zero1: bool,
+        /// fp32, or bf16-mixed (not implemented yet: exits 2).
+        #[arg(long, default_value = "fp32")]
+        precision: dm_model::plan::Precision,
+        /// cpu, or cuda (not implemented yet: exits 2).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: bench::Device,
+    },
+    /// Collectives over N ranks at doubling sizes, printed as nccl-tests prints them (stderr),
+    /// every result verified; exits 1 if any element is wrong.
+    Comm {
+        #[arg(long, value_enum, default_value = "threads")]
+        transport: dalle_mesh::bench_comm::Transport,
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        /// MIN:MAX, doubling.
+        #[arg(long, default_value = "1KiB:64MiB")]
+        sizes: String,
     },
     /// GFLOP/s of the backend's matmul on the model's GEMM shapes.
     Gemm {
@@ -239,7 +290,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Plan { model, tp, dp, batch_per_device, device_memory, precision, zero1 } => {
+        Command::Plan { model, tp, dp, batch_per_device, device_memory, precision, zero1, time, profile, device } => {
             let (_, cfg) = model.resolve()?;
             let device_memory = device_memory.as_deref().map(dalle_mesh::run_config::parse_bytes).transpose()?;
             let opts = dm_model::plan::PlanOptions {
@@ -248,7 +299,10 @@ fn run(cli: Cli) -> Result<i32> {
                 device_memory,
                 ..dm_model::plan::PlanOptions::new(tp, dp, batch_per_device)
             };
-            let report = dalle_mesh::plan_cmd::run(&cfg, opts)?;
+            let mut report = dalle_mesh::plan_cmd::run(&cfg, opts.clone())?;
+            if time {
+                dalle_mesh::plan_cmd::add_time(&mut report, &cfg, &opts, device, profile.as_deref())?;
+            }
             print_json(&report)?;
             Ok(if report["fits"] == serde_json::json!(false) { 1 } else { 0 })
         }
@@ -309,9 +363,23 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&report)?;
             Ok(if report.pass { 0 } else { 1 })
         }
-        Command::Bench { what: BenchCommand::Step { model, batch, steps, warmup } } => {
+        Command::Bench { what: BenchCommand::Step { model, batch, steps, warmup, tp, dp, zero1, precision, device } } => {
+            bench::check_supported(precision, device)?;
             let (name, cfg) = model.resolve()?;
-            print_json(&bench::bench_step(&name, cfg, batch, steps, warmup)?)?;
+            let o = bench::StepOptions { steps, warmup, zero1, precision, device, ..bench::StepOptions::new(tp, dp, batch) };
+            print_json(&bench::bench_step(&name, &cfg, &o)?)?;
+            Ok(0)
+        }
+        Command::Bench { what: BenchCommand::Comm { transport, ranks, sizes } } => {
+            let sizes = dalle_mesh::bench_comm::parse_sizes(&sizes)?;
+            let report = dalle_mesh::bench_comm::run(transport, ranks, &sizes)?;
+            eprint!("{}", dalle_mesh::bench_comm::table(&report));
+            print_json(&report)?;
+            Ok(if report.pass { 0 } else { 1 })
+        }
+        Command::Sweep { config, out, launcher } => {
+            let summary = dalle_mesh::sweep::run(&config, &out, launcher)?;
+            print_json(&summary)?;
             Ok(0)
         }
         Command::Bench { what: BenchCommand::Gemm { model, batch, reps } } => {

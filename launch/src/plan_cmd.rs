@@ -75,3 +75,36 @@ fn gib_view(p: &MemoryPlan) -> Value {
         "device_memory": p.device_memory.map(gib),
     })
 }
+
+/// The hardware profile `plan --time` and `sweep` predict with: `--profile` (a built-in name or a
+/// YAML file), else on `--device cpu` this CPU's cached calibration; `--device cuda` needs one.
+pub fn resolve_profile(device: crate::bench::Device, profile: Option<&str>) -> Result<dm_model::perf_model::HardwareProfile> {
+    match (profile, device) {
+        (Some(p), _) => crate::calibrate::builtin_profile(p),
+        (None, crate::bench::Device::Cpu) => crate::calibrate::cached_or_calibrate(),
+        (None, crate::bench::Device::Cuda) => anyhow::bail!(
+            "plan --time --device cuda needs a hardware profile: pass --profile h100-sxm (or a YAML file like \
+             configs/hardware/h100-sxm.yaml)"
+        ),
+    }
+}
+
+/// Adds the performance model's prediction (`predicted_step_s`, `predicted_samples_per_s`,
+/// `predicted_mfu`, `bottleneck`, and the breakdown) to a plan report.
+pub fn add_time(
+    report: &mut Value,
+    cfg: &DalleBartConfig,
+    opts: &PlanOptions,
+    device: crate::bench::Device,
+    profile: Option<&str>,
+) -> Result<()> {
+    let profile = resolve_profile(device, profile)?;
+    let p = dm_model::perf_model::predict(cfg, opts, &profile).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let v = serde_json::to_value(&p)?;
+    if let (Some(obj), Some(add)) = (report.as_object_mut(), v.as_object()) {
+        for (k, x) in add {
+            obj.insert(k.clone(), x.clone());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! CPU calibration of the performance model: short probes of this machine that become a
+//! [`HardwareProfile`] (`dalle-mesh plan --time` without `--profile`, and the start of every
+//! `sweep`). Cached as YAML so it runs once per machine.
+//!
+//! Probes (a few seconds):
+//! - GEMM: `1024³` (the reference rate), then each of m, n, k swept over 16 … 16384 with the other
+//!   two at 1024, giving the relative-rate tables of [`GemmRates`]; the dense peak for MFU is the
+//!   best rate seen;
+//! - the other op classes: a probe model's training steps on the [`Profiled`] backend; each
+//!   class's rate is the performance model's own work count for that model ([`step_work`]) over
+//!   the measured seconds in that class, so the model's approximate counts cancel;
+//! - links: a 2-rank in-process all-reduce of 1 KiB (latency α) and 16 MiB (bandwidth β).
+//!
+//! Built-in profiles of other machines are in `configs/hardware/` (see [`builtin_profile`]).
+
+use crate::bench::{median, random_batch, rayon_threads};
+use anyhow::{bail, Context, Result};
+use dm_model::perf_model::{step_work, Algorithm, ClassRates, GemmRates, HardwareProfile, Link, Links};
+use dm_model::plan::{PlanOptions, Precision};
+use dm_model::{AdamW, AdamWConfig, DalleBart, DalleBartConfig};
+use dm_parallel::{Communicator, ReduceOp, ThreadComm};
+use dm_runtime::cpu::CpuBackend;
+use dm_runtime::{Backend, MatmulSpec, OpClass, Profiled};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Profiles shipped with the source, by name.
+pub const BUILTIN: [(&str, &str); 3] = [
+    ("h100-sxm", include_str!("../../configs/hardware/h100-sxm.yaml")),
+    ("tpu-v3", include_str!("../../configs/hardware/tpu-v3.yaml")),
+    ("cpu-epyc-2core", include_str!("../../configs/hardware/cpu-epyc-2core.yaml")),
+];
+
+/// Parses a profile's YAML, naming `origin` in the error.
+pub fn parse_profile(text: &str, origin: &str) -> Result<HardwareProfile> {
+    let p: HardwareProfile = serde_yaml::from_str(text)
+        .with_context(|| format!("{origin}: not a hardware profile (see configs/hardware/h100-sxm.yaml)"))?;
+    let rates = [
+        p.peak_flops_per_s,
+        p.gemm.reference_flops_per_s,
+        p.rates.attention_flops_per_s,
+        p.rates.cross_entropy_elements_per_s,
+        p.rates.pointwise_elements_per_s,
+        p.rates.optimizer_elements_per_s,
+        p.links.intra_node.bandwidth_bytes_per_s,
+        p.links.inter_node.bandwidth_bytes_per_s,
+    ];
+    if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) || p.devices_per_node == 0 {
+        bail!("{origin}: every rate, bandwidth and devices_per_node must be positive");
+    }
+    Ok(p)
+}
+
+/// A built-in profile by name, or a YAML file.
+pub fn builtin_profile(name_or_path: &str) -> Result<HardwareProfile> {
+    if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
+        return parse_profile(text, &format!("built-in profile {name_or_path}"));
+    }
+    let path = Path::new(name_or_path);
+    let text = std::fs::read_to_string(path).with_context(|| {
+        let names: Vec<&str> = BUILTIN.iter().map(|b| b.0).collect();
+        format!("--profile {name_or_path}: no such file, and not a built-in profile ({})", names.join(", "))
+    })?;
+    parse_profile(&text, &path.display().to_string())
+}
+
+/// This CPU's model name and thread count, for the cache key.
+fn cpu_id() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{model}, {} threads", rayon_threads())
+}
+
+/// Where the calibration of this machine is cached: `$DALLE_MESH_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/dalle-mesh`, else `~/.cache/dalle-mesh`.
+pub fn cache_path() -> PathBuf {
+    let dir = std::env::var_os("DALLE_MESH_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("dalle-mesh")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache").join("dalle-mesh")))
+        .unwrap_or_else(|| PathBuf::from(".dalle-mesh-cache"));
+    dir.join(format!("cpu-calibration-{}t.yaml", rayon_threads()))
+}
+
+/// The cached calibration of this CPU, or a fresh one (written to the cache).
+pub fn cached_or_calibrate() -> Result<HardwareProfile> {
+    let path = cache_path();
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        match parse_profile(&text, &path.display().to_string()) {
+            Ok(p) if p.name == cpu_id() => {
+                tracing::info!(path = %path.display(), "using the cached CPU calibration");
+                return Ok(p);
+            }
+            Ok(_) => tracing::info!(path = %path.display(), "the cached calibration is of another CPU: recalibrating"),
+            Err(e) => tracing::warn!("{e:#}: recalibrating"),
+        }
+    }
+    let p = calibrate()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::atomic_write(&path, serde_yaml::to_string(&p)?.as_bytes())?;
+    tracing::info!(path = %path.display(), "CPU calibration cached");
+    Ok(p)
+}
+
+/// Best-of-`reps` seconds of one GEMM shape.
+fn time_gemm(be: &CpuBackend, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+    let a = be.upload("a", &vec![0.5; m * k])?;
+    let b = be.upload("b", &vec![0.25; k * n])?;
+    let mut c = be.zeros("c", m * n)?;
+    let s = MatmulSpec::nn(m, n, k);
+    be.matmul(&mut c, &a, &b, s)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        be.matmul(&mut c, &a, &b, s)?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// GEMM rate tables and the best rate seen.
+fn calibrate_gemm() -> Result<(GemmRates, f64)> {
+    let be = CpuBackend::new();
+    const R: usize = 1024;
+    let rate = |m: usize, n: usize, k: usize| -> Result<f64> {
+        let flops = 2.0 * (m * n * k) as f64;
+        let reps = if flops > 1e10 { 2 } else { 5 };
+        Ok(flops / time_gemm(&be, m, n, k, reps)?)
+    };
+    let reference = rate(R, R, R)?;
+    let mut best = reference;
+    let sizes = [16usize, 64, 256, 1024, 4096, 16384];
+    let mut axis = |which: usize| -> Result<Vec<(f64, f64)>> {
+        let mut t = Vec::new();
+        for &x in &sizes {
+            let r = if x == R {
+                reference
+            } else {
+                match which {
+                    0 => rate(x, R, R)?,
+                    1 => rate(R, x, R)?,
+                    _ => rate(R, R, x)?,
+                }
+            };
+            best = best.max(r);
+            t.push((x as f64, r / reference));
+        }
+        Ok(t)
+    };
+    let (m, n, k) = (axis(0)?, axis(1)?, axis(2)?);
+    Ok((GemmRates { reference_flops_per_s: reference, m, n, k, call_overhead_s: 0.0 }, best))
+}
+
+/// The probe model of the class rates: small, but with every op of the real ones.
+fn probe_model() -> DalleBartConfig {
+    DalleBartConfig {
+        d_model: 128,
+        encoder_layers: 2,
+        decoder_layers: 2,
+        encoder_attention_heads: 4,
+        decoder_attention_heads: 4,
+        encoder_ffn_dim: 256,
+        decoder_ffn_dim: 256,
+        encoder_vocab_size: 512,
+        image_vocab_size: 1024,
+        image_length: 256,
+        max_text_length: 16,
+        init_std: 0.02,
+        use_scan: true,
+    }
+}
+
+/// Class rates from the probe model's steps (median seconds per class over 3 timed steps).
+fn calibrate_classes() -> Result<ClassRates> {
+    let cfg = probe_model();
+    let batch = 4;
+    let be = Profiled::new(CpuBackend::new());
+    let mut model = DalleBart::init(be.clone(), cfg.clone(), 0)?;
+    let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
+    let mut opt = AdamW::new(&be, AdamWConfig::default(), &names, &model.params)?;
+    let data = random_batch(&cfg, batch, 1)?;
+    let mut per_class: Vec<[f64; 7]> = Vec::new();
+    for i in 0..4 {
+        let before = be.profile();
+        model.zero_grads()?;
+        model.forward_backward(&data)?;
+        let mut sq = 0.0;
+        for g in &model.grads {
+            sq += be.sum_squares(g)?;
+        }
+        opt.update(&be, &mut model.params, &model.grads, 1e-4, if sq > 1.0 { 1.0 / sq.sqrt() as f32 } else { 1.0 })?;
+        let p = be.profile().since(&before);
+        if i > 0 {
+            per_class.push(std::array::from_fn(|c| p.classes[c].seconds));
+        }
+    }
+    let secs = |classes: &[OpClass]| median(per_class.iter().map(|s| classes.iter().map(|&c| s[c as usize]).sum()).collect());
+    let w = step_work(&cfg, &PlanOptions::new(1, 1, batch), 0);
+    Ok(ClassRates {
+        attention_flops_per_s: w.attention_flops / secs(&[OpClass::Attention]),
+        cross_entropy_elements_per_s: w.cross_entropy_elements / secs(&[OpClass::CrossEntropy]),
+        pointwise_elements_per_s: w.pointwise_elements / secs(&[OpClass::Norm, OpClass::Elementwise]),
+        optimizer_elements_per_s: w.optimizer_elements / secs(&[OpClass::Optimizer, OpClass::Memory]),
+    })
+}
+
+/// α and β of the in-process communicator: 2 ranks, all-reduce medians at 1 KiB and 16 MiB.
+fn calibrate_threads_link() -> Result<Link> {
+    let time = |elems: usize| -> Result<f64> {
+        let comms = ThreadComm::group(2);
+        let times = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || -> Result<f64> {
+                        let be = CpuBackend::new();
+                        let mut buf = be.upload("x", &vec![1.0; elems])?;
+                        let reps = if elems > 100_000 { 8 } else { 200 };
+                        let mut t = Vec::new();
+                        for _ in 0..reps {
+                            let t0 = Instant::now();
+                            Communicator::<CpuBackend>::all_reduce(&c, &mut buf, ReduceOp::Avg)?;
+                            t.push(t0.elapsed().as_secs_f64());
+                        }
+                        Ok(median(t))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a probe rank panicked"))?).collect::<Result<Vec<f64>>>()
+        })?;
+        Ok(times.into_iter().fold(0.0, f64::max))
+    };
+    let (small, big) = (256usize, 4 << 20);
+    let (ts, tb) = (time(small)?, time(big)?);
+    // SharedMemory: t = α + 2 ranks × payload / β.
+    let beta = 2.0 * 4.0 * (big - small) as f64 / (tb - ts).max(1e-9);
+    let alpha = (ts - 2.0 * 4.0 * small as f64 / beta).max(0.0);
+    Ok(Link { alpha_s: alpha, bandwidth_bytes_per_s: beta, algorithm: Algorithm::SharedMemory })
+}
+
+/// Measures this CPU (a few seconds).
+pub fn calibrate() -> Result<HardwareProfile> {
+    let t0 = Instant::now();
+    let (gemm, peak) = calibrate_gemm()?;
+    let rates = calibrate_classes()?;
+    let link = calibrate_threads_link()?;
+    tracing::info!(seconds = t0.elapsed().as_secs_f64(), peak_gflops = peak / 1e9, "CPU calibrated");
+    Ok(HardwareProfile {
+        name: cpu_id(),
+        device: "cpu".into(),
+        precision: Precision::Fp32,
+        peak_flops_per_s: peak,
+        devices_per_node: 1 << 20,
+        ranks_share_host: true,
+        memory_bytes: None,
+        gemm,
+        rates,
+        links: Links { intra_node: link, inter_node: link },
+        overlap: 0.0,
+        source: format!("dalle-mesh calibration (probes of {:.1} s)", t0.elapsed().as_secs_f64()),
+    })
+}
