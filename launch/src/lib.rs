@@ -13,6 +13,7 @@ pub mod run_checkpoint;
 pub mod run_config;
 pub mod sample;
 pub mod sweep;
+pub mod sweep_report;
 pub mod train;
 
 use std::path::Path;
