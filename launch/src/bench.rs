@@ -12,10 +12,10 @@ use dm_parallel::zero::Zero1;
 use dm_parallel::{CollectiveKind, CommStats, Communicator, Mesh, OpStats, ReduceOp, ThreadComm, TimedComm};
 use dm_runtime::cpu::CpuBackend;
 use dm_runtime::{Backend, MatmulSpec, OpClass, OpProfile, Profiled};
-use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A random but valid batch (captions with a few padded positions).
@@ -458,8 +458,9 @@ pub fn bench_step(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Resul
         Some(p) => p,
         None => cpu_peak_flops()?,
     };
-    let runs = dm_parallel::run_ranks(&mesh, |rank, comms| run_rank(cfg, o, &mesh, rank, RankGroups::new(&mesh, comms)))
-        .map_err(|f| anyhow!("{f}"))?;
+    let runs =
+        dm_parallel::run_ranks(&mesh, |rank, comms| run_rank(cfg, o, &mesh, rank, RankGroups::new(&mesh, comms)))
+            .map_err(|f| anyhow!("{f}"))?;
     summarise(preset, cfg, o, &mesh, &runs, peak, plan.total_tracked)
 }
 

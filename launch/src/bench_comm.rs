@@ -58,9 +58,8 @@ pub struct CommReport {
 
 /// Parses `1KiB:256MiB` into the doubling sizes from the first to the second (inclusive).
 pub fn parse_sizes(spec: &str) -> Result<Vec<u64>> {
-    let (lo, hi) = spec
-        .split_once(':')
-        .with_context(|| format!("--sizes `{spec}`: expected MIN:MAX, e.g. 1KiB:256MiB"))?;
+    let (lo, hi) =
+        spec.split_once(':').with_context(|| format!("--sizes `{spec}`: expected MIN:MAX, e.g. 1KiB:256MiB"))?;
     let (lo, hi) = (parse_bytes(lo)?, parse_bytes(hi)?);
     if lo < 4 || hi < lo {
         bail!("--sizes `{spec}`: need 4 B ≤ MIN ≤ MAX");

@@ -68,7 +68,11 @@ pub fn builtin_profile(name_or_path: &str) -> Result<HardwareProfile> {
 fn cpu_id() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     format!("{model}, {} threads", rayon_threads())
 }
@@ -198,7 +202,8 @@ fn calibrate_classes() -> Result<ClassRates> {
             per_class.push(std::array::from_fn(|c| p.classes[c].seconds));
         }
     }
-    let secs = |classes: &[OpClass]| median(per_class.iter().map(|s| classes.iter().map(|&c| s[c as usize]).sum()).collect());
+    let secs =
+        |classes: &[OpClass]| median(per_class.iter().map(|s| classes.iter().map(|&c| s[c as usize]).sum()).collect());
     let w = step_work(&cfg, &PlanOptions::new(1, 1, batch), 0);
     Ok(ClassRates {
         attention_flops_per_s: w.attention_flops / secs(&[OpClass::Attention]),
@@ -230,7 +235,9 @@ fn calibrate_threads_link() -> Result<Link> {
                     })
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a probe rank panicked"))?).collect::<Result<Vec<f64>>>()
+            hs.into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("a probe rank panicked"))?)
+                .collect::<Result<Vec<f64>>>()
         })?;
         Ok(times.into_iter().fold(0.0, f64::max))
     };

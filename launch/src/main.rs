@@ -363,10 +363,19 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&report)?;
             Ok(if report.pass { 0 } else { 1 })
         }
-        Command::Bench { what: BenchCommand::Step { model, batch, steps, warmup, tp, dp, zero1, precision, device } } => {
+        Command::Bench {
+            what: BenchCommand::Step { model, batch, steps, warmup, tp, dp, zero1, precision, device },
+        } => {
             bench::check_supported(precision, device)?;
             let (name, cfg) = model.resolve()?;
-            let o = bench::StepOptions { steps, warmup, zero1, precision, device, ..bench::StepOptions::new(tp, dp, batch) };
+            let o = bench::StepOptions {
+                steps,
+                warmup,
+                zero1,
+                precision,
+                device,
+                ..bench::StepOptions::new(tp, dp, batch)
+            };
             print_json(&bench::bench_step(&name, &cfg, &o)?)?;
             Ok(0)
         }

@@ -78,7 +78,10 @@ fn gib_view(p: &MemoryPlan) -> Value {
 
 /// The hardware profile `plan --time` and `sweep` predict with: `--profile` (a built-in name or a
 /// YAML file), else on `--device cpu` this CPU's cached calibration; `--device cuda` needs one.
-pub fn resolve_profile(device: crate::bench::Device, profile: Option<&str>) -> Result<dm_model::perf_model::HardwareProfile> {
+pub fn resolve_profile(
+    device: crate::bench::Device,
+    profile: Option<&str>,
+) -> Result<dm_model::perf_model::HardwareProfile> {
     match (profile, device) {
         (Some(p), _) => crate::calibrate::builtin_profile(p),
         (None, crate::bench::Device::Cpu) => crate::calibrate::cached_or_calibrate(),

@@ -22,8 +22,8 @@
 //! prediction, so the table is the model's validation.
 
 use crate::bench::{bench_step, check_supported, Device, StepBench, StepOptions};
-pub use crate::sweep_report::write_outputs;
 use crate::run_config::{parse_bytes, RunConfig};
+pub use crate::sweep_report::write_outputs;
 use anyhow::{bail, Context, Result};
 use dm_model::perf_model::{predict, HardwareProfile, Prediction};
 use dm_model::plan::{plan, Precision};
@@ -221,15 +221,7 @@ pub fn points(g: &Grid) -> Result<Vec<Point>> {
                 for &b in &g.batch_per_device {
                     for &precision in &g.precision {
                         for &device in &g.device {
-                            out.push(Point {
-                                model: m.clone(),
-                                tp,
-                                dp,
-                                zero1,
-                                batch_per_device: b,
-                                precision,
-                                device,
-                            });
+                            out.push(Point { model: m.clone(), tp, dp, zero1, batch_per_device: b, precision, device });
                         }
                     }
                 }
@@ -455,9 +447,11 @@ pub fn run(config: &Path, out: &Path, launcher: Launcher) -> Result<SweepSummary
         pts.iter().filter_map(|p| results.iter().find(|v| v["id"] == p.id().as_str()).cloned()).collect();
     let files = write_outputs(out, &ordered)?;
     let status = |s: &str| ordered.iter().filter(|v| v["status"] == s).count();
-    let worst = ordered.iter().filter_map(|v| v["prediction_error"].as_f64()).map(f64::abs).fold(None, |a: Option<f64>, e| {
-        Some(a.map_or(e, |a| a.max(e)))
-    });
+    let worst = ordered
+        .iter()
+        .filter_map(|v| v["prediction_error"].as_f64())
+        .map(f64::abs)
+        .fold(None, |a: Option<f64>, e| Some(a.map_or(e, |a| a.max(e))));
     Ok(SweepSummary {
         out: out.to_path_buf(),
         points: pts.len(),
@@ -470,4 +464,3 @@ pub fn run(config: &Path, out: &Path, launcher: Launcher) -> Result<SweepSummary
         files,
     })
 }
-

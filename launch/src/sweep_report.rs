@@ -291,7 +291,8 @@ fn memory_chart(rows: &[Value]) -> Chart {
         let name = if i == 0 { part.replace('_', " ") } else { format!("+ {}", part.replace('_', " ")) };
         series.push(Series { name, points, colour: colour(i) });
     }
-    let measured = pick.iter().filter(|r| ok(r)).map(|r| (u(r, "tp") as f64, mib(u(r, "peak_bytes_per_rank")))).collect();
+    let measured =
+        pick.iter().filter(|r| ok(r)).map(|r| (u(r, "tp") as f64, mib(u(r, "peak_bytes_per_rank")))).collect();
     series.push(Series { name: "measured peak (tracked)".into(), points: measured, colour: [0, 0, 0] });
     Chart {
         title: format!(

@@ -75,13 +75,14 @@ pub struct Links {
     pub inter_node: Link,
 }
 
-/// GEMM throughput as a function of the shape: `rate(m, n, k) = peak_flops_per_s · e_m(m) ·
-/// e_n(n) · e_k(k)`, each `e` interpolated log-linearly in its table of `(size, efficiency)`
-/// (clamped at the ends). An empty table means efficiency 1 along that axis.
+/// GEMM throughput as a function of the shape: `rate(m, n, k) = reference_flops_per_s · e_m(m) ·
+/// e_n(n) · e_k(k)`, each `e` interpolated log-linearly in its table of `(size, relative rate)`
+/// (clamped at the ends; 1 at the reference shape). An empty table means 1 along that axis.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GemmRates {
-    pub peak_flops_per_s: f64,
+    /// FLOP/s of the reference shape the tables are relative to.
+    pub reference_flops_per_s: f64,
     pub m: Vec<(f64, f64)>,
     pub n: Vec<(f64, f64)>,
     pub k: Vec<(f64, f64)>,
@@ -112,7 +113,7 @@ impl GemmRates {
     /// Predicted FLOP/s of one `m × n × k` product.
     pub fn rate(&self, m: usize, n: usize, k: usize) -> f64 {
         let e = interp_log(&self.m, m as f64) * interp_log(&self.n, n as f64) * interp_log(&self.k, k as f64);
-        self.peak_flops_per_s * e
+        self.reference_flops_per_s * e
     }
     /// Predicted seconds of one product.
     pub fn seconds(&self, g: &Gemm) -> f64 {
@@ -393,7 +394,7 @@ mod tests {
             devices_per_node: 8,
             ranks_share_host: false,
             memory_bytes: None,
-            gemm: GemmRates { peak_flops_per_s: 1e12, ..Default::default() },
+            gemm: GemmRates { reference_flops_per_s: 1e12, ..Default::default() },
             rates: ClassRates {
                 attention_flops_per_s: 1e12,
                 cross_entropy_elements_per_s: 1e10,
@@ -463,7 +464,7 @@ mod tests {
     #[test]
     fn gemm_rate_interpolates_log_linearly_and_clamps() {
         let g = GemmRates {
-            peak_flops_per_s: 100.0,
+            reference_flops_per_s: 100.0,
             m: vec![(16.0, 0.25), (256.0, 1.0)],
             n: vec![],
             k: vec![],

@@ -112,9 +112,8 @@ impl Counters {
         let i = class as usize;
         self.calls[i].fetch_add(1, Ordering::Relaxed);
         self.nanos[i].fetch_add(nanos, Ordering::Relaxed);
-        let _ = self.units[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-            Some((f64::from_bits(bits) + units).to_bits())
-        });
+        let _ = self.units[i]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| Some((f64::from_bits(bits) + units).to_bits()));
     }
 }
 
@@ -305,7 +304,20 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<()> {
         let n = self.inner.buf_len(x) as f64;
         self.timed(OpClass::Norm, n, |b| {
-            b.layernorm_backward_apply(dx, dscale, dbias, dout, x, mean, rstd, scale, sums, dim, dim_global, accumulate_dx)
+            b.layernorm_backward_apply(
+                dx,
+                dscale,
+                dbias,
+                dout,
+                x,
+                mean,
+                rstd,
+                scale,
+                sums,
+                dim,
+                dim_global,
+                accumulate_dx,
+            )
         })
     }
     fn gelu_glu_forward(&self, out: &mut Self::Buf, a: &Self::Buf, bb: &Self::Buf) -> Result<()> {
