@@ -236,12 +236,14 @@ struct RankRun {
 }
 
 type Comm = Arc<dyn Communicator<Profiled<CpuBackend>>>;
+/// A group's communicator as the model sees it, and its timer.
+type Timed = Option<(Comm, Arc<TimedComm<CpuBackend>>)>;
 
 /// One rank's communicators, timed.
 struct RankGroups {
-    tp: Option<(Comm, Arc<TimedComm<CpuBackend>>)>,
-    dp: Option<(Comm, Arc<TimedComm<CpuBackend>>)>,
-    world: Option<(Comm, Arc<TimedComm<CpuBackend>>)>,
+    tp: Timed,
+    dp: Timed,
+    world: Timed,
 }
 
 impl RankGroups {
@@ -259,14 +261,14 @@ impl RankGroups {
             world: wrap(comms.world, mesh.world() > 1),
         }
     }
-    fn all(&self) -> [&Option<(Comm, Arc<TimedComm<CpuBackend>>)>; 3] {
+    fn all(&self) -> [&Timed; 3] {
         [&self.tp, &self.dp, &self.world]
     }
     fn wait_s(&self) -> f64 {
         self.all().iter().filter_map(|g| g.as_ref()).map(|(_, t)| t.times().total()).sum()
     }
     fn stats(&self) -> StepComm {
-        let s = |g: &Option<(Comm, Arc<TimedComm<CpuBackend>>)>| g.as_ref().map(|(c, _)| c.stats()).unwrap_or_default();
+        let s = |g: &Timed| g.as_ref().map(|(c, _)| c.stats()).unwrap_or_default();
         StepComm { tp: s(&self.tp), dp: s(&self.dp), world: s(&self.world) }
     }
 }

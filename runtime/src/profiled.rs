@@ -4,12 +4,12 @@
 //! model's tests use it to check that its analytic FLOP counts equal what the model executes.
 //!
 //! Work units, per call:
-//! - [`OpClass::Gemm`]: [`MatmulSpec::flops`];
-//! - [`OpClass::Attention`]: [`AttentionShape::forward_flops`] for the forward, twice that for
+//! - GEMMs ([`OpClass::Gemm`]): `MatmulSpec::flops`;
+//! - attention ([`OpClass::Attention`]): `AttentionShape::forward_flops` for the forward, twice that for
 //!   the backward (the causal half is counted, as `dm_model::flops` counts it);
-//! - [`OpClass::CrossEntropy`]: logit elements (`rows × columns`) of each pass;
-//! - [`OpClass::Norm`], [`OpClass::Elementwise`], [`OpClass::Optimizer`], [`OpClass::Memory`]:
-//!   elements of the largest buffer the op reads or writes.
+//! - cross-entropy ([`OpClass::CrossEntropy`]): logit elements (`rows × columns`) of each pass;
+//! - the rest ([`OpClass::Norm`], [`OpClass::Elementwise`], [`OpClass::Optimizer`],
+//!   [`OpClass::Memory`]): elements of the largest buffer the op reads or writes.
 //!
 //! Buffers are `B`'s own, so a communicator of `B` serves `Profiled<B>` unchanged.
 
