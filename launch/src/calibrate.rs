@@ -6,7 +6,7 @@
 //! - GEMM: `1024³` (the reference rate), then each of m, n, k swept over 16 … 16384 with the other
 //!   two at 1024, giving the relative-rate tables of [`GemmRates`]; the dense peak for MFU is the
 //!   best rate seen;
-//! - the other op classes: a probe model's training steps on the [`Profiled`] backend; each
+//! - the other op classes (and the GEMM per-call overhead): a probe model's training steps on the [`Profiled`] backend; each
 //!   class's rate is the performance model's own work count for that model ([`step_work`]) over
 //!   the measured seconds in that class, so the model's approximate counts cancel;
 //! - links: a 2-rank in-process all-reduce of 1 KiB (latency α) and 16 MiB (bandwidth β).
@@ -178,8 +178,10 @@ fn probe_model() -> DalleBartConfig {
     }
 }
 
-/// Class rates from the probe model's steps (median seconds per class over 3 timed steps).
-fn calibrate_classes() -> Result<ClassRates> {
+/// Class rates from the probe model's steps (median seconds per class over 3 timed steps), and
+/// the GEMM call overhead that makes the probe's GEMM seconds match the rate tables (small
+/// products pay packing and dispatch costs the `1024`-based tables don't see).
+fn calibrate_classes(gemm: &mut GemmRates) -> Result<ClassRates> {
     let cfg = probe_model();
     let batch = 4;
     let be = Profiled::new(CpuBackend::new());
@@ -205,6 +207,8 @@ fn calibrate_classes() -> Result<ClassRates> {
     let secs =
         |classes: &[OpClass]| median(per_class.iter().map(|s| classes.iter().map(|&c| s[c as usize]).sum()).collect());
     let w = step_work(&cfg, &PlanOptions::new(1, 1, batch), 0);
+    let from_tables: f64 = w.gemms.iter().map(|g| g.flops() / gemm.rate(g.m, g.n, g.k)).sum();
+    gemm.call_overhead_s = ((secs(&[OpClass::Gemm]) - from_tables) / w.gemms.len() as f64).max(0.0);
     Ok(ClassRates {
         attention_flops_per_s: w.attention_flops / secs(&[OpClass::Attention]),
         cross_entropy_elements_per_s: w.cross_entropy_elements / secs(&[OpClass::CrossEntropy]),
@@ -252,8 +256,8 @@ fn calibrate_threads_link() -> Result<Link> {
 /// Measures this CPU (a few seconds).
 pub fn calibrate() -> Result<HardwareProfile> {
     let t0 = Instant::now();
-    let (gemm, peak) = calibrate_gemm()?;
-    let rates = calibrate_classes()?;
+    let (mut gemm, peak) = calibrate_gemm()?;
+    let rates = calibrate_classes(&mut gemm)?;
     let link = calibrate_threads_link()?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), peak_gflops = peak / 1e9, "CPU calibrated");
     Ok(HardwareProfile {
