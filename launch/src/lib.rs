@@ -11,6 +11,10 @@ pub mod run_checkpoint;
 pub mod run_config;
 pub mod sample;
 pub mod train;
+pub mod vqgan_cmd;
+pub mod vqgan_grid;
+pub mod vqgan_image;
+pub mod encode_images;
 
 use std::path::Path;
 

@@ -12,6 +12,7 @@ pub mod flops;
 pub mod optimizer;
 pub mod params;
 pub mod plan;
+pub mod vqgan;
 
 pub use batch::Batch;
 pub use config::DalleBartConfig;
