@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dallebart;
 pub mod error;
+pub mod flax;
 pub mod flops;
 pub mod optimizer;
 pub mod params;
