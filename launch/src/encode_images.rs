@@ -66,10 +66,15 @@ fn jsonl_pairs(file: &Path) -> Result<Vec<Pair>> {
     let base = file.parent().unwrap_or(Path::new("."));
     let mut pairs = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not JSON; expected {{\"image\": path, \"caption\": str}}", file.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
+            format!("{} line {}: not JSON; expected {{\"image\": path, \"caption\": str}}", file.display(), i + 1)
+        })?;
         let Some(image) = v["image"].as_str() else {
-            bail!("{} line {}: no \"image\" path; expected {{\"image\": path, \"caption\": str}}", file.display(), i + 1);
+            bail!(
+                "{} line {}: no \"image\" path; expected {{\"image\": path, \"caption\": str}}",
+                file.display(),
+                i + 1
+            );
         };
         let caption = v["caption"].as_str().map(str::trim).filter(|c| !c.is_empty()).map(String::from);
         pairs.push(Pair { image: base.join(image), caption });
@@ -82,7 +87,10 @@ pub fn run(input: &Path, vqgan_dir: &Path, out: &Path, batch: usize) -> Result<E
     let model = Vqgan::load(vqgan_dir)?;
     let pairs = if input.is_dir() { folder_pairs(input)? } else { jsonl_pairs(input)? };
     if pairs.is_empty() {
-        bail!("{}: no images found (a folder of .png/.jpg with .txt captions, or a JSONL of {{\"image\", \"caption\"}})", input.display());
+        bail!(
+            "{}: no images found (a folder of .png/.jpg with .txt captions, or a JSONL of {{\"image\", \"caption\"}})",
+            input.display()
+        );
     }
     let start = std::time::Instant::now();
     let mut writer = dm_data::DatasetWriter::create(out, model.config.codes_per_image(), model.config.n_embed as u32)?;
@@ -144,7 +152,11 @@ fn load_batch(chunk: &[Pair], resolution: usize) -> Vec<Result<dm_model::vqgan::
     std::thread::scope(|s| {
         let handles: Vec<_> = chunk
             .iter()
-            .map(|p| s.spawn(move || if p.caption.is_some() { load_image(&p.image, resolution) } else { bail!("no caption") }))
+            .map(|p| {
+                s.spawn(
+                    move || if p.caption.is_some() { load_image(&p.image, resolution) } else { bail!("no caption") },
+                )
+            })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| bail!("image decoder panicked"))).collect()
     })

@@ -2,6 +2,7 @@
 //! function returning a serialisable report, so tests drive exactly what the binary runs.
 
 pub mod bench;
+pub mod encode_images;
 pub mod gpu_check;
 pub mod kernels_cmd;
 pub mod parity;
@@ -14,7 +15,6 @@ pub mod train;
 pub mod vqgan_cmd;
 pub mod vqgan_grid;
 pub mod vqgan_image;
-pub mod encode_images;
 
 use std::path::Path;
 

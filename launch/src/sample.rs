@@ -86,6 +86,9 @@ pub fn run_with_vqgan(
     let dir = crate::run_checkpoint::latest(checkpoint)?;
     crate::run_checkpoint::verify(&dir)?;
     let cfg = dm_model::DalleBartConfig::from_file(&dir.join("config.json"))?;
+    if let Some(v) = vqgan {
+        crate::vqgan_grid::check_fits(v, cfg.image_length, cfg.image_vocab_size)?;
+    }
     let table = dm_model::ParamTable::new(&cfg);
     let weights = dm_model::checkpoint::load_weights(&dir.join("weights.safetensors"), &table)?;
     let info: DataInfo = serde_json::from_slice(&std::fs::read(dir.join("data.json"))?)

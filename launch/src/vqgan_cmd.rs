@@ -119,9 +119,10 @@ fn max_abs(a: &[f32]) -> f64 {
 fn to_codes(ints: &[i64], n_embed: usize, path: &Path) -> Result<Vec<u32>> {
     ints.iter()
         .map(|&c| {
-            u32::try_from(c).ok().filter(|c| (*c as usize) < n_embed).with_context(|| {
-                format!("{}: code {c} is outside the codebook of {n_embed}", path.display())
-            })
+            u32::try_from(c)
+                .ok()
+                .filter(|c| (*c as usize) < n_embed)
+                .with_context(|| format!("{}: code {c} is outside the codebook of {n_embed}", path.display()))
         })
         .collect()
 }
@@ -241,7 +242,9 @@ pub struct VqganBench {
     pub gemm_gflops: f64,
     /// decode GFLOP/s ÷ GEMM GFLOP/s.
     pub decode_vs_gemm: f64,
+    pub encode_gflop: f64,
     pub encode_seconds: Option<f64>,
+    pub encode_gflops: Option<f64>,
     pub encode_images_per_s: Option<f64>,
 }
 
@@ -289,7 +292,11 @@ pub fn bench(config: Option<&Path>, reps: usize, with_encode: bool) -> Result<Vq
     let gemm = gemm_before.max(gemm_after);
     let decode_gflops = model.decode_flops() / decode_seconds / 1e9;
     let encode_seconds = if with_encode {
-        let img = Activation { side: cfg.resolution, channels: cfg.in_channels, data: vec![0.5; cfg.resolution.pow(2) * cfg.in_channels] };
+        let img = Activation {
+            side: cfg.resolution,
+            channels: cfg.in_channels,
+            data: vec![0.5; cfg.resolution.pow(2) * cfg.in_channels],
+        };
         Some(best_of(reps, || model.encode(&img).map(|_| ()).map_err(Into::into))?)
     } else {
         None
@@ -305,7 +312,9 @@ pub fn bench(config: Option<&Path>, reps: usize, with_encode: bool) -> Result<Vq
         gemm_shape: [gemm_side; 3],
         gemm_gflops: gemm,
         decode_vs_gemm: decode_gflops / gemm,
+        encode_gflop: model.encode_flops() / 1e9,
         encode_seconds,
+        encode_gflops: encode_seconds.map(|s| model.encode_flops() / s / 1e9),
         encode_images_per_s: encode_seconds.map(|s| 1.0 / s),
     })
 }

@@ -12,7 +12,10 @@ use std::path::Path;
 const MIN_TILE_WIDTH: usize = 192;
 /// Caption lines kept under each image (longer captions end in "...").
 const CAPTION_LINES: usize = 3;
+/// Pixels between tiles (and around the grid).
 const GAP: usize = 4;
+/// Pixels kept free at the right of each caption, so neighbouring captions never touch.
+const CAPTION_MARGIN: usize = 12;
 const BACKGROUND: [u8; 3] = [255, 255, 255];
 const INK: [u8; 3] = [20, 20, 20];
 
@@ -33,7 +36,8 @@ pub fn prepare(img: &image::RgbImage, resolution: usize) -> Activation {
     let (w, h) = (img.width().max(1) as f64, img.height().max(1) as f64);
     let r = resolution as f64;
     let scale = r / w.min(h);
-    let (nw, nh) = (((w * scale).round() as u32).max(resolution as u32), ((h * scale).round() as u32).max(resolution as u32));
+    let (nw, nh) =
+        (((w * scale).round() as u32).max(resolution as u32), ((h * scale).round() as u32).max(resolution as u32));
     let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::Lanczos3);
     let (x0, y0) = ((nw - resolution as u32) / 2, (nh - resolution as u32) / 2);
     let crop = image::imageops::crop_imm(&resized, x0, y0, resolution as u32, resolution as u32).to_image();
@@ -108,6 +112,10 @@ impl GridLayout {
     pub fn height(&self) -> usize {
         self.rows * (self.image_h + self.caption_h) + (self.rows + 1) * GAP
     }
+    /// Width the caption lines wrap to.
+    pub fn caption_width(&self) -> usize {
+        self.tile_w - CAPTION_MARGIN
+    }
     /// Top-left corner of tile `k` (its image; the caption strip starts `image_h` lower).
     pub fn origin(&self, k: usize) -> (usize, usize) {
         let (r, c) = (k / self.cols, k % self.cols);
@@ -127,7 +135,7 @@ pub fn captioned_grid(images: &[RgbImage], captions: &[String], path: &Path) -> 
     for (k, (img, caption)) in images.iter().zip(captions).enumerate() {
         let (x0, y0) = layout.origin(k);
         canvas.blit(img, x0 + (layout.tile_w - img.width) / 2, y0);
-        for (i, line) in caption_lines(caption, layout.tile_w, layout.scale).iter().enumerate() {
+        for (i, line) in caption_lines(caption, layout.caption_width(), layout.scale).iter().enumerate() {
             let y = y0 + layout.image_h + GAP / 2 + i * 9 * layout.scale as usize;
             let (w, h) = (canvas.width, canvas.height);
             crate::plot::draw_text(&mut canvas.pixels, w, h, x0 as i64, y as i64, line, layout.scale, INK);

@@ -72,6 +72,28 @@ fn parity_notices_a_slightly_wrong_weight() {
 }
 
 #[test]
+fn msgpack_and_safetensors_folders_load_the_same_weights() {
+    let (a, b) = (scratch("msgpack"), scratch("safetensors"));
+    for (dir, weights) in [(&a, "flax_model.msgpack"), (&b, "weights.safetensors")] {
+        for f in ["config.json", weights] {
+            std::fs::copy(fixture().join(f), dir.join(f)).unwrap();
+        }
+    }
+    let (ma, mb) = (Vqgan::load(&a).unwrap(), Vqgan::load(&b).unwrap());
+    let specs = dm_model::vqgan::arch::param_specs(&ma.config);
+    assert_eq!(specs.len(), 151, "the fixture's msgpack holds 151 arrays");
+    for s in specs {
+        assert_eq!(ma.weights().get(&s.name), mb.weights().get(&s.name), "{}", s.name);
+        assert_eq!(ma.weights().get(&s.name).len(), s.shape.iter().product::<usize>(), "{}", s.name);
+    }
+    // A truncated msgpack is an error naming the file, not a panic.
+    let bytes = std::fs::read(a.join("flax_model.msgpack")).unwrap();
+    std::fs::write(a.join("flax_model.msgpack"), &bytes[..bytes.len() / 2]).unwrap();
+    let err = format!("{:#}", Vqgan::load(&a).unwrap_err());
+    assert!(err.contains("flax_model.msgpack"), "{err}");
+}
+
+#[test]
 fn loading_refuses_weights_that_do_not_match_the_config() {
     let tmp = scratch("mismatch");
     std::fs::copy(fixture().join("weights.safetensors"), tmp.join("weights.safetensors")).unwrap();
@@ -181,7 +203,7 @@ fn trainer_sample_grid_decodes_synthetic_codes_through_a_vqgan_with_prompts_unde
         let strip_y = y0 + layout.image_h;
         let (w, h) = (layout.tile_w, layout.caption_h);
         let mut want = vec![255u8; w * h * 3];
-        for (i, line) in caption_lines(prompt, w, layout.scale).iter().enumerate() {
+        for (i, line) in caption_lines(prompt, layout.caption_width(), layout.scale).iter().enumerate() {
             let y = 2 + i * 9 * layout.scale as usize;
             dalle_mesh::plot::draw_text(&mut want, w, h, 0, y as i64, line, layout.scale, [20, 20, 20]);
         }

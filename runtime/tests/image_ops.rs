@@ -198,8 +198,9 @@ fn spatial_attention_matches_f64() {
         let row = |t: &[f32], i: usize| f64s(&t[(b * n + i) * c..(b * n + i + 1) * c]);
         for i in 0..n {
             let qi = row(&q, i);
-            let scores: Vec<f64> =
-                (0..n).map(|j| qi.iter().zip(row(&k, j)).map(|(a, b)| a * b).sum::<f64>() / (c as f64).sqrt()).collect();
+            let scores: Vec<f64> = (0..n)
+                .map(|j| qi.iter().zip(row(&k, j)).map(|(a, b)| a * b).sum::<f64>() / (c as f64).sqrt())
+                .collect();
             let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
             let z: f64 = e.iter().sum();

@@ -31,14 +31,24 @@ pub struct ConvLayer {
 pub enum Stage {
     /// A same-size convolution (3×3 with padding 1, or 1×1).
     Conv(ConvLayer),
-    ResnetBlock { prefix: String, cin: usize, cout: usize },
-    AttnBlock { prefix: String, channels: usize },
+    ResnetBlock {
+        prefix: String,
+        cin: usize,
+        cout: usize,
+    },
+    AttnBlock {
+        prefix: String,
+        channels: usize,
+    },
     /// Pad bottom/right by 1, then the 3×3 stride-2 convolution `<prefix>.conv`.
     Downsample(ConvLayer),
     /// Nearest ×2 upsampling, then the 3×3 convolution `<prefix>.conv`.
     Upsample(ConvLayer),
     /// GroupNorm `<name>` followed by swish.
-    NormSwish { name: String, channels: usize },
+    NormSwish {
+        name: String,
+        channels: usize,
+    },
 }
 
 fn conv(name: String, kernel: usize, cin: usize, cout: usize) -> ConvLayer {
@@ -138,7 +148,11 @@ fn norm_params(name: &str, c: usize, out: &mut Vec<ParamSpec>) {
 }
 
 /// The ResNet block's sub-layers: (norm1, conv1, norm2, conv2, optional nin_shortcut).
-pub fn resnet_layers(prefix: &str, cin: usize, cout: usize) -> (String, ConvLayer, String, ConvLayer, Option<ConvLayer>) {
+pub fn resnet_layers(
+    prefix: &str,
+    cin: usize,
+    cout: usize,
+) -> (String, ConvLayer, String, ConvLayer, Option<ConvLayer>) {
     (
         format!("{prefix}.norm1"),
         conv(format!("{prefix}.conv1"), 3, cin, cout),

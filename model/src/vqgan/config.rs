@@ -63,7 +63,10 @@ impl VqganConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))?;
         let cfg: VqganConfig = serde_json::from_str(&text).map_err(|e| {
-            ModelError::Config(format!("{}: not a vqgan-jax config.json ({e}); fix the file or re-save it", path.display()))
+            ModelError::Config(format!(
+                "{}: not a vqgan-jax config.json ({e}); fix the file or re-save it",
+                path.display()
+            ))
         })?;
         cfg.validate().map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
         Ok(cfg)
@@ -99,8 +102,14 @@ impl VqganConfig {
     /// Everything the implementation needs to be true; the message names the key to fix.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let refused = [
-            (self.double_z, "double_z: true (a VAE-style encoder) is not implemented; only vqgan-jax's VQModel default false is"),
-            (!self.resamp_with_conv, "resamp_with_conv: false is not implemented; only convolutional resampling (true) is"),
+            (
+                self.double_z,
+                "double_z: true (a VAE-style encoder) is not implemented; only vqgan-jax's VQModel default false is",
+            ),
+            (
+                !self.resamp_with_conv,
+                "resamp_with_conv: false is not implemented; only convolutional resampling (true) is",
+            ),
             (self.give_pre_end, "give_pre_end: true is not implemented"),
             (self.dropout != 0.0, "dropout must be 0.0 (this VQGAN runs inference only)"),
         ];
@@ -123,7 +132,9 @@ impl VqganConfig {
             return Err(format!("ch_mult {:?} must be a non-empty list of positive multipliers", self.ch_mult));
         }
         if let Some(c) = self.ch_mult.iter().map(|m| m * self.ch).find(|c| c % GROUPS != 0) {
-            return Err(format!("{c} channels (ch × a ch_mult entry) is not a multiple of GroupNorm's {GROUPS} groups"));
+            return Err(format!(
+                "{c} channels (ch × a ch_mult entry) is not a multiple of GroupNorm's {GROUPS} groups"
+            ));
         }
         let down = 1usize << (self.levels() - 1);
         if self.resolution == 0 || !self.resolution.is_multiple_of(down) {

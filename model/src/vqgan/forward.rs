@@ -99,6 +99,9 @@ impl Vqgan {
     /// index wins ties, as `jnp.argmin`).
     pub fn quantize(&self, z: &[f32]) -> Result<Vec<u32>> {
         let (d, n) = (self.config.embed_dim, self.config.n_embed);
+        if z.is_empty() || !z.len().is_multiple_of(d) {
+            return Err(ModelError::Batch(format!("{} latent values are not a whole number of {d}-vectors", z.len())));
+        }
         let book = self.weights.get(CODEBOOK);
         let rows = z.len() / d;
         let mut dots = vec![0.0f32; rows * n];
@@ -167,7 +170,8 @@ impl Vqgan {
             padding,
         };
         let mut out = vec![0.0; s.output_len()];
-        let (kernel, bias) = (self.weights.get(&format!("{}.kernel", l.name)), self.weights.get(&format!("{}.bias", l.name)));
+        let (kernel, bias) =
+            (self.weights.get(&format!("{}.kernel", l.name)), self.weights.get(&format!("{}.bias", l.name)));
         ops::conv2d(&mut out, &x.data, kernel, Some(bias), &s).map_err(|e| layer_err(&l.name, e))?;
         Ok(Activation { side: s.out_height(), channels: l.cout, data: out })
     }

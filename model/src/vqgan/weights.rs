@@ -28,6 +28,23 @@ fn ck(path: &Path, detail: impl Into<String>) -> ModelError {
     ModelError::Checkpoint { path: path.display().to_string(), detail: detail.into() }
 }
 
+/// Every array of a Flax msgpack file (through [`crate::flax`], the project's one msgpack
+/// reader) under its '.'-joined path; a leading `params.` (a `{"params": …}` wrapper) is dropped.
+fn read_msgpack(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    let mut out = BTreeMap::new();
+    crate::flax::visit_file(path, &mut |a| {
+        let name = a.path.strip_prefix("params.").unwrap_or(&a.path).to_string();
+        let t = if a.dtype.is_float() {
+            HostTensor::F32 { data: a.to_f32(), shape: a.shape }
+        } else {
+            HostTensor::Int { data: a.to_i64(), shape: a.shape }
+        };
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 impl VqganWeights {
     /// Checks named tensors against the config's parameter list: every parameter present with its
     /// exact shape and finite values, nothing unexpected. `path` names the source in errors.
@@ -35,7 +52,13 @@ impl VqganWeights {
         let mut out = HashMap::new();
         for spec in param_specs(cfg) {
             let t = tensors.remove(&spec.name).ok_or_else(|| {
-                ck(path, format!("parameter `{}` {:?} is missing; the weights do not match config.json", spec.name, spec.shape))
+                ck(
+                    path,
+                    format!(
+                        "parameter `{}` {:?} is missing; the weights do not match config.json",
+                        spec.name, spec.shape
+                    ),
+                )
             })?;
             let HostTensor::F32 { shape, data } = t else {
                 return Err(ck(path, format!("parameter `{}` holds integers; expected floats", spec.name)));
@@ -64,22 +87,22 @@ impl VqganWeights {
     }
 
     /// Loads `<dir>/config.json` and the weights: `flax_model.msgpack` (vqgan-jax's
-    /// `save_pretrained`) when present, else `weights.safetensors`.
+    /// `save_pretrained`) when present, else `weights.safetensors` ('.'-joined Flax names).
     pub fn load_dir(dir: &Path) -> Result<(VqganConfig, Self)> {
         let cfg_path = dir.join(CONFIG_FILE);
         if !cfg_path.is_file() {
-            return Err(ck(dir, format!("no {CONFIG_FILE}: give a vqgan-jax model folder (config.json + {MSGPACK_FILE})")));
+            return Err(ck(
+                dir,
+                format!("no {CONFIG_FILE}: give a vqgan-jax model folder (config.json + {MSGPACK_FILE})"),
+            ));
         }
         let cfg = VqganConfig::from_file(&cfg_path)?;
         let msgpack = dir.join(MSGPACK_FILE);
         let safetensors = dir.join(SAFETENSORS_FILE);
-        let (tensors, source) = if safetensors.is_file() {
+        let (tensors, source) = if msgpack.is_file() {
+            (read_msgpack(&msgpack)?, msgpack)
+        } else if safetensors.is_file() {
             (read_tensors(&safetensors)?, safetensors)
-        } else if msgpack.is_file() {
-            return Err(ck(
-                &msgpack,
-                format!("not implemented: reading Flax msgpack in this build; convert it to {SAFETENSORS_FILE}"),
-            ));
         } else {
             return Err(ck(dir, format!("no weights: expected {MSGPACK_FILE} or {SAFETENSORS_FILE}")));
         };

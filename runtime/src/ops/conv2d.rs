@@ -222,7 +222,9 @@ impl Operand<'_> {
 /// `dst[m, n] (= | +=) a[m, k] · b[k, n]`, `dst` contiguous row-major.
 fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Operand, b: Operand, accumulate: bool) -> Result<()> {
     if m == 0 || n == 0 || k == 0 || dst.len() < m * n || !a.fits(m, k) || !b.fits(k, n) {
-        return Err(RuntimeError::Invalid { op: OP, detail: format!("internal GEMM {m}×{k}·{k}×{n} out of bounds") });
+        return Err(RuntimeError::Invalid {
+            op: OP, detail: format!("internal GEMM {m}×{k}·{k}×{n} out of bounds")
+        });
     }
     let parallelism = if m * n * k >= PARALLEL_THRESHOLD {
         gemm::Parallelism::Rayon(rayon::current_num_threads())

@@ -45,7 +45,7 @@ pub fn check_group_norm(s: &GroupNormShape, x: usize, scale: usize, bias: usize,
             detail: format!("{} channels cannot be split into {} equal groups ({s:?})", s.channels, s.groups),
         });
     }
-    if !(s.eps > 0.0) {
+    if s.eps.is_nan() || s.eps <= 0.0 {
         return Err(RuntimeError::Invalid { op: OP, detail: format!("eps must be positive, got {}", s.eps) });
     }
     check_len(OP, "x", x, s.len())?;
@@ -60,15 +60,15 @@ pub fn group_norm(out: &mut [f32], x: &[f32], scale: &[f32], bias: &[f32], s: &G
     let image = s.positions * s.channels;
     for (xb, ob) in x.chunks_exact(image).zip(out.chunks_exact_mut(image)) {
         let (a, b) = affine(xb, scale, bias, s);
-        ob.par_chunks_mut(POSITIONS_PER_TASK * s.channels).zip(xb.par_chunks(POSITIONS_PER_TASK * s.channels)).for_each(
-            |(o, x)| {
+        ob.par_chunks_mut(POSITIONS_PER_TASK * s.channels)
+            .zip(xb.par_chunks(POSITIONS_PER_TASK * s.channels))
+            .for_each(|(o, x)| {
                 for (orow, xrow) in o.chunks_exact_mut(s.channels).zip(x.chunks_exact(s.channels)) {
                     for (((o, x), a), b) in orow.iter_mut().zip(xrow).zip(&a).zip(&b) {
                         *o = x * a + b;
                     }
                 }
-            },
-        );
+            });
     }
     Ok(())
 }
