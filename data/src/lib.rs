@@ -4,6 +4,7 @@
 //! * [`import`]: dalle-mini's encoded JSONL → dataset, with bad-row reporting.
 //! * [`hf_tokenizer`]: tokenizer folders as dalle-mini / transformers save them.
 //! * [`parquet`]: dalle-mini's encoded parquet files: import, row streaming, `data info`.
+//! * [`parquet_stream`]: training batches straight from parquet files, dp-sharded by file, resumable.
 //! * [`text`]: dalle-mini's caption normaliser and a BART-convention tokenizer (+ BPE training).
 //! * [`synthetic`]: a built-in, learnable, procedurally generated dataset with a tiny codebook.
 //! * [`image`]: RGB images and PNG grids for looking at codes.
@@ -15,6 +16,7 @@ pub mod hf_tokenizer;
 pub mod image;
 pub mod import;
 pub mod parquet;
+pub mod parquet_stream;
 pub mod reader;
 pub mod synthetic;
 pub mod text;

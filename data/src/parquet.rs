@@ -124,50 +124,61 @@ impl ParquetFile {
         self.reader.metadata().file_metadata().num_rows().max(0) as u64
     }
 
+    /// Rows of each row group, in file order.
+    pub fn row_groups(&self) -> Vec<u64> {
+        self.reader.metadata().row_groups().iter().map(|g| g.num_rows().max(0) as u64).collect()
+    }
+
     /// Calls `f(row_index, row)` for every row from `start` (0-based) on, in file order; whole
     /// row groups before `start` are skipped unread. `f` returns false to stop.
-    pub fn visit_rows(
-        &self,
-        start: u64,
-        opts: &ImportOptions,
-        f: &mut dyn FnMut(u64, std::result::Result<(String, Vec<u32>), BadRowReason>) -> Result<bool>,
-    ) -> Result<()> {
+    pub fn visit_rows(&self, start: u64, opts: &ImportOptions, f: &mut RowVisitor<'_>) -> Result<()> {
         let mut first = 0u64;
-        for g in 0..self.reader.num_row_groups() {
-            let n = self.reader.metadata().row_group(g).num_rows().max(0) as u64;
-            if first + n <= start {
-                first += n;
-                continue;
-            }
-            let group =
-                self.reader.get_row_group(g).map_err(|e| bad_file(&self.path, format!("row group {g}: {e}")))?;
-            let rows = group
-                .get_row_iter(Some(self.projection.clone()))
-                .map_err(|e| bad_file(&self.path, format!("row group {g}: {e}")))?;
-            for (i, row) in rows.enumerate() {
-                let index = first + i as u64;
-                if index < start {
-                    continue;
-                }
-                let row = row.map_err(|e| bad_file(&self.path, format!("row {}: {e}", index + 1)))?;
-                let mut cols = row.get_column_iter().map(|(_, v)| v);
-                let (a, b) = (cols.next(), cols.next());
-                let (caption, encoding) = if self.caption_index == 0 { (a, b) } else { (b, a) };
-                if !f(index, parse_row(caption, encoding, opts))? {
-                    return Ok(());
-                }
+        for (g, n) in self.row_groups().into_iter().enumerate() {
+            if first + n > start && !self.visit_group(g, first, start, opts, f)? {
+                return Ok(());
             }
             first += n;
         }
         Ok(())
     }
+
+    /// Visits row group `g` (whose first row is `first`) from row `start` on; false if `f` stopped.
+    pub fn visit_group(
+        &self,
+        g: usize,
+        first: u64,
+        start: u64,
+        opts: &ImportOptions,
+        f: &mut RowVisitor<'_>,
+    ) -> Result<bool> {
+        let group = self.reader.get_row_group(g).map_err(|e| bad_file(&self.path, format!("row group {g}: {e}")))?;
+        let rows = group
+            .get_row_iter(Some(self.projection.clone()))
+            .map_err(|e| bad_file(&self.path, format!("row group {g}: {e}")))?;
+        for (i, row) in rows.enumerate() {
+            let index = first + i as u64;
+            if index < start {
+                continue;
+            }
+            let row = row.map_err(|e| bad_file(&self.path, format!("row {}: {e}", index + 1)))?;
+            let mut cols = row.get_column_iter().map(|(_, v)| v);
+            let (a, b) = (cols.next(), cols.next());
+            let (caption, encoding) = if self.caption_index == 0 { (a, b) } else { (b, a) };
+            if !f(index, parse_row(caption, encoding, opts))? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
-fn parse_row(
-    caption: Option<&Field>,
-    encoding: Option<&Field>,
-    opts: &ImportOptions,
-) -> std::result::Result<(String, Vec<u32>), BadRowReason> {
+/// A validated row (caption, codes) or why it is bad.
+pub type ParsedRow = std::result::Result<(String, Vec<u32>), BadRowReason>;
+
+/// Called with each row's 0-based index in its file; returns false to stop.
+pub type RowVisitor<'a> = dyn FnMut(u64, ParsedRow) -> Result<bool> + 'a;
+
+fn parse_row(caption: Option<&Field>, encoding: Option<&Field>, opts: &ImportOptions) -> ParsedRow {
     let caption = match caption {
         None | Some(Field::Null) => return Err(BadRowReason::MissingField(opts.caption_field.clone())),
         Some(Field::Str(s)) => s.clone(),

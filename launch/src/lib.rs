@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod encode_images;
 pub mod gpu_check;
+pub mod interop;
 pub mod kernels_cmd;
 pub mod parity;
 pub mod plan_cmd;

@@ -130,6 +130,18 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Write a checkpoint (a run folder, one checkpoint, or a dalle-mini folder) as a folder that
+    /// dalle-mini's DalleBart.from_pretrained / DalleBartTokenizer.from_pretrained load, or as ours.
+    Export {
+        checkpoint: PathBuf,
+        #[arg(long, value_enum, default_value = "dalle-mini")]
+        format: dalle_mesh::interop::ExportFormat,
+        /// Weight dtype of a dalle-mini export.
+        #[arg(long, value_enum, default_value = "float32")]
+        dtype: dalle_mesh::interop::ExportDtype,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,9 +155,17 @@ enum KernelsCommand {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Import JSONL rows `{"caption": str, "encoding": [image_length ints]}` into an encoded dataset.
+    /// Import dalle-mini's encoded data into an encoded dataset: JSONL rows
+    /// `{"caption": str, "encoding": [image_length ints]}`, or parquet (a file, a folder of
+    /// them or a quoted glob) with `caption` / `encoding` columns.
     Import {
         input: PathBuf,
+        /// Caption column / key (dalle-mini's text_column).
+        #[arg(long, default_value = "caption")]
+        caption_column: String,
+        /// Codes column / key (dalle-mini's encoding_column).
+        #[arg(long, default_value = "encoding")]
+        encoding_column: String,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 256)]
@@ -155,6 +175,15 @@ enum DataCommand {
         /// Skip bad rows (reporting how many) instead of failing.
         #[arg(long)]
         skip_bad: bool,
+    },
+    /// One JSON line about a dataset (imported folder, or parquet file / folder / glob): rows,
+    /// image_length, image_vocab and codes_sha256_u16le, to compare datasets.
+    Info {
+        input: PathBuf,
+        #[arg(long, default_value = "caption")]
+        caption_column: String,
+        #[arg(long, default_value = "encoding")]
+        encoding_column: String,
     },
     /// Write the built-in synthetic dataset (train/, eval/, tokenizer.json, held_out.json).
     Synthetic {
@@ -233,6 +262,20 @@ enum TokenizerCommand {
         #[arg(long, default_value = "tokenizer.json")]
         out: PathBuf,
     },
+    /// Print the token ids of captions as JSON, as dalle-mini's tokenizer gives them
+    /// (padding="max_length", truncation).
+    Encode {
+        /// A tokenizer folder (tokenizer.json, or vocab.json + merges.txt) or a tokenizer.json.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        max_length: usize,
+        /// Apply dalle-mini's caption normaliser first (its normalize_text).
+        #[arg(long)]
+        normalize: bool,
+        #[arg(required = true)]
+        captions: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -275,7 +318,7 @@ struct ModelArgs {
     /// A dalle-mini preset: micro, mini or mega.
     #[arg(long, conflicts_with = "config")]
     preset: Option<String>,
-    /// A dalle-mini config.json.
+    /// A dalle-mini config.json, or a model folder holding one.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -283,6 +326,9 @@ struct ModelArgs {
 impl ModelArgs {
     fn resolve(&self) -> Result<(String, DalleBartConfig)> {
         match (&self.preset, &self.config) {
+            (_, Some(path)) if path.is_dir() => {
+                Ok((path.display().to_string(), DalleBartConfig::from_file(&path.join("config.json"))?))
+            }
             (_, Some(path)) => Ok((path.display().to_string(), DalleBartConfig::from_file(path)?)),
             (Some(p), None) => Ok((p.clone(), DalleBartConfig::preset(p)?)),
             (None, None) => Ok(("micro".into(), DalleBartConfig::micro())),
@@ -354,13 +400,35 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&serde_json::json!({"samples": path, "prompts": prompt, "per_prompt": n}))?;
             Ok(0)
         }
-        Command::Data { what: DataCommand::Import { input, out, image_length, image_vocab, skip_bad } } => {
-            let opts = dm_data::ImportOptions { image_length, image_vocab, skip_bad, ..Default::default() };
+        Command::Data {
+            what:
+                DataCommand::Import { input, caption_column, encoding_column, out, image_length, image_vocab, skip_bad },
+        } => {
+            let opts = dm_data::ImportOptions {
+                image_length,
+                image_vocab,
+                skip_bad,
+                caption_field: caption_column,
+                encoding_field: encoding_column,
+            };
+            let started = std::time::Instant::now();
             let report = dm_data::import(&input, &out, &opts)?;
             print_json(&serde_json::json!({
                 "out": out, "rows_written": report.rows_written, "rows_skipped": report.rows_skipped,
-                "lines_read": report.lines_read,
+                "lines_read": report.lines_read, "seconds": started.elapsed().as_secs_f64(),
             }))?;
+            Ok(0)
+        }
+        Command::Data { what: DataCommand::Info { input, caption_column, encoding_column } } => {
+            print_json(&dm_data::parquet::data_info(&input, &caption_column, &encoding_column)?)?;
+            Ok(0)
+        }
+        Command::Tokenizer { what: TokenizerCommand::Encode { tokenizer, max_length, normalize, captions } } => {
+            print_json(&dalle_mesh::interop::tokenizer_encode(&tokenizer, max_length, normalize, &captions)?)?;
+            Ok(0)
+        }
+        Command::Export { checkpoint, format, dtype, out } => {
+            print_json(&dalle_mesh::interop::export(&checkpoint, format, dtype, &out)?)?;
             Ok(0)
         }
         Command::Data { what: DataCommand::Synthetic { out, train_rows, eval_rows, image_length, seed } } => {

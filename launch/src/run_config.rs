@@ -42,6 +42,11 @@ pub struct ModelSection {
     pub preset: Option<String>,
     /// A dalle-mini `config.json`.
     pub config: Option<PathBuf>,
+    /// Start from this checkpoint's weights (and its config): a dalle-mini folder
+    /// (`flax_model.msgpack`) or one of ours — fine-tuning, as dalle-mini's `--model_name_or_path`.
+    pub from: Option<PathBuf>,
+    /// With `from`: dalle-mini's `opt_state.msgpack` (`--optim adam`), to continue its AdamW.
+    pub optimizer_state: Option<PathBuf>,
     pub d_model: Option<usize>,
     pub encoder_layers: Option<usize>,
     pub decoder_layers: Option<usize>,
@@ -55,6 +60,8 @@ impl Default for ModelSection {
         Self {
             preset: Some("tiny".into()),
             config: None,
+            from: None,
+            optimizer_state: None,
             d_model: None,
             encoder_layers: None,
             decoder_layers: None,
@@ -348,6 +355,7 @@ impl RunConfig {
         if self.model.preset.is_some() && self.model.config.is_some() {
             bail!("run config: give either model.preset or model.config, not both");
         }
+        crate::interop::check_model_from(&self.model)?;
         Ok(())
     }
 
@@ -356,6 +364,7 @@ impl RunConfig {
     pub fn model_config(&self, text_vocab: usize, image_vocab: usize, image_length: usize) -> Result<DalleBartConfig> {
         let s = &self.model;
         let mut c = match (&s.preset, &s.config) {
+            _ if s.from.is_some() => crate::interop::from_config(s)?,
             (_, Some(path)) => DalleBartConfig::from_file(path)?,
             (Some(p), None) if p == "tiny" => {
                 tiny_model(text_vocab, image_vocab, image_length, self.data.max_text_length)

@@ -66,7 +66,24 @@ pub fn sample_images<B: Backend>(
     Ok(codes)
 }
 
-/// Loads a checkpoint (a run folder or one `step_*` folder) and samples prompts from it.
+/// How a model folder's codes decode: its data.json (our checkpoints), or for a dalle-mini
+/// folder VQGAN codes on a square grid, with config.json's `normalize_text`.
+fn data_info_of(dir: &Path, cfg: &dm_model::DalleBartConfig) -> Result<DataInfo> {
+    let path = dir.join("data.json");
+    if path.is_file() {
+        return serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("{}", path.display()));
+    }
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    Ok(DataInfo {
+        kind: "encoded".into(),
+        grid: (cfg.image_length as f64).sqrt().round() as usize,
+        max_text_length: cfg.max_text_length,
+        normalize_text: config["normalize_text"].as_bool().unwrap_or(false),
+    })
+}
+
+/// Loads a checkpoint (a run folder, one `step_*` folder, or a dalle-mini folder) and samples
+/// prompts from it.
 pub fn run(checkpoint: &Path, captions: &[String], n: usize, opts: &SamplingOptions, out: &Path) -> Result<PathBuf> {
     run_with_vqgan(checkpoint, captions, n, opts, out, None)
 }
@@ -83,19 +100,12 @@ pub fn run_with_vqgan(
     if captions.is_empty() {
         bail!("give at least one --prompt");
     }
-    let dir = crate::run_checkpoint::latest(checkpoint)?;
-    crate::run_checkpoint::verify(&dir)?;
-    let cfg = dm_model::DalleBartConfig::from_file(&dir.join("config.json"))?;
+    let (dir, cfg, weights) = crate::interop::load_model(checkpoint)?;
     if let Some(v) = vqgan {
         crate::vqgan_grid::check_fits(v, cfg.image_length, cfg.image_vocab_size)?;
     }
-    let table = dm_model::ParamTable::new(&cfg);
-    let weights = dm_model::checkpoint::load_weights(&dir.join("weights.safetensors"), &table)?;
-    let info: DataInfo = serde_json::from_slice(&std::fs::read(dir.join("data.json"))?)
-        .with_context(|| format!("{}: data.json", dir.display()))?;
-    let tok = TextTokenizer::from_file(dir.join("tokenizer.json"))?
-        .with_max_text_length(cfg.max_text_length)?
-        .with_normalizer(info.normalize_text);
+    let info = data_info_of(&dir, &cfg)?;
+    let tok = dm_data::hf_tokenizer::text_tokenizer(&dir, cfg.max_text_length, info.normalize_text)?;
     let mut model = DalleBart::new(dm_runtime::cpu::CpuBackend::new(), cfg, weights)?;
     sample_images(&mut model, &tok, &info, captions, n, opts, out, vqgan)?;
     Ok(if info.kind == "synthetic" || vqgan.is_some() { out.to_path_buf() } else { out.with_extension("json") })

@@ -681,7 +681,10 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
     if let Some(b) = budget {
         crate::plan_check(&model_cfg, &cfg, b)?;
     }
-    let restored = resume.map(|p| load_checkpoint(p, &model_cfg)).transpose()?;
+    let restored = match resume {
+        Some(p) => Some(load_checkpoint(p, &model_cfg)?),
+        None => crate::interop::start_from(&cfg, &model_cfg)?,
+    };
     crate::atomic_write(&out.join("run.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
     let (start_step, start_reader) =
         restored.as_ref().map_or((0, ReaderState::new(cfg.training.seed)), |(s, _)| (s.step, s.reader));
