@@ -4,7 +4,9 @@
 pub mod bench;
 pub mod bench_comm;
 pub mod calibrate;
+pub mod encode_images;
 pub mod gpu_check;
+pub mod interop;
 pub mod kernels_cmd;
 pub mod parity;
 pub mod plan_cmd;
@@ -15,6 +17,9 @@ pub mod sample;
 pub mod sweep;
 pub mod sweep_report;
 pub mod train;
+pub mod vqgan_cmd;
+pub mod vqgan_grid;
+pub mod vqgan_image;
 
 use std::path::Path;
 

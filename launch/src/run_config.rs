@@ -16,7 +16,7 @@
 //! training: {steps: 1000, batch_size: 32, grad_accumulation: 1, seed: 0, log_every: 10,
 //!            eval_every: 100, eval_batches: 4, save_every: 200, keep_checkpoints: 3,
 //!            sample_every: 0, sample_prompts: [...], sample_prompts_file: null,
-//!            time_limit_minutes: null}
+//!            time_limit_minutes: null, vqgan: null}
 //! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null}
 //! ```
 
@@ -42,6 +42,11 @@ pub struct ModelSection {
     pub preset: Option<String>,
     /// A dalle-mini `config.json`.
     pub config: Option<PathBuf>,
+    /// Start from this checkpoint's weights (and its config): a dalle-mini folder
+    /// (`flax_model.msgpack`) or one of ours — fine-tuning, as dalle-mini's `--model_name_or_path`.
+    pub from: Option<PathBuf>,
+    /// With `from`: dalle-mini's `opt_state.msgpack` (`--optim adam`), to continue its AdamW.
+    pub optimizer_state: Option<PathBuf>,
     pub d_model: Option<usize>,
     pub encoder_layers: Option<usize>,
     pub decoder_layers: Option<usize>,
@@ -55,6 +60,8 @@ impl Default for ModelSection {
         Self {
             preset: Some("tiny".into()),
             config: None,
+            from: None,
+            optimizer_state: None,
             d_model: None,
             encoder_layers: None,
             decoder_layers: None,
@@ -194,6 +201,8 @@ pub struct TrainingSection {
     pub sample_prompts_file: Option<PathBuf>,
     /// Stop (after saving) once this much wall time has passed.
     pub time_limit_minutes: Option<f64>,
+    /// A VQGAN folder (config.json + weights): sample grids decode through it, prompts under images.
+    pub vqgan: Option<PathBuf>,
 }
 
 impl Default for TrainingSection {
@@ -212,6 +221,7 @@ impl Default for TrainingSection {
             sample_prompts: Vec::new(),
             sample_prompts_file: None,
             time_limit_minutes: None,
+            vqgan: None,
         }
     }
 }
@@ -334,12 +344,18 @@ impl RunConfig {
                 bail!("run config: training.sample_prompts_file {} does not exist", f.display());
             }
         }
+        if let Some(v) = &t.vqgan {
+            if !v.join("config.json").is_file() {
+                bail!("run config: training.vqgan {} is not a VQGAN folder (no config.json)", v.display());
+            }
+        }
         if let Some(mem) = &m.device_memory {
             parse_bytes(mem).context("mesh.device_memory")?;
         }
         if self.model.preset.is_some() && self.model.config.is_some() {
             bail!("run config: give either model.preset or model.config, not both");
         }
+        crate::interop::check_model_from(&self.model)?;
         Ok(())
     }
 
@@ -348,6 +364,7 @@ impl RunConfig {
     pub fn model_config(&self, text_vocab: usize, image_vocab: usize, image_length: usize) -> Result<DalleBartConfig> {
         let s = &self.model;
         let mut c = match (&s.preset, &s.config) {
+            _ if s.from.is_some() => crate::interop::from_config(s)?,
             (_, Some(path)) => DalleBartConfig::from_file(path)?,
             (Some(p), None) if p == "tiny" => {
                 tiny_model(text_vocab, image_vocab, image_length, self.data.max_text_length)

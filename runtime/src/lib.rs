@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod memory;
+pub mod ops;
 pub mod profiled;
 
 pub use backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
