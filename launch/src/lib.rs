@@ -7,10 +7,12 @@ pub mod kernels_cmd;
 pub mod parity;
 pub mod plan_cmd;
 pub mod plot;
+pub mod process_ranks;
 pub mod run_checkpoint;
 pub mod run_config;
 pub mod sample;
 pub mod train;
+pub mod world;
 
 use std::path::Path;
 

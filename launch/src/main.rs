@@ -273,7 +273,9 @@ fn run(cli: Cli) -> Result<i32> {
                 cfg.training.steps = s;
             }
             let summary = train::train(cfg, &out, resume.as_deref())?;
-            print_json(&summary)?;
+            if summary.world_rank == 0 {
+                print_json(&summary)?;
+            }
             Ok(0)
         }
         Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out } => {

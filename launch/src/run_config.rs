@@ -17,7 +17,7 @@
 //!            eval_every: 100, eval_batches: 4, save_every: 200, keep_checkpoints: 3,
 //!            sample_every: 0, sample_prompts: [...], sample_prompts_file: null,
 //!            time_limit_minutes: null}
-//! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null}
+//! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null, transport: auto}  # auto|threads|mpi|nccl
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -224,11 +224,25 @@ pub struct MeshSection {
     pub zero1: bool,
     /// Per-rank memory budget, e.g. "24GiB" (None = unlimited).
     pub device_memory: Option<String>,
+    /// How the ranks talk (see [`crate::process_ranks`]).
+    pub transport: Transport,
+}
+
+/// `mesh.transport`: `auto` picks threads in one process, MPI between CPU processes, NCCL
+/// between GPU processes; the others force one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Auto,
+    Threads,
+    Mpi,
+    Nccl,
 }
 
 impl Default for MeshSection {
     fn default() -> Self {
-        Self { tp: 1, dp: 1, zero1: false, device_memory: None }
+        Self { tp: 1, dp: 1, zero1: false, device_memory: None, transport: Transport::Auto }
     }
 }
 

@@ -61,6 +61,12 @@ pub struct TrainSummary {
     pub loss_png: PathBuf,
     /// Largest per-rank peak of tracked device memory.
     pub peak_bytes_per_rank: u64,
+    /// World rank of this process (0 when the ranks are threads); only rank 0 prints the summary.
+    #[serde(skip)]
+    pub world_rank: usize,
+    /// Process ranks: seconds from start to a completed rendezvous handshake.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rendezvous_s: Option<f64>,
 }
 
 /// The training data of a run.
@@ -356,6 +362,8 @@ struct Shared<'a> {
     restored: Option<&'a FullState>,
     collector: std::sync::Mutex<Vec<RankState>>,
     baseline: f64,
+    /// Ranks are processes: checkpoint shards travel through part files, not `collector`.
+    processes: bool,
 }
 
 /// What world rank 0 reports at the end.
@@ -628,6 +636,9 @@ fn gather_state(
         ),
     };
     let state = RankState { dp_index, tp_index, params: model.param_values()?, m, v };
+    if sh.processes {
+        return gather_parts(state, opt, sh, groups);
+    }
     sh.collector.lock().expect("collector").push(state);
     // In-process ranks hand their host copies over directly; the barrier orders the hand-over.
     if let Some(w) = &groups.world {
@@ -637,6 +648,25 @@ fn gather_state(
         return Ok(None);
     }
     let states = std::mem::take(&mut *sh.collector.lock().expect("collector"));
+    Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
+}
+
+/// [`gather_state`] for process ranks: every rank writes its part file, then (after a barrier)
+/// world rank 0 reads and assembles them and removes the parts.
+fn gather_parts(state: RankState, opt: &Optimizer, sh: &Shared, groups: &Groups) -> Result<Option<FullState>> {
+    use crate::process_ranks::{parts_dir, read_parts, write_part};
+    let rank = sh.mesh.rank_of(state.dp_index, state.tp_index);
+    let dir = parts_dir(sh.out);
+    write_part(&dir, rank, &(state.dp_index, state.tp_index, [state.params, state.m, state.v]))?;
+    groups.world.as_ref().context("process ranks have a world communicator")?.barrier()?;
+    if rank != 0 {
+        return Ok(None);
+    }
+    let states: Vec<RankState> = read_parts(&dir, sh.mesh.world())?
+        .into_iter()
+        .map(|(dp_index, tp_index, [params, m, v])| RankState { dp_index, tp_index, params, m, v })
+        .collect();
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
 }
 
@@ -669,8 +699,42 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
         );
     }
     let mesh = Mesh::new(cfg.mesh.tp, cfg.mesh.dp)?;
+    let world = crate::world::detect()?;
+    if !world.is_multi_process() {
+        return train_in_process(cfg, out, resume, mesh, None);
+    }
+    let mut procs = crate::process_ranks::join(&cfg, world, mesh)?;
+    let result = train_in_process(cfg, out, resume, mesh, Some(&mut procs));
+    match result {
+        Ok(summary) => {
+            procs.finish();
+            Ok(summary)
+        }
+        Err(e) => Err(procs.fail(e)),
+    }
+}
+
+/// [`train`] of this process: every rank as a thread, or (with `procs`) the one rank of this process.
+fn train_in_process(
+    cfg: RunConfig,
+    out: &Path,
+    resume: Option<&Path>,
+    mesh: Mesh,
+    mut procs: Option<&mut crate::process_ranks::ProcessRank>,
+) -> Result<TrainSummary> {
+    if procs.is_none() {
+        crate::process_ranks::check_in_process_transport(&cfg, mesh)?;
+    }
+    let rank0 = procs.as_ref().is_none_or(|p| p.world.rank == 0);
     let budget = cfg.mesh.device_memory.as_deref().map(parse_bytes).transpose()?;
+    // Rank 0 prepares (e.g. generates the synthetic set) before the others open the data.
+    if !rank0 {
+        procs.as_ref().map_or(Ok(()), |p| p.barrier("data"))?;
+    }
     let data = prepare_data(&cfg, out)?;
+    if rank0 {
+        procs.as_ref().map_or(Ok(()), |p| p.barrier("data"))?;
+    }
     let model_cfg =
         cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
     dm_model::params::check_tp(&model_cfg, mesh.tp()).map_err(|e| anyhow::anyhow!("mesh.tp = {}: {e}", mesh.tp()))?;
@@ -678,9 +742,14 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
         crate::plan_check(&model_cfg, &cfg, b)?;
     }
     let restored = resume.map(|p| load_checkpoint(p, &model_cfg)).transpose()?;
-    crate::atomic_write(&out.join("run.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
     let (start_step, start_reader) =
         restored.as_ref().map_or((0, ReaderState::new(cfg.training.seed)), |(s, _)| (s.step, s.reader));
+    if let Some(p) = procs.as_mut() {
+        p.handshake(&cfg, start_step)?;
+    }
+    if rank0 {
+        crate::atomic_write(&out.join("run.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
+    }
     let shared = Shared {
         cfg: &cfg,
         model_cfg: &model_cfg,
@@ -693,9 +762,17 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
         restored: restored.as_ref().map(|(_, f)| f),
         collector: std::sync::Mutex::new(Vec::new()),
         baseline: unigram_baseline(&data.train, model_cfg.image_rows())?,
+        processes: procs.is_some(),
     };
     let started = Instant::now();
-    let outcome = if mesh.world() == 1 {
+    let outcome = if let Some(p) = procs.as_ref() {
+        let (tp, dp, world) = crate::process_ranks::mpi_groups(&mesh)?;
+        // On failure MPI is not finalised (MPI_Finalize would wait for ranks stuck in a collective):
+        // the caller reports the failure through the store and the process exits.
+        let outcome = run_rank(p.world.rank, Groups { tp, dp, world: Some(world) }, &shared)?;
+        crate::process_ranks::mpi_finalize();
+        outcome
+    } else if mesh.world() == 1 {
         run_rank(0, Groups::single(), &shared)?
     } else {
         let results = dm_parallel::run_ranks(&mesh, |rank, comms| {
@@ -713,8 +790,12 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
         first.peak_bytes = peak;
         first
     };
-    write_loss_curve(out, shared.baseline)?;
+    if rank0 {
+        write_loss_curve(out, shared.baseline)?;
+    }
     Ok(TrainSummary {
+        world_rank: procs.as_ref().map_or(0, |p| p.world.rank),
+        rendezvous_s: procs.as_ref().map(|p| p.rendezvous_s),
         out: out.to_path_buf(),
         steps: outcome.steps,
         final_loss: outcome.final_loss,

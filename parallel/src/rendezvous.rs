@@ -611,7 +611,7 @@ impl Store {
 
     /// A clean end: says goodbye; rank 0 then keeps serving until every rank has said goodbye
     /// (or failed, or the timeout passed), so no rank mistakes a finished rank 0 for a dead one.
-    pub fn finish(self) {
+    pub fn finish(&self) {
         self.closing.store(true, Ordering::SeqCst);
         if let Some(w) = lock(&self.watch).as_mut() {
             let _ = w.write_all(b"BYE\n");
