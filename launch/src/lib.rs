@@ -2,6 +2,8 @@
 //! function returning a serialisable report, so tests drive exactly what the binary runs.
 
 pub mod bench;
+pub mod divergence;
+pub mod exit_code;
 pub mod gpu_check;
 pub mod kernels_cmd;
 pub mod parity;
@@ -9,7 +11,10 @@ pub mod plan_cmd;
 pub mod plot;
 pub mod run_checkpoint;
 pub mod run_config;
+pub mod run_lock;
 pub mod sample;
+pub mod signals;
+pub mod stop;
 pub mod train;
 
 use std::path::Path;
@@ -147,4 +152,14 @@ pub fn test_fail(rank: usize, step: u64) -> anyhow::Result<()> {
         anyhow::bail!("injected failure on rank {rank} at step {step} (DALLE_MESH_TEST_FAIL)");
     }
     Ok(())
+}
+
+/// Stop-agreement test hook: when `DALLE_MESH_TEST_STOP` is `<rank>:<step>`, that rank alone
+/// behaves at that step as if it had received SIGTERM (the other ranks learn it only through the
+/// agreement collective). Does nothing otherwise.
+pub fn test_stop(rank: usize, step: u64) -> stop::StopReason {
+    if std::env::var("DALLE_MESH_TEST_STOP").is_ok_and(|s| s == format!("{rank}:{step}")) {
+        return stop::StopReason::Signal(signals::SIGTERM);
+    }
+    stop::StopReason::None
 }
