@@ -23,15 +23,20 @@ enum Command {
         /// Run config (YAML); defaults to the built-in run.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Output folder: metrics.jsonl, checkpoints/, samples/, loss.png.
-        #[arg(long, default_value = "runs/default")]
-        out: PathBuf,
-        /// Continue exactly from the newest checkpoint of this run folder (or this checkpoint).
+        /// Output folder: metrics.jsonl, checkpoints/, samples/, loss.png [default: the --resume
+        /// run folder, else runs/default].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue exactly from the newest checkpoint that loads of this run folder (or from this
+        /// checkpoint, setting newer ones aside).
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Override training.steps.
         #[arg(long)]
         steps: Option<u64>,
+        /// Use this config in a folder whose run.yaml describes another run.
+        #[arg(long)]
+        allow_config_change: bool,
     },
     /// Generate images for prompts from a checkpoint.
     Sample {
@@ -232,7 +237,7 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2);
+            std::process::exit(dalle_mesh::exit_code::for_error(&e));
         }
     }
 }
@@ -264,7 +269,7 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&r)?;
             Ok(r.exit_code())
         }
-        Command::Train { config, out, resume, steps } => {
+        Command::Train { config, out, resume, steps, allow_config_change } => {
             let mut cfg = match &config {
                 Some(p) => RunConfig::from_file(p)?,
                 None => RunConfig::default(),
@@ -272,11 +277,16 @@ fn run(cli: Cli) -> Result<i32> {
             if let Some(s) = steps {
                 cfg.training.steps = s;
             }
-            let summary = train::train(cfg, &out, resume.as_deref())?;
+            let out = out.unwrap_or_else(|| {
+                resume.as_deref().map_or_else(|| "runs/default".into(), dalle_mesh::run_checkpoint::run_folder)
+            });
+            dalle_mesh::signals::install().context("installing the stop-signal handlers")?;
+            let opts = train::TrainOptions { allow_config_change };
+            let summary = train::train_with(cfg, &out, resume.as_deref(), &opts)?;
             if summary.world_rank == 0 {
                 print_json(&summary)?;
             }
-            Ok(0)
+            Ok(summary.exit_code())
         }
         Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out } => {
             let opts = SamplingOptions { temperature, top_k, top_p, cond_scale, seed };
