@@ -6,6 +6,7 @@ pub mod divergence;
 pub mod exit_code;
 pub mod gpu_check;
 pub mod kernels_cmd;
+pub mod launcher;
 pub mod parity;
 pub mod plan_cmd;
 pub mod plot;

@@ -121,6 +121,26 @@ enum Command {
         #[arg(long)]
         zero1: bool,
     },
+    /// Start N ranks of a command on this host (like torchrun): `dalle-mesh launch --nproc 4 --
+    /// train --config run.yaml`. Prefixes their output with the rank, forwards SIGTERM/SIGINT/
+    /// SIGUSR1, stops all on the first failure and exits with that rank's code.
+    Launch {
+        /// Number of ranks (processes).
+        #[arg(long)]
+        nproc: usize,
+        /// mpirun (CPU ranks over MPI; default with --features mpi) or direct (torchrun variables).
+        #[arg(long, value_enum, default_value = "auto")]
+        via: dalle_mesh::launcher::Via,
+        /// Port of the rendezvous store (default: a free one).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// Seconds between SIGTERM and SIGKILL for the other ranks after one failed.
+        #[arg(long, default_value_t = 10.0)]
+        kill_grace_s: f64,
+        /// The dalle-mesh command every rank runs.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -320,6 +340,13 @@ fn run(cli: Cli) -> Result<i32> {
                 parity::run_mesh(&fixture, tp, dp).with_context(|| format!("parity on {}", fixture.display()))?;
             print_json(&report)?;
             Ok(if report.pass { 0 } else { 1 })
+        }
+        Command::Launch { nproc, via, master_port, kill_grace_s, args } => {
+            let grace = std::time::Duration::from_secs_f64(kill_grace_s.clamp(0.0, 3600.0));
+            let opts = dalle_mesh::launcher::LaunchOptions { nproc, via, master_port, kill_grace: grace, args };
+            let report = dalle_mesh::launcher::run(&opts)?;
+            tracing::info!(?report, "launch finished");
+            Ok(report.exit_code)
         }
         Command::Bench { what: BenchCommand::Step { model, batch, steps, warmup } } => {
             let (name, cfg) = model.resolve()?;
