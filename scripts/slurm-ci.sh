@@ -45,6 +45,8 @@ SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+# A requeued job may start again after cred_expire seconds (default 120).
+AuthInfo=cred_expire=10
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 InactiveLimit=0
