@@ -240,11 +240,11 @@ fn a_sigkilled_rank_ends_every_process_naming_it() {
 fn usr1_preemption_saves_once_requeues_and_resumes_exactly() {
     require_mpi_build();
     let dir = scratch("preempt");
-    let steps = 60;
+    let steps = 400;
     let cfg = write_config(&dir, "run.yaml", &config_text(true, steps, 10000));
     thread_run(&cfg, &dir.join("threads"));
     let id = sbatch(&dir, &template(), &["-o", "job.out"], &[("CONFIG", "run.yaml"), ("OUT", "procs")]);
-    wait_for_steps(&dir.join("procs"), 3, Duration::from_secs(120));
+    wait_for_steps(&dir.join("procs"), 10, Duration::from_secs(120));
     let _ = run(Command::new("scancel").args(["--signal=USR1", &id]));
     let (state, code) = wait_job(&id, Duration::from_secs(400));
     let log = std::fs::read_to_string(dir.join("job.out")).unwrap_or_default();
