@@ -91,7 +91,9 @@ pub fn detect() -> Result<World> {
 /// Reads the world from `env` (a lookup like `std::env::var`; tests pass simulated values).
 pub fn detect_from(env: &dyn Fn(&str) -> Option<String>) -> Result<World> {
     let num = |k: &str| -> Result<Option<usize>> {
-        env(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a whole number"))).transpose()
+        env(k)
+            .map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a whole number")))
+            .transpose()
     };
     let slurm = num("SLURM_PROCID")?;
     let ompi = num("OMPI_COMM_WORLD_RANK")?;
@@ -99,7 +101,8 @@ pub fn detect_from(env: &dyn Fn(&str) -> Option<String>) -> Result<World> {
     let mut world = if let (Some(rank), false) = (slurm, ompi.is_some() && ompi_differs_from_slurm(env)) {
         slurm_world(env, rank)?
     } else if let Some(rank) = ompi {
-        let size = num("OMPI_COMM_WORLD_SIZE")?.context("OMPI_COMM_WORLD_RANK is set but OMPI_COMM_WORLD_SIZE is not")?;
+        let size =
+            num("OMPI_COMM_WORLD_SIZE")?.context("OMPI_COMM_WORLD_RANK is set but OMPI_COMM_WORLD_SIZE is not")?;
         let local_rank = num("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(0);
         let local_size = num("OMPI_COMM_WORLD_LOCAL_SIZE")?.unwrap_or(size);
         if local_size < size && env("MASTER_ADDR").is_none() {
@@ -140,7 +143,8 @@ fn ompi_differs_from_slurm(env: &dyn Fn(&str) -> Option<String>) -> bool {
 
 fn slurm_world(env: &dyn Fn(&str) -> Option<String>, rank: usize) -> Result<World> {
     let num = |k: &str| env(k).and_then(|v| v.trim().parse::<usize>().ok());
-    let size = num("SLURM_NTASKS").or_else(|| num("SLURM_NPROCS")).context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
+    let size =
+        num("SLURM_NTASKS").or_else(|| num("SLURM_NPROCS")).context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
     let job_id = env("SLURM_JOB_ID").or_else(|| env("SLURM_JOBID"));
     if size > 1 && env("SLURM_STEP_ID").is_none() && env("SLURM_STEPID").is_none() {
         bail!(
@@ -336,7 +340,10 @@ mod tests {
             ("MASTER_PORT", "29555"),
         ]))
         .unwrap();
-        assert_eq!((w.launcher, w.rank, w.size, w.store_addr().as_str()), (Launcher::Torchrun, 1, 2, "localhost:29555"));
+        assert_eq!(
+            (w.launcher, w.rank, w.size, w.store_addr().as_str()),
+            (Launcher::Torchrun, 1, 2, "localhost:29555")
+        );
         assert_eq!(detect_from(&env_of(&[])).unwrap(), World::single());
         let e = detect_from(&env_of(&[("RANK", "2"), ("WORLD_SIZE", "2")])).unwrap_err();
         assert!(e.to_string().contains("outside a world of 2"), "{e}");

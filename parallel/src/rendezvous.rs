@@ -655,8 +655,10 @@ mod tests {
         l.local_addr().unwrap().to_string()
     }
 
-    fn hook() -> (PeerFailureHook, Arc<Mutex<Vec<(usize, String)>>>) {
-        let seen: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    type Seen = Arc<Mutex<Vec<(usize, String)>>>;
+
+    fn hook() -> (PeerFailureHook, Seen) {
+        let seen: Seen = Arc::default();
         let s = seen.clone();
         (Arc::new(move |r, why: &str| lock(&s).push((r, why.to_string()))), seen)
     }
