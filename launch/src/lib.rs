@@ -3,8 +3,10 @@
 
 pub mod bench;
 pub mod divergence;
+pub mod encode_images;
 pub mod exit_code;
 pub mod gpu_check;
+pub mod interop;
 pub mod kernels_cmd;
 pub mod launcher;
 pub mod parity;
@@ -18,6 +20,9 @@ pub mod sample;
 pub mod signals;
 pub mod stop;
 pub mod train;
+pub mod vqgan_cmd;
+pub mod vqgan_grid;
+pub mod vqgan_image;
 pub mod world;
 
 use std::path::Path;
