@@ -198,6 +198,7 @@ pub fn start_from(cfg: &RunConfig, model_cfg: &DalleBartConfig) -> Result<Option
         reader: dm_data::ReaderState::new(cfg.training.seed),
         seed: cfg.training.seed,
         run_config: cfg.clone(),
+        guard: Default::default(),
     };
     Ok(Some((state, FullState { params, m, v })))
 }

@@ -4,22 +4,30 @@
 pub mod bench;
 pub mod bench_comm;
 pub mod calibrate;
+pub mod divergence;
 pub mod encode_images;
+pub mod exit_code;
 pub mod gpu_check;
 pub mod interop;
 pub mod kernels_cmd;
+pub mod launcher;
 pub mod parity;
 pub mod plan_cmd;
 pub mod plot;
+pub mod process_ranks;
 pub mod run_checkpoint;
 pub mod run_config;
+pub mod run_lock;
 pub mod sample;
 pub mod sweep;
 pub mod sweep_report;
+pub mod signals;
+pub mod stop;
 pub mod train;
 pub mod vqgan_cmd;
 pub mod vqgan_grid;
 pub mod vqgan_image;
+pub mod world;
 
 use std::path::Path;
 
@@ -156,4 +164,14 @@ pub fn test_fail(rank: usize, step: u64) -> anyhow::Result<()> {
         anyhow::bail!("injected failure on rank {rank} at step {step} (DALLE_MESH_TEST_FAIL)");
     }
     Ok(())
+}
+
+/// Stop-agreement test hook: when `DALLE_MESH_TEST_STOP` is `<rank>:<step>`, that rank alone
+/// behaves at that step as if it had received SIGTERM (the other ranks learn it only through the
+/// agreement collective). Does nothing otherwise.
+pub fn test_stop(rank: usize, step: u64) -> stop::StopReason {
+    if std::env::var("DALLE_MESH_TEST_STOP").is_ok_and(|s| s == format!("{rank}:{step}")) {
+        return stop::StopReason::Signal(signals::SIGTERM);
+    }
+    stop::StopReason::None
 }

@@ -23,15 +23,20 @@ enum Command {
         /// Run config (YAML); defaults to the built-in run.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Output folder: metrics.jsonl, checkpoints/, samples/, loss.png.
-        #[arg(long, default_value = "runs/default")]
-        out: PathBuf,
-        /// Continue exactly from the newest checkpoint of this run folder (or this checkpoint).
+        /// Output folder: metrics.jsonl, checkpoints/, samples/, loss.png [default: the --resume
+        /// run folder, else runs/default].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue exactly from the newest checkpoint that loads of this run folder (or from this
+        /// checkpoint, setting newer ones aside).
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Override training.steps.
         #[arg(long)]
         steps: Option<u64>,
+        /// Use this config in a folder whose run.yaml describes another run.
+        #[arg(long)]
+        allow_config_change: bool,
     },
     /// Generate images for prompts from a checkpoint.
     Sample {
@@ -148,6 +153,26 @@ enum Command {
         /// How points run: local (this machine, ranks as threads) or slurm.
         #[arg(long, value_enum, default_value = "local")]
         launcher: dalle_mesh::sweep::Launcher,
+    },
+    /// Start N ranks of a command on this host (like torchrun): `dalle-mesh launch --nproc 4 --
+    /// train --config run.yaml`. Prefixes their output with the rank, forwards SIGTERM/SIGINT/
+    /// SIGUSR1, stops all on the first failure and exits with that rank's code.
+    Launch {
+        /// Number of ranks (processes).
+        #[arg(long)]
+        nproc: usize,
+        /// mpirun (CPU ranks over MPI; default with --features mpi) or direct (torchrun variables).
+        #[arg(long, value_enum, default_value = "auto")]
+        via: dalle_mesh::launcher::Via,
+        /// Port of the rendezvous store (default: a free one).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// Seconds between SIGTERM and SIGKILL for the other ranks after one failed.
+        #[arg(long, default_value_t = 10.0)]
+        kill_grace_s: f64,
+        /// The dalle-mesh command every rank runs.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
     },
     /// Benchmarks.
     Bench {
@@ -401,7 +426,7 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2);
+            std::process::exit(dalle_mesh::exit_code::for_error(&e));
         }
     }
 }
@@ -436,7 +461,7 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&r)?;
             Ok(r.exit_code())
         }
-        Command::Train { config, out, resume, steps } => {
+        Command::Train { config, out, resume, steps, allow_config_change } => {
             let mut cfg = match &config {
                 Some(p) => RunConfig::from_file(p)?,
                 None => RunConfig::default(),
@@ -444,9 +469,16 @@ fn run(cli: Cli) -> Result<i32> {
             if let Some(s) = steps {
                 cfg.training.steps = s;
             }
-            let summary = train::train(cfg, &out, resume.as_deref())?;
-            print_json(&summary)?;
-            Ok(0)
+            let out = out.unwrap_or_else(|| {
+                resume.as_deref().map_or_else(|| "runs/default".into(), dalle_mesh::run_checkpoint::run_folder)
+            });
+            dalle_mesh::signals::install().context("installing the stop-signal handlers")?;
+            let opts = train::TrainOptions { allow_config_change };
+            let summary = train::train_with(cfg, &out, resume.as_deref(), &opts)?;
+            if summary.world_rank == 0 {
+                print_json(&summary)?;
+            }
+            Ok(summary.exit_code())
         }
         Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out, vqgan } => {
             let opts = SamplingOptions { temperature, top_k, top_p, cond_scale, seed };
@@ -507,6 +539,13 @@ fn run(cli: Cli) -> Result<i32> {
                 parity::run_mesh(&fixture, tp, dp).with_context(|| format!("parity on {}", fixture.display()))?;
             print_json(&report)?;
             Ok(if report.pass { 0 } else { 1 })
+        }
+        Command::Launch { nproc, via, master_port, kill_grace_s, args } => {
+            let grace = std::time::Duration::from_secs_f64(kill_grace_s.clamp(0.0, 3600.0));
+            let opts = dalle_mesh::launcher::LaunchOptions { nproc, via, master_port, kill_grace: grace, args };
+            let report = dalle_mesh::launcher::run(&opts)?;
+            tracing::info!(?report, "launch finished");
+            Ok(report.exit_code)
         }
         Command::Bench {
             what: BenchCommand::Step { model, batch, steps, warmup, tp, dp, zero1, precision, device },

@@ -45,7 +45,14 @@ fn fsync_dir(dir: &Path) {
 }
 
 /// Writes one checkpoint atomically. `files` are (name, bytes).
-pub fn write_checkpoint(out: &Path, step: u64, files: &[(&str, Vec<u8>)], keep: usize) -> Result<PathBuf> {
+/// `quality` (lower is better) decides the best checkpoint, which the rotation keeps.
+pub fn write_checkpoint(
+    out: &Path,
+    step: u64,
+    files: &[(&str, Vec<u8>)],
+    keep: usize,
+    quality: Option<f32>,
+) -> Result<PathBuf> {
     let root = out.join("checkpoints");
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let final_dir = step_dir(out, step);
@@ -77,7 +84,8 @@ pub fn write_checkpoint(out: &Path, step: u64, files: &[(&str, Vec<u8>)], keep: 
         std::fs::rename(&tmp, &final_dir).with_context(|| format!("publishing {}", final_dir.display()))?;
     }
     fsync_dir(&root);
-    prune(&root, keep)?;
+    let best = update_best(out, step, quality)?;
+    prune(&root, keep, best)?;
     Ok(final_dir)
 }
 
@@ -98,7 +106,35 @@ pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-fn prune(root: &Path, keep: usize) -> Result<()> {
+/// `checkpoints/best.json`: the step of the best checkpoint and its quality.
+pub const BEST: &str = "best.json";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Best {
+    step: u64,
+    quality: f32,
+}
+
+/// The best checkpoint's step after saving `step` with `quality` (a best whose folder is gone,
+/// or an unreadable best.json, is replaced).
+fn update_best(out: &Path, step: u64, quality: Option<f32>) -> Result<Option<u64>> {
+    let path = out.join("checkpoints").join(BEST);
+    let old: Option<Best> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|b: &Best| step_dir(out, b.step).join(MANIFEST).exists() && b.step != step);
+    let new = match (old, quality) {
+        (Some(o), Some(q)) if q.is_finite() && q < o.quality => Best { step, quality: q },
+        (Some(o), _) => o,
+        (None, Some(q)) if q.is_finite() => Best { step, quality: q },
+        (None, _) => return Ok(None),
+    };
+    crate::atomic_write(&path, &serde_json::to_vec(&new)?)?;
+    Ok(Some(new.step))
+}
+
+/// Removes leftovers of interrupted writes and all but the newest `keep` checkpoints (and `best`).
+fn prune(root: &Path, keep: usize, best: Option<u64>) -> Result<()> {
     // Leftover temporaries of interrupted writes are garbage by construction.
     for e in std::fs::read_dir(root)?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -111,7 +147,7 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
         }
     }
     let all = list_checkpoints(root.parent().unwrap_or(root));
-    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)).filter(|(s, _)| Some(*s) != best) {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing old checkpoint {}", dir.display()))?;
     }
     Ok(())
@@ -129,8 +165,9 @@ pub fn verify(dir: &Path) -> Result<CheckpointManifest> {
         let bytes = std::fs::read(&p).with_context(|| format!("checkpoint file {} is missing", p.display()))?;
         if bytes.len() as u64 != f.bytes || crc32fast::hash(&bytes) != f.crc32 {
             bail!(
-                "checkpoint file {} does not match its checksum ({} bytes, expected {}): the checkpoint is corrupt; \
-                 resume from an older one with --resume-from",
+                "checkpoint file {} does not match its checksum in manifest.json ({} bytes, expected {}): the \
+                 checkpoint is corrupt. `--resume RUN_FOLDER` falls back to the newest checkpoint that verifies; or \
+                 name an older one with --resume RUN_FOLDER/checkpoints/step_N",
                 p.display(),
                 bytes.len(),
                 f.bytes
@@ -138,6 +175,76 @@ pub fn verify(dir: &Path) -> Result<CheckpointManifest> {
         }
     }
     Ok(m)
+}
+
+/// Whether `path` is one checkpoint folder (rather than a run folder).
+pub fn is_checkpoint_dir(path: &Path) -> bool {
+    path.join(MANIFEST).exists()
+        || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_"))
+            && path.parent().is_some_and(|p| p.ends_with("checkpoints"))
+}
+
+/// The run folder of a run folder or of one of its checkpoints (`RUN/checkpoints/step_N`).
+pub fn run_folder(path: &Path) -> PathBuf {
+    if is_checkpoint_dir(path) {
+        if let Some(run) = path.parent().and_then(Path::parent) {
+            return run.to_path_buf();
+        }
+    }
+    path.to_path_buf()
+}
+
+/// Removes what dead runs left in `out/checkpoints` (temporary folders of interrupted writes) and
+/// puts back a checkpoint whose re-save was interrupted between its two renames. Call only while
+/// holding the run lock ([`crate::run_lock`]). Returns the paths removed.
+pub fn clean_leftovers(out: &Path) -> Result<Vec<PathBuf>> {
+    let root = out.join("checkpoints");
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(removed) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(rest) = name.strip_prefix(".old-") {
+            // `.old-step_N-PID`: the published copy before a re-save; restore it if the new one is missing.
+            let step_name = rest.rsplit_once('-').map_or(rest, |(s, _)| s);
+            let published = root.join(step_name);
+            if !published.exists() && e.path().join(MANIFEST).exists() {
+                std::fs::rename(e.path(), &published)
+                    .with_context(|| format!("restoring {} to {}", e.path().display(), published.display()))?;
+                tracing::warn!(dir = %published.display(), "restored a checkpoint whose re-save was interrupted");
+                continue;
+            }
+        } else if !name.starts_with(".tmp-") {
+            continue;
+        }
+        std::fs::remove_dir_all(e.path()).with_context(|| format!("removing leftover {}", e.path().display()))?;
+        removed.push(e.path());
+    }
+    if !removed.is_empty() {
+        tracing::warn!(?removed, "removed temporary checkpoint folders left by a dead run");
+    }
+    Ok(removed)
+}
+
+/// Moves the checkpoints of `out` newer than `step` to `out/checkpoints/set-aside/` (never
+/// deleting them): after resuming from `step` they belong to an abandoned branch (or failed to
+/// verify), and neither `--resume` nor the rotation may pick them again. Returns where they went.
+pub fn set_aside_newer(out: &Path, step: u64, why: &str) -> Result<Vec<PathBuf>> {
+    let aside = out.join("checkpoints").join("set-aside");
+    let mut moved = Vec::new();
+    for (s, dir) in list_checkpoints(out).into_iter().filter(|(s, _)| *s > step) {
+        std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| format!("step_{s:08}"));
+        let mut dest = aside.join(&name);
+        let mut n = 1;
+        while dest.exists() {
+            dest = aside.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        std::fs::rename(&dir, &dest).with_context(|| format!("moving {} to {}", dir.display(), dest.display()))?;
+        tracing::warn!(from = %dir.display(), to = %dest.display(), "set aside a checkpoint newer than the resumed one: {why}");
+        moved.push(dest);
+    }
+    Ok(moved)
 }
 
 /// The newest checkpoint of a run folder (or the folder itself if it is a checkpoint).
@@ -160,7 +267,7 @@ mod tests {
         let out = std::env::temp_dir().join(format!("dm-ckpt-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         for step in [10, 20, 30] {
-            write_checkpoint(&out, step, &[("a.bin", vec![step as u8; 100])], 2).unwrap();
+            write_checkpoint(&out, step, &[("a.bin", vec![step as u8; 100])], 2, None).unwrap();
         }
         let steps: Vec<u64> = list_checkpoints(&out).into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![20, 30]);

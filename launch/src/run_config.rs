@@ -17,9 +17,10 @@
 //!            eval_every: 100, eval_batches: 4, save_every: 200, keep_checkpoints: 3,
 //!            sample_every: 0, sample_prompts: [...], sample_prompts_file: null,
 //!            time_limit_minutes: null, vqgan: null}
-//! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null}
+//! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null, transport: auto}  # auto|threads|mpi|nccl
 //! ```
 
+use crate::bad_input;
 use anyhow::{bail, Context, Result};
 use dm_model::DalleBartConfig;
 use serde::{Deserialize, Serialize};
@@ -201,6 +202,8 @@ pub struct TrainingSection {
     pub sample_prompts_file: Option<PathBuf>,
     /// Stop (after saving) once this much wall time has passed.
     pub time_limit_minutes: Option<f64>,
+    /// The divergence guard ([`crate::divergence`]).
+    pub divergence: crate::divergence::DivergenceSection,
     /// A VQGAN folder (config.json + weights): sample grids decode through it, prompts under images.
     pub vqgan: Option<PathBuf>,
 }
@@ -221,6 +224,7 @@ impl Default for TrainingSection {
             sample_prompts: Vec::new(),
             sample_prompts_file: None,
             time_limit_minutes: None,
+            divergence: Default::default(),
             vqgan: None,
         }
     }
@@ -234,11 +238,25 @@ pub struct MeshSection {
     pub zero1: bool,
     /// Per-rank memory budget, e.g. "24GiB" (None = unlimited).
     pub device_memory: Option<String>,
+    /// How the ranks talk (see [`crate::process_ranks`]).
+    pub transport: Transport,
+}
+
+/// `mesh.transport`: `auto` picks threads in one process, MPI between CPU processes, NCCL
+/// between GPU processes; the others force one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Auto,
+    Threads,
+    Mpi,
+    Nccl,
 }
 
 impl Default for MeshSection {
     fn default() -> Self {
-        Self { tp: 1, dp: 1, zero1: false, device_memory: None }
+        Self { tp: 1, dp: 1, zero1: false, device_memory: None, transport: Transport::Auto }
     }
 }
 
@@ -285,25 +303,97 @@ pub fn tiny_model(text_vocab: usize, image_vocab: usize, image_length: usize, te
     }
 }
 
+/// Settings a continued run may change without being "another run": its length and time limit,
+/// the logging, evaluation, checkpoint and sampling cadence, the divergence guard, and the mesh
+/// (checkpoints move between mesh shapes).
+pub const CONTINUABLE_KEYS: [&str; 12] = [
+    "training.steps",
+    "training.time_limit_minutes",
+    "training.log_every",
+    "training.eval_every",
+    "training.eval_batches",
+    "training.save_every",
+    "training.keep_checkpoints",
+    "training.sample_every",
+    "training.sample_prompts",
+    "training.sample_prompts_file",
+    "training.divergence",
+    "mesh",
+];
+
+/// `key.sub.leaf -> value` of a config.
+fn flatten(cfg: &RunConfig) -> std::collections::BTreeMap<String, serde_yaml::Value> {
+    fn walk(prefix: &str, v: &serde_yaml::Value, out: &mut std::collections::BTreeMap<String, serde_yaml::Value>) {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                for (k, v) in m {
+                    let k = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
+                    walk(&if prefix.is_empty() { k } else { format!("{prefix}.{k}") }, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(v) = serde_yaml::to_value(cfg) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// A float key's problem: not finite, or outside what makes sense ("≥ 0", "> 0", ...).
+fn number_problem(key: &str, v: f64, ok: bool, want: &str) -> Option<String> {
+    if v.is_nan() {
+        Some(format!("{key} is NaN; it must be a finite number {want}"))
+    } else if v.is_infinite() {
+        Some(format!("{key} is {v}; it must be a finite number {want}"))
+    } else if !ok {
+        Some(format!("{key} is {v}; it must be {want}"))
+    } else {
+        None
+    }
+}
+
 impl RunConfig {
+    /// Parses and validates a YAML run config. An empty document (nothing but blanks or comments) is
+    /// refused: the built-in run is what `train` does without `--config`.
     pub fn from_yaml_str(text: &str) -> Result<Self> {
-        let cfg: RunConfig = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("run config: {e}"))?;
+        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| bad_input!("run config: {e}"))?;
+        if value.is_null() {
+            return Err(bad_input!(
+                "run config: the file is empty (no keys). Leave out --config to train the built-in run, or write \
+                 the keys to change (see README, Run config)"
+            ));
+        }
+        let cfg: RunConfig = serde_yaml::from_value(value).map_err(|e| bad_input!("run config: {e}"))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad_input!("reading the run config {}: {e} (check the --config path)", path.display()))?;
         Self::from_yaml_str(&text).with_context(|| format!("in {}", path.display()))
     }
 
-    /// Value checks serde cannot express; each error names the key.
+    /// Value checks serde cannot express; the error lists every problem, each naming its key.
     pub fn validate(&self) -> Result<()> {
+        let problems = self.problems();
+        if !problems.is_empty() {
+            return Err(bad_input!("run config: {}", problems.join("; ")));
+        }
+        crate::interop::check_model_from(&self.model)?;
+        Ok(())
+    }
+
+    fn problems(&self) -> Vec<String> {
         let t = &self.training;
         let o = &self.optimizer;
         let m = &self.mesh;
-        let checks: [(bool, String); 13] = [
-            (t.batch_size == 0, "training.batch_size must be positive".into()),
+        let mut p: Vec<String> = [
+            (t.batch_size == 0, "training.batch_size must be positive".to_string()),
             (t.grad_accumulation == 0, "training.grad_accumulation must be positive".into()),
             (
                 t.grad_accumulation > 0 && !t.batch_size.is_multiple_of(t.grad_accumulation),
@@ -315,48 +405,86 @@ impl RunConfig {
             (t.steps == 0, "training.steps must be positive".into()),
             (t.log_every == 0, "training.log_every must be positive".into()),
             (t.keep_checkpoints == 0, "training.keep_checkpoints must be at least 1".into()),
-            (!(o.learning_rate.is_finite() && o.learning_rate >= 0.0), "optimizer.learning_rate must be ≥ 0".into()),
-            (!(0.0..1.0).contains(&o.b1), "optimizer.b1 must be in [0, 1)".into()),
-            (!(0.0..1.0).contains(&o.b2), "optimizer.b2 must be in [0, 1)".into()),
-            (o.eps.is_nan() || o.eps <= 0.0, "optimizer.eps must be positive".into()),
-            (
-                o.max_grad_norm.is_some_and(|g| g.is_nan() || g <= 0.0),
-                "optimizer.max_grad_norm must be positive".into(),
-            ),
             (m.tp == 0 || m.dp == 0, "mesh.tp and mesh.dp must be at least 1".into()),
             (
                 self.data.dataset.is_some() && self.data.tokenizer.is_none(),
                 "data.tokenizer is required with data.dataset (a tokenizer.json)".into(),
             ),
+            (self.data.max_text_length < 2, "data.max_text_length must be at least 2 (<s> and </s>)".into()),
+            (
+                self.model.preset.is_some() && self.model.config.is_some(),
+                "give either model.preset or model.config, not both".into(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(bad, msg)| bad.then_some(msg))
+        .collect();
+        let numbers = [
+            number_problem("optimizer.learning_rate", o.learning_rate as f64, o.learning_rate >= 0.0, "≥ 0"),
+            number_problem(
+                "optimizer.end_learning_rate",
+                o.end_learning_rate as f64,
+                o.end_learning_rate >= 0.0,
+                "≥ 0",
+            ),
+            number_problem("optimizer.weight_decay", o.weight_decay as f64, o.weight_decay >= 0.0, "≥ 0"),
+            number_problem("optimizer.b1", o.b1 as f64, (0.0..1.0).contains(&o.b1), "in [0, 1)"),
+            number_problem("optimizer.b2", o.b2 as f64, (0.0..1.0).contains(&o.b2), "in [0, 1)"),
+            number_problem("optimizer.eps", o.eps as f64, o.eps > 0.0, "> 0"),
+            number_problem(
+                "optimizer.decay_rate",
+                o.decay_rate as f64,
+                o.decay_rate > 0.0 && o.decay_rate <= 1.0,
+                "in (0, 1] (a decay)",
+            ),
+            o.max_grad_norm.and_then(|g| {
+                number_problem("optimizer.max_grad_norm", g as f64, g > 0.0, "> 0 (or null for no clipping)")
+            }),
+            t.time_limit_minutes
+                .and_then(|l| number_problem("training.time_limit_minutes", l, l > 0.0, "> 0 (or null for no limit)")),
+            self.model.init_std.and_then(|s| {
+                number_problem("model.init_std", s as f64, s > 0.0 && s <= 1.0, "in (0, 1] (dalle-mini uses 0.02)")
+            }),
         ];
-        if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {
-            bail!("run config: {msg}");
-        }
+        p.extend(numbers.into_iter().flatten());
+        p.extend(t.divergence.problems());
         let per_rank = t.batch_size / t.grad_accumulation.max(1);
-        if !per_rank.is_multiple_of(m.dp) {
-            bail!(
-                "run config: the micro-batch training.batch_size / grad_accumulation = {per_rank} is not divisible by mesh.dp {}",
+        if m.dp > 0 && !per_rank.is_multiple_of(m.dp) {
+            p.push(format!(
+                "the micro-batch training.batch_size / grad_accumulation = {per_rank} is not divisible by mesh.dp {}",
                 m.dp
-            );
+            ));
         }
         if let Some(f) = &t.sample_prompts_file {
             if !f.is_file() {
-                bail!("run config: training.sample_prompts_file {} does not exist", f.display());
+                p.push(format!("training.sample_prompts_file {} does not exist", f.display()));
             }
         }
         if let Some(v) = &t.vqgan {
             if !v.join("config.json").is_file() {
-                bail!("run config: training.vqgan {} is not a VQGAN folder (no config.json)", v.display());
+                p.push(format!("training.vqgan {} is not a VQGAN folder (no config.json)", v.display()));
             }
         }
         if let Some(mem) = &m.device_memory {
-            parse_bytes(mem).context("mesh.device_memory")?;
+            if let Err(e) = parse_bytes(mem) {
+                p.push(format!("mesh.device_memory: {e}"));
+            }
         }
-        if self.model.preset.is_some() && self.model.config.is_some() {
-            bail!("run config: give either model.preset or model.config, not both");
-        }
-        crate::interop::check_model_from(&self.model)?;
-        Ok(())
+        p
+    }
+
+    /// The keys (dotted) in which `other` describes a different run than `self`: everything but
+    /// the settings a run may change when it is continued ([`CONTINUABLE_KEYS`]).
+    pub fn identity_differences(&self, other: &RunConfig) -> Vec<String> {
+        let (a, b) = (flatten(self), flatten(other));
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|k| !CONTINUABLE_KEYS.iter().any(|c| k.as_str() == *c || k.starts_with(&format!("{c}."))))
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect()
     }
 
     /// The model config: preset or config.json, then explicit fields. `tiny` (the default)
@@ -452,6 +580,36 @@ mod tests {
         o.schedule = Schedule::Exponential;
         o.decay_rate = 0.5;
         assert!((o.learning_rate_at(20) - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn nonsense_values_are_refused_naming_the_key() {
+        let cases = [
+            ("optimizer: {end_learning_rate: -0.1}", "optimizer.end_learning_rate"),
+            ("optimizer: {weight_decay: -0.01}", "optimizer.weight_decay"),
+            ("optimizer: {learning_rate: .nan}", "optimizer.learning_rate is NaN"),
+            ("optimizer: {learning_rate: .inf}", "optimizer.learning_rate is inf"),
+            ("optimizer: {decay_rate: 2.0}", "optimizer.decay_rate"),
+            ("optimizer: {max_grad_norm: .inf}", "optimizer.max_grad_norm"),
+            ("training: {time_limit_minutes: -1}", "training.time_limit_minutes"),
+            ("training: {divergence: {loss_factor: 0.5}}", "training.divergence.loss_factor"),
+            ("training: {divergence: {patience_steps: 0}}", "training.divergence.patience_steps"),
+            ("model: {init_std: 1.0e6}", "model.init_std"),
+            ("data: {max_text_length: 1}", "data.max_text_length"),
+        ];
+        for (yaml, key) in cases {
+            let err = RunConfig::from_yaml_str(yaml).expect_err(yaml);
+            assert!(err.to_string().contains(key), "{yaml}: {err}");
+            assert_eq!(crate::exit_code::for_error(&err), crate::exit_code::BAD_INPUT, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn an_empty_config_is_refused() {
+        for text in ["", "\n", "# only a comment\n", "---\n"] {
+            let err = RunConfig::from_yaml_str(text).expect_err(text).to_string();
+            assert!(err.contains("empty") && err.contains("--config"), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -11,9 +11,11 @@
 //! - `samples/step_*.png` — decoded samples of the sample prompts;
 //! - `loss.png`, `loss.svg` — training and eval loss against the unigram baseline.
 
+use crate::divergence::{DivergenceGuard, GuardState};
 use crate::run_checkpoint::{self, list_checkpoints, verify, write_checkpoint};
 use crate::run_config::{parse_bytes, RunConfig};
-use anyhow::{bail, Context, Result};
+use crate::stop::{self, StopReason};
+use anyhow::{Context, Result};
 use dm_data::{Dataset, ReaderState, ShardedReader, TextTokenizer};
 use dm_model::checkpoint::{layout_tensors, load_weights, params_from_tensors, read_tensors, serialize_safetensors};
 use dm_model::dallebart::SamplingOptions;
@@ -35,6 +37,9 @@ pub struct TrainerState {
     pub reader: ReaderState,
     pub seed: u64,
     pub run_config: RunConfig,
+    /// The divergence guard's memory at this step.
+    #[serde(default)]
+    pub guard: GuardState,
 }
 
 /// How a checkpoint's codes turn into pixels.
@@ -61,6 +66,25 @@ pub struct TrainSummary {
     pub loss_png: PathBuf,
     /// Largest per-rank peak of tracked device memory.
     pub peak_bytes_per_rank: u64,
+    /// World rank of this process (0 when the ranks are threads); only rank 0 prints the summary.
+    #[serde(skip)]
+    pub world_rank: usize,
+    /// Process ranks: seconds from start to a completed rendezvous handshake.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rendezvous_s: Option<f64>,
+    /// Why the run stopped before `training.steps` (`time_limit`, `SIGTERM`, ...), if it did.
+    pub stopped: Option<String>,
+}
+
+impl TrainSummary {
+    /// The process exit code for this outcome: [`crate::exit_code::STOPPED_REQUEUE`] after a stop
+    /// signal, else success.
+    pub fn exit_code(&self) -> i32 {
+        match self.stopped.as_deref() {
+            Some(s) if s != "time_limit" => crate::exit_code::STOPPED_REQUEUE,
+            _ => crate::exit_code::SUCCESS,
+        }
+    }
 }
 
 /// The training data of a run.
@@ -180,7 +204,9 @@ struct Metrics {
 
 impl Metrics {
     /// Opens metrics.jsonl, dropping lines after `resume_step` (they belong to the interrupted run).
-    fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
+    /// Also says whether the kept lines already hold `unigram_baseline_loss`.
+    fn open(path: &Path, resume_step: Option<u64>) -> Result<(Self, bool)> {
+        let mut has_baseline = false;
         if let (Some(step), Ok(text)) = (resume_step, std::fs::read_to_string(path)) {
             let kept: String = text
                 .lines()
@@ -192,12 +218,13 @@ impl Metrics {
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
+            has_baseline = kept.contains("\"unigram_baseline_loss\"");
             crate::atomic_write(path, kept.as_bytes())?;
         } else if resume_step.is_none() {
             let _ = std::fs::remove_file(path);
         }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self { file })
+        Ok((Self { file }, has_baseline))
     }
     fn write(&mut self, v: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{v}")?;
@@ -249,6 +276,21 @@ pub struct FullState {
     pub v: Vec<Vec<f32>>,
 }
 
+impl FullState {
+    /// The first tensor (`weights`/`m`/`v` and its name) holding a NaN or an infinity.
+    pub fn first_non_finite(&self, table: &dm_model::ParamTable) -> Option<String> {
+        let parts = [("weight", &self.params), ("AdamW moment m of", &self.m), ("AdamW moment v of", &self.v)];
+        for (kind, tensors) in parts {
+            for (spec, t) in table.specs.iter().zip(tensors.iter()) {
+                if t.iter().any(|x| !x.is_finite()) {
+                    return Some(format!("{kind} {}", spec.name));
+                }
+            }
+        }
+        None
+    }
+}
+
 /// Assembles full tensors from every rank's shards (ZeRO-1 chunks concatenated across dp).
 fn assemble(cfg: &DalleBartConfig, mesh: &Mesh, zero1: bool, states: &[RankState]) -> FullState {
     let tables: Vec<dm_model::ParamTable> =
@@ -282,7 +324,16 @@ fn assemble(cfg: &DalleBartConfig, mesh: &Mesh, zero1: bool, states: &[RankState
     }
 }
 
-/// Writes a checkpoint from full state (world rank 0 only).
+/// What a checkpoint records besides the model, optimizer and data position.
+struct SaveExtra {
+    guard: GuardState,
+    /// Lower is better: the eval loss of this step, else the running median training loss. The
+    /// best checkpoint is kept outside the rotation.
+    quality: Option<f32>,
+}
+
+/// Writes a checkpoint from full state (world rank 0 only); refuses non-finite state.
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     out: &Path,
     cfg: &RunConfig,
@@ -291,7 +342,14 @@ fn save_checkpoint(
     step: u64,
     reader: ReaderState,
     full: &FullState,
+    extra: SaveExtra,
 ) -> Result<PathBuf> {
+    if let Some(what) = full.first_non_finite(&dm_model::ParamTable::new(model_cfg)) {
+        return Err(anyhow::Error::new(crate::exit_code::Diverged(format!(
+            "step {step}: {what} holds non-finite values: the run diverged and the checkpoint was not saved. \
+             Lower optimizer.learning_rate and resume from the last checkpoint with --resume"
+        ))));
+    }
     let table = dm_model::ParamTable::new(model_cfg);
     let weights = layout_tensors(&table, &full.params, model_cfg.use_scan);
     let mut moments = Vec::new();
@@ -299,7 +357,7 @@ fn save_checkpoint(
         moments.push((format!("m.{}", spec.name), spec.shape.clone(), m.clone()));
         moments.push((format!("v.{}", spec.name), spec.shape.clone(), v.clone()));
     }
-    let state = TrainerState { step, reader, seed: cfg.training.seed, run_config: cfg.clone() };
+    let state = TrainerState { step, reader, seed: cfg.training.seed, run_config: cfg.clone(), guard: extra.guard };
     let files = vec![
         ("weights.safetensors", serialize_safetensors(Path::new("weights.safetensors"), &weights)?),
         ("optimizer.safetensors", serialize_safetensors(Path::new("optimizer.safetensors"), &moments)?),
@@ -308,33 +366,83 @@ fn save_checkpoint(
         ("tokenizer.json", std::fs::read(&data.tokenizer_path)?),
         ("data.json", serde_json::to_vec_pretty(&data.info)?),
     ];
-    let dir = write_checkpoint(out, step, &files, cfg.training.keep_checkpoints)?;
+    let dir = write_checkpoint(out, step, &files, cfg.training.keep_checkpoints, extra.quality)?;
     tracing::info!(step, dir = %dir.display(), "checkpoint saved");
     Ok(dir)
 }
 
-/// Loads a checkpoint's full state, refusing one from a different model config.
-fn load_checkpoint(path: &Path, model_cfg: &DalleBartConfig) -> Result<(TrainerState, FullState)> {
-    let dir = run_checkpoint::latest(path)?;
-    verify(&dir)?;
-    let state: TrainerState = serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json"))?)
-        .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
-    let saved_cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
+/// Why one checkpoint can't be resumed from.
+enum LoadError {
+    /// It was saved from another model config: no older checkpoint of the folder fits either.
+    Mismatch(anyhow::Error),
+    /// It doesn't verify or parse, or holds non-finite values: an older one may do.
+    Unusable(anyhow::Error),
+}
+
+/// One checkpoint's full state: checksums, files, model config and finite values checked.
+fn load_one(dir: &Path, model_cfg: &DalleBartConfig) -> Result<(TrainerState, FullState), LoadError> {
+    use LoadError::Unusable;
+    verify(dir).map_err(Unusable)?;
+    let saved_cfg = DalleBartConfig::from_file(&dir.join("config.json")).map_err(|e| Unusable(e.into()))?;
     if &saved_cfg != model_cfg {
-        bail!(
+        return Err(LoadError::Mismatch(crate::bad_input!(
             "checkpoint {} was saved from a different model config:\n  checkpoint: {saved_cfg:?}\n  this run:   {model_cfg:?}\n\
-             resume with the run config it was trained with (its run.yaml), or start a new run",
+             resume with the run config it was trained with (its run.yaml, via --config), or start a new run with \
+             another --out",
             dir.display()
-        );
+        )));
     }
+    let state_path = dir.join("trainer_state.json");
+    let state: TrainerState = std::fs::read(&state_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        .map_err(|e| Unusable(e.context(format!("{}: unreadable trainer state", state_path.display()))))?;
     let table = dm_model::ParamTable::new(model_cfg);
-    let params = load_weights(&dir.join("weights.safetensors"), &table)?;
+    let params = load_weights(&dir.join("weights.safetensors"), &table).map_err(|e| Unusable(e.into()))?;
     let opt_path = dir.join("optimizer.safetensors");
-    let tensors = read_tensors(&opt_path)?;
-    let m = params_from_tensors(&opt_path, &table, &tensors, "m.")?;
-    let v = params_from_tensors(&opt_path, &table, &tensors, "v.")?;
-    tracing::info!(step = state.step, dir = %dir.display(), "resuming");
-    Ok((state, FullState { params, m, v }))
+    let tensors = read_tensors(&opt_path).map_err(|e| Unusable(e.into()))?;
+    let m = params_from_tensors(&opt_path, &table, &tensors, "m.").map_err(|e| Unusable(e.into()))?;
+    let v = params_from_tensors(&opt_path, &table, &tensors, "v.").map_err(|e| Unusable(e.into()))?;
+    let full = FullState { params, m, v };
+    if let Some(what) = full.first_non_finite(&table) {
+        return Err(Unusable(crate::bad_input!("{}: {what} holds non-finite values", dir.display())));
+    }
+    Ok((state, full))
+}
+
+/// Loads the checkpoint to resume from: `path` itself if it is one checkpoint, else the newest
+/// checkpoint of the run folder `path` that loads, each skipped one named with why (skipped
+/// checkpoints are left in place). Refuses one from a different model config.
+fn load_checkpoint(path: &Path, model_cfg: &DalleBartConfig) -> Result<(TrainerState, FullState, PathBuf)> {
+    let explicit = run_checkpoint::is_checkpoint_dir(path);
+    let candidates: Vec<PathBuf> = if explicit {
+        vec![path.to_path_buf()]
+    } else {
+        list_checkpoints(path).into_iter().rev().map(|(_, d)| d).collect()
+    };
+    if candidates.is_empty() {
+        return Err(crate::bad_input!(
+            "{} holds no checkpoint (expected {}/checkpoints/step_*/): check the --resume path",
+            path.display(),
+            path.display()
+        ));
+    }
+    let mut skipped = Vec::new();
+    for dir in candidates {
+        match load_one(&dir, model_cfg) {
+            Ok((state, full)) => {
+                tracing::info!(step = state.step, dir = %dir.display(), "resuming");
+                return Ok((state, full, dir));
+            }
+            Err(LoadError::Mismatch(e)) => return Err(e),
+            Err(LoadError::Unusable(e)) if explicit => return Err(e),
+            Err(LoadError::Unusable(e)) => {
+                tracing::warn!(dir = %dir.display(), "skipping a checkpoint that does not load (kept, not deleted): {e:#}");
+                skipped.push(format!("{}: {e:#}", dir.display()));
+            }
+        }
+    }
+    Err(crate::bad_input!("no checkpoint of {} loads:\n  {}", path.display(), skipped.join("\n  ")))
 }
 
 /// The optimizer of one rank.
@@ -353,9 +461,12 @@ struct Shared<'a> {
     budget: Option<u64>,
     start_step: u64,
     start_reader: ReaderState,
+    start_guard: GuardState,
     restored: Option<&'a FullState>,
     collector: std::sync::Mutex<Vec<RankState>>,
     baseline: f64,
+    /// Ranks are processes: checkpoint shards travel through part files, not `collector`.
+    processes: bool,
 }
 
 /// What world rank 0 reports at the end.
@@ -368,6 +479,10 @@ struct RankOutcome {
     checkpoint: Option<PathBuf>,
     sample_png: Option<PathBuf>,
     peak_bytes: u64,
+    /// Set when the run stopped early after saving.
+    stopped: Option<StopReason>,
+    /// The divergence guard's message when it stopped the run (nothing was saved).
+    diverged: Option<String>,
 }
 
 /// The training loop of one rank (the only rank on a single device).
@@ -421,11 +536,13 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         Optimizer::Full(a)
     };
     let mut reader = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), sh.start_reader)?;
-    let mut metrics = if leader {
-        Some(Metrics::open(&sh.out.join("metrics.jsonl"), sh.restored.map(|_| sh.start_step))?)
+    let (mut metrics, baseline_written) = if leader {
+        let (m, has) = Metrics::open(&sh.out.join("metrics.jsonl"), sh.restored.map(|_| sh.start_step))?;
+        (Some(m), has)
     } else {
-        None
+        (None, false)
     };
+    let mut guard = DivergenceGuard::new(cfg.training.divergence.clone(), sh.start_guard.clone());
 
     let tr = &cfg.training;
     let micro = tr.batch_size / tr.grad_accumulation;
@@ -439,7 +556,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
     progress.set_position(sh.start_step);
     let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
     let mut outcome = RankOutcome { steps: sh.start_step, final_loss: f32::NAN, ..Default::default() };
-    let mut first_eval = true;
+    let mut first_eval = !baseline_written;
     let mut step = sh.start_step;
     while step < tr.steps {
         let lr = cfg.optimizer.learning_rate_at(step);
@@ -453,12 +570,6 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         crate::test_hook("step", step + 1);
         crate::test_fail(rank, step + 1)?;
         let loss = reduce_scalar(&be, &groups.dp, (loss_sum / tr.grad_accumulation as f64) as f32, ReduceOp::Avg)?;
-        if !loss.is_finite() {
-            bail!(
-                "loss became {loss} at step {}: lower optimizer.learning_rate or set optimizer.max_grad_norm",
-                step + 1
-            );
-        }
         // Gradient sync across dp and the global gradient norm (replicated tensors counted once).
         let counted = |i: usize| tp_index == 0 || table.specs[i].shard != dm_model::params::Shard::Replicated;
         let (grad_norm, chunks) = match &opt {
@@ -494,6 +605,20 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
                 (sq.sqrt() as f32, Some(chunks))
             }
         };
+        // One agreed stop reason per step (signal, time limit, divergence), before the update, so
+        // that nothing diverged is applied and every rank stops at the same step.
+        let over_time = tr.time_limit_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0);
+        let tripped = guard.observe(step + 1, loss, grad_norm);
+        let mut local = stop::local_reason(over_time).max(crate::test_stop(rank, step + 1));
+        if tripped.is_some() {
+            local = StopReason::Diverged;
+        }
+        let reason = stop::agree(&be, groups.world.as_ref(), local)?;
+        if reason == StopReason::Diverged {
+            outcome.diverged =
+                Some(tripped.unwrap_or_else(|| format!("step {}: another rank's divergence guard tripped", step + 1)));
+            break;
+        }
         let clip = match cfg.optimizer.max_grad_norm {
             Some(max) if grad_norm > max => max / grad_norm,
             _ => 1.0,
@@ -540,9 +665,12 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
             (window_start, window_samples) = (Instant::now(), 0);
         }
         let last = step == tr.steps;
-        let over_time = tr.time_limit_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0);
-        // Every rank must agree to stop, or the others would wait in a collective.
-        let out_of_time = reduce_scalar(&be, &groups.world, over_time as u8 as f32, ReduceOp::Max)? > 0.5;
+        let out_of_time = reason == StopReason::TimeLimit;
+        let signalled = matches!(reason, StopReason::Signal(_));
+        if signalled {
+            tracing::warn!(step, reason = ?reason.label(), "stop signal: saving a checkpoint, then exiting");
+        }
+        let mut eval_now = None;
         if (tr.eval_every > 0 && step.is_multiple_of(tr.eval_every)) || last || out_of_time {
             if let Some(e) = eval_loss(&mut model, sh, &be, &groups, dp_index, dp)? {
                 if let Some(m) = metrics.as_mut() {
@@ -555,16 +683,26 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
                 }
                 progress.println(format!("step {step} eval loss {e:.4} (unigram baseline {:.4})", sh.baseline));
                 outcome.eval_loss = Some(e);
+                eval_now = Some(e);
             }
         }
-        let save = (tr.save_every > 0 && step.is_multiple_of(tr.save_every)) || last || out_of_time;
+        let save = (tr.save_every > 0 && step.is_multiple_of(tr.save_every)) || last || out_of_time || signalled;
         let sample = (tr.sample_every > 0 && step.is_multiple_of(tr.sample_every)) || last || out_of_time;
+        if save {
+            // The weights about to be saved must give a sound loss on the next batch.
+            let probe = probe_loss(&mut model, sh, &be, &groups, &reader, dp_index, dp)?;
+            if let Some(why) = guard.check_probe(step, probe) {
+                outcome.diverged = Some(why);
+                break;
+            }
+        }
         if save || sample {
             let full = gather_state(&model, &opt, sh, &be, &groups, dp_index, tp_index)?;
             if let Some(full) = full {
                 if save {
+                    let extra = SaveExtra { guard: guard.state().clone(), quality: eval_now.or(guard.median()) };
                     outcome.checkpoint =
-                        Some(save_checkpoint(sh.out, cfg, model_cfg, sh.data, step, reader.state(), &full)?);
+                        Some(save_checkpoint(sh.out, cfg, model_cfg, sh.data, step, reader.state(), &full, extra)?);
                 }
                 if sample {
                     outcome.sample_png = sample_from(sh, model_cfg, step, &full.params)?;
@@ -576,6 +714,9 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         }
         if out_of_time {
             tracing::warn!(step, "training.time_limit_minutes reached: stopping after saving");
+        }
+        if out_of_time || signalled {
+            outcome.stopped = Some(reason);
             break;
         }
     }
@@ -607,6 +748,25 @@ fn eval_loss(
     Ok(Some(reduce_scalar(be, &groups.dp, local, ReduceOp::Avg)?))
 }
 
+/// The loss of the current weights on the next training micro-batch (read from a copy of the
+/// reader, so training does not skip it), averaged over dp: the check before a checkpoint write.
+/// Collectives: one forward and loss over tp, one scalar average over dp.
+fn probe_loss(
+    model: &mut DalleBart<CpuBackend>,
+    sh: &Shared,
+    be: &CpuBackend,
+    groups: &Groups,
+    reader: &ShardedReader,
+    dp_index: usize,
+    dp: usize,
+) -> Result<f32> {
+    let tr = &sh.cfg.training;
+    let mut peek = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), reader.state())?;
+    let b = to_model_batch(peek.next_batch(tr.batch_size / tr.grad_accumulation, dp_index, dp)?, sh.model_cfg)?;
+    let local = model.eval_loss(&b)?;
+    reduce_scalar(be, &groups.dp, local, ReduceOp::Avg)
+}
+
 /// Hands this rank's shards to world rank 0, which assembles the full state (others get None).
 fn gather_state(
     model: &DalleBart<CpuBackend>,
@@ -628,6 +788,9 @@ fn gather_state(
         ),
     };
     let state = RankState { dp_index, tp_index, params: model.param_values()?, m, v };
+    if sh.processes {
+        return gather_parts(state, opt, sh, groups);
+    }
     sh.collector.lock().expect("collector").push(state);
     // In-process ranks hand their host copies over directly; the barrier orders the hand-over.
     if let Some(w) = &groups.world {
@@ -637,6 +800,25 @@ fn gather_state(
         return Ok(None);
     }
     let states = std::mem::take(&mut *sh.collector.lock().expect("collector"));
+    Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
+}
+
+/// [`gather_state`] for process ranks: every rank writes its part file, then (after a barrier)
+/// world rank 0 reads and assembles them and removes the parts.
+fn gather_parts(state: RankState, opt: &Optimizer, sh: &Shared, groups: &Groups) -> Result<Option<FullState>> {
+    use crate::process_ranks::{parts_dir, read_parts, write_part};
+    let rank = sh.mesh.rank_of(state.dp_index, state.tp_index);
+    let dir = parts_dir(sh.out);
+    write_part(&dir, rank, &(state.dp_index, state.tp_index, [state.params, state.m, state.v]))?;
+    groups.world.as_ref().context("process ranks have a world communicator")?.barrier()?;
+    if rank != 0 {
+        return Ok(None);
+    }
+    let states: Vec<RankState> = read_parts(&dir, sh.mesh.world())?
+        .into_iter()
+        .map(|(dp_index, tp_index, [params, m, v])| RankState { dp_index, tp_index, params, m, v })
+        .collect();
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
 }
 
@@ -657,21 +839,98 @@ fn sample_from(sh: &Shared, model_cfg: &DalleBartConfig, step: u64, params: &[Ve
     Ok(Some(path))
 }
 
+/// Choices of `train` beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue (or restart) a folder whose run.yaml describes another run.
+    pub allow_config_change: bool,
+}
+
 /// Runs (or resumes) training into `out`, on one device or a tp × dp mesh of CPU ranks.
 pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainSummary> {
+    train_with(cfg, out, resume, &TrainOptions::default())
+}
+
+/// Refuses `out` when its run.yaml describes a different run than `cfg`.
+fn check_same_run(cfg: &RunConfig, out: &Path, opts: &TrainOptions) -> Result<()> {
+    let path = out.join("run.yaml");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let Ok(saved) = serde_yaml::from_str::<RunConfig>(&text) else {
+        tracing::warn!(path = %path.display(), "unreadable run.yaml of an earlier run: it will be replaced");
+        return Ok(());
+    };
+    let diff = saved.identity_differences(cfg);
+    if diff.is_empty() || opts.allow_config_change {
+        if !diff.is_empty() {
+            tracing::warn!(?diff, "--allow-config-change: continuing the folder with a changed config");
+        }
+        return Ok(());
+    }
+    Err(crate::bad_input!(
+        "{} holds a run with another config (differs in {}); nothing was changed. Use that run's config ({}), \
+         choose another --out, or pass --allow-config-change to use this config there anyway",
+        out.display(),
+        diff.join(", "),
+        path.display()
+    ))
+}
+
+/// [`train`] with options.
+pub fn train_with(cfg: RunConfig, out: &Path, resume: Option<&Path>, opts: &TrainOptions) -> Result<TrainSummary> {
     cfg.validate()?;
+    let world = crate::world::detect()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Process ranks share the run folder: rank 0 holds the lock and tidies it for all.
+    let _lock = if world.rank == 0 { Some(crate::run_lock::acquire(out)?) } else { None };
+    if world.rank == 0 {
+        run_checkpoint::clean_leftovers(out)?;
+    }
     if resume.is_none() && !list_checkpoints(out).is_empty() {
-        bail!(
+        return Err(crate::bad_input!(
             "{} already holds checkpoints of another run: pass --resume {} to continue it, or choose another --out \
              (nothing was changed)",
             out.display(),
             out.display()
-        );
+        ));
     }
+    check_same_run(&cfg, out, opts)?;
+
     let mesh = Mesh::new(cfg.mesh.tp, cfg.mesh.dp)?;
+    if !world.is_multi_process() {
+        return train_in_process(cfg, out, resume, mesh, None);
+    }
+    let mut procs = crate::process_ranks::join(&cfg, world, mesh)?;
+    let result = train_in_process(cfg, out, resume, mesh, Some(&mut procs));
+    match result {
+        Ok(summary) => {
+            procs.finish();
+            Ok(summary)
+        }
+        Err(e) => Err(procs.fail(e)),
+    }
+}
+
+/// [`train`] of this process: every rank as a thread, or (with `procs`) the one rank of this process.
+fn train_in_process(
+    cfg: RunConfig,
+    out: &Path,
+    resume: Option<&Path>,
+    mesh: Mesh,
+    mut procs: Option<&mut crate::process_ranks::ProcessRank>,
+) -> Result<TrainSummary> {
+    if procs.is_none() {
+        crate::process_ranks::check_in_process_transport(&cfg, mesh)?;
+    }
+    let rank0 = procs.as_ref().is_none_or(|p| p.world.rank == 0);
     let budget = cfg.mesh.device_memory.as_deref().map(parse_bytes).transpose()?;
+    // Rank 0 prepares (e.g. generates the synthetic set) before the others open the data.
+    if !rank0 {
+        procs.as_ref().map_or(Ok(()), |p| p.barrier("data"))?;
+    }
     let data = prepare_data(&cfg, out)?;
+    if rank0 {
+        procs.as_ref().map_or(Ok(()), |p| p.barrier("data"))?;
+    }
     let model_cfg =
         cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
     dm_model::params::check_tp(&model_cfg, mesh.tp()).map_err(|e| anyhow::anyhow!("mesh.tp = {}: {e}", mesh.tp()))?;
@@ -683,11 +942,26 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
     }
     let restored = match resume {
         Some(p) => Some(load_checkpoint(p, &model_cfg)?),
-        None => crate::interop::start_from(&cfg, &model_cfg)?,
+        None => crate::interop::start_from(&cfg, &model_cfg)?.map(|(s, f)| (s, f, PathBuf::new())),
     };
-    crate::atomic_write(&out.join("run.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
-    let (start_step, start_reader) =
-        restored.as_ref().map_or((0, ReaderState::new(cfg.training.seed)), |(s, _)| (s.step, s.reader));
+    if let (Some(path), Some((state, _, dir)), true) = (resume, &restored, rank0) {
+        let why = if run_checkpoint::is_checkpoint_dir(path) {
+            format!("a branch abandoned by resuming from {}", dir.display())
+        } else {
+            "it does not load (see the warning above)".to_string()
+        };
+        run_checkpoint::set_aside_newer(out, state.step, &why)?;
+    }
+    let (start_step, start_reader, start_guard) =
+        restored.as_ref().map_or((0, ReaderState::new(cfg.training.seed), GuardState::default()), |(s, _, _)| {
+            (s.step, s.reader, s.guard.clone())
+        });
+    if let Some(p) = procs.as_mut() {
+        p.handshake(&cfg, start_step)?;
+    }
+    if rank0 {
+        crate::atomic_write(&out.join("run.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
+    }
     let shared = Shared {
         cfg: &cfg,
         model_cfg: &model_cfg,
@@ -697,12 +971,21 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
         budget,
         start_step,
         start_reader,
-        restored: restored.as_ref().map(|(_, f)| f),
+        start_guard,
+        restored: restored.as_ref().map(|(_, f, _)| f),
         collector: std::sync::Mutex::new(Vec::new()),
         baseline: unigram_baseline(&data.train, model_cfg.image_rows())?,
+        processes: procs.is_some(),
     };
     let started = Instant::now();
-    let outcome = if mesh.world() == 1 {
+    let outcome = if let Some(p) = procs.as_ref() {
+        let (tp, dp, world) = crate::process_ranks::mpi_groups(&mesh)?;
+        // On failure MPI is not finalised (MPI_Finalize would wait for ranks stuck in a collective):
+        // the caller reports the failure through the store and the process exits.
+        let outcome = run_rank(p.world.rank, Groups { tp, dp, world: Some(world) }, &shared)?;
+        crate::process_ranks::mpi_finalize();
+        outcome
+    } else if mesh.world() == 1 {
         run_rank(0, Groups::single(), &shared)?
     } else {
         let results = dm_parallel::run_ranks(&mesh, |rank, comms| {
@@ -720,8 +1003,18 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
         first.peak_bytes = peak;
         first
     };
-    write_loss_curve(out, shared.baseline)?;
+    if rank0 {
+        write_loss_curve(out, shared.baseline)?;
+    }
+    if let Some(why) = outcome.diverged {
+        return Err(anyhow::Error::new(crate::exit_code::Diverged(format!(
+            "{why} (the newest checkpoint in {} is from before the divergence)",
+            out.join("checkpoints").display()
+        ))));
+    }
     Ok(TrainSummary {
+        world_rank: procs.as_ref().map_or(0, |p| p.world.rank),
+        rendezvous_s: procs.as_ref().map(|p| p.rendezvous_s),
         out: out.to_path_buf(),
         steps: outcome.steps,
         final_loss: outcome.final_loss,
@@ -733,6 +1026,7 @@ pub fn train(cfg: RunConfig, out: &Path, resume: Option<&Path>) -> Result<TrainS
         sample_png: outcome.sample_png,
         loss_png: out.join("loss.png"),
         peak_bytes_per_rank: outcome.peak_bytes,
+        stopped: outcome.stopped.and_then(StopReason::label),
     })
 }
 

@@ -9,6 +9,7 @@
 pub mod comm;
 pub mod layers;
 pub mod mesh;
+pub mod rendezvous;
 pub mod zero;
 
 pub use comm::{

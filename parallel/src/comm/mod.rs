@@ -11,6 +11,9 @@
 //!   same algorithm: the rendezvous state (generation counter, arrival count, abort word) lives in a
 //!   `memmap`ped file with futex/atomic waits instead of a Condvar, each rank copies its contribution
 //!   into its own slot of the mapping, and the reduction (rank order, so deterministic) reads the slots.
+//! - [`mpi::MpiComm`] (cargo feature `mpi`): ranks are processes, on one host or many, over Open
+//!   MPI; reductions gather every rank's buffer and sum in rank order, so the numbers equal
+//!   `ThreadComm`'s bit for bit.
 //! - NCCL: `B` is the CUDA backend and `B::Buf` a device pointer plus length. Each communicator owns
 //!   an `ncclComm_t` and one CUDA stream; a collective enqueues `ncclAllReduce`/`ncclAllGather`/
 //!   `ncclReduceScatter`/`ncclBroadcast` on that stream, ordered after the compute stream by events.
@@ -22,6 +25,9 @@
 //! ([`Communicator::abort`] and timeouts), and the byte accounting of [`CommStats`].
 
 pub mod bandwidth;
+pub mod inflight;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod nccl;
 pub mod solo;
 pub mod threads;

@@ -34,11 +34,11 @@
 //!
 //! # Rendezvous
 //!
-//! Every group needs an `ncclUniqueId` made by one member and handed to the others:
-//! [`Rendezvous::File`] (a shared folder: the group's first rank writes `<session>.<key>.id`
-//! atomically, the others poll for it) or [`Rendezvous::Tcp`] (a tiny key-value server that world
-//! rank 0 runs on a background thread; the others connect with bounded retries). Both give up
-//! after the configured timeout. [`NcclComm::mesh`] makes a rank's world, tp and dp communicators.
+//! Every group needs an `ncclUniqueId` made by one member and handed to the others: they travel
+//! through the run's rendezvous store ([`crate::rendezvous::Store`], served by world rank 0 on
+//! `MASTER_ADDR:MASTER_PORT`) under `nccl/<group>`. [`NcclComm::mesh`] makes a rank's world, tp
+//! and dp communicators. **Untested on GPUs since the move to the store** (no GPU where it was
+//! written); the store itself is tested across threads and processes.
 //!
 //! # Differences from [`super::ThreadComm`]
 //!
@@ -49,13 +49,8 @@
 //! - NCCL refuses two ranks of one communicator on the same GPU (before NCCL 2.30): multi-rank
 //!   tests on one GPU use the in-process communicators; NCCL runs one rank per GPU.
 
-use std::collections::HashMap;
 use std::ffi::CStr;
-use std::io::{BufRead, BufReader, Write};
 use std::marker::PhantomData;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -67,6 +62,7 @@ use dm_runtime::Backend;
 use super::threads::default_timeout;
 use super::{CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder};
 use crate::mesh::Mesh;
+use crate::rendezvous::{Store, StoreError};
 
 /// How often waits poll for completion, errors and aborts.
 const POLL: Duration = Duration::from_millis(1);
@@ -182,220 +178,6 @@ impl NcclId {
             *c = *b as std::ffi::c_char;
         }
         sys::ncclUniqueId { internal }
-    }
-}
-
-// ---- rendezvous -------------------------------------------------------------------------------
-
-/// How the members of a group find the group's [`NcclId`].
-#[derive(Debug, Clone)]
-pub enum Rendezvous {
-    /// A folder every rank can read (a shared file system for several nodes). The first rank of
-    /// a group writes `<session>.<key>.id` (temporary file + rename, so readers never see a
-    /// partial id); the others poll for it. Use a fresh `session` (e.g. the job id) per run so a
-    /// stale file of an earlier run is never read.
-    File {
-        /// The shared folder.
-        dir: PathBuf,
-        /// A name unique to this run (prefix of every file).
-        session: String,
-    },
-    /// World rank 0 serves ids on `addr` (e.g. `node0:29500`) from a background thread; every
-    /// rank connects to it (bounded retries until the timeout).
-    Tcp {
-        /// `host:port` of world rank 0's server.
-        addr: String,
-    },
-}
-
-/// World rank 0's TCP key-value server: serves until `expected_gets` ids were handed out, or
-/// its deadline, or [`TcpRendezvousServer::stop`]. Dropping the handle does **not** stop it
-/// (other groups may still be fetching after rank 0's own groups are up); the thread ends on
-/// its own.
-pub struct TcpRendezvousServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    store: Arc<Mutex<HashMap<String, String>>>,
-    /// The address the server listens on (useful when bound to port 0).
-    pub addr: SocketAddr,
-}
-
-impl TcpRendezvousServer {
-    /// Binds `addr` and serves until `expected_gets` successful fetches or `timeout`.
-    pub fn start(addr: &str, expected_gets: usize, timeout: Duration) -> Result<Self> {
-        let listener = TcpListener::bind(addr).map_err(|e| dev_err("rendezvous", format!("binding {addr}: {e}")))?;
-        let local = listener.local_addr().map_err(|e| dev_err("rendezvous", e.to_string()))?;
-        listener.set_nonblocking(true).map_err(|e| dev_err("rendezvous", e.to_string()))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let store: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-        let (stop2, store2) = (stop.clone(), store.clone());
-        let thread = std::thread::Builder::new()
-            .name("nccl-rendezvous".into())
-            .spawn(move || {
-                let deadline = Instant::now() + timeout;
-                let mut served = 0usize;
-                while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline && served < expected_gets.max(1) {
-                    match listener.accept() {
-                        Ok((conn, _)) => served += serve_one(conn, &store2),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL * 5),
-                        Err(e) => {
-                            tracing::warn!("rendezvous accept failed: {e}");
-                            std::thread::sleep(POLL * 5);
-                        }
-                    }
-                }
-            })
-            .map_err(|e| dev_err("rendezvous", e.to_string()))?;
-        Ok(Self { stop, thread: Some(thread), store, addr: local })
-    }
-
-    /// Publishes `key` locally (world rank 0 needs no connection to itself).
-    pub fn put(&self, key: &str, value: &str) {
-        self.store.lock().unwrap_or_else(PoisonError::into_inner).insert(key.to_string(), value.to_string());
-    }
-
-    /// Reads `key` locally.
-    pub fn get(&self, key: &str) -> Option<String> {
-        self.store.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
-    }
-}
-
-impl TcpRendezvousServer {
-    /// Stops serving now and waits for the thread.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// One request: `PUT <key> <value>` → `OK`; `GET <key>` → `VAL <value>` or `WAIT`. Returns 1
-/// when it handed out a value.
-fn serve_one(conn: TcpStream, store: &Mutex<HashMap<String, String>>) -> usize {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut reader = BufReader::new(match conn.try_clone() {
-        Ok(c) => c,
-        Err(_) => return 0,
-    });
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return 0;
-    }
-    let mut parts = line.trim_end().splitn(3, ' ');
-    let (reply, served) = match (parts.next(), parts.next(), parts.next()) {
-        (Some("PUT"), Some(k), Some(v)) => {
-            store.lock().unwrap_or_else(PoisonError::into_inner).insert(k.to_string(), v.to_string());
-            ("OK\n".to_string(), 0)
-        }
-        (Some("GET"), Some(k), None) => match store.lock().unwrap_or_else(PoisonError::into_inner).get(k) {
-            Some(v) => (format!("VAL {v}\n"), 1),
-            None => ("WAIT\n".to_string(), 0),
-        },
-        _ => ("ERR\n".to_string(), 0),
-    };
-    let mut conn = conn;
-    if conn.write_all(reply.as_bytes()).is_err() {
-        return 0;
-    }
-    served
-}
-
-fn tcp_request(addr: &str, request: &str, deadline: Instant) -> Result<String> {
-    let mut last_err = String::new();
-    while Instant::now() < deadline {
-        let attempt = (|| -> std::io::Result<String> {
-            let sock = addr
-                .to_socket_addrs()?
-                .next()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing"))?;
-            let mut conn = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-            conn.write_all(request.as_bytes())?;
-            let mut line = String::new();
-            BufReader::new(conn).read_line(&mut line)?;
-            Ok(line.trim_end().to_string())
-        })();
-        match attempt {
-            Ok(reply) => return Ok(reply),
-            Err(e) => last_err = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(dev_err("rendezvous", format!("no answer from the rendezvous server at {addr}: {last_err}")))
-}
-
-impl Rendezvous {
-    fn file_path(dir: &Path, session: &str, key: &str) -> PathBuf {
-        dir.join(format!("{session}.{key}.id"))
-    }
-
-    /// Publishes `value` under `key` (the group's first rank does this).
-    pub fn publish(
-        &self,
-        server: Option<&TcpRendezvousServer>,
-        key: &str,
-        value: &str,
-        timeout: Duration,
-    ) -> Result<()> {
-        match self {
-            Rendezvous::File { dir, session } => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| dev_err("rendezvous", format!("creating {}: {e}", dir.display())))?;
-                let path = Self::file_path(dir, session, key);
-                let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-                std::fs::write(&tmp, format!("{value}\n"))
-                    .and_then(|_| std::fs::rename(&tmp, &path))
-                    .map_err(|e| dev_err("rendezvous", format!("writing {}: {e}", path.display())))
-            }
-            Rendezvous::Tcp { addr } => match server {
-                Some(s) => {
-                    s.put(key, value);
-                    Ok(())
-                }
-                None => {
-                    let reply = tcp_request(addr, &format!("PUT {key} {value}\n"), Instant::now() + timeout)?;
-                    if reply == "OK" {
-                        Ok(())
-                    } else {
-                        Err(dev_err("rendezvous", format!("server refused PUT {key}: {reply}")))
-                    }
-                }
-            },
-        }
-    }
-
-    /// Waits (polling, at most `timeout`) for the value published under `key`.
-    pub fn fetch(&self, server: Option<&TcpRendezvousServer>, key: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = match self {
-                Rendezvous::File { dir, session } => std::fs::read_to_string(Self::file_path(dir, session, key))
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty()),
-                Rendezvous::Tcp { addr } => match server {
-                    Some(s) => s.get(key),
-                    None => {
-                        let reply = tcp_request(addr, &format!("GET {key}\n"), deadline)?;
-                        reply.strip_prefix("VAL ").map(str::to_string)
-                    }
-                },
-            };
-            if let Some(v) = got {
-                return Ok(v);
-            }
-            if Instant::now() >= deadline {
-                return Err(CommError::Timeout {
-                    op: "rendezvous",
-                    rank: usize::MAX,
-                    waited_s: timeout.as_secs_f64(),
-                    missing: vec![],
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 
@@ -598,13 +380,11 @@ impl NcclComm {
         })
     }
 
-    /// Joins a group through `rendezvous`: `members` are the group's world ranks in group-rank
-    /// order; `members[0]` makes the id and publishes it under `key`.
-    #[allow(clippy::too_many_arguments)]
+    /// Joins a group through the rendezvous `store`: `members` are the group's world ranks in
+    /// group-rank order; `members[0]` makes the id and publishes it under `nccl/<key>`.
     pub fn join_group(
         backend: &CudaBackend,
-        rendezvous: &Rendezvous,
-        server: Option<&TcpRendezvousServer>,
+        store: &Store,
         key: &str,
         members: &[usize],
         world_rank: usize,
@@ -615,47 +395,34 @@ impl NcclComm {
             .iter()
             .position(|&m| m == world_rank)
             .ok_or_else(|| dev_err("rendezvous", format!("world rank {world_rank} is not in group {key}")))?;
+        let store_err = |e: StoreError| dev_err("rendezvous", e.to_string());
+        let key = format!("nccl/{key}");
         let id = if rank == 0 {
             let id = NcclId::new()?;
-            rendezvous.publish(server, key, &id.to_hex(), options.timeout)?;
+            store.set(&key, &id.to_hex()).map_err(store_err)?;
             id
         } else {
-            let hex = rendezvous.fetch(server, key, options.timeout).map_err(|e| match e {
-                CommError::Timeout { op, waited_s, .. } => {
-                    CommError::Timeout { op, rank: world_rank, waited_s, missing: vec![members[0]] }
-                }
-                other => other,
-            })?;
+            let hex = store.get(&key).map_err(store_err)?;
             NcclId::from_hex(&hex).ok_or_else(|| dev_err("rendezvous", format!("malformed id under {key}")))?
         };
         Self::new(backend, &id, rank, members.len(), label, options)
     }
 
     /// The world, tp and dp communicators of `world_rank` in `mesh` (initialised in that order on
-    /// every rank, which cannot deadlock). With [`Rendezvous::Tcp`], world rank 0 hosts the server.
+    /// every rank, which cannot deadlock), their ids exchanged through `store`.
     pub fn mesh(
         backend: &CudaBackend,
         mesh: &Mesh,
         world_rank: usize,
-        rendezvous: &Rendezvous,
+        store: &Store,
         options: NcclOptions,
     ) -> Result<NcclRankComms> {
         let (d, t) = mesh.coords(world_rank);
-        let server = match rendezvous {
-            Rendezvous::Tcp { addr } if world_rank == 0 => {
-                let (tp, dp) = (mesh.tp(), mesh.dp());
-                let gets = (mesh.world() - 1) + dp * (tp - 1) + tp * (dp - 1);
-                Some(TcpRendezvousServer::start(addr, gets, options.timeout)?)
-            }
-            _ => None,
-        };
-        let s = server.as_ref();
         let world: Vec<usize> = (0..mesh.world()).collect();
-        let world = Self::join_group(backend, rendezvous, s, "world", &world, world_rank, "world", options)?;
+        let world = Self::join_group(backend, store, "world", &world, world_rank, "world", options)?;
         let tp = Self::join_group(
             backend,
-            rendezvous,
-            s,
+            store,
             &format!("tp{d}"),
             &mesh.tp_group(world_rank),
             world_rank,
@@ -664,8 +431,7 @@ impl NcclComm {
         )?;
         let dp = Self::join_group(
             backend,
-            rendezvous,
-            s,
+            store,
             &format!("dp{t}"),
             &mesh.dp_group(world_rank),
             world_rank,
@@ -990,54 +756,5 @@ mod tests {
             assert!(err.contains("NCCL is unavailable") && err.contains("libnccl"), "{err}");
             assert!(nccl_version().is_err());
         }
-    }
-
-    #[test]
-    fn file_rendezvous_hands_the_id_to_every_rank() {
-        let dir = std::env::temp_dir().join(format!("dm-nccl-rdv-{}", std::process::id()));
-        let rdv = Rendezvous::File { dir: dir.clone(), session: "t1".into() };
-        let timeout = Duration::from_secs(10);
-        let readers: Vec<_> = (0..3)
-            .map(|_| {
-                let r = rdv.clone();
-                std::thread::spawn(move || r.fetch(None, "tp0", timeout))
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(50));
-        rdv.publish(None, "tp0", "abc123", timeout).unwrap();
-        for r in readers {
-            assert_eq!(r.join().unwrap().unwrap(), "abc123");
-        }
-        // A key nobody publishes times out instead of hanging.
-        let err = rdv.fetch(None, "dp9", Duration::from_millis(100)).unwrap_err();
-        assert!(matches!(err, CommError::Timeout { op: "rendezvous", .. }), "{err}");
-        std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn tcp_rendezvous_serves_puts_and_gets() {
-        let server = TcpRendezvousServer::start("127.0.0.1:0", 3, Duration::from_secs(20)).unwrap();
-        let addr = server.addr.to_string();
-        let rdv = Rendezvous::Tcp { addr: addr.clone() };
-        let timeout = Duration::from_secs(10);
-        let readers: Vec<_> = (0..2)
-            .map(|_| {
-                let r = rdv.clone();
-                std::thread::spawn(move || r.fetch(None, "world", timeout))
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(100));
-        // Rank 0 publishes locally; another group's root publishes over the wire.
-        rdv.publish(Some(&server), "world", "id-w", timeout).unwrap();
-        rdv.publish(None, "dp1", "id-d", timeout).unwrap();
-        for r in readers {
-            assert_eq!(r.join().unwrap().unwrap(), "id-w");
-        }
-        assert_eq!(rdv.fetch(None, "dp1", timeout).unwrap(), "id-d");
-        assert_eq!(rdv.fetch(Some(&server), "dp1", timeout).unwrap(), "id-d");
-        server.stop();
-        // With the server gone, a client gives up after its deadline.
-        let err = Rendezvous::Tcp { addr }.fetch(None, "x", Duration::from_millis(300)).unwrap_err();
-        assert!(err.to_string().contains("rendezvous"), "{err}");
     }
 }
