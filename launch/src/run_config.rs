@@ -348,6 +348,7 @@ impl RunConfig {
             bail!("run config: give either model.preset or model.config, not both");
         }
         crate::interop::check_model_from(&self.model)?;
+        crate::interop::check_parquet_dataset(&self.data)?;
         Ok(())
     }
 
