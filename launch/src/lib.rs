@@ -2,6 +2,7 @@
 //! function returning a serialisable report, so tests drive exactly what the binary runs.
 
 pub mod bench;
+pub mod encode_images;
 pub mod gpu_check;
 pub mod interop;
 pub mod kernels_cmd;
@@ -12,6 +13,9 @@ pub mod run_checkpoint;
 pub mod run_config;
 pub mod sample;
 pub mod train;
+pub mod vqgan_cmd;
+pub mod vqgan_grid;
+pub mod vqgan_image;
 
 use std::path::Path;
 

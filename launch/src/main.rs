@@ -57,6 +57,15 @@ enum Command {
         seed: u64,
         #[arg(long, default_value = "samples.png")]
         out: PathBuf,
+        /// A VQGAN folder (vqgan-jax config.json + weights): decode the codes into images, each
+        /// prompt under its image.
+        #[arg(long)]
+        vqgan: Option<PathBuf>,
+    },
+    /// The VQGAN: decode image codes to pixels, encode images to codes, check parity.
+    Vqgan {
+        #[command(subcommand)]
+        what: VqganCommand,
     },
     /// Datasets: import dalle-mini's encoded format, or write the built-in synthetic set.
     Data {
@@ -189,6 +198,58 @@ enum DataCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Encode (image, caption) pairs through a VQGAN into a dataset: a folder of .png/.jpg with
+    /// same-named .txt captions, or a JSONL of {"image": path, "caption": str}.
+    EncodeImages {
+        input: PathBuf,
+        #[arg(long)]
+        vqgan: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Images read (in parallel) per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum VqganCommand {
+    /// Decode a codes file (JSON `{"codes": [[...], ...]}`) into one PNG per row.
+    Decode {
+        /// A VQGAN folder: config.json + flax_model.msgpack or weights.safetensors.
+        #[arg(long)]
+        vqgan: PathBuf,
+        #[arg(long)]
+        codes: PathBuf,
+        /// Output folder for 0000.png, 0001.png, ...
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Encode image files (PNG/JPEG; resized and centre-cropped) into a codes file.
+    Encode {
+        #[arg(long)]
+        vqgan: PathBuf,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// The codes file to write (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Decode and encode a vqgan-jax reference fixture; exits 0 only when both match.
+    Parity {
+        #[arg(long)]
+        fixture: PathBuf,
+    },
+    /// Write a VQGAN folder with random weights (for tests and benchmarks).
+    Random {
+        /// A vqgan-jax config.json (default: the released f16_16384 configuration).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -238,6 +299,17 @@ enum BenchCommand {
         batch: usize,
         #[arg(long, default_value_t = 10)]
         reps: usize,
+    },
+    /// Decode time of one image through a VQGAN with random weights, against the CPU's GEMM FLOP/s.
+    Vqgan {
+        /// A vqgan-jax config.json (default: the released f16_16384 configuration, 256×256).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Also time encoding one image.
+        #[arg(long)]
+        encode: bool,
     },
 }
 
@@ -322,9 +394,9 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&summary)?;
             Ok(0)
         }
-        Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out } => {
+        Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out, vqgan } => {
             let opts = SamplingOptions { temperature, top_k, top_p, cond_scale, seed };
-            let path = sample::run(&checkpoint, &prompt, n, &opts, &out)?;
+            let path = sample::run_with_vqgan(&checkpoint, &prompt, n, &opts, &out, vqgan.as_deref())?;
             print_json(&serde_json::json!({"samples": path, "prompts": prompt, "per_prompt": n}))?;
             Ok(0)
         }
@@ -365,6 +437,11 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&r.info)?;
             Ok(0)
         }
+        Command::Vqgan { what } => dalle_mesh::vqgan_cmd::run_command(what.into()),
+        Command::Data { what: DataCommand::EncodeImages { input, vqgan, out, batch } } => {
+            print_json(&dalle_mesh::encode_images::run(&input, &vqgan, &out, batch)?)?;
+            Ok(0)
+        }
         Command::Tokenizer { what: TokenizerCommand::Train { captions, vocab_size, out } } => {
             let text = std::fs::read_to_string(&captions).with_context(|| format!("reading {}", captions.display()))?;
             let tok = dm_data::train_bpe(text.lines().filter(|l| !l.trim().is_empty()), vocab_size, &out)?;
@@ -382,12 +459,28 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&bench::bench_step(&name, cfg, batch, steps, warmup)?)?;
             Ok(0)
         }
+        Command::Bench { what: BenchCommand::Vqgan { config, reps, encode } } => {
+            print_json(&dalle_mesh::vqgan_cmd::bench(config.as_deref(), reps, encode)?)?;
+            Ok(0)
+        }
         Command::Bench { what: BenchCommand::Gemm { model, batch, reps } } => {
             let (_, cfg) = model.resolve()?;
             for g in bench::bench_gemm(&cfg, batch, reps)? {
                 print_json(&g)?;
             }
             Ok(0)
+        }
+    }
+}
+
+impl From<VqganCommand> for dalle_mesh::vqgan_cmd::VqganAction {
+    fn from(c: VqganCommand) -> Self {
+        use dalle_mesh::vqgan_cmd::VqganAction as A;
+        match c {
+            VqganCommand::Decode { vqgan, codes, out } => A::Decode { vqgan, codes, out },
+            VqganCommand::Encode { vqgan, images, out } => A::Encode { vqgan, images, out },
+            VqganCommand::Parity { fixture } => A::Parity { fixture },
+            VqganCommand::Random { config, out, seed } => A::Random { config, out, seed },
         }
     }
 }

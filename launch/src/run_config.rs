@@ -16,7 +16,7 @@
 //! training: {steps: 1000, batch_size: 32, grad_accumulation: 1, seed: 0, log_every: 10,
 //!            eval_every: 100, eval_batches: 4, save_every: 200, keep_checkpoints: 3,
 //!            sample_every: 0, sample_prompts: [...], sample_prompts_file: null,
-//!            time_limit_minutes: null}
+//!            time_limit_minutes: null, vqgan: null}
 //! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null}
 //! ```
 
@@ -201,6 +201,8 @@ pub struct TrainingSection {
     pub sample_prompts_file: Option<PathBuf>,
     /// Stop (after saving) once this much wall time has passed.
     pub time_limit_minutes: Option<f64>,
+    /// A VQGAN folder (config.json + weights): sample grids decode through it, prompts under images.
+    pub vqgan: Option<PathBuf>,
 }
 
 impl Default for TrainingSection {
@@ -219,6 +221,7 @@ impl Default for TrainingSection {
             sample_prompts: Vec::new(),
             sample_prompts_file: None,
             time_limit_minutes: None,
+            vqgan: None,
         }
     }
 }
@@ -339,6 +342,11 @@ impl RunConfig {
         if let Some(f) = &t.sample_prompts_file {
             if !f.is_file() {
                 bail!("run config: training.sample_prompts_file {} does not exist", f.display());
+            }
+        }
+        if let Some(v) = &t.vqgan {
+            if !v.join("config.json").is_file() {
+                bail!("run config: training.vqgan {} is not a VQGAN folder (no config.json)", v.display());
             }
         }
         if let Some(mem) = &m.device_memory {

@@ -1,7 +1,7 @@
 //! `dalle-mesh sample`: generate image codes for prompts from a checkpoint and decode them.
 //! Codes of the built-in synthetic dataset decode through its codebook to a PNG grid (one row
-//! per prompt); codes of an imported (VQGAN-encoded) dataset are written as JSON, since the
-//! VQGAN decoder is not part of dalle-mesh.
+//! per prompt); codes of an imported (VQGAN-encoded) dataset decode through a VQGAN folder
+//! (`--vqgan DIR`) into a grid with each prompt under its image, or are written as JSON without one.
 
 use crate::train::DataInfo;
 use anyhow::{bail, Context, Result};
@@ -27,6 +27,22 @@ pub fn sample_to_png<B: Backend>(
     opts: &SamplingOptions,
     path: &Path,
 ) -> Result<Vec<Vec<u32>>> {
+    sample_images(model, tok, info, captions, n, opts, path, None)
+}
+
+/// [`sample_to_png`], decoding through the VQGAN at `vqgan` when given (a PNG grid with each
+/// prompt under its image).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_images<B: Backend>(
+    model: &mut DalleBart<B>,
+    tok: &TextTokenizer,
+    info: &DataInfo,
+    captions: &[String],
+    n: usize,
+    opts: &SamplingOptions,
+    path: &Path,
+    vqgan: Option<&Path>,
+) -> Result<Vec<Vec<u32>>> {
     let mut prompts = Vec::new();
     for c in captions {
         for _ in 0..n {
@@ -38,7 +54,9 @@ pub fn sample_to_png<B: Backend>(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if info.kind == "synthetic" {
+    if let Some(dir) = vqgan {
+        crate::vqgan_grid::write(dir, &codes, captions, n, path)?;
+    } else if info.kind == "synthetic" {
         let images = codes.iter().map(|c| dm_data::decode_codes(c, info.grid)).collect::<dm_data::Result<Vec<_>>>()?;
         dm_data::save_png_grid(&images, path)?;
     } else {
@@ -67,13 +85,28 @@ fn data_info_of(dir: &Path, cfg: &dm_model::DalleBartConfig) -> Result<DataInfo>
 /// Loads a checkpoint (a run folder, one `step_*` folder, or a dalle-mini folder) and samples
 /// prompts from it.
 pub fn run(checkpoint: &Path, captions: &[String], n: usize, opts: &SamplingOptions, out: &Path) -> Result<PathBuf> {
+    run_with_vqgan(checkpoint, captions, n, opts, out, None)
+}
+
+/// [`run`], decoding through the VQGAN folder `vqgan` when given (`sample --vqgan DIR`).
+pub fn run_with_vqgan(
+    checkpoint: &Path,
+    captions: &[String],
+    n: usize,
+    opts: &SamplingOptions,
+    out: &Path,
+    vqgan: Option<&Path>,
+) -> Result<PathBuf> {
     if captions.is_empty() {
         bail!("give at least one --prompt");
     }
     let (dir, cfg, weights) = crate::interop::load_model(checkpoint)?;
+    if let Some(v) = vqgan {
+        crate::vqgan_grid::check_fits(v, cfg.image_length, cfg.image_vocab_size)?;
+    }
     let info = data_info_of(&dir, &cfg)?;
     let tok = dm_data::hf_tokenizer::text_tokenizer(&dir, cfg.max_text_length, info.normalize_text)?;
     let mut model = DalleBart::new(dm_runtime::cpu::CpuBackend::new(), cfg, weights)?;
-    sample_to_png(&mut model, &tok, &info, captions, n, opts, out)?;
-    Ok(if info.kind == "synthetic" { out.to_path_buf() } else { out.with_extension("json") })
+    sample_images(&mut model, &tok, &info, captions, n, opts, out, vqgan)?;
+    Ok(if info.kind == "synthetic" || vqgan.is_some() { out.to_path_buf() } else { out.with_extension("json") })
 }

@@ -15,6 +15,7 @@ pub mod opt_state;
 pub mod optimizer;
 pub mod params;
 pub mod plan;
+pub mod vqgan;
 
 pub use batch::Batch;
 pub use config::DalleBartConfig;
