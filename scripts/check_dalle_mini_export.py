@@ -11,10 +11,9 @@ Loads EXPORT with `DalleBart.from_pretrained` and `DalleBartTokenizer.from_pretr
     dalle-mesh can read dalle-mini's own writing back (the round trip ours -> dalle-mini -> ours).
 Prints one JSON line; exits 1 if a check fails.
 
-Its environment (about 1.5 minutes to install, ~0.9 GB):
-    python3 -m venv /tmp/dm-ref && /tmp/dm-ref/bin/pip install --no-deps -r <reference>/requirements.txt
-where <reference>/requirements.txt pins dalle-mini 0.1.5, jax/jaxlib 0.4.13, flax 0.6.11,
-transformers 4.25.1, tokenizers 0.13.3 (the project's shared/reference/requirements.txt).
+Its environment (about 1.5 minutes to install, ~0.9 GB; the pins of dalle-mini 0.1.5, jax/jaxlib
+0.4.13, flax 0.6.11, transformers 4.25.1, tokenizers 0.13.3):
+    python3 -m venv /tmp/dm-ref && /tmp/dm-ref/bin/pip install --no-deps -r scripts/dalle-mini-requirements.txt
 scripts/check_dalle_mini_export.sh runs the whole round trip.
 """
 import argparse

@@ -12,21 +12,29 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use parquet::basic::Type as PhysicalType;
+use parquet::column::reader::ColumnReader;
+use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::record::Field;
-use parquet::schema::types::Type;
 
 use crate::error::{DataError, Result};
 use crate::format::DatasetWriter;
 use crate::import::{BadRow, BadRowReason, ImportOptions, ImportReport, MAX_BAD_ROWS_KEPT};
 
-/// True if `path` names parquet input: a `.parquet` file, a folder of them, or a glob.
+/// True if `path` names parquet input: a `.parquet` file, a folder holding some (and no
+/// manifest.json), or a glob.
 pub fn is_parquet_input(path: &Path) -> bool {
     let s = path.to_string_lossy();
     let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
     matches!(ext.as_deref(), Some("parquet" | "pq"))
-        || (path.is_dir() && !path.join("manifest.json").exists())
+        || (path.is_dir() && !path.join("manifest.json").exists() && holds_parquet(path))
         || s.contains(['*', '?', '['])
+}
+
+fn holds_parquet(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| {
+        entries.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x.eq_ignore_ascii_case("parquet"))))
+    })
 }
 
 /// The parquet files `input` names, in name order: the file itself, a folder's `*.parquet`,
@@ -79,40 +87,51 @@ fn bad_file(path: &Path, msg: impl std::fmt::Display) -> DataError {
     DataError::Corrupt { path: path.to_path_buf(), msg: msg.to_string() }
 }
 
-/// An open parquet file with the projection onto the two columns.
+/// An open parquet file and the leaf columns of its caption and codes.
 pub struct ParquetFile {
     path: PathBuf,
     reader: SerializedFileReader<File>,
-    projection: Type,
-    caption_index: usize,
+    caption_leaf: usize,
+    encoding_leaf: usize,
 }
 
 impl ParquetFile {
-    /// Opens `path` and checks both columns exist.
+    /// Opens `path` and checks both columns exist and have a readable type.
     pub fn open(path: &Path, columns: &Columns) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
         let reader = SerializedFileReader::new(file)
             .map_err(|e| bad_file(path, format!("not a readable parquet file ({e}); is it truncated?")))?;
-        let schema = reader.metadata().file_metadata().schema_descr().root_schema();
-        let fields = schema.get_fields();
-        let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
-        let find = |name: &str, what: &str, flag: &str| {
-            fields.iter().position(|f| f.name() == name).ok_or_else(|| {
-                DataError::InvalidArgument(format!(
+        let schema = reader.metadata().file_metadata().schema_descr();
+        let names: Vec<&str> = schema.root_schema().get_fields().iter().map(|f| f.name()).collect();
+        let leaf = |name: &str, what: &str, flag: &str| {
+            let leaves: Vec<usize> =
+                (0..schema.num_columns()).filter(|&i| schema.column(i).path().parts()[0] == name).collect();
+            match leaves[..] {
+                [i] => Ok(i),
+                [] => Err(DataError::InvalidArgument(format!(
                     "{}: no `{name}` column ({what}); the file has {names:?}: pass {flag} NAME to use another column",
                     path.display()
-                ))
-            })
+                ))),
+                _ => Err(bad_file(path, format!("column `{name}` is a nested group, not {what}"))),
+            }
         };
-        let c = find(&columns.caption, "captions", "--caption-column")?;
-        let e = find(&columns.encoding, "VQGAN codes", "--encoding-column")?;
-        let projected =
-            if c < e { vec![fields[c].clone(), fields[e].clone()] } else { vec![fields[e].clone(), fields[c].clone()] };
-        let projection = Type::group_type_builder(schema.name())
-            .with_fields(projected)
-            .build()
-            .map_err(|e| bad_file(path, format!("schema: {e}")))?;
-        Ok(Self { path: path.to_path_buf(), reader, projection, caption_index: usize::from(c > e) })
+        let caption_leaf = leaf(&columns.caption, "captions", "--caption-column")?;
+        let encoding_leaf = leaf(&columns.encoding, "VQGAN codes", "--encoding-column")?;
+        let (c, e) = (schema.column(caption_leaf), schema.column(encoding_leaf));
+        if c.physical_type() != PhysicalType::BYTE_ARRAY || c.max_rep_level() != 0 {
+            return Err(bad_file(path, format!("column `{}` is not a string column", columns.caption)));
+        }
+        if !matches!(e.physical_type(), PhysicalType::INT64 | PhysicalType::INT32) || e.max_rep_level() != 1 {
+            return Err(bad_file(
+                path,
+                format!(
+                    "column `{}` is not a list of int64 or int32 (found {:?})",
+                    columns.encoding,
+                    e.physical_type()
+                ),
+            ));
+        }
+        Ok(Self { path: path.to_path_buf(), reader, caption_leaf, encoding_leaf })
     }
 
     pub fn path(&self) -> &Path {
@@ -143,6 +162,7 @@ impl ParquetFile {
     }
 
     /// Visits row group `g` (whose first row is `first`) from row `start` on; false if `f` stopped.
+    /// Both columns are decoded whole (column readers, not per-value records).
     pub fn visit_group(
         &self,
         g: usize,
@@ -151,25 +171,99 @@ impl ParquetFile {
         opts: &ImportOptions,
         f: &mut RowVisitor<'_>,
     ) -> Result<bool> {
-        let group = self.reader.get_row_group(g).map_err(|e| bad_file(&self.path, format!("row group {g}: {e}")))?;
-        let rows = group
-            .get_row_iter(Some(self.projection.clone()))
-            .map_err(|e| bad_file(&self.path, format!("row group {g}: {e}")))?;
-        for (i, row) in rows.enumerate() {
-            let index = first + i as u64;
-            if index < start {
-                continue;
+        let err = |e: parquet::errors::ParquetError| bad_file(&self.path, format!("row group {g}: {e}"));
+        let group = self.reader.get_row_group(g).map_err(err)?;
+        let n = group.metadata().num_rows().max(0) as usize;
+        let captions = match group.get_column_reader(self.caption_leaf).map_err(err)? {
+            ColumnReader::ByteArrayColumnReader(mut r) => {
+                let (mut def, mut values) = (Vec::new(), Vec::new());
+                r.read_records(n, Some(&mut def), None, &mut values).map_err(err)?;
+                let optional = self.descr(self.caption_leaf).max_def_level() > 0;
+                rows_of_strings(n, optional, &def, values)
             }
-            let row = row.map_err(|e| bad_file(&self.path, format!("row {}: {e}", index + 1)))?;
-            let mut cols = row.get_column_iter().map(|(_, v)| v);
-            let (a, b) = (cols.next(), cols.next());
-            let (caption, encoding) = if self.caption_index == 0 { (a, b) } else { (b, a) };
-            if !f(index, parse_row(caption, encoding, opts))? {
+            _ => return Err(bad_file(&self.path, "the caption column is not a string column")),
+        };
+        let codes = match group.get_column_reader(self.encoding_leaf).map_err(err)? {
+            ColumnReader::Int64ColumnReader(mut r) => {
+                let (mut def, mut rep, mut values) = (Vec::new(), Vec::new(), Vec::new());
+                r.read_records(n, Some(&mut def), Some(&mut rep), &mut values).map_err(err)?;
+                self.rows_of_lists(n, &def, &rep, &values)
+            }
+            ColumnReader::Int32ColumnReader(mut r) => {
+                let (mut def, mut rep, mut values) = (Vec::new(), Vec::new(), Vec::new());
+                r.read_records(n, Some(&mut def), Some(&mut rep), &mut values).map_err(err)?;
+                let values: Vec<i64> = values.into_iter().map(i64::from).collect();
+                self.rows_of_lists(n, &def, &rep, &values)
+            }
+            _ => return Err(bad_file(&self.path, "the encoding column is not a list of integers")),
+        };
+        if captions.len() != n || codes.len() != n {
+            return Err(bad_file(&self.path, format!("row group {g} holds {n} rows but its columns disagree")));
+        }
+        for (i, (caption, list)) in captions.into_iter().zip(codes).enumerate() {
+            let index = first + i as u64;
+            if index >= start && !f(index, parse_row(caption, list, opts))? {
                 return Ok(false);
             }
         }
         Ok(true)
     }
+
+    fn descr(&self, leaf: usize) -> parquet::schema::types::ColumnDescPtr {
+        self.reader.metadata().file_metadata().schema_descr().column(leaf)
+    }
+
+    /// Splits a list column's levels into rows: Some(codes) per row (a null element is an
+    /// `Err(position)`), None for a null list.
+    fn rows_of_lists(&self, n: usize, def: &[i16], rep: &[i16], values: &[i64]) -> Vec<ListCell> {
+        let d = self.descr(self.encoding_leaf);
+        let max_def = d.max_def_level();
+        let element_optional = d.self_type().is_optional();
+        let mut rows: Vec<ListCell> = Vec::with_capacity(n);
+        let mut next_value = 0usize;
+        for (k, &level) in def.iter().enumerate() {
+            if rep.get(k).copied().unwrap_or(0) == 0 {
+                rows.push(ListCell::Empty);
+            }
+            let Some(row) = rows.last_mut() else { continue };
+            if level == max_def {
+                let v = values.get(next_value).copied().unwrap_or(0);
+                next_value += 1;
+                match row {
+                    ListCell::Codes(c) => c.push(v),
+                    ListCell::Empty => *row = ListCell::Codes(vec![v]),
+                    ListCell::NullElement(_) => {}
+                }
+            } else if element_optional && level == max_def - 1 {
+                let position = match row {
+                    ListCell::Codes(c) => c.len(),
+                    _ => 0,
+                };
+                if !matches!(row, ListCell::NullElement(_)) {
+                    *row = ListCell::NullElement(position);
+                }
+            }
+        }
+        rows
+    }
+}
+
+/// One row's codes as the list column holds them.
+enum ListCell {
+    /// No codes: an empty or null list.
+    Empty,
+    Codes(Vec<i64>),
+    /// A null code at this position.
+    NullElement(usize),
+}
+
+/// A string column's rows: Some(bytes) or None where null.
+fn rows_of_strings(n: usize, optional: bool, def: &[i16], values: Vec<ByteArray>) -> Vec<Option<ByteArray>> {
+    if !optional {
+        return values.into_iter().map(Some).collect();
+    }
+    let mut values = values.into_iter();
+    def.iter().take(n).map(|&d| if d > 0 { values.next() } else { None }).collect()
 }
 
 /// A validated row (caption, codes) or why it is bad.
@@ -178,48 +272,39 @@ pub type ParsedRow = std::result::Result<(String, Vec<u32>), BadRowReason>;
 /// Called with each row's 0-based index in its file; returns false to stop.
 pub type RowVisitor<'a> = dyn FnMut(u64, ParsedRow) -> Result<bool> + 'a;
 
-fn parse_row(caption: Option<&Field>, encoding: Option<&Field>, opts: &ImportOptions) -> ParsedRow {
+fn parse_row(caption: Option<ByteArray>, codes: ListCell, opts: &ImportOptions) -> ParsedRow {
     let caption = match caption {
-        None | Some(Field::Null) => return Err(BadRowReason::MissingField(opts.caption_field.clone())),
-        Some(Field::Str(s)) => s.clone(),
-        Some(Field::Bytes(b)) => match std::str::from_utf8(b.data()) {
+        None => return Err(BadRowReason::MissingField(opts.caption_field.clone())),
+        Some(b) => match std::str::from_utf8(b.data()) {
             Ok(s) => s.to_string(),
             Err(e) => return Err(BadRowReason::InvalidUtf8 { byte_offset: e.valid_up_to() }),
         },
-        Some(_) => return Err(BadRowReason::CaptionNotString),
     };
     if caption.trim().is_empty() {
         return Err(BadRowReason::EmptyCaption);
     }
-    let list = match encoding {
-        None | Some(Field::Null) => return Err(BadRowReason::MissingField(opts.encoding_field.clone())),
-        Some(Field::ListInternal(l)) => l.elements(),
-        Some(_) => return Err(BadRowReason::EncodingNotArray),
+    let list = match codes {
+        ListCell::Empty => Vec::new(),
+        ListCell::Codes(c) => c,
+        ListCell::NullElement(position) => {
+            return Err(BadRowReason::CodeNotInteger { position, value: "null".into() });
+        }
     };
     if opts.image_length != 0 && list.len() != opts.image_length {
         return Err(BadRowReason::WrongLength { expected: opts.image_length, actual: list.len() });
     }
-    let mut codes = Vec::with_capacity(list.len());
-    for (position, v) in list.iter().enumerate() {
-        let code: i128 = match v {
-            Field::Long(x) => *x as i128,
-            Field::Int(x) => *x as i128,
-            Field::Short(x) => *x as i128,
-            Field::UInt(x) => *x as i128,
-            Field::ULong(x) => *x as i128,
-            Field::UShort(x) => *x as i128,
-            other => return Err(BadRowReason::CodeNotInteger { position, value: format!("{other}") }),
-        };
-        if !(0..opts.image_vocab as i128).contains(&code) {
+    let mut out = Vec::with_capacity(list.len());
+    for (position, code) in list.into_iter().enumerate() {
+        if !(0..opts.image_vocab as i64).contains(&code) {
             return Err(BadRowReason::CodeOutOfRange {
                 position,
                 code: code.to_string(),
                 image_vocab: opts.image_vocab,
             });
         }
-        codes.push(code as u32);
+        out.push(code as u32);
     }
-    Ok((caption, codes))
+    Ok(out).map(|codes| (caption, codes))
 }
 
 /// Imports parquet files (a file, folder or glob, see [`parquet_files`]) into a dataset at

@@ -124,3 +124,51 @@ fn a_truncated_parquet_file_is_refused_naming_it() {
         assert!(err.contains("cut.parquet"), "len {len}: {err}");
     }
 }
+
+fn variant(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+#[test]
+fn string_captions_int32_codes_and_several_row_groups_are_read() {
+    let o = ImportOptions::new(4, 16);
+    let file = ParquetFile::open(&variant("int32.parquet"), &dm_data::parquet::Columns::of(&o)).unwrap();
+    assert_eq!(file.row_groups(), vec![2, 2, 2]);
+    let tmp = tempfile::tempdir().unwrap();
+    import_parquet(&variant("int32.parquet"), &tmp.path().join("ds"), &o).unwrap();
+    let ds = Dataset::open(tmp.path().join("ds")).unwrap();
+    assert_eq!(ds.len(), 6);
+    for i in 0..6u32 {
+        assert_eq!(ds.caption(i as usize).unwrap(), format!("caption {i}"));
+        assert_eq!(ds.codes(i as usize).unwrap().to_vec(), vec![i, (i + 1) % 16, (2 * i) % 16, 15]);
+    }
+    // Starting inside the second row group.
+    let mut from3 = Vec::new();
+    file.visit_rows(3, &o, &mut |i, r| {
+        from3.push((i, r.unwrap().1[0]));
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(from3, vec![(3, 3), (4, 4), (5, 5)]);
+}
+
+#[test]
+fn null_captions_null_codes_and_out_of_range_codes_are_bad_rows_by_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err =
+        import_parquet(&variant("nulls.parquet"), &tmp.path().join("ds"), &ImportOptions::new(4, 16)).unwrap_err();
+    let DataError::BadRows { path, count, shown } = &err else { panic!("{err:?}") };
+    assert!(path.ends_with("nulls.parquet"));
+    assert_eq!(*count, 3);
+    let lines: Vec<u64> = shown.iter().map(|b| b.line).collect();
+    assert_eq!(lines, vec![2, 3, 4]);
+    assert!(matches!(&shown[0].reason, BadRowReason::MissingField(f) if f == "caption"));
+    assert!(matches!(&shown[1].reason, BadRowReason::CodeNotInteger { position: 1, .. }), "{:?}", shown[1]);
+    assert!(matches!(&shown[2].reason, BadRowReason::CodeOutOfRange { position: 1, .. }), "{:?}", shown[2]);
+    let o = ImportOptions { skip_bad: true, ..ImportOptions::new(4, 16) };
+    let report = import_parquet(&variant("nulls.parquet"), &tmp.path().join("ds"), &o).unwrap();
+    assert_eq!((report.rows_written, report.rows_skipped), (2, 3));
+    let ds = Dataset::open(tmp.path().join("ds")).unwrap();
+    assert_eq!(ds.caption(1).unwrap(), "good two");
+    assert_eq!(ds.codes(1).unwrap().to_vec(), vec![5, 6, 7, 8]);
+}

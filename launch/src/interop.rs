@@ -236,3 +236,19 @@ pub fn from_config(m: &crate::run_config::ModelSection) -> Result<DalleBartConfi
     let dir = model_dir(from)?;
     Ok(DalleBartConfig::from_file(&dir.join("config.json"))?)
 }
+
+/// `data.dataset` naming parquet files: the trainer does not stream them yet (the streaming
+/// reader is `dm_data::parquet_stream`); the error says how to import them instead.
+pub fn check_parquet_dataset(d: &crate::run_config::DataSection) -> Result<()> {
+    for (key, path) in [("data.dataset", &d.dataset), ("data.eval_dataset", &d.eval_dataset)] {
+        if let Some(p) = path.as_deref().filter(|p| dm_data::parquet::is_parquet_input(p)) {
+            bail!(
+                "run config: {key} {} is parquet: not implemented: training straight from parquet in `dalle-mesh train`; \
+                 import it first with `dalle-mesh data import {} --out DATASET` and set {key}: DATASET",
+                p.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -385,6 +385,7 @@ impl RunConfig {
             return Err(bad_input!("run config: {}", problems.join("; ")));
         }
         crate::interop::check_model_from(&self.model)?;
+        crate::interop::check_parquet_dataset(&self.data)?;
         Ok(())
     }
 
