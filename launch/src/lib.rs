@@ -163,3 +163,12 @@ pub fn test_stop(rank: usize, step: u64) -> stop::StopReason {
     }
     stop::StopReason::None
 }
+
+/// Disk-full test hook: when `DALLE_MESH_TEST_DISK_FULL` is a step, writing that step's
+/// checkpoint files fails as a full disk would (ENOSPC). Does nothing otherwise.
+pub fn test_disk_full(step: u64) -> std::io::Result<()> {
+    if std::env::var("DALLE_MESH_TEST_DISK_FULL").is_ok_and(|s| s == step.to_string()) {
+        return Err(std::io::Error::from_raw_os_error(28));
+    }
+    Ok(())
+}

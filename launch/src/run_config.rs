@@ -95,6 +95,8 @@ pub struct DataSection {
     pub normalize_text: bool,
     /// Caption length in tokens (the model's max_text_length).
     pub max_text_length: usize,
+    /// Check the datasets' checksums and every row before training (reads every byte).
+    pub verify: bool,
 }
 
 impl Default for DataSection {
@@ -106,6 +108,7 @@ impl Default for DataSection {
             tokenizer: None,
             normalize_text: true,
             max_text_length: 16,
+            verify: false,
         }
     }
 }

@@ -123,6 +123,12 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
     };
     let train = Arc::new(Dataset::open(&train_dir)?);
     let eval = eval_dir.map(|e| Dataset::open(e).map(Arc::new)).transpose()?;
+    if d.verify {
+        for ds in std::iter::once(&train).chain(eval.as_ref()) {
+            let r = ds.verify()?;
+            tracing::info!(dir = %ds.dir().display(), rows = r.rows, "data.verify: checksums and every row check out");
+        }
+    }
     let tokenizer =
         TextTokenizer::from_file(&tok_path)?.with_max_text_length(d.max_text_length)?.with_normalizer(d.normalize_text);
     let grid = (train.image_length() as f64).sqrt().round() as usize;
