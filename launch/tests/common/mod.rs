@@ -23,7 +23,8 @@ pub fn tiny_config(dir: &Path, name: &str, optimizer: &str, training: &str) -> P
             "model: {{d_model: 32, encoder_layers: 1, decoder_layers: 2, attention_heads: 2, ffn_dim: 48}}\n\
              data: {{synthetic: {{train_rows: 300, eval_rows: 40, image_length: 16, seed: 1}}}}\n\
              optimizer: {{warmup_steps: 3, max_grad_norm: 0.5{optimizer}}}\n\
-             training: {{batch_size: 8, grad_accumulation: 2, log_every: 1, eval_every: 0{training}}}\n"
+             training: {{batch_size: 8, grad_accumulation: 2, log_every: 1{eval}{training}}}\n",
+            eval = if training.contains("eval_every") { "" } else { ", eval_every: 0" },
         ),
     )
     .unwrap();
