@@ -100,7 +100,16 @@ pub fn run(checkpoint: &Path, captions: &[String], n: usize, opts: &SamplingOpti
     let dir = crate::run_checkpoint::newest_verified(checkpoint)?;
     let cfg = dm_model::DalleBartConfig::from_file(&dir.join("config.json"))?;
     let table = dm_model::ParamTable::new(&cfg);
-    let weights = dm_model::checkpoint::load_weights(&dir.join("weights.safetensors"), &table)?;
+    let weights_path = dir.join("weights.safetensors");
+    let weights = dm_model::checkpoint::load_weights(&weights_path, &table)?;
+    if let Some((spec, _)) = table.specs.iter().zip(&weights).find(|(_, w)| w.iter().any(|x| !x.is_finite())) {
+        return Err(crate::bad_input!(
+            "{}: tensor {} holds non-finite values: this checkpoint diverged; sample an older one with \
+             --checkpoint RUN_FOLDER/checkpoints/step_N",
+            weights_path.display(),
+            spec.name
+        ));
+    }
     let info: DataInfo = serde_json::from_slice(&std::fs::read(dir.join("data.json"))?)
         .with_context(|| format!("{}: data.json", dir.display()))?;
     let tok = TextTokenizer::from_file(dir.join("tokenizer.json"))?

@@ -277,9 +277,13 @@ pub struct FullState {
 }
 
 impl FullState {
-    /// The first tensor (`weights`/`m`/`v` and its name) holding a NaN or an infinity.
+    /// The first tensor (its file and name) holding a NaN or an infinity.
     pub fn first_non_finite(&self, table: &dm_model::ParamTable) -> Option<String> {
-        let parts = [("weight", &self.params), ("AdamW moment m of", &self.m), ("AdamW moment v of", &self.v)];
+        let parts = [
+            ("weights.safetensors: tensor", &self.params),
+            ("optimizer.safetensors: AdamW moment m of", &self.m),
+            ("optimizer.safetensors: AdamW moment v of", &self.v),
+        ];
         for (kind, tensors) in parts {
             for (spec, t) in table.specs.iter().zip(tensors.iter()) {
                 if t.iter().any(|x| !x.is_finite()) {
@@ -408,6 +412,17 @@ fn load_one(dir: &Path, model_cfg: &DalleBartConfig) -> Result<(TrainerState, Fu
         return Err(Unusable(crate::bad_input!("{}: {what} holds non-finite values", dir.display())));
     }
     Ok((state, full))
+}
+
+/// Loads one checkpoint folder as a resume would (checksums, every file parsed, values finite),
+/// with the model config it holds; returns its step.
+pub fn inspect_checkpoint(dir: &Path) -> Result<u64> {
+    verify(dir)?;
+    let cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
+    match load_one(dir, &cfg) {
+        Ok((state, _)) => Ok(state.step),
+        Err(LoadError::Mismatch(e) | LoadError::Unusable(e)) => Err(e),
+    }
 }
 
 /// Loads the checkpoint to resume from: `path` itself if it is one checkpoint, else the newest
