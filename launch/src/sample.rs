@@ -19,8 +19,8 @@ fn prompt(tok: &TextTokenizer, caption: &str) -> Result<Prompt> {
 /// Refuses sampling options that make no sense, naming the flag.
 pub fn validate_options(opts: &SamplingOptions, n: usize) -> Result<()> {
     let mut p = Vec::new();
-    if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
-        p.push(format!("--temperature {} must be a finite number > 0", opts.temperature));
+    if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
+        p.push(format!("--temperature {} must be a finite number ≥ 0 (0 = greedy)", opts.temperature));
     }
     if opts.top_k == Some(0) {
         p.push("--top-k 0 keeps no code: give at least 1 (or leave it out for no top-k)".to_string());

@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 const LONG: &str = ", steps: 100000, save_every: 100000";
@@ -47,9 +48,15 @@ fn sigint_sigusr1_sighup_also_stop_after_saving_and_a_second_signal_exits_at_onc
     }
     for (i, (sig, code)) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)].into_iter().enumerate() {
         let out = dir.join(format!("twice{i}"));
-        let mut child = spawn(train_cmd(&cfg, Some(&out), &[]));
+        // The run holds after taking the first signal, so the second can't merge with it.
+        let mut cmd = train_cmd(&cfg, Some(&out), &[]);
+        cmd.env("DALLE_MESH_TEST_HOLD", "signal:0");
+        let mut child = spawn(cmd);
         wait_for_lines(&out, 3, &mut child);
         send(&child, sig);
+        let stderr = child.stderr.take().unwrap();
+        let held = BufReader::new(stderr).lines().map_while(Result::ok).any(|l| l.starts_with("HOLD signal"));
+        assert!(held, "the run did not take the first signal {sig}");
         send(&child, sig);
         let done = wait_with_limit(child, Duration::from_secs(30));
         assert_eq!(done.status.code(), Some(code), "second signal {sig}: {}", text(&done.stderr));
