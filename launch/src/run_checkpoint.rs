@@ -183,14 +183,17 @@ pub fn verify(dir: &Path) -> Result<CheckpointManifest> {
         let p = dir.join(&f.name);
         let bytes =
             std::fs::read(&p).map_err(|e| crate::bad_input!("checkpoint file {} is missing ({e})", p.display()))?;
-        if bytes.len() as u64 != f.bytes || crc32fast::hash(&bytes) != f.crc32 {
+        let crc = crc32fast::hash(&bytes);
+        if bytes.len() as u64 != f.bytes || crc != f.crc32 {
             return Err(crate::bad_input!(
-                "checkpoint file {} does not match its checksum in manifest.json ({} bytes, expected {}): the \
+                "checkpoint file {} does not match its checksum in manifest.json ({} bytes, crc32 {crc:08x}; \
+                 expected {} bytes, crc32 {:08x}): the \
                  checkpoint is corrupt. `--resume RUN_FOLDER` falls back to the newest checkpoint that verifies; or \
                  name an older one with --resume RUN_FOLDER/checkpoints/step_N",
                 p.display(),
                 bytes.len(),
-                f.bytes
+                f.bytes,
+                f.crc32
             ));
         }
     }

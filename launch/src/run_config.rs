@@ -323,13 +323,15 @@ fn flatten(cfg: &RunConfig) -> std::collections::BTreeMap<String, serde_yaml::Va
 }
 
 /// A float key's problem: not finite, or outside what makes sense ("≥ 0", "> 0", ...).
-fn number_problem(key: &str, v: f64, ok: bool, want: &str) -> Option<String> {
+fn number_problem<T: Into<f64> + std::fmt::Display + Copy>(key: &str, v: T, ok: bool, want: &str) -> Option<String> {
+    let shown = v;
+    let v: f64 = v.into();
     if v.is_nan() {
         Some(format!("{key} is NaN; it must be a finite number {want}"))
     } else if v.is_infinite() {
-        Some(format!("{key} is {v}; it must be a finite number {want}"))
+        Some(format!("{key} is {shown}; it must be a finite number {want}"))
     } else if !ok {
-        Some(format!("{key} is {v}; it must be {want}"))
+        Some(format!("{key} is {shown}; it must be {want}"))
     } else {
         None
     }
@@ -398,30 +400,24 @@ impl RunConfig {
         .filter_map(|(bad, msg)| bad.then_some(msg))
         .collect();
         let numbers = [
-            number_problem("optimizer.learning_rate", o.learning_rate as f64, o.learning_rate >= 0.0, "≥ 0"),
-            number_problem(
-                "optimizer.end_learning_rate",
-                o.end_learning_rate as f64,
-                o.end_learning_rate >= 0.0,
-                "≥ 0",
-            ),
-            number_problem("optimizer.weight_decay", o.weight_decay as f64, o.weight_decay >= 0.0, "≥ 0"),
-            number_problem("optimizer.b1", o.b1 as f64, (0.0..1.0).contains(&o.b1), "in [0, 1)"),
-            number_problem("optimizer.b2", o.b2 as f64, (0.0..1.0).contains(&o.b2), "in [0, 1)"),
-            number_problem("optimizer.eps", o.eps as f64, o.eps > 0.0, "> 0"),
+            number_problem("optimizer.learning_rate", o.learning_rate, o.learning_rate >= 0.0, "≥ 0"),
+            number_problem("optimizer.end_learning_rate", o.end_learning_rate, o.end_learning_rate >= 0.0, "≥ 0"),
+            number_problem("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0.0, "≥ 0"),
+            number_problem("optimizer.b1", o.b1, (0.0..1.0).contains(&o.b1), "in [0, 1)"),
+            number_problem("optimizer.b2", o.b2, (0.0..1.0).contains(&o.b2), "in [0, 1)"),
+            number_problem("optimizer.eps", o.eps, o.eps > 0.0, "> 0"),
             number_problem(
                 "optimizer.decay_rate",
-                o.decay_rate as f64,
+                o.decay_rate,
                 o.decay_rate > 0.0 && o.decay_rate <= 1.0,
                 "in (0, 1] (a decay)",
             ),
-            o.max_grad_norm.and_then(|g| {
-                number_problem("optimizer.max_grad_norm", g as f64, g > 0.0, "> 0 (or null for no clipping)")
-            }),
+            o.max_grad_norm
+                .and_then(|g| number_problem("optimizer.max_grad_norm", g, g > 0.0, "> 0 (or null for no clipping)")),
             t.time_limit_minutes
                 .and_then(|l| number_problem("training.time_limit_minutes", l, l > 0.0, "> 0 (or null for no limit)")),
             self.model.init_std.and_then(|s| {
-                number_problem("model.init_std", s as f64, s > 0.0 && s <= 1.0, "in (0, 1] (dalle-mini uses 0.02)")
+                number_problem("model.init_std", s, s > 0.0 && s <= 1.0, "in (0, 1] (dalle-mini uses 0.02)")
             }),
         ];
         p.extend(numbers.into_iter().flatten());

@@ -351,7 +351,7 @@ fn save_checkpoint(
     if let Some(what) = full.first_non_finite(&dm_model::ParamTable::new(model_cfg)) {
         return Err(anyhow::Error::new(crate::exit_code::Diverged(format!(
             "step {step}: {what} holds non-finite values: the run diverged and the checkpoint was not saved. \
-             Lower optimizer.learning_rate and resume from the last checkpoint with --resume"
+             Lower optimizer.learning_rate and resume from the last checkpoint with --resume RUN --allow-config-change"
         ))));
     }
     let table = dm_model::ParamTable::new(model_cfg);
@@ -940,10 +940,11 @@ pub fn train_with(cfg: RunConfig, out: &Path, resume: Option<&Path>, opts: &Trai
     };
     write_loss_curve(out, shared.baseline)?;
     if let Some(why) = outcome.diverged {
-        return Err(anyhow::Error::new(crate::exit_code::Diverged(format!(
-            "{why} (the newest checkpoint in {} is from before the divergence)",
-            out.join("checkpoints").display()
-        ))));
+        let kept = match list_checkpoints(out).pop() {
+            Some((step, dir)) => format!("the newest checkpoint, step {step} ({}), is from before it", dir.display()),
+            None => "no checkpoint was saved".to_string(),
+        };
+        return Err(anyhow::Error::new(crate::exit_code::Diverged(format!("{why} ({kept})"))));
     }
     Ok(TrainSummary {
         out: out.to_path_buf(),
