@@ -2,8 +2,8 @@
 //!
 //! dalle-mini's encoded datasets hold one row per image: a `caption` string and an `encoding`
 //! (the VQGAN codes, `image_length` integers). [`import_jsonl`] reads them as JSON Lines, one
-//! object per line (extra keys are ignored; blank lines are skipped). Parquet is not read yet:
-//! [`import`] says so and suggests converting to JSONL.
+//! object per line (extra keys are ignored; blank lines are skipped). Parquet files, folders
+//! and globs go to [`crate::parquet::import_parquet`].
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -127,25 +127,15 @@ pub struct ImportReport {
     pub manifest: Manifest,
 }
 
-/// Imports `input` by its extension: `.jsonl`, `.json`, `.ndjson` go to [`import_jsonl`];
-/// Parquet is refused with a message suggesting JSONL.
+/// Imports `input`: parquet (a `.parquet` file, a folder of them or a glob) goes to
+/// [`crate::parquet::import_parquet`], anything else (`.jsonl`, `.json`, `.ndjson`) to
+/// [`import_jsonl`].
 pub fn import(input: impl AsRef<Path>, out_dir: impl AsRef<Path>, opts: &ImportOptions) -> Result<ImportReport> {
     let input = input.as_ref();
-    let ext = input.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    match ext.as_str() {
-        "parquet" | "pq" => Err(parquet_unsupported(input)),
-        _ => import_jsonl(input, out_dir, opts),
+    if crate::parquet::is_parquet_input(input) {
+        return crate::parquet::import_parquet(input, out_dir.as_ref(), opts);
     }
-}
-
-fn parquet_unsupported(input: &Path) -> DataError {
-    DataError::Unsupported(format!(
-        "{}: Parquet input is not supported yet; convert it to JSON Lines (one \
-         {{\"caption\": ..., \"encoding\": [...]}} object per line), e.g. in Python \
-         `pandas.read_parquet(src).to_json(dst, orient=\"records\", lines=True)`, \
-         and import the .jsonl file",
-        input.display()
-    ))
+    import_jsonl(input, out_dir, opts)
 }
 
 /// Validates one line; `Ok((caption, codes))` for a good row.
@@ -205,7 +195,7 @@ pub fn import_jsonl(input: impl AsRef<Path>, out_dir: impl AsRef<Path>, opts: &I
         return Err(DataError::InvalidArgument("image_length and image_vocab must be > 0".into()));
     }
     if input.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
-        return Err(parquet_unsupported(&input));
+        return crate::parquet::import_parquet(&input, out_dir.as_ref(), opts);
     }
     let file = File::open(&input).map_err(|e| DataError::io(&input, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);

@@ -2,6 +2,9 @@
 //!
 //! * [`format`]: the encoded dataset on disk (memory-mapped reading, atomic writing).
 //! * [`import`]: dalle-mini's encoded JSONL → dataset, with bad-row reporting.
+//! * [`hf_tokenizer`]: tokenizer folders as dalle-mini / transformers save them.
+//! * [`parquet`]: dalle-mini's encoded parquet files: import, row streaming, `data info`.
+//! * [`parquet_stream`]: training batches straight from parquet files, dp-sharded by file, resumable.
 //! * [`text`]: dalle-mini's caption normaliser and a BART-convention tokenizer (+ BPE training).
 //! * [`synthetic`]: a built-in, learnable, procedurally generated dataset with a tiny codebook.
 //! * [`image`]: RGB images and PNG grids for looking at codes.
@@ -9,8 +12,11 @@
 
 pub mod error;
 pub mod format;
+pub mod hf_tokenizer;
 pub mod image;
 pub mod import;
+pub mod parquet;
+pub mod parquet_stream;
 pub mod reader;
 pub mod synthetic;
 pub mod text;

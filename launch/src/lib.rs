@@ -3,8 +3,10 @@
 
 pub mod bench;
 pub mod divergence;
+pub mod encode_images;
 pub mod exit_code;
 pub mod gpu_check;
+pub mod interop;
 pub mod kernels_cmd;
 pub mod parity;
 pub mod plan_cmd;
@@ -16,6 +18,9 @@ pub mod sample;
 pub mod signals;
 pub mod stop;
 pub mod train;
+pub mod vqgan_cmd;
+pub mod vqgan_grid;
+pub mod vqgan_image;
 
 use std::path::Path;
 

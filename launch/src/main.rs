@@ -62,6 +62,15 @@ enum Command {
         seed: u64,
         #[arg(long, default_value = "samples.png")]
         out: PathBuf,
+        /// A VQGAN folder (vqgan-jax config.json + weights): decode the codes into images, each
+        /// prompt under its image.
+        #[arg(long)]
+        vqgan: Option<PathBuf>,
+    },
+    /// The VQGAN: decode image codes to pixels, encode images to codes, check parity.
+    Vqgan {
+        #[command(subcommand)]
+        what: VqganCommand,
     },
     /// Datasets: import dalle-mini's encoded format, or write the built-in synthetic set.
     Data {
@@ -126,6 +135,18 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Write a checkpoint (a run folder, one checkpoint, or a dalle-mini folder) as a folder that
+    /// dalle-mini's DalleBart.from_pretrained / DalleBartTokenizer.from_pretrained load, or as ours.
+    Export {
+        checkpoint: PathBuf,
+        #[arg(long, value_enum, default_value = "dalle-mini")]
+        format: dalle_mesh::interop::ExportFormat,
+        /// Weight dtype of a dalle-mini export.
+        #[arg(long, value_enum, default_value = "float32")]
+        dtype: dalle_mesh::interop::ExportDtype,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,9 +160,17 @@ enum KernelsCommand {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Import JSONL rows `{"caption": str, "encoding": [image_length ints]}` into an encoded dataset.
+    /// Import dalle-mini's encoded data into an encoded dataset: JSONL rows
+    /// `{"caption": str, "encoding": [image_length ints]}`, or parquet (a file, a folder of
+    /// them or a quoted glob) with `caption` / `encoding` columns.
     Import {
         input: PathBuf,
+        /// Caption column / key (dalle-mini's text_column).
+        #[arg(long, default_value = "caption")]
+        caption_column: String,
+        /// Codes column / key (dalle-mini's encoding_column).
+        #[arg(long, default_value = "encoding")]
+        encoding_column: String,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 256)]
@@ -155,6 +184,15 @@ enum DataCommand {
     /// Check an encoded dataset: every file's checksum and every row (caption offsets, UTF-8,
     /// codes below the image vocabulary). Exits 2 naming the first problem.
     Verify { dir: PathBuf },
+    /// One JSON line about a dataset (imported folder, or parquet file / folder / glob): rows,
+    /// image_length, image_vocab and codes_sha256_u16le, to compare datasets.
+    Info {
+        input: PathBuf,
+        #[arg(long, default_value = "caption")]
+        caption_column: String,
+        #[arg(long, default_value = "encoding")]
+        encoding_column: String,
+    },
     /// Write the built-in synthetic dataset (train/, eval/, tokenizer.json, held_out.json).
     Synthetic {
         #[arg(long)]
@@ -165,6 +203,58 @@ enum DataCommand {
         eval_rows: usize,
         #[arg(long, default_value_t = 256)]
         image_length: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Encode (image, caption) pairs through a VQGAN into a dataset: a folder of .png/.jpg with
+    /// same-named .txt captions, or a JSONL of {"image": path, "caption": str}.
+    EncodeImages {
+        input: PathBuf,
+        #[arg(long)]
+        vqgan: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Images read (in parallel) per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum VqganCommand {
+    /// Decode a codes file (JSON `{"codes": [[...], ...]}`) into one PNG per row.
+    Decode {
+        /// A VQGAN folder: config.json + flax_model.msgpack or weights.safetensors.
+        #[arg(long)]
+        vqgan: PathBuf,
+        #[arg(long)]
+        codes: PathBuf,
+        /// Output folder for 0000.png, 0001.png, ...
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Encode image files (PNG/JPEG; resized and centre-cropped) into a codes file.
+    Encode {
+        #[arg(long)]
+        vqgan: PathBuf,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// The codes file to write (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Decode and encode a vqgan-jax reference fixture; exits 0 only when both match.
+    Parity {
+        #[arg(long)]
+        fixture: PathBuf,
+    },
+    /// Write a VQGAN folder with random weights (for tests and benchmarks).
+    Random {
+        /// A vqgan-jax config.json (default: the released f16_16384 configuration).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -179,6 +269,20 @@ enum TokenizerCommand {
         vocab_size: usize,
         #[arg(long, default_value = "tokenizer.json")]
         out: PathBuf,
+    },
+    /// Print the token ids of captions as JSON, as dalle-mini's tokenizer gives them
+    /// (padding="max_length", truncation).
+    Encode {
+        /// A tokenizer folder (tokenizer.json, or vocab.json + merges.txt) or a tokenizer.json.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        max_length: usize,
+        /// Apply dalle-mini's caption normaliser first (its normalize_text).
+        #[arg(long)]
+        normalize: bool,
+        #[arg(required = true)]
+        captions: Vec<String>,
     },
 }
 
@@ -204,6 +308,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         reps: usize,
     },
+    /// Decode time of one image through a VQGAN with random weights, against the CPU's GEMM FLOP/s.
+    Vqgan {
+        /// A vqgan-jax config.json (default: the released f16_16384 configuration, 256×256).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Also time encoding one image.
+        #[arg(long)]
+        encode: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -211,7 +326,7 @@ struct ModelArgs {
     /// A dalle-mini preset: micro, mini or mega.
     #[arg(long, conflicts_with = "config")]
     preset: Option<String>,
-    /// A dalle-mini config.json.
+    /// A dalle-mini config.json, or a model folder holding one.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -219,6 +334,9 @@ struct ModelArgs {
 impl ModelArgs {
     fn resolve(&self) -> Result<(String, DalleBartConfig)> {
         match (&self.preset, &self.config) {
+            (_, Some(path)) if path.is_dir() => {
+                Ok((path.display().to_string(), DalleBartConfig::from_file(&path.join("config.json"))?))
+            }
             (_, Some(path)) => Ok((path.display().to_string(), DalleBartConfig::from_file(path)?)),
             (Some(p), None) => Ok((p.clone(), DalleBartConfig::preset(p)?)),
             (None, None) => Ok(("micro".into(), DalleBartConfig::micro())),
@@ -289,18 +407,28 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&summary)?;
             Ok(summary.exit_code())
         }
-        Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out } => {
+        Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out, vqgan } => {
             let opts = SamplingOptions { temperature, top_k, top_p, cond_scale, seed };
-            let path = sample::run(&checkpoint, &prompt, n, &opts, &out)?;
+            let path = sample::run_with_vqgan(&checkpoint, &prompt, n, &opts, &out, vqgan.as_deref())?;
             print_json(&serde_json::json!({"samples": path, "prompts": prompt, "per_prompt": n}))?;
             Ok(0)
         }
-        Command::Data { what: DataCommand::Import { input, out, image_length, image_vocab, skip_bad } } => {
-            let opts = dm_data::ImportOptions { image_length, image_vocab, skip_bad, ..Default::default() };
+        Command::Data {
+            what:
+                DataCommand::Import { input, caption_column, encoding_column, out, image_length, image_vocab, skip_bad },
+        } => {
+            let opts = dm_data::ImportOptions {
+                image_length,
+                image_vocab,
+                skip_bad,
+                caption_field: caption_column,
+                encoding_field: encoding_column,
+            };
+            let started = std::time::Instant::now();
             let report = dm_data::import(&input, &out, &opts)?;
             print_json(&serde_json::json!({
                 "out": out, "rows_written": report.rows_written, "rows_skipped": report.rows_skipped,
-                "lines_read": report.lines_read,
+                "lines_read": report.lines_read, "seconds": started.elapsed().as_secs_f64(),
             }))?;
             Ok(0)
         }
@@ -309,10 +437,27 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&serde_json::json!({"dir": dir, "rows": r.rows, "bytes": r.bytes, "ok": true}))?;
             Ok(0)
         }
+        Command::Data { what: DataCommand::Info { input, caption_column, encoding_column } } => {
+            print_json(&dm_data::parquet::data_info(&input, &caption_column, &encoding_column)?)?;
+            Ok(0)
+        }
+        Command::Tokenizer { what: TokenizerCommand::Encode { tokenizer, max_length, normalize, captions } } => {
+            print_json(&dalle_mesh::interop::tokenizer_encode(&tokenizer, max_length, normalize, &captions)?)?;
+            Ok(0)
+        }
+        Command::Export { checkpoint, format, dtype, out } => {
+            print_json(&dalle_mesh::interop::export(&checkpoint, format, dtype, &out)?)?;
+            Ok(0)
+        }
         Command::Data { what: DataCommand::Synthetic { out, train_rows, eval_rows, image_length, seed } } => {
             let spec = dm_data::SyntheticSpec { train_rows, eval_rows, image_length, seed };
             let r = dm_data::generate_synthetic(&spec, &out)?;
             print_json(&r.info)?;
+            Ok(0)
+        }
+        Command::Vqgan { what } => dalle_mesh::vqgan_cmd::run_command(what.into()),
+        Command::Data { what: DataCommand::EncodeImages { input, vqgan, out, batch } } => {
+            print_json(&dalle_mesh::encode_images::run(&input, &vqgan, &out, batch)?)?;
             Ok(0)
         }
         Command::Tokenizer { what: TokenizerCommand::Train { captions, vocab_size, out } } => {
@@ -332,12 +477,28 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&bench::bench_step(&name, cfg, batch, steps, warmup)?)?;
             Ok(0)
         }
+        Command::Bench { what: BenchCommand::Vqgan { config, reps, encode } } => {
+            print_json(&dalle_mesh::vqgan_cmd::bench(config.as_deref(), reps, encode)?)?;
+            Ok(0)
+        }
         Command::Bench { what: BenchCommand::Gemm { model, batch, reps } } => {
             let (_, cfg) = model.resolve()?;
             for g in bench::bench_gemm(&cfg, batch, reps)? {
                 print_json(&g)?;
             }
             Ok(0)
+        }
+    }
+}
+
+impl From<VqganCommand> for dalle_mesh::vqgan_cmd::VqganAction {
+    fn from(c: VqganCommand) -> Self {
+        use dalle_mesh::vqgan_cmd::VqganAction as A;
+        match c {
+            VqganCommand::Decode { vqgan, codes, out } => A::Decode { vqgan, codes, out },
+            VqganCommand::Encode { vqgan, images, out } => A::Encode { vqgan, images, out },
+            VqganCommand::Parity { fixture } => A::Parity { fixture },
+            VqganCommand::Random { config, out, seed } => A::Random { config, out, seed },
         }
     }
 }

@@ -5,9 +5,13 @@
 //! (`input_ids`, `attention_mask`, `labels`, `decoder_input_ids`), `expected.safetensors`
 //! (`logits`, `loss`, `grad.<param>`, `adamw1.<param>`) and `fixture.json` (the optimizer's
 //! hyper-parameters under `optimizer`).
+//!
+//! The weights may also be a dalle-mini folder's `flax_model.msgpack` (or sharded index); then
+//! `expected.safetensors` may hold only `logits` and `loss` (dalle-mini's interop fixtures):
+//! whatever it holds is checked, and the report's `checked` lists what was.
 
 use anyhow::{bail, Context, Result};
-use dm_model::checkpoint::{load_weights, params_from_tensors, read_tensors, HostTensor};
+use dm_model::checkpoint::{params_from_tensors, read_tensors, HostTensor};
 use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig};
 use dm_runtime::cpu::CpuBackend;
 use dm_runtime::Backend;
@@ -33,6 +37,8 @@ pub struct ParityReport {
     pub grad_worst_param: String,
     pub adamw_from_ref_grads_max_abs_err: f64,
     pub adamw_max_abs_err: f64,
+    /// The quantities compared (`logits`, `loss`, `grads`, `adamw`): what the fixture holds.
+    pub checked: Vec<String>,
     pub pass: bool,
 }
 
@@ -127,13 +133,18 @@ struct Results<'a> {
 struct Reference<'a> {
     loss: f64,
     logits: &'a [f32],
-    grads: &'a [Vec<f32>],
-    adamw: &'a [Vec<f32>],
+    /// Gradients and the AdamW step, when the fixture holds them.
+    grads: Option<&'a [Vec<f32>]>,
+    adamw: Option<&'a [Vec<f32>]>,
 }
 
 fn compare(table: &dm_model::ParamTable, got: Results, want: Reference) -> ParityReport {
+    let mut checked = vec!["logits".to_string(), "loss".to_string()];
+    checked.extend(want.grads.map(|_| "grads".to_string()));
+    checked.extend(want.adamw.map(|_| "adamw".to_string()));
+    let (want_grads, want_adamw) = (want.grads.unwrap_or(&[]), want.adamw.unwrap_or(&[]));
     let (mut grad_max_rel_err, mut grad_worst_param) = (0.0f64, String::new());
-    for ((spec, g), r) in table.specs.iter().zip(got.grads).zip(want.grads) {
+    for ((spec, g), r) in table.specs.iter().zip(got.grads).zip(want_grads) {
         let denom = max_abs(r);
         let diff = max_abs_diff(g, r);
         let rel = if denom > 0.0 { diff / denom } else { diff };
@@ -142,10 +153,10 @@ fn compare(table: &dm_model::ParamTable, got: Results, want: Reference) -> Parit
             grad_worst_param = spec.name.clone();
         }
     }
-    let adam_err = |v: &[Vec<f32>]| v.iter().zip(want.adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max);
+    let adam_err = |v: &[Vec<f32>]| v.iter().zip(want_adamw).map(|(a, r)| max_abs_diff(a, r)).fold(0.0, f64::max);
     // Where our own AdamW step is furthest from the reference, with the gradients behind it.
     let mut worst = (0.0f64, 0usize, 0usize);
-    for (t, (a, r)) in got.adamw.iter().zip(want.adamw).enumerate() {
+    for (t, (a, r)) in got.adamw.iter().zip(want_adamw).enumerate() {
         for (i, (x, y)) in a.iter().zip(r).enumerate() {
             let d = (*x as f64 - *y as f64).abs();
             if d > worst.0 {
@@ -154,12 +165,12 @@ fn compare(table: &dm_model::ParamTable, got: Results, want: Reference) -> Parit
         }
     }
     let (_, wt, wi) = worst;
-    if !table.specs.is_empty() {
+    if !table.specs.is_empty() && !want_grads.is_empty() {
         tracing::debug!(
             param = %table.specs[wt].name,
             index = wi,
             grad = got.grads[wt][wi],
-            grad_ref = want.grads[wt][wi],
+            grad_ref = want_grads[wt][wi],
             "largest AdamW difference"
         );
     }
@@ -181,8 +192,29 @@ fn compare(table: &dm_model::ParamTable, got: Results, want: Reference) -> Parit
         grad_worst_param,
         adamw_from_ref_grads_max_abs_err,
         adamw_max_abs_err,
+        checked,
         pass,
     }
+}
+
+/// The reference gradients and AdamW step of `expected` (None when it holds neither; an error
+/// when it holds only some of them).
+type OptionalRef = (Option<Vec<Vec<f32>>>, Option<Vec<Vec<f32>>>);
+
+fn optional_reference(
+    path: &Path,
+    table: &dm_model::ParamTable,
+    expected: &BTreeMap<String, HostTensor>,
+) -> Result<OptionalRef> {
+    let has = |p: &str| expected.keys().any(|k| k.starts_with(p));
+    let grads = has("grad.").then(|| params_from_tensors(path, table, expected, "grad.")).transpose()?;
+    let adamw = has("adamw1.").then(|| params_from_tensors(path, table, expected, "adamw1.")).transpose()?;
+    Ok((grads, adamw))
+}
+
+/// The fixture's weights: `weights.safetensors`, or a dalle-mini `flax_model.msgpack`.
+fn fixture_weights(dir: &Path, table: &dm_model::ParamTable) -> Result<Vec<Vec<f32>>> {
+    Ok(dm_model::dalle_mini::load_model_weights(dir, table)?)
 }
 
 /// Runs the fixture on the CPU backend.
@@ -193,17 +225,15 @@ pub fn run(dir: &Path) -> Result<ParityReport> {
 /// Runs the fixture on any backend.
 pub fn run_on<B: Backend>(backend: B, dir: &Path) -> Result<ParityReport> {
     let cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
-    let opt = read_fixture_optimizer(dir)?;
     let table = dm_model::ParamTable::new(&cfg);
-    let weights_path = dir.join("weights.safetensors");
-    let weights = load_weights(&weights_path, &table)?;
+    let weights = fixture_weights(dir, &table)?;
     let batch = read_batch(&dir.join("batch.safetensors"), &cfg)?;
     let expected_path = dir.join("expected.safetensors");
     let expected = read_tensors(&expected_path)?;
     let ref_logits = f32_tensor(&expected, "logits", &expected_path)?;
     let ref_loss = f32_tensor(&expected, "loss", &expected_path)?[0] as f64;
-    let ref_grads = params_from_tensors(&expected_path, &table, &expected, "grad.")?;
-    let ref_adamw = params_from_tensors(&expected_path, &table, &expected, "adamw1.")?;
+    let (ref_grads, ref_adamw) = optional_reference(&expected_path, &table, &expected)?;
+    let opt = ref_adamw.as_ref().map(|_| read_fixture_optimizer(dir)).transpose()?;
 
     let mut model = DalleBart::new(backend, cfg, weights.clone())?;
     model.forward(&batch)?;
@@ -224,13 +254,18 @@ pub fn run_on<B: Backend>(backend: B, dir: &Path) -> Result<ParityReport> {
             be.write(g, 0, gv)?;
         }
         let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
+        let Some(opt) = opt else { return Ok(Vec::new()) };
         let mut adamw = AdamW::new(&be, opt.adamw, &names, &model.params)?;
         adamw.update(&be, &mut model.params, &model.grads, opt.lr, 1.0)?;
         Ok(model.param_values()?)
     };
-    let adamw_from_ref = adamw_err(&mut model, &ref_grads)?;
+    let adamw_from_ref = match &ref_grads {
+        Some(g) => adamw_err(&mut model, g)?,
+        None => Vec::new(),
+    };
     let adamw = adamw_err(&mut model, &grads)?;
-    let reference = Reference { loss: ref_loss, logits: ref_logits, grads: &ref_grads, adamw: &ref_adamw };
+    let reference =
+        Reference { loss: ref_loss, logits: ref_logits, grads: ref_grads.as_deref(), adamw: ref_adamw.as_deref() };
     let results = Results {
         fixture: dir.display().to_string(),
         loss: out.loss as f64,
@@ -274,15 +309,20 @@ pub fn run_mesh(dir: &Path, tp: usize, dp: usize) -> Result<ParityReport> {
     let cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
     let opt = read_fixture_optimizer(dir)?;
     let full_table = dm_model::ParamTable::new(&cfg);
-    let weights = load_weights(&dir.join("weights.safetensors"), &full_table)?;
+    let weights = fixture_weights(dir, &full_table)?;
     let batch = read_batch(&dir.join("batch.safetensors"), &cfg)?;
     let mesh = check_mesh(&cfg, batch.batch, tp, dp)?;
     let expected_path = dir.join("expected.safetensors");
     let expected = read_tensors(&expected_path)?;
     let ref_logits = f32_tensor(&expected, "logits", &expected_path)?.to_vec();
     let ref_loss = f32_tensor(&expected, "loss", &expected_path)?[0] as f64;
-    let ref_grads = params_from_tensors(&expected_path, &full_table, &expected, "grad.")?;
-    let ref_adamw = params_from_tensors(&expected_path, &full_table, &expected, "adamw1.")?;
+    let (Some(ref_grads), Some(ref_adamw)) = optional_reference(&expected_path, &full_table, &expected)? else {
+        bail!(
+            "{}: parity on a mesh needs grad.* and adamw1.* reference tensors; this fixture holds only \
+             logits and loss: run it without --tp/--dp",
+            expected_path.display()
+        );
+    };
     let rows = batch.batch / dp;
     let tokens = (batch.batch * batch.image_len) as f32;
 
@@ -351,7 +391,7 @@ pub fn run_mesh(dir: &Path, tp: usize, dp: usize) -> Result<ParityReport> {
     let grads = gather(&|r| &r.grads);
     let adamw_ref = gather(&|r| &r.adamw_from_ref);
     let adamw_own = gather(&|r| &r.adamw);
-    let reference = Reference { loss: ref_loss, logits: &ref_logits, grads: &ref_grads, adamw: &ref_adamw };
+    let reference = Reference { loss: ref_loss, logits: &ref_logits, grads: Some(&ref_grads), adamw: Some(&ref_adamw) };
     let results = Results {
         fixture: format!("{} (tp={tp}, dp={dp})", dir.display()),
         loss,

@@ -346,6 +346,20 @@ impl Canvas {
     }
 }
 
+/// Draws `s` in the 5×7 font at `scale` into a `width`×`height` RGB buffer, top-left corner at
+/// (`x`, `y`), clipped at the edges (for captions under images).
+#[allow(clippy::too_many_arguments)]
+pub fn draw_text(rgb: &mut Vec<u8>, width: usize, height: usize, x: i64, y: i64, s: &str, scale: i64, colour: [u8; 3]) {
+    let mut canvas = Canvas { w: width as i64, h: height as i64, px: std::mem::take(rgb) };
+    canvas.text(x, y, s, scale, colour, false);
+    *rgb = canvas.px;
+}
+
+/// Width in pixels of `s` drawn by [`draw_text`]; a line is `9 · scale` pixels high (descenders included).
+pub fn text_width(s: &str, scale: i64) -> i64 {
+    text_w(s, scale)
+}
+
 /// Width in pixels of `s` in the 5×7 font at `scale`.
 fn text_w(s: &str, scale: i64) -> i64 {
     (s.chars().count() as i64 * 6 - 1).max(0) * scale

@@ -16,7 +16,7 @@
 //! training: {steps: 1000, batch_size: 32, grad_accumulation: 1, seed: 0, log_every: 10,
 //!            eval_every: 100, eval_batches: 4, save_every: 200, keep_checkpoints: 3,
 //!            sample_every: 0, sample_prompts: [...], sample_prompts_file: null,
-//!            time_limit_minutes: null}
+//!            time_limit_minutes: null, vqgan: null}
 //! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null}
 //! ```
 
@@ -43,6 +43,11 @@ pub struct ModelSection {
     pub preset: Option<String>,
     /// A dalle-mini `config.json`.
     pub config: Option<PathBuf>,
+    /// Start from this checkpoint's weights (and its config): a dalle-mini folder
+    /// (`flax_model.msgpack`) or one of ours — fine-tuning, as dalle-mini's `--model_name_or_path`.
+    pub from: Option<PathBuf>,
+    /// With `from`: dalle-mini's `opt_state.msgpack` (`--optim adam`), to continue its AdamW.
+    pub optimizer_state: Option<PathBuf>,
     pub d_model: Option<usize>,
     pub encoder_layers: Option<usize>,
     pub decoder_layers: Option<usize>,
@@ -56,6 +61,8 @@ impl Default for ModelSection {
         Self {
             preset: Some("tiny".into()),
             config: None,
+            from: None,
+            optimizer_state: None,
             d_model: None,
             encoder_layers: None,
             decoder_layers: None,
@@ -200,6 +207,8 @@ pub struct TrainingSection {
     pub time_limit_minutes: Option<f64>,
     /// The divergence guard ([`crate::divergence`]).
     pub divergence: crate::divergence::DivergenceSection,
+    /// A VQGAN folder (config.json + weights): sample grids decode through it, prompts under images.
+    pub vqgan: Option<PathBuf>,
 }
 
 impl Default for TrainingSection {
@@ -219,6 +228,7 @@ impl Default for TrainingSection {
             sample_prompts_file: None,
             time_limit_minutes: None,
             divergence: Default::default(),
+            vqgan: None,
         }
     }
 }
@@ -283,9 +293,9 @@ pub fn tiny_model(text_vocab: usize, image_vocab: usize, image_length: usize, te
 }
 
 /// Settings a continued run may change without being "another run": its length and time limit,
-/// the logging, evaluation, checkpoint and sampling cadence, the divergence guard, and the mesh
+/// the logging, evaluation, checkpoint and sampling cadence (and the sampling VQGAN), the divergence guard, and the mesh
 /// (checkpoints move between mesh shapes).
-pub const CONTINUABLE_KEYS: [&str; 12] = [
+pub const CONTINUABLE_KEYS: [&str; 13] = [
     "training.steps",
     "training.time_limit_minutes",
     "training.log_every",
@@ -297,6 +307,7 @@ pub const CONTINUABLE_KEYS: [&str; 12] = [
     "training.sample_prompts",
     "training.sample_prompts_file",
     "training.divergence",
+    "training.vqgan",
     "mesh",
 ];
 
@@ -434,10 +445,18 @@ impl RunConfig {
                 p.push(format!("training.sample_prompts_file {} does not exist", f.display()));
             }
         }
+        if let Some(v) = &t.vqgan {
+            if !v.join("config.json").is_file() {
+                p.push(format!("training.vqgan {} is not a VQGAN folder (no config.json)", v.display()));
+            }
+        }
         if let Some(mem) = &m.device_memory {
             if let Err(e) = parse_bytes(mem) {
                 p.push(format!("mesh.device_memory: {e}"));
             }
+        }
+        if let Err(e) = crate::interop::check_model_from(&self.model) {
+            p.push(format!("{e:#}").trim_start_matches("run config: ").to_string());
         }
         p
     }
@@ -461,6 +480,7 @@ impl RunConfig {
     pub fn model_config(&self, text_vocab: usize, image_vocab: usize, image_length: usize) -> Result<DalleBartConfig> {
         let s = &self.model;
         let mut c = match (&s.preset, &s.config) {
+            _ if s.from.is_some() => crate::interop::from_config(s)?,
             (_, Some(path)) => DalleBartConfig::from_file(path)?,
             (Some(p), None) if p == "tiny" => {
                 tiny_model(text_vocab, image_vocab, image_length, self.data.max_text_length)

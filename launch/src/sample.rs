@@ -1,7 +1,7 @@
 //! `dalle-mesh sample`: generate image codes for prompts from a checkpoint and decode them.
 //! Codes of the built-in synthetic dataset decode through its codebook to a PNG grid (one row
-//! per prompt); codes of an imported (VQGAN-encoded) dataset are written as JSON, since the
-//! VQGAN decoder is not part of dalle-mesh.
+//! per prompt); codes of an imported (VQGAN-encoded) dataset decode through a VQGAN folder
+//! (`--vqgan DIR`) into a grid with each prompt under its image, or are written as JSON without one.
 
 use crate::train::DataInfo;
 use anyhow::{bail, Context, Result};
@@ -70,6 +70,22 @@ pub fn sample_to_png<B: Backend>(
     opts: &SamplingOptions,
     path: &Path,
 ) -> Result<Vec<Vec<u32>>> {
+    sample_images(model, tok, info, captions, n, opts, path, None)
+}
+
+/// [`sample_to_png`], decoding through the VQGAN at `vqgan` when given (a PNG grid with each
+/// prompt under its image).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_images<B: Backend>(
+    model: &mut DalleBart<B>,
+    tok: &TextTokenizer,
+    info: &DataInfo,
+    captions: &[String],
+    n: usize,
+    opts: &SamplingOptions,
+    path: &Path,
+    vqgan: Option<&Path>,
+) -> Result<Vec<Vec<u32>>> {
     let mut prompts = Vec::new();
     for c in captions {
         for _ in 0..n {
@@ -81,7 +97,9 @@ pub fn sample_to_png<B: Backend>(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if info.kind == "synthetic" {
+    if let Some(dir) = vqgan {
+        crate::vqgan_grid::write(dir, &codes, captions, n, path)?;
+    } else if info.kind == "synthetic" {
         let images = codes.iter().map(|c| dm_data::decode_codes(c, info.grid)).collect::<dm_data::Result<Vec<_>>>()?;
         dm_data::save_png_grid(&images, path)?;
     } else {
@@ -91,32 +109,49 @@ pub fn sample_to_png<B: Backend>(
     Ok(codes)
 }
 
-/// Loads a checkpoint (a run folder or one `step_*` folder) and samples prompts from it.
+/// How a model folder's codes decode: its data.json (our checkpoints), or for a dalle-mini
+/// folder VQGAN codes on a square grid, with config.json's `normalize_text`.
+fn data_info_of(dir: &Path, cfg: &dm_model::DalleBartConfig) -> Result<DataInfo> {
+    let path = dir.join("data.json");
+    if path.is_file() {
+        return serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("{}", path.display()));
+    }
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    Ok(DataInfo {
+        kind: "encoded".into(),
+        grid: (cfg.image_length as f64).sqrt().round() as usize,
+        max_text_length: cfg.max_text_length,
+        normalize_text: config["normalize_text"].as_bool().unwrap_or(false),
+    })
+}
+
+/// Loads a checkpoint (a run folder, one `step_*` folder, or a dalle-mini folder) and samples
+/// prompts from it.
 pub fn run(checkpoint: &Path, captions: &[String], n: usize, opts: &SamplingOptions, out: &Path) -> Result<PathBuf> {
+    run_with_vqgan(checkpoint, captions, n, opts, out, None)
+}
+
+/// [`run`], decoding through the VQGAN folder `vqgan` when given (`sample --vqgan DIR`).
+pub fn run_with_vqgan(
+    checkpoint: &Path,
+    captions: &[String],
+    n: usize,
+    opts: &SamplingOptions,
+    out: &Path,
+    vqgan: Option<&Path>,
+) -> Result<PathBuf> {
     if captions.is_empty() {
         bail!(crate::exit_code::BadInput("give at least one --prompt".into()));
     }
     validate_options(opts, n)?;
-    let dir = crate::run_checkpoint::newest_verified(checkpoint)?;
-    let cfg = dm_model::DalleBartConfig::from_file(&dir.join("config.json"))?;
-    let table = dm_model::ParamTable::new(&cfg);
-    let weights_path = dir.join("weights.safetensors");
-    let weights = dm_model::checkpoint::load_weights(&weights_path, &table)?;
-    if let Some((spec, _)) = table.specs.iter().zip(&weights).find(|(_, w)| w.iter().any(|x| !x.is_finite())) {
-        return Err(crate::bad_input!(
-            "{}: tensor {} holds non-finite values: this checkpoint diverged; sample an older one with \
-             --checkpoint RUN_FOLDER/checkpoints/step_N",
-            weights_path.display(),
-            spec.name
-        ));
+    let (dir, cfg, weights) = crate::interop::load_model(checkpoint)?;
+    if let Some(v) = vqgan {
+        crate::vqgan_grid::check_fits(v, cfg.image_length, cfg.image_vocab_size)?;
     }
-    let info: DataInfo = serde_json::from_slice(&std::fs::read(dir.join("data.json"))?)
-        .with_context(|| format!("{}: data.json", dir.display()))?;
-    let tok = TextTokenizer::from_file(dir.join("tokenizer.json"))?
-        .with_max_text_length(cfg.max_text_length)?
-        .with_normalizer(info.normalize_text);
+    let info = data_info_of(&dir, &cfg)?;
+    let tok = dm_data::hf_tokenizer::text_tokenizer(&dir, cfg.max_text_length, info.normalize_text)?;
     warn_truncated(&tok, captions)?;
     let mut model = DalleBart::new(dm_runtime::cpu::CpuBackend::new(), cfg, weights)?;
-    sample_to_png(&mut model, &tok, &info, captions, n, opts, out)?;
-    Ok(if info.kind == "synthetic" { out.to_path_buf() } else { out.with_extension("json") })
+    sample_images(&mut model, &tok, &info, captions, n, opts, out, vqgan)?;
+    Ok(if info.kind == "synthetic" || vqgan.is_some() { out.to_path_buf() } else { out.with_extension("json") })
 }

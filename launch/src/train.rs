@@ -825,7 +825,8 @@ fn sample_from(sh: &Shared, model_cfg: &DalleBartConfig, step: u64, params: &[Ve
     let mut model = DalleBart::new(CpuBackend::new(), model_cfg.clone(), params.to_vec())?;
     let path = sh.out.join("samples").join(format!("step_{step:08}.png"));
     let opts = SamplingOptions { temperature: 1.0, top_k: Some(16), seed: tr.seed ^ step, ..Default::default() };
-    crate::sample::sample_to_png(&mut model, &sh.data.tokenizer, &sh.data.info, &prompts, 1, &opts, &path)?;
+    let vqgan = tr.vqgan.as_deref();
+    crate::sample::sample_images(&mut model, &sh.data.tokenizer, &sh.data.info, &prompts, 1, &opts, &path, vqgan)?;
     tracing::info!(path = %path.display(), "samples written");
     Ok(Some(path))
 }
@@ -888,10 +889,16 @@ pub fn train_with(cfg: RunConfig, out: &Path, resume: Option<&Path>, opts: &Trai
     let model_cfg =
         cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
     dm_model::params::check_tp(&model_cfg, mesh.tp()).map_err(|e| anyhow::anyhow!("mesh.tp = {}: {e}", mesh.tp()))?;
+    if let Some(v) = &cfg.training.vqgan {
+        crate::vqgan_grid::check_fits(v, model_cfg.image_length, model_cfg.image_vocab_size)?;
+    }
     if let Some(b) = budget {
         crate::plan_check(&model_cfg, &cfg, b)?;
     }
-    let restored = resume.map(|p| load_checkpoint(p, &model_cfg)).transpose()?;
+    let restored = match resume {
+        Some(p) => Some(load_checkpoint(p, &model_cfg)?),
+        None => crate::interop::start_from(&cfg, &model_cfg)?.map(|(s, f)| (s, f, PathBuf::new())),
+    };
     if let (Some(path), Some((state, _, dir))) = (resume, &restored) {
         let why = if run_checkpoint::is_checkpoint_dir(path) {
             format!("a branch abandoned by resuming from {}", dir.display())

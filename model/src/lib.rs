@@ -6,12 +6,16 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod dalle_mini;
 pub mod dallebart;
 pub mod error;
+pub mod flax;
 pub mod flops;
+pub mod opt_state;
 pub mod optimizer;
 pub mod params;
 pub mod plan;
+pub mod vqgan;
 
 pub use batch::Batch;
 pub use config::DalleBartConfig;

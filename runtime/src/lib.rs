@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod memory;
+pub mod ops;
 
 pub use backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
 pub use error::{Result, RuntimeError};
