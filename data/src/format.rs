@@ -8,8 +8,10 @@
 //! | `captions.idx` | `rows + 1` little-endian `u64` byte offsets into `captions.bin`; row `i` is `[idx[i], idx[i+1])`, `idx[0] = 0`, `idx[rows] = len(captions.bin)` |
 //!
 //! [`Dataset::open`] memory-maps the three data files (nothing is read into memory up front)
-//! and checks their sizes against the manifest; [`Dataset::verify_checksums`] reads everything
-//! and checks the CRC-32s. [`DatasetWriter`] writes a new dataset into a temporary sibling folder
+//! and checks their sizes against the manifest; every row read checks its caption offsets, its
+//! UTF-8 and that its codes are below `image_vocab` (cheap: only the rows a run reads);
+//! [`Dataset::verify_checksums`] reads everything and checks the CRC-32s, and [`Dataset::verify`]
+//! also checks every row (`dalle-mesh data verify`, or `data.verify: true` in a run config). [`DatasetWriter`] writes a new dataset into a temporary sibling folder
 //! and renames it into place only when complete, so a reader never sees a half-written dataset.
 
 use std::collections::BTreeMap;
@@ -379,11 +381,24 @@ impl Dataset {
         })
     }
 
-    /// Image codes of row `i`, viewed in place.
+    /// Image codes of row `i`, viewed in place; every code is checked to be below `image_vocab`
+    /// (a corrupt byte can't index past the vocabulary or train as a BOS code).
     pub fn codes(&self, i: usize) -> Result<CodesView<'_>> {
         self.check_index(i)?;
         let width = self.manifest.image_length * self.manifest.code_dtype.size();
-        Ok(CodesView { bytes: &self.codes[i * width..(i + 1) * width], dtype: self.manifest.code_dtype })
+        let view = CodesView { bytes: &self.codes[i * width..(i + 1) * width], dtype: self.manifest.code_dtype };
+        if let Some((j, c)) = view.iter().enumerate().find(|&(_, c)| c >= self.manifest.image_vocab) {
+            return Err(DataError::Corrupt {
+                path: self.dir.join(CODES_FILE),
+                msg: format!(
+                    "row {i}: code {c} at position {j} is not below image_vocab {} (check the whole dataset with \
+                     `dalle-mesh data verify {}`)",
+                    self.manifest.image_vocab,
+                    self.dir.display()
+                ),
+            });
+        }
+        Ok(view)
     }
 
     /// Row `i`: caption and codes.
@@ -404,6 +419,26 @@ impl Dataset {
             }
         }
         Ok(())
+    }
+}
+
+/// What [`Dataset::verify`] checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl Dataset {
+    /// Checks everything: the CRC-32 of every data file, then every row (caption offsets in
+    /// bounds and increasing, captions valid UTF-8, codes below `image_vocab`). Reads every byte.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        self.verify_checksums()?;
+        for i in 0..self.len() {
+            self.row(i)?;
+        }
+        let bytes = (self.codes.len() + self.captions.len() + self.idx.len()) as u64;
+        Ok(VerifyReport { rows: self.manifest.rows, bytes })
     }
 }
 

@@ -22,7 +22,7 @@ pub mod synthetic;
 pub mod text;
 
 pub use error::{DataError, Result};
-pub use format::{CodeDtype, CodesView, Dataset, DatasetWriter, Manifest, Row};
+pub use format::{CodeDtype, CodesView, Dataset, DatasetWriter, Manifest, Row, VerifyReport};
 pub use image::{save_png_grid, RgbImage};
 pub use import::{import, import_jsonl, BadRow, BadRowReason, ImportOptions, ImportReport};
 pub use reader::{make_batch, Batch, ReaderState, ShardedReader};

@@ -97,7 +97,7 @@ impl DivergenceGuard {
             return Some(format!(
                 "step {step}: the loss is {loss} and the gradient norm {grad_norm}: the run diverged. Lower \
                  optimizer.learning_rate or set optimizer.max_grad_norm, and resume from the last checkpoint with \
-                 --resume"
+                 --resume RUN --allow-config-change"
             ));
         }
         match self.too_high(loss) {
@@ -107,7 +107,7 @@ impl DivergenceGuard {
                     return Some(format!(
                         "step {step}: the loss has stayed above {} × its running median {median:.4} for {} steps \
                          (now {loss:.4}): the run diverged. Lower optimizer.learning_rate, and resume from the last \
-                         checkpoint with --resume (or tune training.divergence)",
+                         checkpoint with --resume RUN --allow-config-change (or tune training.divergence)",
                         self.cfg.loss_factor.unwrap_or_default(),
                         self.state.streak
                     ));
@@ -131,14 +131,14 @@ impl DivergenceGuard {
             return Some(format!(
                 "step {step}: the weights about to be saved give a loss of {probe} on the next batch: the run \
                  diverged, nothing was saved. Lower optimizer.learning_rate and resume from the last checkpoint with \
-                 --resume"
+                 --resume RUN --allow-config-change"
             ));
         }
         let median = self.too_high(probe)?;
         Some(format!(
             "step {step}: the weights about to be saved give a loss of {probe:.4} on the next batch, above {} × the \
              running median {median:.4}: the run diverged, nothing was saved. Lower optimizer.learning_rate and \
-             resume from the last checkpoint with --resume",
+             resume from the last checkpoint with --resume RUN --allow-config-change",
             self.cfg.loss_factor.unwrap_or_default()
         ))
     }

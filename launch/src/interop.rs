@@ -21,13 +21,12 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
         }
         return Ok(path.to_path_buf());
     }
-    let dir = run_checkpoint::latest(path).with_context(|| {
+    let dir = run_checkpoint::newest_verified(path).with_context(|| {
         format!(
             "{} is neither a model folder (config.json + weights.safetensors or flax_model.msgpack) nor a run folder",
             path.display()
         )
     })?;
-    run_checkpoint::verify(&dir)?;
     Ok(dir)
 }
 

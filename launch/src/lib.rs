@@ -55,7 +55,7 @@ pub fn plot_loss(out: &Path, train: &[(f64, f64)], eval: &[(f64, f64)], baseline
 
 /// Crash-test hook: when `DALLE_MESH_TEST_HOLD` is `<point>:<step>` (points: `step`, in the middle
 /// of an optimizer step after its backward; `checkpoint`, after a checkpoint's files are written
-/// and before it is published), prints `HOLD <point> <step>` to stderr and sleeps, so a test can
+/// and before it is published; `signal:0`, when a stop signal has been agreed, before saving), prints `HOLD <point> <step>` to stderr and sleeps, so a test can
 /// SIGKILL the process at exactly that point. Does nothing otherwise.
 pub fn test_hook(point: &str, step: u64) {
     let Ok(spec) = std::env::var("DALLE_MESH_TEST_HOLD") else { return };
@@ -174,4 +174,13 @@ pub fn test_stop(rank: usize, step: u64) -> stop::StopReason {
         return stop::StopReason::Signal(signals::SIGTERM);
     }
     stop::StopReason::None
+}
+
+/// Disk-full test hook: when `DALLE_MESH_TEST_DISK_FULL` is a step, writing that step's
+/// checkpoint files fails as a full disk would (ENOSPC). Does nothing otherwise.
+pub fn test_disk_full(step: u64) -> std::io::Result<()> {
+    if std::env::var("DALLE_MESH_TEST_DISK_FULL").is_ok_and(|s| s == step.to_string()) {
+        return Err(std::io::Error::from_raw_os_error(28));
+    }
+    Ok(())
 }

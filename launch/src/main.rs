@@ -225,6 +225,9 @@ enum DataCommand {
         #[arg(long)]
         skip_bad: bool,
     },
+    /// Check an encoded dataset: every file's checksum and every row (caption offsets, UTF-8,
+    /// codes below the image vocabulary). Exits 2 naming the first problem.
+    Verify { dir: PathBuf },
     /// One JSON line about a dataset (imported folder, or parquet file / folder / glob): rows,
     /// image_length, image_vocab and codes_sha256_u16le, to compare datasets.
     Info {
@@ -503,6 +506,11 @@ fn run(cli: Cli) -> Result<i32> {
                 "out": out, "rows_written": report.rows_written, "rows_skipped": report.rows_skipped,
                 "lines_read": report.lines_read, "seconds": started.elapsed().as_secs_f64(),
             }))?;
+            Ok(0)
+        }
+        Command::Data { what: DataCommand::Verify { dir } } => {
+            let r = dm_data::Dataset::open(&dir)?.verify()?;
+            print_json(&serde_json::json!({"dir": dir, "rows": r.rows, "bytes": r.bytes, "ok": true}))?;
             Ok(0)
         }
         Command::Data { what: DataCommand::Info { input, caption_column, encoding_column } } => {

@@ -12,7 +12,7 @@
 //! place, so a crash at any moment leaves either no new checkpoint or a complete one; loading
 //! verifies every checksum. The last `keep` checkpoints are kept.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,21 +59,15 @@ pub fn write_checkpoint(
     let tmp = root.join(format!(".tmp-step_{step:08}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut sums = Vec::new();
-    for (name, bytes) in files {
-        let path = tmp.join(name);
-        let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
-        sums.push(FileSum { name: name.to_string(), bytes: bytes.len() as u64, crc32: crc32fast::hash(bytes) });
+    if let Err(e) = write_files(&tmp, step, files) {
+        // A failed write (a full disk, say) must not leave its partial copy taking space.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "writing checkpoint step {step} into {} failed; its temporary folder was removed and the previous \
+             checkpoints are intact",
+            root.display()
+        )));
     }
-    crate::test_hook("checkpoint", step);
-    let manifest = CheckpointManifest { format: 1, step, files: sums };
-    let path = tmp.join(MANIFEST);
-    let mut f = std::fs::File::create(&path)?;
-    f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-    f.sync_all()?;
-    fsync_dir(&tmp);
     if final_dir.exists() {
         // Re-saving a step (e.g. after a resume): replace the old copy only once the new one is whole.
         let old = root.join(format!(".old-step_{step:08}-{}", std::process::id()));
@@ -87,6 +81,27 @@ pub fn write_checkpoint(
     let best = update_best(out, step, quality)?;
     prune(&root, keep, best)?;
     Ok(final_dir)
+}
+
+/// Writes `files` and the manifest into `tmp`, each fsynced.
+fn write_files(tmp: &Path, step: u64, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    let mut sums = Vec::new();
+    for (name, bytes) in files {
+        let path = tmp.join(name);
+        let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        crate::test_disk_full(step).with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+        sums.push(FileSum { name: name.to_string(), bytes: bytes.len() as u64, crc32: crc32fast::hash(bytes) });
+    }
+    crate::test_hook("checkpoint", step);
+    let manifest = CheckpointManifest { format: 1, step, files: sums };
+    let path = tmp.join(MANIFEST);
+    let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    f.sync_all()?;
+    fsync_dir(tmp);
+    Ok(())
 }
 
 /// Saved checkpoint folders, oldest first.
@@ -156,22 +171,30 @@ fn prune(root: &Path, keep: usize, best: Option<u64>) -> Result<()> {
 /// Checks every file of a checkpoint against its manifest.
 pub fn verify(dir: &Path) -> Result<CheckpointManifest> {
     let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{} has no readable manifest.json: not a complete checkpoint", dir.display()))?;
-    let m: CheckpointManifest =
-        serde_json::from_str(&text).with_context(|| format!("{}: manifest.json is corrupt", dir.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        crate::bad_input!("{}: no readable manifest.json ({e}): not a complete checkpoint", dir.display())
+    })?;
+    let m: CheckpointManifest = serde_json::from_str(&text)
+        .map_err(|e| crate::bad_input!("{}: corrupt checkpoint manifest ({e})", path.display()))?;
     for f in &m.files {
+        if Path::new(&f.name).components().count() != 1 {
+            return Err(crate::bad_input!("{}: corrupt checkpoint manifest (file name {:?})", path.display(), f.name));
+        }
         let p = dir.join(&f.name);
-        let bytes = std::fs::read(&p).with_context(|| format!("checkpoint file {} is missing", p.display()))?;
-        if bytes.len() as u64 != f.bytes || crc32fast::hash(&bytes) != f.crc32 {
-            bail!(
-                "checkpoint file {} does not match its checksum in manifest.json ({} bytes, expected {}): the \
+        let bytes =
+            std::fs::read(&p).map_err(|e| crate::bad_input!("checkpoint file {} is missing ({e})", p.display()))?;
+        let crc = crc32fast::hash(&bytes);
+        if bytes.len() as u64 != f.bytes || crc != f.crc32 {
+            return Err(crate::bad_input!(
+                "checkpoint file {} does not match its checksum in manifest.json ({} bytes, crc32 {crc:08x}; \
+                 expected {} bytes, crc32 {:08x}): the \
                  checkpoint is corrupt. `--resume RUN_FOLDER` falls back to the newest checkpoint that verifies; or \
                  name an older one with --resume RUN_FOLDER/checkpoints/step_N",
                 p.display(),
                 bytes.len(),
-                f.bytes
-            );
+                f.bytes,
+                f.crc32
+            ));
         }
     }
     Ok(m)
@@ -247,6 +270,30 @@ pub fn set_aside_newer(out: &Path, step: u64, why: &str) -> Result<Vec<PathBuf>>
     Ok(moved)
 }
 
+/// The newest checkpoint of `path` (a run folder, or one checkpoint) whose files verify; each
+/// newer one that doesn't is named in a warning and left in place.
+pub fn newest_verified(path: &Path) -> Result<PathBuf> {
+    if is_checkpoint_dir(path) {
+        verify(path)?;
+        return Ok(path.to_path_buf());
+    }
+    let mut skipped = Vec::new();
+    for (_, dir) in list_checkpoints(path).into_iter().rev() {
+        match verify(&dir) {
+            Ok(_) => return Ok(dir),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "skipping a checkpoint that does not verify: {e:#}");
+                skipped.push(format!("{e:#}"));
+            }
+        }
+    }
+    if skipped.is_empty() {
+        latest(path)
+    } else {
+        Err(crate::bad_input!("no checkpoint of {} verifies:\n  {}", path.display(), skipped.join("\n  ")))
+    }
+}
+
 /// The newest checkpoint of a run folder (or the folder itself if it is a checkpoint).
 pub fn latest(path: &Path) -> Result<PathBuf> {
     if path.join(MANIFEST).exists() {
@@ -254,7 +301,11 @@ pub fn latest(path: &Path) -> Result<PathBuf> {
     }
     match list_checkpoints(path).pop() {
         Some((_, dir)) => Ok(dir),
-        None => bail!("{} holds no checkpoint (expected {}/checkpoints/step_*/)", path.display(), path.display()),
+        None => Err(crate::bad_input!(
+            "{} holds no checkpoint (expected {}/checkpoints/step_*/): check the path",
+            path.display(),
+            path.display()
+        )),
     }
 }
 

@@ -102,6 +102,8 @@ pub struct DataSection {
     pub normalize_text: bool,
     /// Caption length in tokens (the model's max_text_length).
     pub max_text_length: usize,
+    /// Check the datasets' checksums and every row before training (reads every byte).
+    pub verify: bool,
 }
 
 impl Default for DataSection {
@@ -113,6 +115,7 @@ impl Default for DataSection {
             tokenizer: None,
             normalize_text: true,
             max_text_length: 16,
+            verify: false,
         }
     }
 }
@@ -304,9 +307,9 @@ pub fn tiny_model(text_vocab: usize, image_vocab: usize, image_length: usize, te
 }
 
 /// Settings a continued run may change without being "another run": its length and time limit,
-/// the logging, evaluation, checkpoint and sampling cadence, the divergence guard, and the mesh
+/// the logging, evaluation, checkpoint and sampling cadence (and the sampling VQGAN), the divergence guard, and the mesh
 /// (checkpoints move between mesh shapes).
-pub const CONTINUABLE_KEYS: [&str; 12] = [
+pub const CONTINUABLE_KEYS: [&str; 13] = [
     "training.steps",
     "training.time_limit_minutes",
     "training.log_every",
@@ -318,6 +321,7 @@ pub const CONTINUABLE_KEYS: [&str; 12] = [
     "training.sample_prompts",
     "training.sample_prompts_file",
     "training.divergence",
+    "training.vqgan",
     "mesh",
 ];
 
@@ -344,13 +348,15 @@ fn flatten(cfg: &RunConfig) -> std::collections::BTreeMap<String, serde_yaml::Va
 }
 
 /// A float key's problem: not finite, or outside what makes sense ("≥ 0", "> 0", ...).
-fn number_problem(key: &str, v: f64, ok: bool, want: &str) -> Option<String> {
+fn number_problem<T: Into<f64> + std::fmt::Display + Copy>(key: &str, v: T, ok: bool, want: &str) -> Option<String> {
+    let shown = v;
+    let v: f64 = v.into();
     if v.is_nan() {
         Some(format!("{key} is NaN; it must be a finite number {want}"))
     } else if v.is_infinite() {
-        Some(format!("{key} is {v}; it must be a finite number {want}"))
+        Some(format!("{key} is {shown}; it must be a finite number {want}"))
     } else if !ok {
-        Some(format!("{key} is {v}; it must be {want}"))
+        Some(format!("{key} is {shown}; it must be {want}"))
     } else {
         None
     }
@@ -384,7 +390,6 @@ impl RunConfig {
         if !problems.is_empty() {
             return Err(bad_input!("run config: {}", problems.join("; ")));
         }
-        crate::interop::check_model_from(&self.model)?;
         crate::interop::check_parquet_dataset(&self.data)?;
         Ok(())
     }
@@ -421,30 +426,24 @@ impl RunConfig {
         .filter_map(|(bad, msg)| bad.then_some(msg))
         .collect();
         let numbers = [
-            number_problem("optimizer.learning_rate", o.learning_rate as f64, o.learning_rate >= 0.0, "≥ 0"),
-            number_problem(
-                "optimizer.end_learning_rate",
-                o.end_learning_rate as f64,
-                o.end_learning_rate >= 0.0,
-                "≥ 0",
-            ),
-            number_problem("optimizer.weight_decay", o.weight_decay as f64, o.weight_decay >= 0.0, "≥ 0"),
-            number_problem("optimizer.b1", o.b1 as f64, (0.0..1.0).contains(&o.b1), "in [0, 1)"),
-            number_problem("optimizer.b2", o.b2 as f64, (0.0..1.0).contains(&o.b2), "in [0, 1)"),
-            number_problem("optimizer.eps", o.eps as f64, o.eps > 0.0, "> 0"),
+            number_problem("optimizer.learning_rate", o.learning_rate, o.learning_rate >= 0.0, "≥ 0"),
+            number_problem("optimizer.end_learning_rate", o.end_learning_rate, o.end_learning_rate >= 0.0, "≥ 0"),
+            number_problem("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0.0, "≥ 0"),
+            number_problem("optimizer.b1", o.b1, (0.0..1.0).contains(&o.b1), "in [0, 1)"),
+            number_problem("optimizer.b2", o.b2, (0.0..1.0).contains(&o.b2), "in [0, 1)"),
+            number_problem("optimizer.eps", o.eps, o.eps > 0.0, "> 0"),
             number_problem(
                 "optimizer.decay_rate",
-                o.decay_rate as f64,
+                o.decay_rate,
                 o.decay_rate > 0.0 && o.decay_rate <= 1.0,
                 "in (0, 1] (a decay)",
             ),
-            o.max_grad_norm.and_then(|g| {
-                number_problem("optimizer.max_grad_norm", g as f64, g > 0.0, "> 0 (or null for no clipping)")
-            }),
+            o.max_grad_norm
+                .and_then(|g| number_problem("optimizer.max_grad_norm", g, g > 0.0, "> 0 (or null for no clipping)")),
             t.time_limit_minutes
                 .and_then(|l| number_problem("training.time_limit_minutes", l, l > 0.0, "> 0 (or null for no limit)")),
             self.model.init_std.and_then(|s| {
-                number_problem("model.init_std", s as f64, s > 0.0 && s <= 1.0, "in (0, 1] (dalle-mini uses 0.02)")
+                number_problem("model.init_std", s, s > 0.0 && s <= 1.0, "in (0, 1] (dalle-mini uses 0.02)")
             }),
         ];
         p.extend(numbers.into_iter().flatten());
@@ -470,6 +469,9 @@ impl RunConfig {
             if let Err(e) = parse_bytes(mem) {
                 p.push(format!("mesh.device_memory: {e}"));
             }
+        }
+        if let Err(e) = crate::interop::check_model_from(&self.model) {
+            p.push(format!("{e:#}").trim_start_matches("run config: ").to_string());
         }
         p
     }

@@ -16,6 +16,49 @@ fn prompt(tok: &TextTokenizer, caption: &str) -> Result<Prompt> {
     Ok(Prompt { input_ids: e.input_ids, attention_mask: e.attention_mask })
 }
 
+/// Refuses sampling options that make no sense, naming the flag.
+pub fn validate_options(opts: &SamplingOptions, n: usize) -> Result<()> {
+    let mut p = Vec::new();
+    if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
+        p.push(format!("--temperature {} must be a finite number ≥ 0 (0 = greedy)", opts.temperature));
+    }
+    if opts.top_k == Some(0) {
+        p.push("--top-k 0 keeps no code: give at least 1 (or leave it out for no top-k)".to_string());
+    }
+    if let Some(tp) = opts.top_p.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 1.0)) {
+        p.push(format!("--top-p {tp} must be in (0, 1]"));
+    }
+    if !(opts.cond_scale.is_finite() && opts.cond_scale >= 0.0) {
+        p.push(format!("--cond-scale {} must be a finite number ≥ 0 (1 = no guidance)", opts.cond_scale));
+    }
+    if n == 0 {
+        p.push("--n 0 asks for no samples: give at least 1".to_string());
+    }
+    if !p.is_empty() {
+        return Err(crate::bad_input!("sample: {}", p.join("; ")));
+    }
+    Ok(())
+}
+
+/// Warns for each caption longer than the model's text length: it is cut to that many tokens.
+pub fn warn_truncated(tok: &TextTokenizer, captions: &[String]) -> Result<usize> {
+    let room = tok.max_text_length() - 2;
+    let mut cut = 0;
+    for (i, c) in captions.iter().enumerate() {
+        let tokens = tok.token_ids(c)?.len();
+        if tokens > room {
+            cut += 1;
+            tracing::warn!(
+                "prompt {} has {tokens} tokens: truncated to its first {room} tokens (the model reads \
+                 max_text_length {} including <s> and </s>)",
+                i + 1,
+                tok.max_text_length()
+            );
+        }
+    }
+    Ok(cut)
+}
+
 /// Generates `n` samples per prompt and writes them to `path` (PNG for synthetic codes, JSON
 /// otherwise). Returns the codes, prompt-major.
 pub fn sample_to_png<B: Backend>(
@@ -98,14 +141,16 @@ pub fn run_with_vqgan(
     vqgan: Option<&Path>,
 ) -> Result<PathBuf> {
     if captions.is_empty() {
-        bail!("give at least one --prompt");
+        bail!(crate::exit_code::BadInput("give at least one --prompt".into()));
     }
+    validate_options(opts, n)?;
     let (dir, cfg, weights) = crate::interop::load_model(checkpoint)?;
     if let Some(v) = vqgan {
         crate::vqgan_grid::check_fits(v, cfg.image_length, cfg.image_vocab_size)?;
     }
     let info = data_info_of(&dir, &cfg)?;
     let tok = dm_data::hf_tokenizer::text_tokenizer(&dir, cfg.max_text_length, info.normalize_text)?;
+    warn_truncated(&tok, captions)?;
     let mut model = DalleBart::new(dm_runtime::cpu::CpuBackend::new(), cfg, weights)?;
     sample_images(&mut model, &tok, &info, captions, n, opts, out, vqgan)?;
     Ok(if info.kind == "synthetic" || vqgan.is_some() { out.to_path_buf() } else { out.with_extension("json") })

@@ -129,6 +129,12 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
     };
     let train = Arc::new(Dataset::open(&train_dir)?);
     let eval = eval_dir.map(|e| Dataset::open(e).map(Arc::new)).transpose()?;
+    if d.verify {
+        for ds in std::iter::once(&train).chain(eval.as_ref()) {
+            let r = ds.verify()?;
+            tracing::info!(dir = %ds.dir().display(), rows = r.rows, "data.verify: checksums and every row check out");
+        }
+    }
     let tokenizer =
         TextTokenizer::from_file(&tok_path)?.with_max_text_length(d.max_text_length)?.with_normalizer(d.normalize_text);
     let grid = (train.image_length() as f64).sqrt().round() as usize;
@@ -277,9 +283,13 @@ pub struct FullState {
 }
 
 impl FullState {
-    /// The first tensor (`weights`/`m`/`v` and its name) holding a NaN or an infinity.
+    /// The first tensor (its file and name) holding a NaN or an infinity.
     pub fn first_non_finite(&self, table: &dm_model::ParamTable) -> Option<String> {
-        let parts = [("weight", &self.params), ("AdamW moment m of", &self.m), ("AdamW moment v of", &self.v)];
+        let parts = [
+            ("weights.safetensors: tensor", &self.params),
+            ("optimizer.safetensors: AdamW moment m of", &self.m),
+            ("optimizer.safetensors: AdamW moment v of", &self.v),
+        ];
         for (kind, tensors) in parts {
             for (spec, t) in table.specs.iter().zip(tensors.iter()) {
                 if t.iter().any(|x| !x.is_finite()) {
@@ -347,7 +357,7 @@ fn save_checkpoint(
     if let Some(what) = full.first_non_finite(&dm_model::ParamTable::new(model_cfg)) {
         return Err(anyhow::Error::new(crate::exit_code::Diverged(format!(
             "step {step}: {what} holds non-finite values: the run diverged and the checkpoint was not saved. \
-             Lower optimizer.learning_rate and resume from the last checkpoint with --resume"
+             Lower optimizer.learning_rate and resume from the last checkpoint with --resume RUN --allow-config-change"
         ))));
     }
     let table = dm_model::ParamTable::new(model_cfg);
@@ -408,6 +418,17 @@ fn load_one(dir: &Path, model_cfg: &DalleBartConfig) -> Result<(TrainerState, Fu
         return Err(Unusable(crate::bad_input!("{}: {what} holds non-finite values", dir.display())));
     }
     Ok((state, full))
+}
+
+/// Loads one checkpoint folder as a resume would (checksums, every file parsed, values finite),
+/// with the model config it holds; returns its step.
+pub fn inspect_checkpoint(dir: &Path) -> Result<u64> {
+    verify(dir)?;
+    let cfg = DalleBartConfig::from_file(&dir.join("config.json"))?;
+    match load_one(dir, &cfg) {
+        Ok((state, _)) => Ok(state.step),
+        Err(LoadError::Mismatch(e) | LoadError::Unusable(e)) => Err(e),
+    }
 }
 
 /// Loads the checkpoint to resume from: `path` itself if it is one checkpoint, else the newest
@@ -669,6 +690,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         let signalled = matches!(reason, StopReason::Signal(_));
         if signalled {
             tracing::warn!(step, reason = ?reason.label(), "stop signal: saving a checkpoint, then exiting");
+            crate::test_hook("signal", 0);
         }
         let mut eval_now = None;
         if (tr.eval_every > 0 && step.is_multiple_of(tr.eval_every)) || last || out_of_time {
@@ -1007,10 +1029,11 @@ fn train_in_process(
         write_loss_curve(out, shared.baseline)?;
     }
     if let Some(why) = outcome.diverged {
-        return Err(anyhow::Error::new(crate::exit_code::Diverged(format!(
-            "{why} (the newest checkpoint in {} is from before the divergence)",
-            out.join("checkpoints").display()
-        ))));
+        let kept = match list_checkpoints(out).pop() {
+            Some((step, dir)) => format!("the newest checkpoint, step {step} ({}), is from before it", dir.display()),
+            None => "no checkpoint was saved".to_string(),
+        };
+        return Err(anyhow::Error::new(crate::exit_code::Diverged(format!("{why} ({kept})"))));
     }
     Ok(TrainSummary {
         world_rank: procs.as_ref().map_or(0, |p| p.world.rank),

@@ -540,7 +540,8 @@ pub fn grad_sync_comm(cfg: &DalleBartConfig, opts: &PlanOptions, tp_rank: usize)
 }
 
 /// The trainer's one-float all-reduces of every step: the loss (dp, avg), the squared gradient
-/// norm (tp, sum — or world with ZeRO-1) and the time-limit flag (world, max). A communicator
+/// norm (tp, sum — or world with ZeRO-1) and the agreed stop reason (world, max: stop signal,
+/// time limit or divergence, see `dalle_mesh::stop`). A communicator
 /// of one rank is never called.
 pub fn trainer_scalar_comm(opts: &PlanOptions) -> StepComm {
     let world = opts.tp * opts.dp;
@@ -590,6 +591,13 @@ pub fn eval_comm(cfg: &DalleBartConfig, opts: &PlanOptions, batches: usize) -> S
         add(&mut c.dp.all_reduce, 1, 1);
     }
     c
+}
+
+/// Extra traffic of a step that saves a checkpoint, before the shards are gathered: the
+/// divergence probe (the loss of the weights about to be saved on the next micro-batch), an
+/// evaluation of one batch.
+pub fn save_probe_comm(cfg: &DalleBartConfig, opts: &PlanOptions) -> StepComm {
+    eval_comm(cfg, opts, 1)
 }
 
 /// Traffic of a checkpoint or sample step: two world barriers (hand-over of the shards to world

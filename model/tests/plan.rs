@@ -92,7 +92,7 @@ fn scalar(be: &CpuBackend, c: Option<&Arc<ThreadComm>>, x: f32, op: ReduceOp) ->
 /// One training step on every rank of a tp × dp mesh, as `dalle_mesh::train` runs it: init,
 /// optimizer (AdamW or ZeRO-1), forward, loss and backward, loss average over dp, gradient sync
 /// (all-reduce or ZeRO-1 reduce-scatter), grad-norm all-reduce, update (ZeRO-1: all-gather),
-/// time-limit flag over the world.
+/// agreed stop reason (signal, time limit, divergence) over the world.
 fn mesh_step(cfg: &DalleBartConfig, tp: usize, dp: usize, zero1: bool, rows: usize) -> Vec<Measured> {
     let mesh = Mesh::new(tp, dp).unwrap();
     let full = ParamTable::new(cfg).init_values(cfg.init_std, 7);
