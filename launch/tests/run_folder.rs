@@ -270,8 +270,10 @@ fn flags_in_string_literals(src: &str) -> Vec<String> {
             (true, '"') => {
                 in_str = false;
                 for (i, _) in lit.match_indices("--") {
-                    let word: String =
-                        lit[i + 2..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '-').collect();
+                    let word: String = lit[i + 2..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
+                        .collect();
                     let starts_word = word.starts_with(|c: char| c.is_ascii_lowercase());
                     if starts_word && !lit[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-') {
                         found.push(format!("--{word}"));
@@ -288,8 +290,20 @@ fn flags_in_string_literals(src: &str) -> Vec<String> {
 
 #[test]
 fn every_flag_named_in_a_message_exists() {
-    // Options of other programs: the CUDA kernel compiler's, and dalle-mini's train.py `--optim`.
-    const FOREIGN: [&str; 4] = ["--gpu-architecture", "--include-path", "--warn-on-spills", "--optim"];
+    // Options of other programs: the CUDA kernel compiler's, dalle-mini's train.py `--optim`,
+    // cargo's (`--release`), SLURM's (`srun --ntasks`, `--mpi=pmix`) and Open MPI's mpirun's.
+    const FOREIGN: [&str; 10] = [
+        "--gpu-architecture",
+        "--include-path",
+        "--warn-on-spills",
+        "--optim",
+        "--release",
+        "--ntasks",
+        "--mpi",
+        "--oversubscribe",
+        "--tag-output",
+        "--allow-run-as-root",
+    ];
     let flags = all_flags();
     assert!(flags.contains("--resume") && flags.contains("--top-p"), "{flags:?}");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
