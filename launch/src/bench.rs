@@ -115,18 +115,18 @@ impl StepOptions {
 /// Refuses, before anything is allocated, what the runtime can't run yet (exit 2 through main).
 pub fn check_supported(precision: Precision, device: Device) -> Result<()> {
     if device == Device::Cuda {
-        bail!(
+        return Err(crate::bad_input!(
             "not implemented yet: training steps with --device cuda need the CUDA training path of issue 11 \
              (mixed precision, NCCL mesh); this build times CPU ranks only. Use --device cpu, or `dalle-mesh \
              gpu-check` for the CUDA ops and single-GPU step timings"
-        );
+        ));
     }
     if precision == Precision::Bf16Mixed {
-        bail!(
+        return Err(crate::bad_input!(
             "not implemented yet: --precision bf16-mixed needs mixed-precision training (issue 11); the CPU \
              backend trains in fp32 only. Use --precision fp32 (`dalle-mesh plan --time --precision bf16-mixed \
              --profile h100-sxm` predicts bf16 steps)"
-        );
+        ));
     }
     Ok(())
 }

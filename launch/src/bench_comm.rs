@@ -156,14 +156,18 @@ fn iterations(size: u64) -> usize {
 pub fn run(transport: Transport, ranks: usize, sizes: &[u64]) -> Result<CommReport> {
     match transport {
         Transport::Threads => {}
-        Transport::Mpi => bail!(
-            "not implemented yet: --transport mpi needs the MPI communicator of issue 9 (ranks as processes, \
+        Transport::Mpi => {
+            return Err(crate::bad_input!(
+                "not implemented yet: --transport mpi needs the MPI communicator of issue 9 (ranks as processes, \
              cargo feature `mpi`); use --transport threads"
-        ),
-        Transport::Nccl => bail!(
-            "not implemented yet: --transport nccl needs the CUDA device path of issue 11 (this command's GPU \
+            ))
+        }
+        Transport::Nccl => {
+            return Err(crate::bad_input!(
+                "not implemented yet: --transport nccl needs the CUDA device path of issue 11 (this command's GPU \
              buffers and launch); use --transport threads here, and `dalle-mesh gpu-check` for the NCCL checks"
-        ),
+            ))
+        }
     }
     if ranks < 2 {
         bail!("--ranks {ranks}: a collective benchmark needs at least 2 ranks");

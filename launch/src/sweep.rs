@@ -406,10 +406,10 @@ fn record(
 pub fn run(config: &Path, out: &Path, launcher: Launcher) -> Result<SweepSummary> {
     let cfg = SweepConfig::from_file(config)?;
     if launcher == Launcher::Slurm {
-        bail!(
+        return Err(crate::bad_input!(
             "not implemented yet: --launcher slurm needs the SLURM process launch of issue 9 (ranks as \
              processes); use --launcher local"
-        );
+        ));
     }
     let base = match &cfg.base {
         Some(p) => RunConfig::from_file(p)?,
