@@ -85,12 +85,10 @@ pub fn resolve_profile(
     match (profile, device) {
         (Some(p), _) => crate::calibrate::builtin_profile(p),
         (None, crate::bench::Device::Cpu) => crate::calibrate::cached_or_calibrate(),
-        (None, crate::bench::Device::Cuda) => {
-            return Err(crate::bad_input!(
-                "plan --time --device cuda needs a hardware profile: pass --profile h100-sxm (or a YAML file like \
+        (None, crate::bench::Device::Cuda) => Err(crate::bad_input!(
+            "plan --time --device cuda needs a hardware profile: pass --profile h100-sxm (or a YAML file like \
              configs/hardware/h100-sxm.yaml)"
-            ))
-        }
+        )),
     }
 }
 
