@@ -840,6 +840,18 @@ fn gather_parts(state: RankState, opt: &Optimizer, sh: &Shared, groups: &Groups)
         .into_iter()
         .map(|(dp_index, tp_index, [params, m, v])| RankState { dp_index, tp_index, params, m, v })
         .collect();
+    for (r, s) in states.iter().enumerate() {
+        let tensors =
+            dm_model::ParamTable::sharded(sh.model_cfg, s.tp_index.min(sh.mesh.tp() - 1), sh.mesh.tp()).specs.len();
+        if (s.dp_index, s.tp_index) != sh.mesh.coords(r) || [&s.params, &s.m, &s.v].iter().any(|g| g.len() != tensors) {
+            anyhow::bail!(
+                "checkpoint part {} does not belong to rank {r} of this mesh (a stale or damaged part); \
+                 the previous checkpoints are intact: resume with --resume {}",
+                dir.join(format!("rank{r}.part")).display(),
+                sh.out.display()
+            );
+        }
+    }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
 }
