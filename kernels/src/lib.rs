@@ -8,14 +8,14 @@
 //!
 //! No math lives here: this crate only names, compiles and checks the kernels. The launchers (grid,
 //! block, shared memory, argument order) are documented at the top of each `.cu` file and above
-//! every kernel; [`launch`] collects the constants they need.
+//! every kernel; [`grid`] collects the constants they need.
 
 mod cache;
 mod check;
 mod compile;
 mod error;
 mod families;
-pub mod launch;
+pub mod grid;
 
 pub use check::{check, find_ptxas, CheckLine, PtxasReport};
 pub use compile::{

@@ -5,104 +5,29 @@
 //! Gradient outputs of *parameters* are always accumulated (`+=`), so gradient accumulation and
 //! tied uses need no extra pass; gradient outputs of *activations* are overwritten unless an op
 //! says otherwise.
+//!
+//! Every named op is a provided method: it wraps its arguments in an [`Op`], runs the op family's
+//! one argument check ([`Op::check`], in `runtime/src/ops/<family>/mod.rs`) and hands the op to
+//! [`Backend::compute`], the one method a backend implements for all ops. Backends never check.
 
 use crate::error::Result;
 use crate::memory::MemoryTracker;
+use crate::ops::{adamw, attention, cross_entropy, elementwise as ew, embedding, gelu_glu, layernorm as ln, matmul};
+use crate::ops::{HostIds, Op, Storage};
 
-/// `out[m, n] (= | +=) op(a)[m, k] · op(b)[k, n]`, all row-major.
-/// `a` is stored `[m, k]`, or `[k, m]` when `trans_a`; `b` is stored `[k, n]`, or `[n, k]` when `trans_b`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MatmulSpec {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    /// Add into `out` instead of overwriting it.
-    pub accumulate: bool,
-}
-
-impl MatmulSpec {
-    /// `out = a · b` with `a: [m, k]`, `b: [k, n]`.
-    pub fn nn(m: usize, n: usize, k: usize) -> Self {
-        Self { m, n, k, trans_a: false, trans_b: false, accumulate: false }
-    }
-    pub fn flops(&self) -> f64 {
-        2.0 * self.m as f64 * self.n as f64 * self.k as f64
-    }
-}
-
-/// Multi-head attention over `q: [batch, q_len, heads·head_dim]` and
-/// `k, v: [batch, kv_len, heads·head_dim]`; head `h` is the contiguous column slice
-/// `h·head_dim .. (h+1)·head_dim` (as dalle-mini splits heads).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub q_len: usize,
-    pub kv_len: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    /// Query `i` sees keys `j <= i` only (decoder self-attention; requires q_len == kv_len).
-    pub causal: bool,
-}
-
-impl AttentionShape {
-    pub fn width(&self) -> usize {
-        self.heads * self.head_dim
-    }
-    /// Length of the saved log-sum-exp buffer: `[batch, heads, q_len]`.
-    pub fn lse_len(&self) -> usize {
-        self.batch * self.heads * self.q_len
-    }
-    /// Forward FLOPs of the two batched products (QKᵀ and PV), causal not discounted.
-    pub fn forward_flops(&self) -> f64 {
-        4.0 * (self.batch * self.heads * self.q_len * self.kv_len * self.head_dim) as f64
-    }
-}
+pub use crate::ops::adamw::AdamWStep;
+pub use crate::ops::attention::AttentionShape;
+pub use crate::ops::embedding::VocabRange;
+pub use crate::ops::matmul::MatmulSpec;
 
 /// Optional key-padding mask, `[batch, kv_len]`, non-zero = the key may be attended to.
 pub type KeyMask<'a, B> = Option<&'a <B as Backend>::Ids>;
 
-/// The half-open row range `[start, end)` of a vocabulary that one tensor-parallel rank holds.
-/// Ids outside it contribute nothing on that rank. At tp = 1 it is the whole vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VocabRange {
-    pub start: usize,
-    pub end: usize,
-}
-
-impl VocabRange {
-    pub fn full(rows: usize) -> Self {
-        Self { start: 0, end: rows }
-    }
-    pub fn len(&self) -> usize {
-        self.end.saturating_sub(self.start)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.end == self.start
-    }
-}
-
-/// One AdamW update exactly as `optax.adamw` (eps_root 0, decay on every entry):
-/// `m = (1-b1)·g + b1·m; v = (1-b2)·g² + b2·v; u = m̂/(√v̂ + eps) + wd·p; p = p - lr·u`,
-/// with `g = grad_scale · grad` (grad_scale carries gradient clipping and averaging).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub b1: f32,
-    pub b2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based step count used for bias correction.
-    pub step: u64,
-    pub grad_scale: f32,
-}
-
 /// A device that can run DalleBart's ops. `Buf` holds f32 elements, `Ids` holds i32 elements.
 /// A backend value is a cheap handle (clones share the device and its memory tracker).
 pub trait Backend: Clone + Send + Sync + 'static {
-    type Buf: Send + Sync;
-    type Ids: Send + Sync;
+    type Buf: Send + Sync + Storage;
+    type Ids: Send + Sync + Storage + HostIds;
 
     /// Human-readable device name, e.g. `cpu` or `cuda:0 (NVIDIA H100)`.
     fn name(&self) -> String;
@@ -115,32 +40,58 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn upload(&self, name: &str, data: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn upload_ids(&self, name: &str, ids: &[i32]) -> Result<Self::Ids>;
-    fn buf_len(&self, buf: &Self::Buf) -> usize;
-    fn ids_len(&self, ids: &Self::Ids) -> usize;
+    fn buf_len(&self, buf: &Self::Buf) -> usize {
+        buf.elems()
+    }
+    fn ids_len(&self, ids: &Self::Ids) -> usize {
+        ids.elems()
+    }
     /// Overwrites `dst[offset..offset + data.len()]` from host memory.
-    fn write(&self, dst: &mut Self::Buf, offset: usize, data: &[f32]) -> Result<()>;
-    fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
+    fn write(&self, dst: &mut Self::Buf, offset: usize, data: &[f32]) -> Result<()> {
+        self.run(Op::Write(ew::Write { dst, offset, data }))
+    }
+    fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()> {
+        self.run(Op::Fill(ew::Fill { buf, value }))
+    }
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
-    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize) -> Result<()>;
+    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize) -> Result<()> {
+        self.run(Op::Copy(ew::Copy { dst, dst_off, src, src_off, len }))
+    }
 
     // ---- elementwise and reductions -----------------------------------------------------
     /// `acc += x`.
-    fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
+        self.run(Op::AddAssign(ew::AddAssign { acc, x }))
+    }
     /// `out = a + b`.
-    fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()> {
+        self.run(Op::Add(ew::Add { out, a, b }))
+    }
     /// `x *= s`.
-    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()> {
+        self.run(Op::Scale(ew::Scale { x, s }))
+    }
     /// Σ x², accumulated in f64.
-    fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64> {
+        let mut out = 0.0;
+        self.run(Op::SumSquares(ew::SumSquares { x, out: &mut out }))?;
+        Ok(out)
+    }
     /// Broadcast add over blocks: `out[i·row_len + j] += row[j]` for every block i (position
     /// embeddings); only the first `row_len` elements of `row` are used.
-    fn add_broadcast_rows(&self, out: &mut Self::Buf, row: &Self::Buf, row_len: usize) -> Result<()>;
+    fn add_broadcast_rows(&self, out: &mut Self::Buf, row: &Self::Buf, row_len: usize) -> Result<()> {
+        self.run(Op::AddBroadcastRows(ew::AddBroadcastRows { out, row, row_len }))
+    }
     /// The backward of [`Backend::add_broadcast_rows`]: `acc[j] += Σ_i x[i·row_len + j]` for
     /// `j < row_len`.
-    fn sum_broadcast_rows(&self, acc: &mut Self::Buf, x: &Self::Buf, row_len: usize) -> Result<()>;
+    fn sum_broadcast_rows(&self, acc: &mut Self::Buf, x: &Self::Buf, row_len: usize) -> Result<()> {
+        self.run(Op::SumBroadcastRows(ew::SumBroadcastRows { acc, x, row_len }))
+    }
 
     // ---- dense -------------------------------------------------------------------------
-    fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, spec: MatmulSpec) -> Result<()>;
+    fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, spec: MatmulSpec) -> Result<()> {
+        self.run(Op::Matmul(matmul::Matmul { out, a, b, spec }))
+    }
 
     // ---- layernorm (eps 1e-5, biased variance) ---------------------------------------------
     /// `out = (x - mean)·rstd·scale + bias` per row of `dim`; saves `mean`, `rstd` (`[rows]`).
@@ -155,7 +106,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         scale: Option<&Self::Buf>,
         bias: &Self::Buf,
         dim: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::LayerNormForward(ln::Forward { out, mean, rstd, x, scale, bias, dim }))
+    }
     /// Gradients of [`Backend::layernorm_forward`]: `dscale`/`dbias` accumulated; `dx` overwritten,
     /// or accumulated when `accumulate_dx` (the residual stream's gradient).
     #[allow(clippy::too_many_arguments)]
@@ -171,7 +124,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
         scale: Option<&Self::Buf>,
         dim: usize,
         accumulate_dx: bool,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let a = ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx };
+        self.run(Op::LayerNormBackward(a))
+    }
 
     // ---- layernorm over a dimension sharded across tensor-parallel ranks -----------------
     // Forward: `layernorm_row_sums(x) → all-reduce → mean = Σ/dim_global`,
@@ -185,10 +141,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
         x: &Self::Buf,
         center: Option<&Self::Buf>,
         dim: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::LayerNormRowSums(ln::RowSums { sums, x, center, dim }))
+    }
     /// Turns all-reduced row sums into statistics in place: `Σx → mean = Σx / dim_global`
     /// (`squared = false`) or `Σ(x−mean)² → rstd = 1/√(Σ/dim_global + eps)` (`squared = true`).
-    fn layernorm_finish_stats(&self, sums: &mut Self::Buf, dim_global: usize, squared: bool) -> Result<()>;
+    fn layernorm_finish_stats(&self, sums: &mut Self::Buf, dim_global: usize, squared: bool) -> Result<()> {
+        self.run(Op::LayerNormFinishStats(ln::FinishStats { sums, dim_global, squared }))
+    }
     /// `out = (x − mean)·rstd·scale + bias` with given statistics.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_apply(
@@ -200,7 +160,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         scale: Option<&Self::Buf>,
         bias: &Self::Buf,
         dim: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::LayerNormApply(ln::Apply { out, x, mean, rstd, scale, bias, dim }))
+    }
     /// Per-row partial sums for the backward, `sums = [Σ_j ĝ, Σ_j ĝ·x̂]` as `[2, rows]`, where
     /// `ĝ = dout·scale` and `x̂ = (x − mean)·rstd`.
     #[allow(clippy::too_many_arguments)]
@@ -213,7 +175,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         rstd: &Self::Buf,
         scale: Option<&Self::Buf>,
         dim: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::LayerNormBackwardRowSums(ln::BackwardRowSums { sums, dout, x, mean, rstd, scale, dim }))
+    }
     /// `dx (= | +=) rstd·(ĝ − Σĝ/dim_global − x̂·Σĝx̂/dim_global)` from all-reduced `sums`;
     /// `dscale`, `dbias` accumulated.
     #[allow(clippy::too_many_arguments)]
@@ -231,11 +195,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
         dim: usize,
         dim_global: usize,
         accumulate_dx: bool,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let a =
+            ln::BackwardApply { dx, dscale, dbias, dout, x, mean, rstd, scale, sums, dim, dim_global, accumulate_dx };
+        self.run(Op::LayerNormBackwardApply(a))
+    }
 
     // ---- GELU-GLU ----------------------------------------------------------------------
     /// `out = gelu(a) · b`, exact (erf) GELU.
-    fn gelu_glu_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    fn gelu_glu_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()> {
+        self.run(Op::GeluGluForward(gelu_glu::Forward { out, a, b }))
+    }
     /// `da, db` (overwritten) from `dout`.
     fn gelu_glu_backward(
         &self,
@@ -244,7 +214,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         dout: &Self::Buf,
         a: &Self::Buf,
         b: &Self::Buf,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::GeluGluBackward(gelu_glu::Backward { da, db, dout, a, b }))
+    }
 
     // ---- embeddings --------------------------------------------------------------------
     /// `out[i, :] = table[ids[i] - range.start, :]` for ids in `range`, zeros otherwise;
@@ -256,7 +228,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         ids: &Self::Ids,
         range: VocabRange,
         dim: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::EmbeddingForward(embedding::Forward { out, table, ids, range, dim }))
+    }
     /// Scatter-add: `dtable[ids[i] - range.start, :] += dout[i, :]` for ids in `range`.
     fn embedding_backward(
         &self,
@@ -265,7 +239,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         ids: &Self::Ids,
         range: VocabRange,
         dim: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::EmbeddingBackward(embedding::Backward { dtable, dout, ids, range, dim }))
+    }
 
     // ---- attention ---------------------------------------------------------------------
     /// Softmax attention with scores scaled by 1/√head_dim, optional key-padding mask and
@@ -283,7 +259,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
         v: &Self::Buf,
         mask: KeyMask<'_, Self>,
         shape: AttentionShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let x = attention::Inputs { q, k, v, mask };
+        self.run(Op::AttentionForward(attention::Forward { out, lse, x, shape }))
+    }
     /// `dq, dk, dv` (overwritten) from `dout`, recomputing the probabilities from `lse`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
@@ -299,7 +278,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
         lse: &Self::Buf,
         mask: KeyMask<'_, Self>,
         shape: AttentionShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let x = attention::Inputs { q, k, v, mask };
+        self.run(Op::AttentionBackward(attention::Backward { dq, dk, dv, dout, x, out, lse, shape }))
+    }
 
     // ---- loss --------------------------------------------------------------------------
     /// Fused softmax cross-entropy over `classes` columns, forward and backward in one pass:
@@ -312,7 +294,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         targets: &Self::Ids,
         classes: usize,
         grad_scale: f32,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::CrossEntropyFused(cross_entropy::Fused { logits, losses, targets, classes, grad_scale }))
+    }
 
     /// Vocab-parallel cross-entropy, step 1: `row_max[r] = max` over this rank's first
     /// `valid_cols` columns of `logits` (`[rows, cols]`; columns past `valid_cols` are padding).
@@ -322,7 +306,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         logits: &Self::Buf,
         cols: usize,
         valid_cols: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::VocabParallelMax(cross_entropy::VocabMax { row_max, logits, cols, valid_cols }))
+    }
     /// Step 2, after all-reducing the max: `stats = [Σ_valid e^(x − max), target logit or 0]` as
     /// `[2, rows]`; this rank holds global columns `vocab_start ..`.
     #[allow(clippy::too_many_arguments)]
@@ -335,7 +321,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
         cols: usize,
         valid_cols: usize,
         vocab_start: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let a = cross_entropy::VocabSums { stats, logits, row_max, targets, cols, valid_cols, vocab_start };
+        self.run(Op::VocabParallelSums(a))
+    }
     /// Step 3, after all-reducing `stats`: `losses[r] = max + ln Σ − target logit`, and `logits`
     /// overwritten by `grad_scale·(softmax − onehot)` on valid columns, 0 on padding.
     #[allow(clippy::too_many_arguments)]
@@ -350,7 +339,20 @@ pub trait Backend: Clone + Send + Sync + 'static {
         valid_cols: usize,
         vocab_start: usize,
         grad_scale: f32,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let a = cross_entropy::VocabGrad {
+            logits,
+            losses,
+            row_max,
+            stats,
+            targets,
+            cols,
+            valid_cols,
+            vocab_start,
+            grad_scale,
+        };
+        self.run(Op::VocabParallelGrad(a))
+    }
 
     // ---- optimizer ---------------------------------------------------------------------
     /// One AdamW step over a parameter tensor and its moments (see [`AdamWStep`]).
@@ -361,5 +363,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
         m: &mut Self::Buf,
         v: &mut Self::Buf,
         step: &AdamWStep,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Op::AdamW(adamw::AdamW { param, grad, m, v, step: *step }))
+    }
+
+    // ---- what a backend implements ------------------------------------------------------
+    /// Computes one op whose arguments [`Op::check`] has accepted. Callers use the named methods
+    /// above (which check first); a backend implements this alone and checks nothing.
+    fn compute(&self, op: Op<'_, Self::Buf, Self::Ids>) -> Result<()>;
+
+    /// Checks `op`, then computes it.
+    fn run(&self, op: Op<'_, Self::Buf, Self::Ids>) -> Result<()> {
+        op.check()?;
+        self.compute(op)
+    }
 }

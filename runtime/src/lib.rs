@@ -6,7 +6,6 @@
 //! cross-entropy); a CUDA backend implements the same trait.
 
 pub mod backend;
-mod checks;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

@@ -13,9 +13,10 @@
 //!
 //! Buffers are `B`'s own, so a communicator of `B` serves `Profiled<B>` unchanged.
 
-use crate::backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::memory::MemoryTracker;
+use crate::ops::{Op, Storage};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -167,295 +168,58 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(OpClass::Memory, data.len() as f64, |b| b.upload(name, data))
     }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
-        let n = self.inner.buf_len(buf) as f64;
-        self.timed(OpClass::Memory, n, |b| b.download(buf))
+        self.timed(OpClass::Memory, buf.elems() as f64, |b| b.download(buf))
     }
     fn upload_ids(&self, name: &str, ids: &[i32]) -> Result<Self::Ids> {
         self.timed(OpClass::Memory, ids.len() as f64, |b| b.upload_ids(name, ids))
     }
-    fn buf_len(&self, buf: &Self::Buf) -> usize {
-        self.inner.buf_len(buf)
+    /// `op` was checked by this wrapper's named method; `B` computes it without checking again.
+    fn compute(&self, op: Op<'_, Self::Buf, Self::Ids>) -> Result<()> {
+        let (class, units) = work(&op);
+        self.timed(class, units, |b| b.compute(op))
     }
-    fn ids_len(&self, ids: &Self::Ids) -> usize {
-        self.inner.ids_len(ids)
-    }
-    fn write(&self, dst: &mut Self::Buf, offset: usize, data: &[f32]) -> Result<()> {
-        self.timed(OpClass::Memory, data.len() as f64, |b| b.write(dst, offset, data))
-    }
-    fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()> {
-        let n = self.inner.buf_len(buf) as f64;
-        self.timed(OpClass::Memory, n, |b| b.fill(buf, value))
-    }
-    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize) -> Result<()> {
-        self.timed(OpClass::Memory, len as f64, |b| b.copy(dst, dst_off, src, src_off, len))
-    }
-    fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
-        let n = self.inner.buf_len(acc) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.add_assign(acc, x))
-    }
-    fn add(&self, out: &mut Self::Buf, a: &Self::Buf, bb: &Self::Buf) -> Result<()> {
-        let n = self.inner.buf_len(out) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.add(out, a, bb))
-    }
-    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.scale(x, s))
-    }
-    fn sum_squares(&self, x: &Self::Buf) -> Result<f64> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Optimizer, n, |b| b.sum_squares(x))
-    }
-    fn add_broadcast_rows(&self, out: &mut Self::Buf, row: &Self::Buf, row_len: usize) -> Result<()> {
-        let n = self.inner.buf_len(out) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.add_broadcast_rows(out, row, row_len))
-    }
-    fn sum_broadcast_rows(&self, acc: &mut Self::Buf, x: &Self::Buf, row_len: usize) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.sum_broadcast_rows(acc, x, row_len))
-    }
-    fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, bb: &Self::Buf, spec: MatmulSpec) -> Result<()> {
-        self.timed(OpClass::Gemm, spec.flops(), |b| b.matmul(out, a, bb, spec))
-    }
-    fn layernorm_forward(
-        &self,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        x: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        bias: &Self::Buf,
-        dim: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Norm, n, |b| b.layernorm_forward(out, mean, rstd, x, scale, bias, dim))
-    }
-    fn layernorm_backward(
-        &self,
-        dx: &mut Self::Buf,
-        dscale: Option<&mut Self::Buf>,
-        dbias: &mut Self::Buf,
-        dout: &Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        dim: usize,
-        accumulate_dx: bool,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Norm, n, |b| {
-            b.layernorm_backward(dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx)
-        })
-    }
-    fn layernorm_row_sums(
-        &self,
-        sums: &mut Self::Buf,
-        x: &Self::Buf,
-        center: Option<&Self::Buf>,
-        dim: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Norm, n, |b| b.layernorm_row_sums(sums, x, center, dim))
-    }
-    fn layernorm_finish_stats(&self, sums: &mut Self::Buf, dim_global: usize, squared: bool) -> Result<()> {
-        let n = self.inner.buf_len(sums) as f64;
-        self.timed(OpClass::Norm, n, |b| b.layernorm_finish_stats(sums, dim_global, squared))
-    }
-    fn layernorm_apply(
-        &self,
-        out: &mut Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        bias: &Self::Buf,
-        dim: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Norm, n, |b| b.layernorm_apply(out, x, mean, rstd, scale, bias, dim))
-    }
-    fn layernorm_backward_row_sums(
-        &self,
-        sums: &mut Self::Buf,
-        dout: &Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        dim: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Norm, n, |b| b.layernorm_backward_row_sums(sums, dout, x, mean, rstd, scale, dim))
-    }
-    fn layernorm_backward_apply(
-        &self,
-        dx: &mut Self::Buf,
-        dscale: Option<&mut Self::Buf>,
-        dbias: &mut Self::Buf,
-        dout: &Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        sums: &Self::Buf,
-        dim: usize,
-        dim_global: usize,
-        accumulate_dx: bool,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(x) as f64;
-        self.timed(OpClass::Norm, n, |b| {
-            b.layernorm_backward_apply(
-                dx,
-                dscale,
-                dbias,
-                dout,
-                x,
-                mean,
-                rstd,
-                scale,
-                sums,
-                dim,
-                dim_global,
-                accumulate_dx,
-            )
-        })
-    }
-    fn gelu_glu_forward(&self, out: &mut Self::Buf, a: &Self::Buf, bb: &Self::Buf) -> Result<()> {
-        let n = self.inner.buf_len(out) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.gelu_glu_forward(out, a, bb))
-    }
-    fn gelu_glu_backward(
-        &self,
-        da: &mut Self::Buf,
-        db: &mut Self::Buf,
-        dout: &Self::Buf,
-        a: &Self::Buf,
-        bb: &Self::Buf,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(dout) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.gelu_glu_backward(da, db, dout, a, bb))
-    }
-    fn embedding_forward(
-        &self,
-        out: &mut Self::Buf,
-        table: &Self::Buf,
-        ids: &Self::Ids,
-        range: VocabRange,
-        dim: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(out) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.embedding_forward(out, table, ids, range, dim))
-    }
-    fn embedding_backward(
-        &self,
-        dtable: &mut Self::Buf,
-        dout: &Self::Buf,
-        ids: &Self::Ids,
-        range: VocabRange,
-        dim: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(dout) as f64;
-        self.timed(OpClass::Elementwise, n, |b| b.embedding_backward(dtable, dout, ids, range, dim))
-    }
-    fn attention_forward(
-        &self,
-        out: &mut Self::Buf,
-        lse: &mut Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        mask: KeyMask<'_, Self>,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        self.timed(OpClass::Attention, shape.forward_flops(), |b| b.attention_forward(out, lse, q, k, v, mask, shape))
-    }
-    fn attention_backward(
-        &self,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
-        dout: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        out: &Self::Buf,
-        lse: &Self::Buf,
-        mask: KeyMask<'_, Self>,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        self.timed(OpClass::Attention, 2.0 * shape.forward_flops(), |b| {
-            b.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, mask, shape)
-        })
-    }
-    fn cross_entropy_fused(
-        &self,
-        logits: &mut Self::Buf,
-        losses: &mut Self::Buf,
-        targets: &Self::Ids,
-        classes: usize,
-        grad_scale: f32,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(logits) as f64;
-        self.timed(OpClass::CrossEntropy, n, |b| b.cross_entropy_fused(logits, losses, targets, classes, grad_scale))
-    }
-    fn vocab_parallel_max(
-        &self,
-        row_max: &mut Self::Buf,
-        logits: &Self::Buf,
-        cols: usize,
-        valid_cols: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(logits) as f64;
-        self.timed(OpClass::CrossEntropy, n, |b| b.vocab_parallel_max(row_max, logits, cols, valid_cols))
-    }
-    fn vocab_parallel_sums(
-        &self,
-        stats: &mut Self::Buf,
-        logits: &Self::Buf,
-        row_max: &Self::Buf,
-        targets: &Self::Ids,
-        cols: usize,
-        valid_cols: usize,
-        vocab_start: usize,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(logits) as f64;
-        self.timed(OpClass::CrossEntropy, n, |b| {
-            b.vocab_parallel_sums(stats, logits, row_max, targets, cols, valid_cols, vocab_start)
-        })
-    }
-    fn vocab_parallel_grad(
-        &self,
-        logits: &mut Self::Buf,
-        losses: &mut Self::Buf,
-        row_max: &Self::Buf,
-        stats: &Self::Buf,
-        targets: &Self::Ids,
-        cols: usize,
-        valid_cols: usize,
-        vocab_start: usize,
-        grad_scale: f32,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(logits) as f64;
-        self.timed(OpClass::CrossEntropy, n, |b| {
-            b.vocab_parallel_grad(logits, losses, row_max, stats, targets, cols, valid_cols, vocab_start, grad_scale)
-        })
-    }
-    fn adamw(
-        &self,
-        param: &mut Self::Buf,
-        grad: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
-        step: &AdamWStep,
-    ) -> Result<()> {
-        let n = self.inner.buf_len(param) as f64;
-        self.timed(OpClass::Optimizer, n, |b| b.adamw(param, grad, m, v, step))
-    }
+}
+
+/// The class of `op` and its work units (see the module docs).
+fn work<T: Storage, I>(op: &Op<'_, T, I>) -> (OpClass, f64) {
+    use OpClass::*;
+    let (class, units) = match op {
+        Op::Fill(a) => (Memory, a.buf.elems()),
+        Op::Write(a) => (Memory, a.data.len()),
+        Op::Copy(a) => (Memory, a.len),
+        Op::AddAssign(a) => (Elementwise, a.acc.elems()),
+        Op::Add(a) => (Elementwise, a.out.elems()),
+        Op::Scale(a) => (Elementwise, a.x.elems()),
+        Op::SumSquares(a) => (Optimizer, a.x.elems()),
+        Op::AddBroadcastRows(a) => (Elementwise, a.out.elems()),
+        Op::SumBroadcastRows(a) => (Elementwise, a.x.elems()),
+        Op::Matmul(a) => return (Gemm, a.spec.flops()),
+        Op::LayerNormForward(a) => (Norm, a.x.elems()),
+        Op::LayerNormBackward(a) => (Norm, a.x.elems()),
+        Op::LayerNormRowSums(a) => (Norm, a.x.elems()),
+        Op::LayerNormFinishStats(a) => (Norm, a.sums.elems()),
+        Op::LayerNormApply(a) => (Norm, a.x.elems()),
+        Op::LayerNormBackwardRowSums(a) => (Norm, a.x.elems()),
+        Op::LayerNormBackwardApply(a) => (Norm, a.x.elems()),
+        Op::GeluGluForward(a) => (Elementwise, a.out.elems()),
+        Op::GeluGluBackward(a) => (Elementwise, a.dout.elems()),
+        Op::EmbeddingForward(a) => (Elementwise, a.out.elems()),
+        Op::EmbeddingBackward(a) => (Elementwise, a.dout.elems()),
+        Op::AttentionForward(a) => return (Attention, a.shape.forward_flops()),
+        Op::AttentionBackward(a) => return (Attention, 2.0 * a.shape.forward_flops()),
+        Op::CrossEntropyFused(a) => (CrossEntropy, a.logits.elems()),
+        Op::VocabParallelMax(a) => (CrossEntropy, a.logits.elems()),
+        Op::VocabParallelSums(a) => (CrossEntropy, a.logits.elems()),
+        Op::VocabParallelGrad(a) => (CrossEntropy, a.logits.elems()),
+        Op::AdamW(a) => (Optimizer, a.param.elems()),
+    };
+    (class, units as f64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::MatmulSpec;
     use crate::cpu::CpuBackend;
 
     #[test]

@@ -1,5 +1,5 @@
 //! cuBLAS GEMMs for [`super::MatmulImpl::Cublas`]: the vendor baseline every custom GEMM is
-//! compared against (and a fallback). cuBLAS is column-major; [`launch_cfg::cublas_row_major`]
+//! compared against (and a fallback). cuBLAS is column-major; [`grid::cublas_row_major`]
 //! turns our row-major product into its column-major transpose by swapping the operands.
 //!
 //! - f32: `cublasSgemm` (default math mode: no TF32 unless `NVIDIA_TF32_OVERRIDE` says so).
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result as br, sys as bs, CudaBlas};
 use cudarc::driver::CudaStream;
 
-use super::launch_cfg::{self, CublasGemm};
+use super::grid::{self, CublasGemm};
 use crate::backend::MatmulSpec;
 use crate::error::{Result, RuntimeError};
 
@@ -35,7 +35,7 @@ fn op(t: bool) -> bs::cublasOperation_t {
 }
 
 fn int(what: &str, v: usize) -> Result<i32> {
-    launch_cfg::to_i32(what, v).map_err(|detail| RuntimeError::Invalid { op: "matmul", detail })
+    grid::to_i32(what, v).map_err(|detail| RuntimeError::Invalid { op: "matmul", detail })
 }
 
 impl Blas {
@@ -62,7 +62,7 @@ impl Blas {
     /// `a`, `b`, `c` must be live device allocations of this context holding the matrices that
     /// `spec` and the leading dimensions describe; `c` must not overlap `a` or `b`.
     pub(crate) unsafe fn sgemm(&self, spec: &MatmulSpec, a: u64, lda: usize, b: u64, ldb: usize, c: u64) -> Result<()> {
-        let g = launch_cfg::cublas_row_major(spec, lda, ldb, spec.n);
+        let g = grid::cublas_row_major(spec, lda, ldb, spec.n);
         let [m, n, k, lda, ldb, ldc] = Self::dims(&g)?;
         let alpha = 1.0f32;
         let beta = if spec.accumulate { 1.0f32 } else { 0.0 };
@@ -103,7 +103,7 @@ impl Blas {
         ldb: usize,
         c: u64,
     ) -> Result<()> {
-        let g = launch_cfg::cublas_row_major(spec, lda, ldb, spec.n);
+        let g = grid::cublas_row_major(spec, lda, ldb, spec.n);
         let [m, n, k, lda, ldb, ldc] = Self::dims(&g)?;
         let alpha = 1.0f32;
         let beta = if spec.accumulate { 1.0f32 } else { 0.0 };

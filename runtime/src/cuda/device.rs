@@ -195,7 +195,7 @@ impl KernelCache {
         f: &CudaFunction,
         bytes: usize,
     ) -> Result<()> {
-        if bytes <= super::launch_cfg::DEFAULT_SMEM_LIMIT {
+        if bytes <= super::grid::DEFAULT_SMEM_LIMIT {
             return Ok(());
         }
         let mut raised = self.smem_raised.lock().unwrap_or_else(PoisonError::into_inner);

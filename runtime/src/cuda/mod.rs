@@ -55,9 +55,10 @@
 
 mod blas;
 pub mod device;
-pub mod launch_cfg;
+pub mod grid;
 pub mod memory;
 mod ops;
+pub(crate) use ops::kernel_prelude;
 mod signatures;
 
 use std::sync::atomic::{AtomicBool, Ordering};

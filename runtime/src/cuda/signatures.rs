@@ -96,11 +96,22 @@ mod tests {
         }
     }
 
-    /// Every `self.launch("family", "entry"` literal in ops.rs, and every entry the launchers
-    /// build by name (GEMM and attention variants), has a signature.
+    /// Every `self.launch("family", "entry"` literal in the op families' CUDA code, and every
+    /// entry the launchers build by name (GEMM and attention variants), has a signature.
     #[test]
     fn every_launched_kernel_has_a_signature() {
-        let src = include_str!("ops.rs");
+        let src = [
+            include_str!("ops.rs"),
+            include_str!("../ops/adamw/cuda.rs"),
+            include_str!("../ops/attention/cuda.rs"),
+            include_str!("../ops/cross_entropy/cuda.rs"),
+            include_str!("../ops/elementwise/cuda.rs"),
+            include_str!("../ops/embedding/cuda.rs"),
+            include_str!("../ops/gelu_glu/cuda.rs"),
+            include_str!("../ops/layernorm/cuda.rs"),
+            include_str!("../ops/matmul/cuda.rs"),
+        ]
+        .concat();
         let mut literal = 0;
         for chunk in src.split("self.launch(\"").skip(1) {
             let mut parts = chunk.splitn(3, '"');
@@ -111,21 +122,21 @@ mod tests {
                 literal += 1;
             }
         }
-        assert!(literal >= 25, "found only {literal} literal launches in ops.rs");
+        assert!(literal >= 25, "found only {literal} literal launches in runtime/src/ops/*/cuda.rs");
         for t in ["n", "t"] {
             for u in ["n", "t"] {
                 assert!(signature("matmul", &format!("matmul_f32_{t}{u}")).is_some());
-                for tile in [super::super::launch_cfg::Bf16Tile::T128, super::super::launch_cfg::Bf16Tile::T64] {
+                for tile in [super::super::grid::Bf16Tile::T128, super::super::grid::Bf16Tile::T64] {
                     assert!(signature("matmul", &format!("matmul_bf16_{t}{u}_{}", tile.suffix())).is_some());
                 }
             }
         }
-        use dm_kernels::launch::AttentionKernel as K;
+        use dm_kernels::grid::AttentionKernel as K;
         for hd in 1..=128 {
             for tc in [false, true] {
-                let path = super::super::launch_cfg::AttentionPath::choose(hd, tc).unwrap();
+                let path = super::super::grid::AttentionPath::choose(hd, tc).unwrap();
                 let fam = match path {
-                    super::super::launch_cfg::AttentionPath::TensorCore { .. } => "attention_tc",
+                    super::super::grid::AttentionPath::TensorCore { .. } => "attention_tc",
                     _ => "attention",
                 };
                 for k in [K::Forward, K::BackwardDkDv, K::BackwardDq] {

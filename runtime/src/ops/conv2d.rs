@@ -13,8 +13,8 @@
 //!   extra columns per row are computed and dropped (2 of 258 at 256 px for a 3×3 kernel).
 //! - other strides: im2col into tiles of whole output rows (bounded memory), one GEMM per tile.
 
-use crate::checks::check_len;
 use crate::error::{Result, RuntimeError};
+use crate::ops::checks::check_len;
 use rayon::prelude::*;
 use std::borrow::Cow;
 

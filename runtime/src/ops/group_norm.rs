@@ -8,8 +8,8 @@
 //! order, so results are deterministic), then applies `out = x·a[c] + b[c]` with
 //! `a = scale·rstd`, `b = bias − mean·a` in one parallel pass.
 
-use crate::checks::check_len;
 use crate::error::{Result, RuntimeError};
+use crate::ops::checks::check_len;
 use rayon::prelude::*;
 
 const OP: &str = "group_norm";

@@ -3,12 +3,13 @@
 //! `out[b, i] = Σ_j softmax_j(q[b, i] · k[b, j] / √channels) · v[b, j]`.
 //!
 //! It is the runtime's fused attention with one head of width `channels`, no mask, not causal,
-//! so the CPU path reuses [`crate::cpu::attention::forward`] (the per-row log-sum-exps it also
+//! so the CPU path reuses [`crate::ops::attention::cpu::forward`] (the per-row log-sum-exps it also
 //! writes are discarded).
 
 use crate::backend::AttentionShape;
-use crate::checks::{check_attention, check_len};
 use crate::error::Result;
+use crate::ops::attention::check_attention;
+use crate::ops::checks::check_len;
 
 const OP: &str = "spatial_attention";
 
@@ -52,6 +53,6 @@ pub fn check_spatial_attention(s: &SpatialAttentionShape, q: usize, k: usize, v:
 pub fn spatial_attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: &SpatialAttentionShape) -> Result<()> {
     check_spatial_attention(s, q.len(), k.len(), v.len(), out.len())?;
     let mut lse = vec![0.0f32; s.batch * s.positions];
-    crate::cpu::attention::forward(out, &mut lse, q, k, v, None, s.as_attention());
+    crate::ops::attention::cpu::forward(out, &mut lse, q, k, v, None, s.as_attention());
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Swish (SiLU), in place: `x ← x · sigmoid(x) = x / (1 + e^(−x))`, elementwise, any shape.
 //! Written as `x / (1 + e^(−x))` so it stays finite for every finite `x` (e^(−x) → ∞ gives 0).
 
-use crate::cpu::elementwise::CHUNK;
+use crate::ops::elementwise::cpu::CHUNK;
 use rayon::prelude::*;
 
 /// Applies swish to every element of `x`. No shape to check: any length is valid.

@@ -2,8 +2,8 @@
 //! (integer division), i.e. every pixel repeated into a 2×2 block — what
 //! `jax.image.resize(..., method="nearest")` computes for an exact doubling.
 
-use crate::checks::check_len;
 use crate::error::{Result, RuntimeError};
+use crate::ops::checks::check_len;
 use rayon::prelude::*;
 
 const OP: &str = "upsample_nearest2x";

@@ -1,6 +1,6 @@
 //! GELU-GLU: `out = gelu(a) · b` with the exact (erf) GELU that dalle-mini uses.
 
-use super::elementwise::CHUNK;
+use crate::ops::elementwise::cpu::CHUNK;
 use rayon::prelude::*;
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -20,7 +20,7 @@ pub fn gelu(x: f32) -> f32 {
 /// d gelu / dx = Φ(x) + x·φ(x).
 #[inline]
 pub fn gelu_grad(x: f32) -> f32 {
-    cdf(x) + x * INV_SQRT_2PI * super::math::exp(-0.5 * x * x)
+    cdf(x) + x * INV_SQRT_2PI * crate::ops::math::exp(-0.5 * x * x)
 }
 
 pub fn forward(out: &mut [f32], a: &[f32], b: &[f32]) {

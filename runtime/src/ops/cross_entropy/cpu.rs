@@ -1,7 +1,7 @@
 //! Fused softmax cross-entropy: one sweep per row computes the loss and overwrites the logits
 //! with their gradient, so the `[rows, classes]` gradient never exists beside the logits.
 
-use super::math::{exp_shifted_in_place, max};
+use crate::ops::math::{exp_shifted_in_place, max};
 use rayon::prelude::*;
 
 pub fn fused(logits: &mut [f32], losses: &mut [f32], targets: &[i32], classes: usize, grad_scale: f32) {
@@ -42,7 +42,7 @@ pub fn vp_sums(
         let mut acc = [0.0f32; 16];
         for c in row.chunks(16) {
             for (a, x) in acc.iter_mut().zip(c) {
-                *a += super::math::exp(x - m);
+                *a += crate::ops::math::exp(x - m);
             }
         }
         *s = acc.iter().sum();
@@ -70,7 +70,7 @@ pub fn vp_grad(
         *loss = m + sum.ln() - target_logit;
         let k = grad_scale / sum;
         for x in row[..valid].iter_mut() {
-            *x = super::math::exp(*x - m) * k;
+            *x = crate::ops::math::exp(*x - m) * k;
         }
         row[valid..].fill(0.0);
         let local = (targets[r] as usize).wrapping_sub(start);

@@ -2,10 +2,10 @@
 //! shape (and the device's SM count), so they are unit-tested on machines without a GPU.
 //!
 //! Each function restates the launch shape documented at the top of the kernel's `.cu` file in
-//! `kernels/cuda/` (and the constants of [`dm_kernels::launch`]); keep them in step.
+//! `kernels/cuda/` (and the constants of [`dm_kernels::grid`]); keep them in step.
 
 use crate::backend::{AttentionShape, MatmulSpec};
-use dm_kernels::launch as kl;
+use dm_kernels::grid as kl;
 
 /// Largest grid y and z dimension CUDA accepts.
 pub const MAX_GRID_YZ: usize = 65_535;

@@ -6,9 +6,9 @@
 //! dV = Pᵀ·dO. Heads are column slices of the `[batch, len, heads·head_dim]` activations and
 //! are addressed through strides, never copied.
 
-use super::math::{exp, exp_shifted_in_place, max};
-use super::matmul::{gemm_strided, View};
 use crate::backend::AttentionShape;
+use crate::ops::math::{exp, exp_shifted_in_place, max};
+use crate::ops::matmul::cpu::{gemm_strided, View};
 use rayon::prelude::*;
 
 thread_local! {

@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension (eps 1e-5, biased variance), with or without scale.
 
-use super::math::sum;
+use crate::ops::math::sum;
 use rayon::prelude::*;
 
 pub const EPS: f32 = 1e-5;

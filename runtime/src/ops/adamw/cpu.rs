@@ -1,7 +1,7 @@
 //! AdamW exactly as `optax.adamw` computes it, in f32, one fused pass over the four arrays.
 
-use super::elementwise::CHUNK;
 use crate::backend::AdamWStep;
+use crate::ops::elementwise::cpu::CHUNK;
 use rayon::prelude::*;
 
 pub fn step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {

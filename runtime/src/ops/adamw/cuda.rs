@@ -1,0 +1,35 @@
+//! CUDA code of AdamW: `kernels/cuda/adamw.cu` (bias corrections computed on the host in f64).
+
+use crate::cuda::kernel_prelude::*;
+use crate::ops::adamw;
+
+impl CudaBackend {
+    pub(crate) fn adamw_cuda(&self, a: adamw::AdamW<'_, CudaBuf>) -> Result<()> {
+        let adamw::AdamW { param, grad, m, v, step } = a;
+        let n = param.len;
+        if n == 0 {
+            return Ok(());
+        }
+        let (bc1, bc2) = lc::adamw_bias_corrections(step.b1, step.b2, step.step);
+        let l = cfg("adamw", lc::grid_stride(n, self.sms()))?;
+        let args = [
+            mut_ptr(param),
+            ptr(grad),
+            mut_ptr(m),
+            mut_ptr(v),
+            Arg::U(n as u64),
+            Arg::F(step.lr),
+            Arg::F(step.b1),
+            Arg::F(step.b2),
+            Arg::F(step.eps),
+            Arg::F(step.weight_decay),
+            Arg::F(bc1),
+            Arg::F(bc2),
+            Arg::F(step.grad_scale),
+            Arg::P(0),
+        ];
+        // SAFETY: adamw_f32(param, grad, m, v, n, lr, b1, b2, eps, wd, bc1, bc2, grad_scale,
+        // grad_scale_dev = null), the four arrays n floats each.
+        unsafe { self.launch("adamw", "adamw_f32", l, &args) }
+    }
+}
