@@ -11,7 +11,7 @@
 //!    [`crate::parity::run_on`] on the GPU in fp32 (custom GEMM and cuBLAS).
 //! 3. **tp = 2** on one GPU — two rank threads, each with its own [`CudaBackend`] (own stream) on
 //!    the same GPU, the tensor-parallel model ([`DalleBart::new_sharded`]) over the in-process
-//!    [`ThreadComm`] (device buffers staged through host memory by [`HostStagedComm`]); the
+//!    [`ThreadComm`](dm_parallel::ThreadComm) (device buffers staged through host memory by [`HostStagedComm`]); the
 //!    gathered logits, loss and gradients against each fixture that admits tp = 2.
 //! 4. **NCCL** — a 1-rank communicator: every collective and the async all-reduce round-trip.
 //! 5. **Benchmarks** — GEMM TFLOP/s (custom vs cuBLAS, fp32 and bf16) on mini's and mega's
@@ -29,8 +29,9 @@ use dm_model::checkpoint::{load_weights, params_from_tensors, read_tensors, Host
 use dm_model::dallebart::TpGroup;
 use dm_model::flops::step_flops;
 use dm_model::{AdamW, AdamWConfig, DalleBart, DalleBartConfig, ParamTable};
+use dm_parallel::comm::host_staged::HostStagedComm;
 use dm_parallel::comm::nccl::{nccl_library_present, nccl_version, NcclComm, NcclId, NcclOptions};
-use dm_parallel::{run_ranks, CommError, CommStats, Communicator, Mesh, ReduceOp, ThreadComm};
+use dm_parallel::{run_ranks, Communicator, Mesh, ReduceOp};
 use dm_runtime::cpu::CpuBackend;
 use dm_runtime::cuda::{CudaBackend, CudaOptions, MatmulImpl, Precision};
 use dm_runtime::{AdamWStep, AttentionShape, Backend, MatmulSpec, VocabRange};
@@ -257,65 +258,6 @@ fn fixture_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     fixtures.sort();
     Ok(fixtures)
-}
-
-/// A [`Communicator`] for any backend over an in-process [`ThreadComm`]: device buffers are
-/// downloaded, combined by the thread rendezvous on host slices, and written back. Slow (every
-/// collective synchronises), exact, and enough to run tensor parallelism with several ranks on
-/// one GPU, where NCCL (before 2.30) refuses two ranks of one communicator.
-pub struct HostStagedComm<B: Backend> {
-    comm: ThreadComm,
-    be: B,
-}
-
-impl<B: Backend> HostStagedComm<B> {
-    pub fn new(comm: ThreadComm, be: B) -> Self {
-        Self { comm, be }
-    }
-}
-
-fn staged_err(op: &'static str, e: dm_runtime::RuntimeError) -> CommError {
-    CommError::Device { op, detail: e.to_string() }
-}
-
-impl<B: Backend> Communicator<B> for HostStagedComm<B> {
-    fn rank(&self) -> usize {
-        self.comm.rank()
-    }
-    fn size(&self) -> usize {
-        self.comm.size()
-    }
-    fn all_reduce(&self, buf: &mut B::Buf, op: ReduceOp) -> dm_parallel::comm::Result<()> {
-        let mut h = self.be.download(buf).map_err(|e| staged_err("all_reduce", e))?;
-        self.comm.all_reduce_slice(&mut h, op)?;
-        self.be.write(buf, 0, &h).map_err(|e| staged_err("all_reduce", e))
-    }
-    fn all_gather(&self, send: &B::Buf, recv: &mut B::Buf) -> dm_parallel::comm::Result<()> {
-        let s = self.be.download(send).map_err(|e| staged_err("all_gather", e))?;
-        let mut r = vec![0.0; self.be.buf_len(recv)];
-        self.comm.all_gather_slice(&s, &mut r)?;
-        self.be.write(recv, 0, &r).map_err(|e| staged_err("all_gather", e))
-    }
-    fn reduce_scatter(&self, send: &B::Buf, recv: &mut B::Buf, op: ReduceOp) -> dm_parallel::comm::Result<()> {
-        let s = self.be.download(send).map_err(|e| staged_err("reduce_scatter", e))?;
-        let mut r = vec![0.0; self.be.buf_len(recv)];
-        self.comm.reduce_scatter_slice(&s, &mut r, op)?;
-        self.be.write(recv, 0, &r).map_err(|e| staged_err("reduce_scatter", e))
-    }
-    fn broadcast(&self, buf: &mut B::Buf, root: usize) -> dm_parallel::comm::Result<()> {
-        let mut h = self.be.download(buf).map_err(|e| staged_err("broadcast", e))?;
-        self.comm.broadcast_slice(&mut h, root)?;
-        self.be.write(buf, 0, &h).map_err(|e| staged_err("broadcast", e))
-    }
-    fn barrier(&self) -> dm_parallel::comm::Result<()> {
-        self.comm.barrier()
-    }
-    fn stats(&self) -> CommStats {
-        self.comm.stats()
-    }
-    fn abort(&self, reason: &str) {
-        self.comm.abort(reason)
-    }
 }
 
 type Tp2Errors = ([f64; 3], String);

@@ -25,6 +25,7 @@
 //! ([`Communicator::abort`] and timeouts), and the byte accounting of [`CommStats`].
 
 pub mod bandwidth;
+pub mod host_staged;
 pub mod inflight;
 #[cfg(feature = "mpi")]
 pub mod mpi;

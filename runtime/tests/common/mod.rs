@@ -2,7 +2,6 @@
 //! f32 results against f64 references, and central finite differences in f64.
 #![allow(dead_code)]
 
-use dm_runtime::cpu::{CpuBackend, CpuBuf, CpuIds};
 use dm_runtime::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -76,20 +75,20 @@ pub fn weighted_sum(w: &[f64], out: &[f64]) -> f64 {
     w.iter().zip(out).map(|(w, o)| w * o).sum()
 }
 
-pub fn up(be: &CpuBackend, name: &str, data: &[f32]) -> CpuBuf {
+pub fn up<B: Backend>(be: &B, name: &str, data: &[f32]) -> B::Buf {
     be.upload(name, data).unwrap()
 }
 
-pub fn up_ids(be: &CpuBackend, name: &str, ids: &[i32]) -> CpuIds {
+pub fn up_ids<B: Backend>(be: &B, name: &str, ids: &[i32]) -> B::Ids {
     be.upload_ids(name, ids).unwrap()
 }
 
 /// A buffer full of NaN: an op that claims to overwrite its output must not read it.
-pub fn nan_buf(be: &CpuBackend, name: &str, len: usize) -> CpuBuf {
+pub fn nan_buf<B: Backend>(be: &B, name: &str, len: usize) -> B::Buf {
     be.upload(name, &vec![f32::NAN; len]).unwrap()
 }
 
-pub fn down(be: &CpuBackend, buf: &CpuBuf) -> Vec<f32> {
+pub fn down<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
     be.download(buf).unwrap()
 }
 
