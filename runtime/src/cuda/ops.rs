@@ -135,19 +135,17 @@ impl CudaBackend {
         })
     }
 
-    /// A stream-ordered 2-D copy (bytes) between device addresses (`cuMemcpy2DAsync`).
+    /// A stream-ordered 2-D copy (bytes) between device addresses (`cuMemcpy2DAsync`): `height`
+    /// rows of `width` bytes from `(src, src_pitch)` to `(dst, dst_pitch)`.
     ///
     /// # Safety
     /// Both ranges (`height` rows of `width` bytes at the given pitches) must lie inside live
     /// allocations of this device, and must not overlap.
     pub(crate) unsafe fn copy_2d_async(
         &self,
-        dst: u64,
-        dst_pitch: usize,
-        src: u64,
-        src_pitch: usize,
-        width: usize,
-        height: usize,
+        (dst, dst_pitch): (u64, usize),
+        (src, src_pitch): (u64, usize),
+        (width, height): (usize, usize),
     ) -> Result<()> {
         if width == 0 || height == 0 {
             return Ok(());
@@ -170,16 +168,13 @@ impl CudaBackend {
     /// As [`Self::copy_2d_async`].
     pub(crate) unsafe fn copy_2d(
         &self,
-        dst: u64,
-        dst_pitch: usize,
-        src: u64,
-        src_pitch: usize,
-        width: usize,
-        height: usize,
+        (dst, dst_pitch): (u64, usize),
+        (src, src_pitch): (u64, usize),
+        (width, height): (usize, usize),
     ) -> Result<()> {
         if self.dev.copy_2d_async_ok.load(Ordering::Relaxed) {
             // SAFETY: forwarded.
-            match unsafe { self.copy_2d_async(dst, dst_pitch, src, src_pitch, width, height) } {
+            match unsafe { self.copy_2d_async((dst, dst_pitch), (src, src_pitch), (width, height)) } {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!("{e}; falling back to synchronous cuMemcpy2DUnaligned for layout adapters");

@@ -96,7 +96,8 @@ mod tests {
         }
     }
 
-    /// Every `self.launch("family", "entry"` literal in the op families' CUDA code, and every
+    /// Every `self.launch("family", "entry"` (and `self.layernorm_per_row(op, "entry"`) literal in
+    /// the op families' CUDA code, and every
     /// entry the launchers build by name (GEMM and attention variants), has a signature.
     #[test]
     fn every_launched_kernel_has_a_signature() {
@@ -121,6 +122,11 @@ mod tests {
                 assert!(signature(fam, entry).is_some(), "{fam}/{entry} launched without a signature");
                 literal += 1;
             }
+        }
+        for chunk in src.split("self.layernorm_per_row(op, \"").skip(1) {
+            let entry = chunk.split('"').next().unwrap();
+            assert!(signature("layernorm", entry).is_some(), "layernorm/{entry} launched without a signature");
+            literal += 1;
         }
         assert!(literal >= 25, "found only {literal} literal launches in runtime/src/ops/*/cuda.rs");
         for t in ["n", "t"] {

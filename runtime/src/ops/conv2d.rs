@@ -15,13 +15,12 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::ops::checks::check_len;
+use crate::ops::matmul::cpu::{gemm_views, parallelism, View};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
 const OP: &str = "conv2d";
 
-/// Products smaller than this many multiply-adds run on the calling thread.
-const PARALLEL_THRESHOLD: usize = 1 << 18;
 /// Elements of one im2col tile (64 MiB of f32 at most).
 const IM2COL_TILE_ELEMS: usize = 1 << 24;
 
@@ -226,36 +225,13 @@ fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Operand, b: Opera
             op: OP, detail: format!("internal GEMM {m}×{k}·{k}×{n} out of bounds")
         });
     }
-    let parallelism = if m * n * k >= PARALLEL_THRESHOLD {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
+    let lhs = View { ptr: a.data.as_ptr(), rs: a.rs as isize, cs: a.cs as isize };
+    let rhs = View { ptr: b.data.as_ptr(), rs: b.rs as isize, cs: b.cs as isize };
     // SAFETY: the check above proves every element addressed through (rs, cs) is inside `a.data`,
     // `b.data` and `dst`; `dst` is a distinct &mut slice, so it overlaps neither input. The
     // overlapping rows of `a` are only read.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+        gemm_views((m, n, k), (dst.as_mut_ptr(), n as isize, 1), accumulate, lhs, rhs, 1.0, parallelism(m, n, k))
+    };
     Ok(())
 }

@@ -73,48 +73,17 @@ impl CudaBackend {
             Arg::I(shape.causal as i32),
             Arg::F(1.0 / (shape.head_dim as f32).sqrt()),
         );
+        // What both backward kernels read after their outputs: (dout, q, k, v, lse, D, mask, B, H,
+        // Tq, Tk, hd, causal, scale).
+        let inputs = [ptr(dout), ptr(q), ptr(k), ptr(v), ptr(lse), Arg::P(d), maskp, b, h, tq, tk, hd, causal, scale];
         let l = cfg(op, path.launch(AttentionKernel::BackwardDkDv, &shape))?;
-        let args = [
-            mut_ptr(dk),
-            mut_ptr(dv),
-            ptr(dout),
-            ptr(q),
-            ptr(k),
-            ptr(v),
-            ptr(lse),
-            Arg::P(d),
-            maskp,
-            b,
-            h,
-            tq,
-            tk,
-            hd,
-            causal,
-            scale,
-        ];
-        // SAFETY: *_bwd_dkdv_*(dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale):
-        // dk/dv overwritten (B·Tk·H·hd each), inputs with the checked lengths, D written just above.
+        let args = [&[mut_ptr(dk), mut_ptr(dv)][..], &inputs].concat();
+        // SAFETY: *_bwd_dkdv_*(dk, dv, inputs..): dk/dv overwritten (B·Tk·H·hd each), inputs with
+        // the checked lengths, D written just above.
         unsafe { self.launch(family, &path.entry(AttentionKernel::BackwardDkDv), l, &args)? };
         let l = cfg(op, path.launch(AttentionKernel::BackwardDq, &shape))?;
-        let args = [
-            mut_ptr(dq),
-            ptr(dout),
-            ptr(q),
-            ptr(k),
-            ptr(v),
-            ptr(lse),
-            Arg::P(d),
-            maskp,
-            b,
-            h,
-            tq,
-            tk,
-            hd,
-            causal,
-            scale,
-        ];
-        // SAFETY: *_bwd_dq_*(dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale): dq
-        // overwritten (B·Tq·H·hd), the rest as above.
+        let args = [&[mut_ptr(dq)][..], &inputs].concat();
+        // SAFETY: *_bwd_dq_*(dq, inputs..): dq overwritten (B·Tq·H·hd), the rest as above.
         unsafe { self.launch(family, &path.entry(AttentionKernel::BackwardDq), l, &args) }
     }
 }

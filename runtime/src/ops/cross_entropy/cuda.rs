@@ -47,63 +47,53 @@ impl CudaBackend {
         unsafe { self.launch("cross_entropy", "vocab_parallel_max_f32", l, &args) }
     }
 
-    pub(crate) fn vocab_parallel_sums_cuda(&self, a: cross_entropy::VocabSums<'_, CudaBuf, CudaIds>) -> Result<()> {
-        let cross_entropy::VocabSums { stats, logits, row_max, targets, cols, valid_cols, vocab_start } = a;
-        let op = "vocab_parallel_sums";
-        let rows = logits.len / cols;
-        if rows == 0 {
-            return Ok(());
-        }
-        let l = cfg(op, lc::cross_entropy(rows, valid_cols))?;
-        let s = stats.device_ptr();
-        let args = [
-            ptr(logits),
-            ptr(row_max),
-            Arg::P(s),
-            offset_f32(s, rows),
+    /// The arguments both later vocab-parallel kernels take after their logits and maxima:
+    /// (sum_exp = stats[0..rows), target_logit = stats[rows..2·rows), targets, rows, valid_cols,
+    /// ld = cols, vocab_start).
+    fn vocab_stats_args(
+        op: &'static str,
+        stats: u64,
+        targets: &CudaIds,
+        rows: usize,
+        (cols, valid_cols, vocab_start): (usize, usize, usize),
+    ) -> Result<[Arg; 7]> {
+        Ok([
+            Arg::P(stats),
+            offset_f32(stats, rows),
             Arg::P(targets.device_ptr()),
             Arg::I(int(op, "rows", rows)?),
             Arg::I(int(op, "valid_cols", valid_cols)?),
             Arg::I(int(op, "cols", cols)?),
             Arg::I(int(op, "vocab_start", vocab_start)?),
-        ];
+        ])
+    }
+
+    pub(crate) fn vocab_parallel_sums_cuda(&self, a: cross_entropy::VocabSums<'_, CudaBuf, CudaIds>) -> Result<()> {
+        let op = "vocab_parallel_sums";
+        let rows = a.logits.len / a.cols;
+        if rows == 0 {
+            return Ok(());
+        }
+        let l = cfg(op, lc::cross_entropy(rows, a.valid_cols))?;
+        let cols = (a.cols, a.valid_cols, a.vocab_start);
+        let stats = Self::vocab_stats_args(op, a.stats.device_ptr(), a.targets, rows, cols)?;
+        let args = [&[ptr(a.logits), ptr(a.row_max)][..], &stats].concat();
         // SAFETY: vocab_parallel_sumexp_f32(logits, global_max, sum_exp, target_logit, targets, rows,
         // valid_cols, ld, vocab_start): sum_exp = stats[0..rows), target_logit = stats[rows..2·rows).
         unsafe { self.launch("cross_entropy", "vocab_parallel_sumexp_f32", l, &args) }
     }
 
     pub(crate) fn vocab_parallel_grad_cuda(&self, a: cross_entropy::VocabGrad<'_, CudaBuf, CudaIds>) -> Result<()> {
-        let cross_entropy::VocabGrad {
-            logits,
-            losses,
-            row_max,
-            stats,
-            targets,
-            cols,
-            valid_cols,
-            vocab_start,
-            grad_scale,
-        } = a;
         let op = "vocab_parallel_grad";
-        let rows = logits.len / cols;
+        let rows = a.logits.len / a.cols;
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::cross_entropy(rows, cols))?;
-        let s = stats.device_ptr();
-        let args = [
-            mut_ptr(logits),
-            mut_ptr(losses),
-            ptr(row_max),
-            Arg::P(s),
-            offset_f32(s, rows),
-            Arg::P(targets.device_ptr()),
-            Arg::I(int(op, "rows", rows)?),
-            Arg::I(int(op, "valid_cols", valid_cols)?),
-            Arg::I(int(op, "cols", cols)?),
-            Arg::I(int(op, "vocab_start", vocab_start)?),
-            Arg::F(grad_scale),
-        ];
+        let l = cfg(op, lc::cross_entropy(rows, a.cols))?;
+        let cols = (a.cols, a.valid_cols, a.vocab_start);
+        let stats = Self::vocab_stats_args(op, a.stats.device_ptr(), a.targets, rows, cols)?;
+        let args =
+            [&[mut_ptr(a.logits), mut_ptr(a.losses), ptr(a.row_max)][..], &stats, &[Arg::F(a.grad_scale)]].concat();
         // SAFETY: vocab_parallel_grad_f32(logits, losses, global_max, global_sum, global_target_logit,
         // targets, rows, valid_cols, ld, vocab_start, grad_scale): logits rows·cols rewritten, losses
         // rows, sum = stats[0..rows), target logit = stats[rows..2·rows).

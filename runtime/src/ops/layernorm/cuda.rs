@@ -6,6 +6,26 @@ use crate::cuda::kernel_prelude::*;
 use crate::ops::layernorm as ln;
 
 impl CudaBackend {
+    /// Calls a one-warp-per-row kernel `entry(pointers.., rows, dim)` of `layernorm.cu`.
+    ///
+    /// # Safety
+    /// `pointers` must be the kernel's pointer parameters, in order, each addressing what it
+    /// reads or writes for `rows` rows of `dim` (the op's check guarantees the lengths).
+    unsafe fn layernorm_per_row(
+        &self,
+        op: &'static str,
+        entry: &str,
+        pointers: &[Arg],
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let l = cfg(op, lc::layernorm_rows(rows))?;
+        let mut args = pointers.to_vec();
+        args.extend([Arg::I(int(op, "rows", rows)?), Arg::I(int(op, "dim", dim)?)]);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch("layernorm", entry, l, &args) }
+    }
+
     /// Shared by the single-device and sharded layernorm backward: the block-partial backward
     /// kernel, then the fixed-order reduction of the partials into dscale/dbias.
     #[allow(clippy::too_many_arguments)]
@@ -72,20 +92,10 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::layernorm_rows(rows))?;
-        let args = [
-            mut_ptr(out),
-            mut_ptr(mean),
-            mut_ptr(rstd),
-            ptr(x),
-            opt_ptr(scale),
-            ptr(bias),
-            Arg::I(int(op, "rows", rows)?),
-            Arg::I(int(op, "dim", dim)?),
-        ];
-        // SAFETY: layernorm_forward_f32(out, mean, rstd, x, scale, bias, rows, dim) with the lengths
-        // checked above (scale may be null).
-        unsafe { self.launch("layernorm", "layernorm_forward_f32", l, &args) }
+        let pointers = [mut_ptr(out), mut_ptr(mean), mut_ptr(rstd), ptr(x), opt_ptr(scale), ptr(bias)];
+        // SAFETY: layernorm_forward_f32(out, mean, rstd, x, scale, bias, rows, dim) with checked
+        // lengths (scale may be null).
+        unsafe { self.layernorm_per_row(op, "layernorm_forward_f32", &pointers, rows, dim) }
     }
 
     pub(crate) fn layernorm_backward_cuda(&self, a: ln::Backward<'_, CudaBuf>) -> Result<()> {
@@ -119,17 +129,15 @@ impl CudaBackend {
         }
         let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
-        let l = cfg(op, lc::layernorm_rows(rows))?;
-        let args =
-            [ptr(x), opt_ptr(center), Arg::P(pairs), Arg::I(int(op, "rows", rows)?), Arg::I(int(op, "dim", dim)?)];
+        let pointers = [ptr(x), opt_ptr(center), Arg::P(pairs)];
         // SAFETY: layernorm_sharded_sums_f32(x, center, sums, rows, dim) writes 2·rows interleaved
         // floats (Σ(x−c), Σ(x−c)²) into the pairs scratch; x holds rows·dim, center rows (or null).
-        unsafe { self.launch("layernorm", "layernorm_sharded_sums_f32", l, &args)? };
+        unsafe { self.layernorm_per_row(op, "layernorm_sharded_sums_f32", &pointers, rows, dim)? };
         // The trait wants Σx without a centre and Σ(x−c)² with one: pick that column of the pairs.
         let column = if center.is_some() { 4 } else { 0 };
         // SAFETY: reads one float of each 8-byte pair (rows of them) from the pairs scratch and
         // writes `sums`' rows floats contiguously.
-        unsafe { self.copy_2d(sums.device_ptr(), 4, pairs + column, 8, 4, rows) }
+        unsafe { self.copy_2d((sums.device_ptr(), 4), (pairs + column, 8), (4, rows)) }
     }
 
     pub(crate) fn layernorm_finish_stats_cuda(&self, a: ln::FinishStats<'_, CudaBuf>) -> Result<()> {
@@ -148,7 +156,7 @@ impl CudaBackend {
         self.fill_raw(op, pairs, 2 * rows, 0.0)?;
         let column = if squared { 4 } else { 0 };
         // SAFETY: writes one float of each pair of the 2·rows pairs scratch from sums' rows floats.
-        unsafe { self.copy_2d(pairs + column, 8, sums.device_ptr(), 4, 4, rows)? };
+        unsafe { self.copy_2d((pairs + column, 8), (sums.device_ptr(), 4), (4, rows))? };
         let (mean_out, rstd_out) = if squared { (dummy, sums.device_ptr()) } else { (sums.device_ptr(), dummy) };
         let l = cfg(op, lc::one_thread_each(rows))?;
         let args = [
@@ -172,19 +180,9 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::layernorm_rows(rows))?;
-        let args = [
-            mut_ptr(out),
-            ptr(x),
-            ptr(mean),
-            ptr(rstd),
-            opt_ptr(scale),
-            ptr(bias),
-            Arg::I(int(op, "rows", rows)?),
-            Arg::I(int(op, "dim", dim)?),
-        ];
+        let pointers = [mut_ptr(out), ptr(x), ptr(mean), ptr(rstd), opt_ptr(scale), ptr(bias)];
         // SAFETY: layernorm_apply_f32(out, x, mean, rstd, scale, bias, rows, dim), lengths checked.
-        unsafe { self.launch("layernorm", "layernorm_apply_f32", l, &args) }
+        unsafe { self.layernorm_per_row(op, "layernorm_apply_f32", &pointers, rows, dim) }
     }
 
     pub(crate) fn layernorm_backward_row_sums_cuda(&self, a: ln::BackwardRowSums<'_, CudaBuf>) -> Result<()> {
@@ -196,26 +194,16 @@ impl CudaBackend {
         }
         let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
-        let l = cfg(op, lc::layernorm_rows(rows))?;
-        let args = [
-            ptr(dout),
-            ptr(x),
-            ptr(mean),
-            ptr(rstd),
-            opt_ptr(scale),
-            Arg::P(pairs),
-            Arg::I(int(op, "rows", rows)?),
-            Arg::I(int(op, "dim", dim)?),
-        ];
+        let pointers = [ptr(dout), ptr(x), ptr(mean), ptr(rstd), opt_ptr(scale), Arg::P(pairs)];
         // SAFETY: layernorm_backward_sums_f32(dout, x, mean, rstd, scale, sums, rows, dim) writes
         // 2·rows interleaved floats into the pairs scratch; inputs have the checked lengths.
-        unsafe { self.launch("layernorm", "layernorm_backward_sums_f32", l, &args)? };
+        unsafe { self.layernorm_per_row(op, "layernorm_backward_sums_f32", &pointers, rows, dim)? };
         let s = sums.device_ptr();
         // SAFETY: de-interleave the pairs into the trait's [2, rows] layout: column 0 into
         // sums[0..rows), column 1 into sums[rows..2·rows).
         unsafe {
-            self.copy_2d(s, 4, pairs, 8, 4, rows)?;
-            self.copy_2d(s + 4 * rows as u64, 4, pairs + 4, 8, 4, rows)
+            self.copy_2d((s, 4), (pairs, 8), (4, rows))?;
+            self.copy_2d((s + 4 * rows as u64, 4), (pairs + 4, 8), (4, rows))
         }
     }
 
@@ -234,8 +222,8 @@ impl CudaBackend {
         // pairs[2r], sums[rows + r] -> pairs[2r + 1]); the pairs scratch holds 2·rows floats.
         // The backward launch below uses f32_a for its partials, so the pairs (f32_b) survive.
         unsafe {
-            self.copy_2d(pairs, 8, s, 4, 4, rows)?;
-            self.copy_2d(pairs + 4, 8, s + 4 * rows as u64, 4, 4, rows)?;
+            self.copy_2d((pairs, 8), (s, 4), (4, rows))?;
+            self.copy_2d((pairs + 4, 8), (s + 4 * rows as u64, 4), (4, rows))?;
         }
         self.layernorm_backward_launch(
             &mut guard,

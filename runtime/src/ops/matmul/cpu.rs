@@ -22,31 +22,59 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], s: MatmulSpec) {
     // (row stride, column stride) of each operand as the logical matrix.
     let (a_rs, a_cs) = if s.trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
-    let parallelism = if m * n * k >= PARALLEL_THRESHOLD {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
+    let lhs = View { ptr: a.as_ptr(), rs: a_rs, cs: a_cs };
+    let rhs = View { ptr: b.as_ptr(), rs: b_rs, cs: b_cs };
     // SAFETY: the caller checked out.len() == m·n, a.len() == m·k, b.len() == k·n, so every
     // (row, col) addressed through these strides is in bounds; `out` is a distinct &mut slice,
     // so it aliases neither input.
+    unsafe {
+        gemm_views((m, n, k), (out.as_mut_ptr(), n as isize, 1), s.accumulate, lhs, rhs, 1.0, parallelism(m, n, k))
+    }
+}
+
+/// Rayon for products of at least [`PARALLEL_THRESHOLD`] multiply-adds, the calling thread below.
+pub(crate) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m * n * k >= PARALLEL_THRESHOLD {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// The one call into the `gemm` crate: `dst (= | +=) alpha · lhs[m,k] · rhs[k,n]` on strided
+/// views, `dst = (pointer, row stride, column stride)`.
+///
+/// # Safety
+/// Every element addressed through the views must be in bounds, and `dst` must not overlap
+/// `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_views(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, dst_cs): (*mut f32, isize, isize),
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    alpha: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded from this function's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            s.accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
+            dst,
+            dst_cs,
+            dst_rs,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
             1.0,
-            1.0,
+            alpha,
             false,
             false,
             false,
@@ -83,27 +111,5 @@ pub(crate) unsafe fn gemm_strided(
     alpha: f32,
 ) {
     // SAFETY: forwarded from this function's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            dst_cs,
-            dst_rs,
-            accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    unsafe { gemm_views((m, n, k), (dst, dst_rs, dst_cs), accumulate, lhs, rhs, alpha, gemm::Parallelism::None) }
 }

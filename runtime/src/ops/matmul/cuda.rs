@@ -33,7 +33,7 @@ impl CudaBackend {
             let (sp, dp, w, h) = st.copy_2d_bytes();
             // SAFETY: `t` holds rows×cols bf16 (pitch cols·2), `d` rows×ld bf16 (pitch ld·2 >= width);
             // they are distinct scratch buffers.
-            match unsafe { self.copy_2d_async(d, dp, t, sp, w, h) } {
+            match unsafe { self.copy_2d_async((d, dp), (t, sp), (w, h)) } {
                 Ok(()) => return Ok((d, st.ld)),
                 Err(e) => {
                     tracing::warn!(
