@@ -16,7 +16,7 @@ pub struct PtxasReport {
     pub spill_store_bytes: u32,
     pub spill_load_bytes: u32,
     pub stack_bytes: u32,
-    /// Static shared memory (dynamic shared memory is the launcher's and is not included).
+    /// Static shared memory (dynamic shared memory is set per call and is not included).
     pub smem_bytes: u32,
     pub barriers: u32,
     /// ptxas warnings naming this function.

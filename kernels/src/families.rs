@@ -7,7 +7,7 @@ pub const PRELUDE: &str = include_str!("../cuda/common.cuh");
 /// One `.cu` file: a family of kernels compiled together as one NVRTC program (one PTX module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelFamily {
-    /// Short name, also the module name a launcher loads the PTX under (e.g. `"matmul"`).
+    /// Short name, also the module name the backend loads the PTX under (e.g. `"matmul"`).
     pub name: &'static str,
     /// File name under `kernels/cuda/`.
     pub file: &'static str,

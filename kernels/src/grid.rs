@@ -1,4 +1,4 @@
-//! Launch constants the CUDA launchers need: tile sizes, block sizes and dynamic shared memory.
+//! Grid constants the CUDA kernel-call code needs: tile sizes, block sizes and dynamic shared memory.
 //! They restate what the `.cu` files document above each kernel; keep both in step.
 
 /// bf16 tensor-core GEMM tiles: (BM, BN, threads per block). Grid: (ceil(n/BN), ceil(m/BM), splits).
@@ -29,7 +29,7 @@ pub fn attention_variant(head_dim: usize) -> Option<usize> {
 }
 
 /// Dynamic shared memory (bytes) of an f32 attention kernel compiled for head-dim variant `hdm`.
-/// Above 48 KiB the launcher must raise `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` first.
+/// Above 48 KiB the caller must raise `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` first.
 pub fn attention_smem_bytes(kernel: AttentionKernel, hdm: usize) -> usize {
     let t = ATTENTION_TILE;
     let ld = hdm + 1; // row stride of a [64][hd] tile (padded against bank conflicts)

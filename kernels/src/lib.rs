@@ -6,7 +6,7 @@
 //! every kernel can be compiled — and, when `ptxas` is available, assembled for its register and
 //! spill report — on any CI machine: see [`check`] and `scripts/cuda-ci-deps.sh`.
 //!
-//! No math lives here: this crate only names, compiles and checks the kernels. The launchers (grid,
+//! No math lives here: this crate only names, compiles and checks the kernels. The kernel-call code (grid,
 //! block, shared memory, argument order) are documented at the top of each `.cu` file and above
 //! every kernel; [`grid`] collects the constants they need.
 

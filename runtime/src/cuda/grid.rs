@@ -1,7 +1,7 @@
-//! Launch configurations of every kernel the CUDA backend uses, as pure functions of the problem
+//! Grids (grid, block, shared memory) of every kernel the CUDA backend uses, as pure functions of the problem
 //! shape (and the device's SM count), so they are unit-tested on machines without a GPU.
 //!
-//! Each function restates the launch shape documented at the top of the kernel's `.cu` file in
+//! Each function restates the grid documented at the top of the kernel's `.cu` file in
 //! `kernels/cuda/` (and the constants of [`dm_kernels::grid`]); keep them in step.
 
 use crate::backend::{AttentionShape, MatmulSpec};
@@ -14,16 +14,16 @@ pub const MAX_GRID_X: usize = (1 << 31) - 1;
 /// Static shared memory every block may use without opting in.
 pub const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
-/// Grid, block and dynamic shared memory of one launch.
+/// Grid, block and dynamic shared memory of one kernel call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Launch {
+pub struct KernelGrid {
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
     /// Dynamic shared memory in bytes.
     pub smem: u32,
 }
 
-impl Launch {
+impl KernelGrid {
     fn new(grid: (usize, usize, usize), block: usize, smem: usize) -> Result<Self, String> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Err(format!("empty grid {grid:?}"));
@@ -34,12 +34,12 @@ impl Launch {
         Ok(Self { grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32), block: (block as u32, 1, 1), smem: smem as u32 })
     }
 
-    /// The cudarc form of this launch.
+    /// The cudarc form of this kernel call.
     pub fn config(&self) -> cudarc::driver::LaunchConfig {
         cudarc::driver::LaunchConfig { grid_dim: self.grid, block_dim: self.block, shared_mem_bytes: self.smem }
     }
 
-    /// Total threads launched.
+    /// Total threads of the grid.
     pub fn threads(&self) -> u64 {
         let g = self.grid.0 as u64 * self.grid.1 as u64 * self.grid.2 as u64;
         g * self.block.0 as u64 * self.block.1 as u64 * self.block.2 as u64
@@ -51,27 +51,27 @@ pub const ELEMENTWISE_THREADS: usize = 256;
 
 /// elementwise.cu (fill, add, add_assign, scale): block 256, grid
 /// `min(ceil(n / (256·4)), 8·SMs)` (each thread moves 4 elements per float4 step; grid-stride).
-pub fn elementwise(n: usize, sms: usize) -> Result<Launch, String> {
+pub fn elementwise(n: usize, sms: usize) -> Result<KernelGrid, String> {
     let blocks = n.div_ceil(ELEMENTWISE_THREADS * 4).clamp(1, 8 * sms.max(1));
-    Launch::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
+    KernelGrid::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
 }
 
 /// glu.cu and adamw.cu: block 256, grid `min(ceil(n / 256), 8·SMs)` (grid-stride).
-pub fn grid_stride(n: usize, sms: usize) -> Result<Launch, String> {
+pub fn grid_stride(n: usize, sms: usize) -> Result<KernelGrid, String> {
     let blocks = n.div_ceil(ELEMENTWISE_THREADS).clamp(1, 8 * sms.max(1));
-    Launch::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
+    KernelGrid::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
 }
 
 /// Pass 1 of Σx² (`sum_squares_partial_f32`): block 256, `min(ceil(n/256), 4·SMs, 1024)` blocks,
 /// one f64 partial each. Pass 2 (`sum_f64_finish`) is one block of 256 over those partials.
-pub fn sum_squares_partials(n: usize, sms: usize) -> Result<Launch, String> {
+pub fn sum_squares_partials(n: usize, sms: usize) -> Result<KernelGrid, String> {
     let blocks = n.div_ceil(ELEMENTWISE_THREADS).clamp(1, (4 * sms.max(1)).min(1024));
-    Launch::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
+    KernelGrid::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
 }
 
 /// `sum_f64_finish`: one block of 256.
-pub fn sum_finish() -> Launch {
-    Launch { grid: (1, 1, 1), block: (256, 1, 1), smem: 0 }
+pub fn sum_finish() -> KernelGrid {
+    KernelGrid { grid: (1, 1, 1), block: (256, 1, 1), smem: 0 }
 }
 
 /// Row-major leading dimensions `(lda, ldb, ldc)` of a [`MatmulSpec`] over unpadded buffers.
@@ -82,9 +82,9 @@ pub fn matmul_lds(s: &MatmulSpec) -> (usize, usize, usize) {
 }
 
 /// matmul.cu `matmul_f32_*`: 64×64 tile, grid (ceil(N/64), ceil(M/64), 1), block 256, no split-K.
-pub fn matmul_f32(m: usize, n: usize) -> Result<Launch, String> {
+pub fn matmul_f32(m: usize, n: usize) -> Result<KernelGrid, String> {
     let (bm, bn, threads) = kl::MATMUL_F32;
-    Launch::new((n.div_ceil(bn), m.div_ceil(bm), 1), threads, 0)
+    KernelGrid::new((n.div_ceil(bn), m.div_ceil(bm), 1), threads, 0)
 }
 
 /// Tile variant of the bf16 tensor-core GEMM.
@@ -123,9 +123,9 @@ pub fn choose_bf16_tile(m: usize, n: usize, sms: usize) -> Bf16Tile {
 
 /// matmul.cu `matmul_bf16_*_{128x128,64x64}`: grid (ceil(N/BN), ceil(M/BM), 1), block 256 / 128,
 /// static shared memory only.
-pub fn matmul_bf16(m: usize, n: usize, tile: Bf16Tile) -> Result<Launch, String> {
+pub fn matmul_bf16(m: usize, n: usize, tile: Bf16Tile) -> Result<KernelGrid, String> {
     let (bm, bn, threads) = tile.dims();
-    Launch::new((n.div_ceil(bn), m.div_ceil(bm), 1), threads, 0)
+    KernelGrid::new((n.div_ceil(bn), m.div_ceil(bm), 1), threads, 0)
 }
 
 /// The bf16 GEMM's fast path (16-byte cp.async) needs leading dimensions that are multiples of 8
@@ -248,19 +248,19 @@ impl AttentionPath {
         }
     }
 
-    /// Launch of `kernel`: grid (ceil(T/64), B·H) with T = Tq (forward, dQ) or Tk (dK dV).
-    pub fn launch(&self, kernel: kl::AttentionKernel, s: &AttentionShape) -> Result<Launch, String> {
+    /// KernelGrid of `kernel`: grid (ceil(T/64), B·H) with T = Tq (forward, dQ) or Tk (dK dV).
+    pub fn grid(&self, kernel: kl::AttentionKernel, s: &AttentionShape) -> Result<KernelGrid, String> {
         let t = match kernel {
             kl::AttentionKernel::BackwardDkDv => s.kv_len,
             _ => s.q_len,
         };
-        Launch::new((t.div_ceil(kl::ATTENTION_TILE), s.batch * s.heads, 1), self.threads(), self.smem(kernel))
+        KernelGrid::new((t.div_ceil(kl::ATTENTION_TILE), s.batch * s.heads, 1), self.threads(), self.smem(kernel))
     }
 }
 
 /// `attention_bwd_preprocess_f32`: block 256 (8 warps, one (b, i, h) row each), grid ceil(B·Tq·H/8).
-pub fn attention_preprocess(s: &AttentionShape) -> Result<Launch, String> {
-    Launch::new(((s.batch * s.q_len * s.heads).div_ceil(8), 1, 1), 256, 0)
+pub fn attention_preprocess(s: &AttentionShape) -> Result<KernelGrid, String> {
+    KernelGrid::new(((s.batch * s.q_len * s.heads).div_ceil(8), 1, 1), 256, 0)
 }
 
 /// Whether a kernel needing `smem` bytes of dynamic shared memory fits the device's opt-in limit.
@@ -276,61 +276,61 @@ pub fn check_smem(entry: &str, smem: usize, device_optin_limit: usize) -> Result
 
 /// Rows per block of the warp-per-row LayerNorm kernels (`layernorm_forward_f32` and friends):
 /// block 256 = 8 warps, grid ceil(rows/8).
-pub fn layernorm_rows(rows: usize) -> Result<Launch, String> {
-    Launch::new((rows.div_ceil(8).max(1), 1, 1), 256, 0)
+pub fn layernorm_rows(rows: usize) -> Result<KernelGrid, String> {
+    KernelGrid::new((rows.div_ceil(8).max(1), 1, 1), 256, 0)
 }
 
-/// `layernorm_backward_f32`: block `launch::layernorm_backward_threads(dim)` (dim <= 16 columns a
+/// `layernorm_backward_f32`: block `kl::layernorm_backward_threads(dim)` (dim <= 16 columns a
 /// thread, at most 1024 threads), grid `min(rows, 2·SMs)` (>= 1); the partials hold
 /// `grid · 2 · dim` floats.
-pub fn layernorm_backward(rows: usize, dim: usize, sms: usize) -> Result<Launch, String> {
+pub fn layernorm_backward(rows: usize, dim: usize, sms: usize) -> Result<KernelGrid, String> {
     let max_dim = 1024 * kl::LAYERNORM_BWD_COLS_PER_THREAD;
     if dim == 0 || dim > max_dim {
         return Err(format!("layernorm dim {dim} is outside 1..={max_dim}, what layernorm_backward_f32 handles"));
     }
     let threads = kl::layernorm_backward_threads(dim);
-    Launch::new((rows.clamp(1, 2 * sms.max(1)), 1, 1), threads, 0)
+    KernelGrid::new((rows.clamp(1, 2 * sms.max(1)), 1, 1), threads, 0)
 }
 
 /// `layernorm_param_grads_f32`: grid ceil(dim/256), block 256.
-pub fn layernorm_param_grads(dim: usize) -> Result<Launch, String> {
+pub fn layernorm_param_grads(dim: usize) -> Result<KernelGrid, String> {
     one_thread_each(dim)
 }
 
 /// Kernels with one thread per item and no grid-stride loop (`layernorm_param_grads_f32`,
 /// `layernorm_sharded_stats_f32`): grid ceil(n/256), block 256.
-pub fn one_thread_each(n: usize) -> Result<Launch, String> {
-    Launch::new((n.div_ceil(256).max(1), 1, 1), 256, 0)
+pub fn one_thread_each(n: usize) -> Result<KernelGrid, String> {
+    KernelGrid::new((n.div_ceil(256).max(1), 1, 1), 256, 0)
 }
 
 /// cross_entropy.cu: one block per row, block a multiple of 32 giving ~32 columns a thread, at
 /// most 512 (the recommended size for ~16k classes).
-pub fn cross_entropy(rows: usize, classes: usize) -> Result<Launch, String> {
+pub fn cross_entropy(rows: usize, classes: usize) -> Result<KernelGrid, String> {
     let threads = classes.div_ceil(32).next_multiple_of(32).clamp(32, 512);
-    Launch::new((rows, 1, 1), threads, 0)
+    KernelGrid::new((rows, 1, 1), threads, 0)
 }
 
 /// embedding.cu gather/scatter: grid (n_ids), block = dim rounded up to a warp, 32..=256.
-pub fn embedding(n_ids: usize, dim: usize) -> Result<Launch, String> {
-    Launch::new((n_ids, 1, 1), dim.next_multiple_of(32).clamp(32, 256), 0)
+pub fn embedding(n_ids: usize, dim: usize) -> Result<KernelGrid, String> {
+    KernelGrid::new((n_ids, 1, 1), dim.next_multiple_of(32).clamp(32, 256), 0)
 }
 
 /// `add_broadcast_rows_f32`: grid (ceil(row_len/256), n_blocks), block 256. Grid y is at most
-/// 65535, so larger `n_blocks` are split into chunks: returns (first block, blocks, launch).
-pub fn add_broadcast_rows(row_len: usize, n_blocks: usize) -> Result<Vec<(usize, usize, Launch)>, String> {
+/// 65535, so larger `n_blocks` are split into chunks: returns (first block, blocks, grid).
+pub fn add_broadcast_rows(row_len: usize, n_blocks: usize) -> Result<Vec<(usize, usize, KernelGrid)>, String> {
     let mut out = Vec::new();
     let mut first = 0;
     while first < n_blocks {
         let count = (n_blocks - first).min(MAX_GRID_YZ);
-        out.push((first, count, Launch::new((row_len.div_ceil(256), count, 1), 256, 0)?));
+        out.push((first, count, KernelGrid::new((row_len.div_ceil(256), count, 1), 256, 0)?));
         first += count;
     }
     Ok(out)
 }
 
 /// `sum_broadcast_rows_f32`: grid ceil(row_len/256), block 256, one thread per column.
-pub fn sum_broadcast_rows(row_len: usize) -> Result<Launch, String> {
-    Launch::new((row_len.div_ceil(256), 1, 1), 256, 0)
+pub fn sum_broadcast_rows(row_len: usize) -> Result<KernelGrid, String> {
+    KernelGrid::new((row_len.div_ceil(256), 1, 1), 256, 0)
 }
 
 /// AdamW bias corrections `(1 − b1^t, 1 − b2^t)`, computed in f64 and rounded to f32 exactly as
@@ -461,7 +461,7 @@ mod tests {
         assert_eq!(choose_bf16_tile(2048, 2730, 132), Bf16Tile::T128);
         assert_eq!(choose_bf16_tile(1024, 1024, 132), Bf16Tile::T64);
         assert!(matmul_f32(64 * 70_000, 8).is_err(), "grid y over 65535 is refused");
-        assert!(matmul_f32(0, 8).is_err(), "empty products are not launched");
+        assert!(matmul_f32(0, 8).is_err(), "empty products are not called");
     }
 
     #[test]
@@ -482,18 +482,18 @@ mod tests {
         let f32p = AttentionPath::choose(64, false).unwrap();
         assert_eq!(f32p, AttentionPath::F32 { hdm: 64 });
         assert_eq!(f32p.entry(kl::AttentionKernel::Forward), "attention_fwd_f32_hd64");
-        let l = f32p.launch(kl::AttentionKernel::Forward, &s).unwrap();
+        let l = f32p.grid(kl::AttentionKernel::Forward, &s).unwrap();
         assert_eq!((l.grid, l.block, l.smem), ((4, 128, 1), (256, 1, 1), 66_816));
-        let l = f32p.launch(kl::AttentionKernel::BackwardDkDv, &s).unwrap();
+        let l = f32p.grid(kl::AttentionKernel::BackwardDkDv, &s).unwrap();
         assert_eq!((l.grid, l.smem), ((1, 128, 1), 100_608));
-        assert_eq!(f32p.launch(kl::AttentionKernel::BackwardDq, &s).unwrap().smem, 83_968);
+        assert_eq!(f32p.grid(kl::AttentionKernel::BackwardDq, &s).unwrap().smem, 83_968);
 
         let tc = AttentionPath::choose(64, true).unwrap();
         assert_eq!(tc, AttentionPath::TensorCore { hdm: 64 });
         assert_eq!(tc.entry(kl::AttentionKernel::BackwardDq), "attention_tc_bwd_dq_f32_hd64");
-        let l = tc.launch(kl::AttentionKernel::Forward, &s).unwrap();
+        let l = tc.grid(kl::AttentionKernel::Forward, &s).unwrap();
         assert_eq!((l.block, l.smem), ((128, 1, 1), 0));
-        assert_eq!(tc.launch(kl::AttentionKernel::BackwardDkDv, &s).unwrap().smem, 33_536);
+        assert_eq!(tc.grid(kl::AttentionKernel::BackwardDkDv, &s).unwrap().smem, 33_536);
         // hd <= 32 stays on the f32 kernels even in mixed precision; hd > 128 is refused.
         assert_eq!(AttentionPath::choose(16, true).unwrap(), AttentionPath::F32 { hdm: 32 });
         assert_eq!(AttentionPath::choose(80, true).unwrap(), AttentionPath::TensorCore { hdm: 128 });
@@ -507,7 +507,7 @@ mod tests {
     }
 
     #[test]
-    fn layernorm_and_cross_entropy_launches() {
+    fn layernorm_and_cross_entropy_grids() {
         assert_eq!(layernorm_rows(2048).unwrap().grid.0, 256);
         assert_eq!(layernorm_rows(3).unwrap().grid.0, 1);
         let l = layernorm_backward(2048, 2730, 132).unwrap();

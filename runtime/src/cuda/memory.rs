@@ -41,7 +41,7 @@ impl CudaBuf {
     pub fn slice(&self) -> &CudaSlice<f32> {
         &self.data
     }
-    /// Mutable access to the allocation, e.g. for NCCL or custom launches.
+    /// Mutable access to the allocation, e.g. for NCCL or custom kernel calls.
     pub fn slice_mut(&mut self) -> &mut CudaSlice<f32> {
         &mut self.data
     }

@@ -9,7 +9,7 @@
 //! Ops only enqueue work on that stream and return; [`Backend::download`] and
 //! [`Backend::sum_squares`] synchronise (they return host data), as does
 //! [`CudaBackend::synchronize`]. Because a single stream orders everything, cudarc's per-buffer
-//! event tracking is turned off. Kernel-launch errors surface at the launch; errors inside a
+//! event tracking is turned off. Errors of a kernel call surface at the call; errors inside a
 //! kernel surface at the next synchronising call. Every allocation (tensors and the backend's own
 //! scratch) is registered with the device's [`MemoryTracker`] first, so a budget refusal names
 //! the tensor and allocates nothing; cuBLAS's internal workspace is not tracked.

@@ -1,5 +1,5 @@
 //! The kernel-call plumbing of [`CudaBackend`]: typed kernel arguments ([`Arg`]), the checked
-//! kernel call ([`CudaBackend::launch`]), stream-ordered 2-D copies, and [`Backend`] itself, whose
+//! kernel call ([`CudaBackend::call_kernel`]), stream-ordered 2-D copies, and [`Backend`] itself, whose
 //! `compute` hands each (already checked) op to its family's CUDA code in
 //! `runtime/src/ops/<family>/cuda.rs`.
 
@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use cudarc::driver::sys as ds;
 
 use super::device::driver_err;
-use super::grid::{self as lc, Launch};
+use super::grid::{self as lc, KernelGrid};
 use super::memory::{CudaBuf, CudaIds};
 use super::CudaBackend;
 use crate::backend::Backend;
@@ -43,7 +43,7 @@ pub(crate) enum Arg {
     U(u64),
 }
 
-pub(crate) fn cfg(op: &'static str, r: std::result::Result<Launch, String>) -> Result<Launch> {
+pub(crate) fn cfg(op: &'static str, r: std::result::Result<KernelGrid, String>) -> Result<KernelGrid> {
     r.map_err(|detail| RuntimeError::Invalid { op, detail })
 }
 
@@ -77,14 +77,20 @@ impl CudaBackend {
         &self.dev.memory
     }
 
-    /// Launches `entry` of kernel family `family`.
+    /// Kernel calls `entry` of kernel family `family`.
     ///
     /// # Safety
     /// `args` must match the kernel's documented parameter list in number, order and C type; every
     /// pointer must be null (where the kernel allows it) or a live allocation of this device large
-    /// enough for everything the kernel reads or writes under this launch shape and these sizes;
+    /// enough for everything the kernel reads or writes under this grid and these sizes;
     /// output buffers must not be read or written by anything else until the stream reaches them.
-    pub(crate) unsafe fn launch(&self, family: &'static str, entry: &str, l: Launch, args: &[Arg]) -> Result<()> {
+    pub(crate) unsafe fn call_kernel(
+        &self,
+        family: &'static str,
+        entry: &str,
+        l: KernelGrid,
+        args: &[Arg],
+    ) -> Result<()> {
         let kinds: String = args
             .iter()
             .map(|a| match a {
@@ -131,7 +137,7 @@ impl CudaBackend {
             )
         }
         .map_err(|e| {
-            driver_err(&format!("launching {entry} (grid {:?}, block {:?}, smem {})", l.grid, l.block, l.smem), e)
+            driver_err(&format!("calling {entry} (grid {:?}, block {:?}, smem {})", l.grid, l.block, l.smem), e)
         })
     }
 
@@ -201,7 +207,7 @@ impl CudaBackend {
         }
         let l = cfg(op, lc::elementwise(n, self.sms()))?;
         // SAFETY: fill_f32(x, value, n) writes x[0..n); `ptr` addresses at least n floats.
-        unsafe { self.launch("elementwise", "fill_f32", l, &[Arg::P(ptr), Arg::F(value), Arg::U(n as u64)]) }
+        unsafe { self.call_kernel("elementwise", "fill_f32", l, &[Arg::P(ptr), Arg::F(value), Arg::U(n as u64)]) }
     }
 }
 

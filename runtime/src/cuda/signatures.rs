@@ -1,11 +1,11 @@
-//! The parameter list of every kernel the backend launches, as a string of argument kinds:
+//! The parameter list of every kernel the backend calls, as a string of argument kinds:
 //! `P` pointer, `U` u64 count (both 8 bytes, `.u64` in PTX), `I` int (`.u32`), `F` float (`.f32`).
 //!
-//! The launcher refuses a call whose arguments do not match (an internal error instead of
+//! The kernel call code refuses a call whose arguments do not match (an internal error instead of
 //! undefined behaviour), and a test compares the table with the `.entry` parameter lists of the
 //! PTX that NVRTC produces — so argument lists are checked on machines without a GPU.
 
-/// `(family, entry point, signature)` of every launched kernel.
+/// `(family, entry point, signature)` of every called kernel.
 pub(crate) const SIGNATURES: &[(&str, &str, &str)] = &[
     // matmul.cu: (C, A, B, M, N, K, lda, ldb, ldc, alpha, beta)
     ("matmul", "matmul_f32_nn", GEMM),
@@ -78,7 +78,7 @@ const ATT_DKDV: &str = "PPPPPPPPPIIIIIIF";
 /// (dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale)
 const ATT_DQ: &str = "PPPPPPPPIIIIIIF";
 
-/// The signature of `entry` of `family`, if the backend launches it.
+/// The signature of `entry` of `family`, if the backend calls it.
 pub(crate) fn signature(family: &str, entry: &str) -> Option<&'static str> {
     SIGNATURES.iter().find(|(f, e, _)| *f == family && *e == entry).map(|(_, _, s)| *s)
 }
@@ -96,11 +96,11 @@ mod tests {
         }
     }
 
-    /// Every `self.launch("family", "entry"` (and `self.layernorm_per_row(op, "entry"`) literal in
+    /// Every `self.call_kernel("family", "entry"` (and `self.layernorm_per_row(op, "entry"`) literal in
     /// the op families' CUDA code, and every
-    /// entry the launchers build by name (GEMM and attention variants), has a signature.
+    /// entry the kernel-call code build by name (GEMM and attention variants), has a signature.
     #[test]
-    fn every_launched_kernel_has_a_signature() {
+    fn every_called_kernel_has_a_signature() {
         let src = [
             include_str!("ops.rs"),
             include_str!("../ops/adamw/cuda.rs"),
@@ -114,21 +114,21 @@ mod tests {
         ]
         .concat();
         let mut literal = 0;
-        for chunk in src.split("self.launch(\"").skip(1) {
+        for chunk in src.split("self.call_kernel(\"").skip(1) {
             let mut parts = chunk.splitn(3, '"');
             let (fam, sep, rest) = (parts.next().unwrap(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             if sep == ", " {
                 let entry = rest.split('"').next().unwrap();
-                assert!(signature(fam, entry).is_some(), "{fam}/{entry} launched without a signature");
+                assert!(signature(fam, entry).is_some(), "{fam}/{entry} called without a signature");
                 literal += 1;
             }
         }
         for chunk in src.split("self.layernorm_per_row(op, \"").skip(1) {
             let entry = chunk.split('"').next().unwrap();
-            assert!(signature("layernorm", entry).is_some(), "layernorm/{entry} launched without a signature");
+            assert!(signature("layernorm", entry).is_some(), "layernorm/{entry} called without a signature");
             literal += 1;
         }
-        assert!(literal >= 25, "found only {literal} literal launches in runtime/src/ops/*/cuda.rs");
+        assert!(literal >= 25, "found only {literal} literal kernel calls in runtime/src/ops/*/cuda.rs");
         for t in ["n", "t"] {
             for u in ["n", "t"] {
                 assert!(signature("matmul", &format!("matmul_f32_{t}{u}")).is_some());
@@ -180,7 +180,7 @@ mod tests {
                     })
                     .collect();
                 let want: String = sig.chars().map(|c| if c == 'U' { 'P' } else { c }).collect();
-                assert_eq!(kinds, want, "{fam}/{entry}: PTX parameters vs the launcher's signature");
+                assert_eq!(kinds, want, "{fam}/{entry}: PTX parameters vs the kernel-call signature");
             }
         }
     }

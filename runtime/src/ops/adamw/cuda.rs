@@ -30,6 +30,6 @@ impl CudaBackend {
         ];
         // SAFETY: adamw_f32(param, grad, m, v, n, lr, b1, b2, eps, wd, bc1, bc2, grad_scale,
         // grad_scale_dev = null), the four arrays n floats each.
-        unsafe { self.launch("adamw", "adamw_f32", l, &args) }
+        unsafe { self.call_kernel("adamw", "adamw_f32", l, &args) }
     }
 }

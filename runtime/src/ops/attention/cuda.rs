@@ -24,7 +24,7 @@ impl CudaBackend {
         let attention::Forward { out, lse, x: attention::Inputs { q, k, v, mask }, shape } = a;
         let op = "attention_forward";
         let path = self.attention_path(op, &shape)?;
-        let l = cfg(op, path.launch(AttentionKernel::Forward, &shape))?;
+        let l = cfg(op, path.grid(AttentionKernel::Forward, &shape))?;
         let family = if matches!(path, AttentionPath::TensorCore { .. }) { "attention_tc" } else { "attention" };
         let [b, h, tq, tk, hd] = self.attention_dims(op, &shape)?;
         let args = [
@@ -45,7 +45,7 @@ impl CudaBackend {
         // SAFETY: attention_{,tc_}fwd_*(out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale):
         // q/out hold B·Tq·H·hd, k/v B·Tk·H·hd, lse B·H·Tq floats, mask B·Tk ints or null (all
         // checked); the hd variant serves head_dim and the dynamic shared memory was raised.
-        unsafe { self.launch(family, &path.entry(AttentionKernel::Forward), l, &args) }
+        unsafe { self.call_kernel(family, &path.entry(AttentionKernel::Forward), l, &args) }
     }
 
     pub(crate) fn attention_backward_cuda(&self, a: attention::Backward<'_, CudaBuf, CudaIds>) -> Result<()> {
@@ -61,7 +61,7 @@ impl CudaBackend {
         // D (the scratch holds lse_len) from dout and out (B·Tq·H·hd each). The f32 version serves
         // both paths (attention_tc.cu's header: f32 I/O uses attention.cu's preprocess).
         unsafe {
-            self.launch(
+            self.call_kernel(
                 "attention",
                 "attention_bwd_preprocess_f32",
                 l,
@@ -76,14 +76,14 @@ impl CudaBackend {
         // What both backward kernels read after their outputs: (dout, q, k, v, lse, D, mask, B, H,
         // Tq, Tk, hd, causal, scale).
         let inputs = [ptr(dout), ptr(q), ptr(k), ptr(v), ptr(lse), Arg::P(d), maskp, b, h, tq, tk, hd, causal, scale];
-        let l = cfg(op, path.launch(AttentionKernel::BackwardDkDv, &shape))?;
+        let l = cfg(op, path.grid(AttentionKernel::BackwardDkDv, &shape))?;
         let args = [&[mut_ptr(dk), mut_ptr(dv)][..], &inputs].concat();
         // SAFETY: *_bwd_dkdv_*(dk, dv, inputs..): dk/dv overwritten (B·Tk·H·hd each), inputs with
         // the checked lengths, D written just above.
-        unsafe { self.launch(family, &path.entry(AttentionKernel::BackwardDkDv), l, &args)? };
-        let l = cfg(op, path.launch(AttentionKernel::BackwardDq, &shape))?;
+        unsafe { self.call_kernel(family, &path.entry(AttentionKernel::BackwardDkDv), l, &args)? };
+        let l = cfg(op, path.grid(AttentionKernel::BackwardDq, &shape))?;
         let args = [&[mut_ptr(dq)][..], &inputs].concat();
         // SAFETY: *_bwd_dq_*(dq, inputs..): dq overwritten (B·Tq·H·hd), the rest as above.
-        unsafe { self.launch(family, &path.entry(AttentionKernel::BackwardDq), l, &args) }
+        unsafe { self.call_kernel(family, &path.entry(AttentionKernel::BackwardDq), l, &args) }
     }
 }

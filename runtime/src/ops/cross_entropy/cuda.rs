@@ -24,7 +24,7 @@ impl CudaBackend {
         ];
         // SAFETY: cross_entropy_fused_f32(logits, losses, targets, rows, valid_cols, ld, grad_scale)
         // with ld = valid_cols = classes: logits rows·classes, losses and targets rows (checked).
-        unsafe { self.launch("cross_entropy", "cross_entropy_fused_f32", l, &args) }
+        unsafe { self.call_kernel("cross_entropy", "cross_entropy_fused_f32", l, &args) }
     }
 
     pub(crate) fn vocab_parallel_max_cuda(&self, a: cross_entropy::VocabMax<'_, CudaBuf>) -> Result<()> {
@@ -44,7 +44,7 @@ impl CudaBackend {
         ];
         // SAFETY: vocab_parallel_max_f32(logits, row_max, rows, valid_cols, ld): logits rows·cols,
         // row_max rows floats.
-        unsafe { self.launch("cross_entropy", "vocab_parallel_max_f32", l, &args) }
+        unsafe { self.call_kernel("cross_entropy", "vocab_parallel_max_f32", l, &args) }
     }
 
     /// The arguments both later vocab-parallel kernels take after their logits and maxima:
@@ -80,7 +80,7 @@ impl CudaBackend {
         let args = [&[ptr(a.logits), ptr(a.row_max)][..], &stats].concat();
         // SAFETY: vocab_parallel_sumexp_f32(logits, global_max, sum_exp, target_logit, targets, rows,
         // valid_cols, ld, vocab_start): sum_exp = stats[0..rows), target_logit = stats[rows..2·rows).
-        unsafe { self.launch("cross_entropy", "vocab_parallel_sumexp_f32", l, &args) }
+        unsafe { self.call_kernel("cross_entropy", "vocab_parallel_sumexp_f32", l, &args) }
     }
 
     pub(crate) fn vocab_parallel_grad_cuda(&self, a: cross_entropy::VocabGrad<'_, CudaBuf, CudaIds>) -> Result<()> {
@@ -97,6 +97,6 @@ impl CudaBackend {
         // SAFETY: vocab_parallel_grad_f32(logits, losses, global_max, global_sum, global_target_logit,
         // targets, rows, valid_cols, ld, vocab_start, grad_scale): logits rows·cols rewritten, losses
         // rows, sum = stats[0..rows), target logit = stats[rows..2·rows).
-        unsafe { self.launch("cross_entropy", "vocab_parallel_grad_f32", l, &args) }
+        unsafe { self.call_kernel("cross_entropy", "vocab_parallel_grad_f32", l, &args) }
     }
 }

@@ -22,7 +22,7 @@ impl CudaBackend {
         ];
         // SAFETY: embedding_forward_f32(out, table, ids, n_ids, dim, start, end): reads table rows
         // only for ids in [start, end) (range.len() rows held), writes n_ids·dim floats.
-        unsafe { self.launch("embedding", "embedding_forward_f32", l, &args) }
+        unsafe { self.call_kernel("embedding", "embedding_forward_f32", l, &args) }
     }
     pub(crate) fn embedding_backward_cuda(&self, a: embedding::Backward<'_, CudaBuf, CudaIds>) -> Result<()> {
         let embedding::Backward { dtable, dout, ids, range, dim } = a;
@@ -42,6 +42,6 @@ impl CudaBackend {
         ];
         // SAFETY: embedding_backward_f32(dtable, dout, ids, n_ids, dim, start, end): atomically
         // adds into rows of ids in range (range.len() rows held), reads n_ids·dim floats of dout.
-        unsafe { self.launch("embedding", "embedding_backward_f32", l, &args) }
+        unsafe { self.call_kernel("embedding", "embedding_backward_f32", l, &args) }
     }
 }

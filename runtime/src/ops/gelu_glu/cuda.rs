@@ -12,7 +12,7 @@ impl CudaBackend {
         let l = cfg("gelu_glu_forward", lc::grid_stride(out.len, self.sms()))?;
         // SAFETY: gelu_glu_forward_f32(out, a, b, n), all n floats.
         unsafe {
-            self.launch("glu", "gelu_glu_forward_f32", l, &[mut_ptr(out), ptr(a), ptr(b), Arg::U(out.len as u64)])
+            self.call_kernel("glu", "gelu_glu_forward_f32", l, &[mut_ptr(out), ptr(a), ptr(b), Arg::U(out.len as u64)])
         }
     }
     pub(crate) fn gelu_glu_backward_cuda(&self, a: gelu_glu::Backward<'_, CudaBuf>) -> Result<()> {
@@ -24,6 +24,6 @@ impl CudaBackend {
         let l = cfg("gelu_glu_backward", lc::grid_stride(n, self.sms()))?;
         let args = [mut_ptr(da), mut_ptr(db), ptr(dout), ptr(a), ptr(b), Arg::U(n as u64)];
         // SAFETY: gelu_glu_backward_f32(da, db, dout, a, b, n), all n floats.
-        unsafe { self.launch("glu", "gelu_glu_backward_f32", l, &args) }
+        unsafe { self.call_kernel("glu", "gelu_glu_backward_f32", l, &args) }
     }
 }

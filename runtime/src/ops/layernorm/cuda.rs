@@ -23,13 +23,13 @@ impl CudaBackend {
         let mut args = pointers.to_vec();
         args.extend([Arg::I(int(op, "rows", rows)?), Arg::I(int(op, "dim", dim)?)]);
         // SAFETY: forwarded from the caller.
-        unsafe { self.launch("layernorm", entry, l, &args) }
+        unsafe { self.call_kernel("layernorm", entry, l, &args) }
     }
 
     /// Shared by the single-device and sharded layernorm backward: the block-partial backward
     /// kernel, then the fixed-order reduction of the partials into dscale/dbias.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward_launch(
+    fn layernorm_backward_kernels(
         &self,
         sc: &mut ScratchSet,
         op: &'static str,
@@ -71,7 +71,7 @@ impl CudaBackend {
         // dim, dim_global, accumulate_dx): x/dout/dx hold rows·dim, mean/rstd rows, scale dim (or
         // null), row_sums 2·rows interleaved (or null); partials grid·2·dim; dim <= block·16
         // (grid::layernorm_backward checked it).
-        unsafe { self.launch("layernorm", "layernorm_backward_f32", l, &args)? };
+        unsafe { self.call_kernel("layernorm", "layernorm_backward_f32", l, &args)? };
         let l = cfg(op, lc::layernorm_param_grads(dim))?;
         let args = [
             Arg::P(dscale.map_or(0, |d| d.device_ptr())),
@@ -82,7 +82,7 @@ impl CudaBackend {
         ];
         // SAFETY: layernorm_param_grads_f32(dscale, dbias, partials, n_parts, dim): dscale (or
         // null) and dbias hold dim floats, partials the n_parts·2·dim written just above.
-        unsafe { self.launch("layernorm", "layernorm_param_grads_f32", l, &args) }
+        unsafe { self.call_kernel("layernorm", "layernorm_param_grads_f32", l, &args) }
     }
 
     pub(crate) fn layernorm_forward_cuda(&self, a: ln::Forward<'_, CudaBuf>) -> Result<()> {
@@ -102,7 +102,7 @@ impl CudaBackend {
         let ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx } = a;
         let op = "layernorm_backward";
         let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.layernorm_backward_launch(
+        self.layernorm_backward_kernels(
             &mut guard,
             op,
             dx,
@@ -170,7 +170,7 @@ impl CudaBackend {
         // SAFETY: layernorm_sharded_stats_f32(sums, center = null, mean, rstd, rows, dim_global):
         // reads 2·rows pairs, writes rows floats to each of mean and rstd (sums' buffer and the
         // dummy scratch, distinct from the pairs); grid ceil(rows/256) of 256 threads.
-        unsafe { self.launch("layernorm", "layernorm_sharded_stats_f32", l, &args) }
+        unsafe { self.call_kernel("layernorm", "layernorm_sharded_stats_f32", l, &args) }
     }
 
     pub(crate) fn layernorm_apply_cuda(&self, a: ln::Apply<'_, CudaBuf>) -> Result<()> {
@@ -220,12 +220,12 @@ impl CudaBackend {
         let s = sums.device_ptr();
         // SAFETY: interleave the trait's [2, rows] sums into the kernel's pairs (sums[r] ->
         // pairs[2r], sums[rows + r] -> pairs[2r + 1]); the pairs scratch holds 2·rows floats.
-        // The backward launch below uses f32_a for its partials, so the pairs (f32_b) survive.
+        // The backward kernel call below uses f32_a for its partials, so the pairs (f32_b) survive.
         unsafe {
             self.copy_2d((pairs, 8), (s, 4), (4, rows))?;
             self.copy_2d((pairs + 4, 8), (s + 4 * rows as u64, 4), (4, rows))?;
         }
-        self.layernorm_backward_launch(
+        self.layernorm_backward_kernels(
             &mut guard,
             op,
             dx,

@@ -12,7 +12,7 @@ impl CudaBackend {
         }
         let l = cfg("matmul", lc::grid_stride(n, self.sms()))?;
         // SAFETY: cast_f32_to_bf16(out, x, n): out holds n bf16, x n floats (callers size both).
-        unsafe { self.launch("elementwise", "cast_f32_to_bf16", l, &[Arg::P(dst), Arg::P(src), Arg::U(n as u64)]) }
+        unsafe { self.call_kernel("elementwise", "cast_f32_to_bf16", l, &[Arg::P(dst), Arg::P(src), Arg::U(n as u64)]) }
     }
 
     /// Stages one f32 GEMM operand as bf16 in `dst` (through `tmp` when its leading dimension
@@ -63,7 +63,7 @@ impl CudaBackend {
                 let args = self.gemm_args(pc, pa, lda, pb, ldb, ldc, &s)?;
                 // SAFETY: (C, A, B, M, N, K, lda, ldb, ldc, alpha, beta) as matmul.cu documents;
                 // the buffers hold the checked m·k, k·n and m·n floats; gridDim.z = 1 (no split-K).
-                unsafe { self.launch("matmul", &entry, l, &args) }
+                unsafe { self.call_kernel("matmul", &entry, l, &args) }
             }
         }
     }
@@ -115,7 +115,7 @@ impl CudaBackend {
                 let args = self.gemm_args(pc, pa, lda, pb, ldb, s.n, &s)?;
                 // SAFETY: (C, A, B, M, N, K, lda, ldb, ldc, alpha, beta) with bf16 A and B staged
                 // above (leading dimensions lda, ldb >= their column counts), f32 C of m·n; no split-K.
-                unsafe { self.launch("matmul", &entry, l, &args) }
+                unsafe { self.call_kernel("matmul", &entry, l, &args) }
             }
         }
     }
