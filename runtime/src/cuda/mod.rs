@@ -28,9 +28,12 @@
 //!   parameters (fp32 master weights), gradients, AdamW moments, LayerNorm, GELU-GLU,
 //!   embeddings, cross-entropy, residual adds and every activation buffer stay f32 (the
 //!   [`Backend`] buffers are f32, so activation memory is not halved yet, and the weights are
-//!   re-cast on every GEMM rather than kept as a persistent bf16 copy — see the crate report).
+//!   re-cast on every GEMM rather than kept as a persistent bf16 copy).
 //!
 //! # Op → kernel map
+//!
+//! Each op's kernel-call code lives with the op, in `runtime/src/ops/<family>/cuda.rs`; this
+//! module holds the device, memory, grids ([`grid`]) and the checked kernel call.
 //!
 //! | op | kernels (`kernels/cuda/*.cu`) |
 //! |---|---|
