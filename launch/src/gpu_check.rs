@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dm_model::checkpoint::{load_weights, params_from_tensors, read_tensors, HostTensor};
+use dm_model::checkpoint::{params_from_tensors, read_tensors, HostTensor};
 use dm_model::dallebart::TpGroup;
 use dm_model::flops::step_flops;
 use dm_model::{AdamW, AdamWConfig, DalleBart, DalleBartConfig, ParamTable};
@@ -278,7 +278,8 @@ fn tp2_fixture<B: Backend>(
         return Ok(None);
     }
     let full = ParamTable::new(&cfg);
-    let weights = load_weights(&dir.join("weights.safetensors"), &full)?;
+    // weights.safetensors or a dalle-mini flax_model.msgpack, through the loader parity uses.
+    let weights = dm_model::dalle_mini::load_model_weights(dir, &full)?;
     let expected_path = dir.join("expected.safetensors");
     let expected = read_tensors(&expected_path)?;
     let f32_of = |name: &str| -> Result<Vec<f32>> {
