@@ -30,8 +30,8 @@ mod cpu {
         CpuBackend::new()
     }
 
-    fn skipped(_test: &str) -> bool {
-        false
+    fn runs_here(_test: &str) -> Option<()> {
+        Some(())
     }
 
     include!("backend_ops/body.rs");
@@ -88,18 +88,18 @@ mod cuda {
     type Buf = <Be as Backend>::Buf;
     type Ids = <Be as Backend>::Ids;
 
-    /// GPU 0 in the parity mode (f32, custom kernels); only called after `skipped` said no.
+    /// GPU 0 in the parity mode (f32, custom kernels); only called after `runs_here` said yes.
     fn backend() -> Be {
-        CudaBackend::new(0, CudaOptions::default()).expect("GPU 0 opened a moment ago by `skipped`")
+        CudaBackend::new(0, CudaOptions::default()).expect("GPU 0 opened a moment ago by `runs_here`")
     }
 
-    /// Prints why and returns true where no usable GPU is present (fails instead with
+    /// `None`, after printing why, where no usable GPU is present (a failure instead with
     /// `DM_TESTS_REQUIRE_GPU=1`).
-    fn skipped(test: &str) -> bool {
-        let Err(e) = CudaBackend::new(0, CudaOptions::default()) else { return false };
+    fn runs_here(test: &str) -> Option<()> {
+        let Err(e) = CudaBackend::new(0, CudaOptions::default()) else { return Some(()) };
         assert!(std::env::var("DM_TESTS_REQUIRE_GPU").as_deref() != Ok("1"), "cuda::{test}: {e}");
         eprintln!("SKIP cuda::{test}: no usable GPU ({e})");
-        true
+        None
     }
 
     include!("backend_ops/body.rs");

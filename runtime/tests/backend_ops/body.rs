@@ -1,6 +1,6 @@
 // The test bodies of `grad_check.rs`, included once per backend: each module that includes this
 // file defines `Be` (the backend), `Buf`/`Ids` (its buffer types), `backend()` (a fresh handle)
-// and `skipped(test)` (true, after printing why, where `Be` cannot run on this machine).
+// and `runs_here(test)` (None, after printing why, where `Be` cannot run on this machine).
 
 // =====================================================================================
 // matmul
@@ -131,9 +131,7 @@ fn matmul_case(
 
 #[test]
 fn matmul_odd_sizes_all_transposes_and_accumulate() {
-    if skipped(stringify!(matmul_odd_sizes_all_transposes_and_accumulate)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(matmul_odd_sizes_all_transposes_and_accumulate)) else { return };
     for trans_a in [false, true] {
         for trans_b in [false, true] {
             for accumulate in [false, true] {
@@ -145,9 +143,7 @@ fn matmul_odd_sizes_all_transposes_and_accumulate() {
 
 #[test]
 fn matmul_thin_shapes() {
-    if skipped(stringify!(matmul_thin_shapes)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(matmul_thin_shapes)) else { return };
     for (m, n, k) in [(1, 17, 3), (9, 1, 33), (4, 6, 1), (3, 5, 40)] {
         for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
             matmul_case(m, n, k, trans_a, trans_b, trans_a, None);
@@ -157,9 +153,7 @@ fn matmul_thin_shapes() {
 
 #[test]
 fn matmul_parallel_path_all_transposes() {
-    if skipped(stringify!(matmul_parallel_path_all_transposes)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(matmul_parallel_path_all_transposes)) else { return };
     // 70·80·60 = 336 000 ≥ 2¹⁸ multiply-adds: the rayon-parallel gemm path (also for the
     // backward products, which have the same m·n·k).
     for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -169,9 +163,7 @@ fn matmul_parallel_path_all_transposes() {
 
 #[test]
 fn matmul_empty_inner_dimension() {
-    if skipped(stringify!(matmul_empty_inner_dimension)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(matmul_empty_inner_dimension)) else { return };
     let be = backend();
     let (a, b) = (up(&be, "a", &[]), up(&be, "b", &[]));
     let mut out = nan_buf(&be, "out", 6);
@@ -336,9 +328,7 @@ fn layernorm_case(rows: usize, dim: usize, with_scale: bool, accumulate_dx: bool
 
 #[test]
 fn layernorm_with_scale() {
-    if skipped(stringify!(layernorm_with_scale)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(layernorm_with_scale)) else { return };
     layernorm_case(37, 13, true, false);
     layernorm_case(70, 50, true, true);
     layernorm_case(5, 8, true, false);
@@ -346,9 +336,7 @@ fn layernorm_with_scale() {
 
 #[test]
 fn layernorm_bias_only() {
-    if skipped(stringify!(layernorm_bias_only)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(layernorm_bias_only)) else { return };
     layernorm_case(37, 13, false, true);
     layernorm_case(70, 50, false, false);
     layernorm_case(1, 3, false, true);
@@ -387,9 +375,7 @@ fn gelu_glu_bound(a: &[f64], b: &[f64]) -> Vec<f64> {
 
 #[test]
 fn gelu_glu_forward_and_backward() {
-    if skipped(stringify!(gelu_glu_forward_and_backward)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(gelu_glu_forward_and_backward)) else { return };
     for n in [1000, 33] {
         let case = format!("gelu_glu n={n}");
         let (a, b, w) = gelu_glu_inputs(&case, n);
@@ -462,9 +448,7 @@ fn embedding_case(vocab: usize, range: VocabRange, dim: usize, ids: &[i32]) {
 
 #[test]
 fn embedding_full_range_with_repeats() {
-    if skipped(stringify!(embedding_full_range_with_repeats)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(embedding_full_range_with_repeats)) else { return };
     let mut rng = rng_for("embedding full ids");
     let mut ids: Vec<i32> = (0..40).map(|_| rand::Rng::random_range(&mut rng, 0..11)).collect();
     ids.extend([3, 3, 3, 0, 10]); // repeats accumulate, both ends of the vocabulary
@@ -473,9 +457,7 @@ fn embedding_full_range_with_repeats() {
 
 #[test]
 fn embedding_partial_range() {
-    if skipped(stringify!(embedding_partial_range)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(embedding_partial_range)) else { return };
     // A tensor-parallel rank holding rows 5..12 of a 20-row vocabulary: ids below, above, at both
     // edges and negative; repeated in-range ids.
     let ids = [4, 5, 11, 12, 7, 7, 19, 0, -1, 5, 8, 7, 13, 11];
@@ -749,18 +731,14 @@ fn shape(batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usiz
 
 #[test]
 fn attention_cross_no_mask() {
-    if skipped(stringify!(attention_cross_no_mask)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(attention_cross_no_mask)) else { return };
     attention_case("cross", shape(2, 5, 7, 3, 8, false), None);
     attention_case("cross", shape(1, 9, 4, 1, 16, false), None);
 }
 
 #[test]
 fn attention_cross_key_padding_and_fully_masked_batch_row() {
-    if skipped(stringify!(attention_cross_key_padding_and_fully_masked_batch_row)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(attention_cross_key_padding_and_fully_masked_batch_row)) else { return };
     // Batch 0 sees every key, batch 1 some (any non-zero value means visible), batch 2 none.
     let mask = [
         1, 1, 1, 1, 1, 1, 1, 1, 1, //
@@ -774,18 +752,14 @@ fn attention_cross_key_padding_and_fully_masked_batch_row() {
 
 #[test]
 fn attention_causal() {
-    if skipped(stringify!(attention_causal)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(attention_causal)) else { return };
     attention_case("causal", shape(2, 6, 6, 1, 16, true), None);
     attention_case("causal", shape(1, 11, 11, 3, 8, true), None);
 }
 
 #[test]
 fn attention_causal_with_key_padding() {
-    if skipped(stringify!(attention_causal_with_key_padding)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(attention_causal_with_key_padding)) else { return };
     // Batch 1 pads key 0, so its query 0 sees no key at all: uniform over all 7 keys.
     let mask = [
         1, 1, 1, 1, 1, 0, 0, //
@@ -872,9 +846,7 @@ fn cross_entropy_case(rows: usize, classes: usize, grad_scale: f32, offset: f32)
 
 #[test]
 fn cross_entropy_odd_class_counts() {
-    if skipped(stringify!(cross_entropy_odd_class_counts)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(cross_entropy_odd_class_counts)) else { return };
     cross_entropy_case(7, 129, 0.37, 5.0);
     cross_entropy_case(3, 1001, 2.5, 100.0);
     cross_entropy_case(4, 17, 1.0, 0.0);
@@ -882,9 +854,7 @@ fn cross_entropy_odd_class_counts() {
 
 #[test]
 fn cross_entropy_rejects_out_of_range_targets() {
-    if skipped(stringify!(cross_entropy_rejects_out_of_range_targets)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(cross_entropy_rejects_out_of_range_targets)) else { return };
     let be = backend();
     let logits = [0.5f32, -1.0, 2.0, 0.0, 1.0, 3.0];
     for bad in [3, -1, i32::MAX] {
@@ -940,9 +910,7 @@ fn adamw_grad(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
 
 #[test]
 fn adamw_matches_optax_for_three_steps() {
-    if skipped(stringify!(adamw_matches_optax_for_three_steps)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(adamw_matches_optax_for_three_steps)) else { return };
     let n = 40_000; // more than one 32k chunk of the parallel loop
     let mut rng = rng_for("adamw n=40000");
     let p0 = normal(&mut rng, n, 0.0, 1.0);
@@ -980,9 +948,7 @@ fn adamw_matches_optax_for_three_steps() {
 
 #[test]
 fn adamw_rejects_step_zero() {
-    if skipped(stringify!(adamw_rejects_step_zero)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(adamw_rejects_step_zero)) else { return };
     let be = backend();
     let (mut p, g) = (up(&be, "p", &[1.0]), up(&be, "g", &[1.0]));
     let (mut m, mut v) = (be.zeros("m", 1).unwrap(), be.zeros("v", 1).unwrap());
@@ -997,9 +963,7 @@ fn adamw_rejects_step_zero() {
 
 #[test]
 fn elementwise_ops_are_exact() {
-    if skipped(stringify!(elementwise_ops_are_exact)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(elementwise_ops_are_exact)) else { return };
     let n = 70_001; // several parallel chunks plus a ragged tail
     let mut rng = rng_for("elementwise n=70001");
     let (a, b) = (normal(&mut rng, n, 0.0, 2.0), normal(&mut rng, n, 1.0, 3.0));
@@ -1051,9 +1015,7 @@ fn elementwise_ops_are_exact() {
 
 #[test]
 fn broadcast_rows_add_and_sum() {
-    if skipped(stringify!(broadcast_rows_add_and_sum)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(broadcast_rows_add_and_sum)) else { return };
     let (blocks, row_len) = (9, 11);
     let mut rng = rng_for("broadcast rows 9x11");
     let x = normal(&mut rng, blocks * row_len, 0.0, 1.0);
@@ -1109,9 +1071,7 @@ fn is_shape_error<T>(r: dm_runtime::Result<T>, op: &str) -> bool {
 
 #[test]
 fn matmul_shape_errors() {
-    if skipped(stringify!(matmul_shape_errors)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(matmul_shape_errors)) else { return };
     let be = backend();
     let s = spec(3, 4, 5, false, false, false);
     let (a, b, mut out) = (be.zeros("a", 15).unwrap(), be.zeros("b", 20).unwrap(), be.zeros("out", 12).unwrap());
@@ -1125,9 +1085,7 @@ fn matmul_shape_errors() {
 
 #[test]
 fn layernorm_shape_errors() {
-    if skipped(stringify!(layernorm_shape_errors)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(layernorm_shape_errors)) else { return };
     let be = backend();
     let (rows, dim) = (4, 6);
     let z = |n: usize| be.zeros("t", n).unwrap();
@@ -1226,9 +1184,7 @@ fn layernorm_shape_errors() {
 
 #[test]
 fn attention_shape_errors() {
-    if skipped(stringify!(attention_shape_errors)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(attention_shape_errors)) else { return };
     let be = backend();
     let sh = shape(2, 3, 4, 2, 8, false);
     let z = |n: usize| be.zeros("t", n).unwrap();
@@ -1269,9 +1225,7 @@ fn attention_shape_errors() {
 
 #[test]
 fn other_ops_shape_errors() {
-    if skipped(stringify!(other_ops_shape_errors)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(other_ops_shape_errors)) else { return };
     let be = backend();
     let z = |n: usize| be.zeros("t", n).unwrap();
     assert!(is_shape_error(be.gelu_glu_forward(&mut z(5), &z(5), &z(4)), "gelu_glu_forward"));
@@ -1306,9 +1260,7 @@ fn round32(x: &[f64]) -> Vec<f32> {
 
 #[test]
 fn matmul_bound_rejects_a_wrong_transpose() {
-    if skipped(stringify!(matmul_bound_rejects_a_wrong_transpose)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(matmul_bound_rejects_a_wrong_transpose)) else { return };
     // Square shapes, so a misread layout still has the right length.
     let mut rng = rng_for("sensitivity matmul");
     let (a, b) = (f64s(&normal(&mut rng, 36, 0.0, 1.0)), f64s(&normal(&mut rng, 36, 0.0, 1.0)));
@@ -1323,9 +1275,7 @@ fn matmul_bound_rejects_a_wrong_transpose() {
 
 #[test]
 fn attention_checks_reject_a_missing_scale_and_a_stopped_masked_gradient() {
-    if skipped(stringify!(attention_checks_reject_a_missing_scale_and_a_stopped_masked_gradient)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(attention_checks_reject_a_missing_scale_and_a_stopped_masked_gradient)) else { return };
     let sh = shape(2, 3, 5, 2, 8, false);
     let mask = [1, 0, 1, 1, 0, 0, 0, 0, 0, 0];
     let case = "sensitivity attention";
@@ -1353,9 +1303,7 @@ fn attention_checks_reject_a_missing_scale_and_a_stopped_masked_gradient() {
 
 #[test]
 fn layernorm_bound_rejects_unbiased_variance_and_missing_eps() {
-    if skipped(stringify!(layernorm_bound_rejects_unbiased_variance_and_missing_eps)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(layernorm_bound_rejects_unbiased_variance_and_missing_eps)) else { return };
     let (rows, dim) = (10, 50);
     let mut rng = rng_for("sensitivity layernorm");
     let x = layernorm_input(&mut rng, rows, dim);
@@ -1386,9 +1334,7 @@ fn layernorm_bound_rejects_unbiased_variance_and_missing_eps() {
 
 #[test]
 fn gelu_bound_rejects_the_tanh_approximation() {
-    if skipped(stringify!(gelu_bound_rejects_the_tanh_approximation)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(gelu_bound_rejects_the_tanh_approximation)) else { return };
     let (a, b, _) = gelu_glu_inputs("sensitivity gelu", 200);
     let (a64, b64) = (f64s(&a), f64s(&b));
     let tanh_gelu =
@@ -1399,9 +1345,7 @@ fn gelu_bound_rejects_the_tanh_approximation() {
 
 #[test]
 fn cross_entropy_checks_reject_a_missing_grad_scale() {
-    if skipped(stringify!(cross_entropy_checks_reject_a_missing_grad_scale)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(cross_entropy_checks_reject_a_missing_grad_scale)) else { return };
     let (rows, classes, gs) = (3, 129, 0.37);
     let mut rng = rng_for("sensitivity cross_entropy");
     let logits = normal(&mut rng, rows * classes, 0.0, 3.0);
@@ -1415,9 +1359,7 @@ fn cross_entropy_checks_reject_a_missing_grad_scale() {
 
 #[test]
 fn adamw_bound_rejects_missing_bias_correction() {
-    if skipped(stringify!(adamw_bound_rejects_missing_bias_correction)) {
-        return;
-    }
+    let Some(()) = runs_here(stringify!(adamw_bound_rejects_missing_bias_correction)) else { return };
     let n = 500;
     let mut rng = rng_for("sensitivity adamw");
     let p0 = normal(&mut rng, n, 0.0, 1.0);
