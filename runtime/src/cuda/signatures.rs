@@ -114,18 +114,22 @@ mod tests {
         ]
         .concat();
         let mut literal = 0;
-        for chunk in src.split("self.call_kernel(\"").skip(1) {
-            let mut parts = chunk.splitn(3, '"');
-            let (fam, sep, rest) = (parts.next().unwrap(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            if sep == ", " {
-                let entry = rest.split('"').next().unwrap();
-                assert!(signature(fam, entry).is_some(), "{fam}/{entry} called without a signature");
-                literal += 1;
-            }
+        // Calls may be wrapped by rustfmt: the arguments are read past any whitespace.
+        let quoted = |s: &str| -> Option<(String, String)> {
+            let rest = s.trim_start().strip_prefix('"')?;
+            let (first, rest) = rest.split_once('"')?;
+            Some((first.to_string(), rest.to_string()))
+        };
+        for chunk in src.split("self.call_kernel(").skip(1) {
+            let Some((fam, rest)) = quoted(chunk) else { continue };
+            let Some((entry, _)) = rest.trim_start().strip_prefix(',').and_then(quoted) else { continue };
+            assert!(signature(&fam, &entry).is_some(), "{fam}/{entry} called without a signature");
+            literal += 1;
         }
-        for chunk in src.split("self.layernorm_per_row(op, \"").skip(1) {
-            let entry = chunk.split('"').next().unwrap();
-            assert!(signature("layernorm", entry).is_some(), "layernorm/{entry} called without a signature");
+        for chunk in src.split("self.layernorm_per_row(").skip(1) {
+            let Some(after_op) = chunk.trim_start().strip_prefix("op,") else { continue };
+            let Some((entry, _)) = quoted(after_op) else { continue };
+            assert!(signature("layernorm", &entry).is_some(), "layernorm/{entry} called without a signature");
             literal += 1;
         }
         assert!(literal >= 25, "found only {literal} literal kernel calls in runtime/src/ops/*/cuda.rs");
