@@ -7,10 +7,6 @@
 //! - [`SoloComm`]: the one-rank group (tp = 1 or dp = 1); every collective is an identity copy.
 //! - [`ThreadComm`] (in [`threads`]): ranks are threads of one process with `B = CpuBackend`; a
 //!   Mutex + Condvar rendezvous on host slices. This is what the multi-rank tests and CPU training use.
-//! - A shared-memory communicator (ranks are processes on one host) fits the same trait with the
-//!   same algorithm: the rendezvous state (generation counter, arrival count, abort word) lives in a
-//!   `memmap`ped file with futex/atomic waits instead of a Condvar, each rank copies its contribution
-//!   into its own slot of the mapping, and the reduction (rank order, so deterministic) reads the slots.
 //! - [`mpi::MpiComm`] (cargo feature `mpi`): ranks are processes, on one host or many, over Open
 //!   MPI; reductions gather every rank's buffer and sum in rank order, so the numbers equal
 //!   `ThreadComm`'s bit for bit.
