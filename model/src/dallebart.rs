@@ -172,7 +172,17 @@ impl<B: Backend> DalleBart<B> {
 
         // Encoder.
         let ea = &mut a.enc;
-        embed(be, p, tp, &t.encoder.into(), &ea.ids, &p[t.encoder.embed_positions], &mut ea.emb, &mut ea.layernorm_embedding, e)?;
+        embed(
+            be,
+            p,
+            tp,
+            &t.encoder.into(),
+            &ea.ids,
+            &p[t.encoder.embed_positions],
+            &mut ea.emb,
+            &mut ea.layernorm_embedding,
+            e,
+        )?;
         let shape = attn_shape(b, e.len, e.len, e, false);
         for (li, idx) in t.encoder_layers.iter().enumerate() {
             let (done, rest) = ea.layers.split_at_mut(li);
@@ -187,8 +197,19 @@ impl<B: Backend> DalleBart<B> {
         // cross-attention's keys/values).
         let enc_out = tpl::region_entry_forward::<B>(&a.enc.final_ln.out);
         let da = &mut a.dec;
-        embed(be, p, tp, &t.decoder.into(), &da.ids, &p[t.decoder.embed_positions], &mut da.emb, &mut da.layernorm_embedding, dd)?;
-        let (self_shape, cross_shape) = (attn_shape(b, dd.len, dd.len, dd, true), attn_shape(b, dd.len, e.len, dd, false));
+        embed(
+            be,
+            p,
+            tp,
+            &t.decoder.into(),
+            &da.ids,
+            &p[t.decoder.embed_positions],
+            &mut da.emb,
+            &mut da.layernorm_embedding,
+            dd,
+        )?;
+        let (self_shape, cross_shape) =
+            (attn_shape(b, dd.len, dd.len, dd, true), attn_shape(b, dd.len, e.len, dd, false));
         for (li, idx) in t.decoder_layers.iter().enumerate() {
             let (done, rest) = da.layers.split_at_mut(li);
             let x = if li == 0 { &da.layernorm_embedding.out } else { &done[li - 1].out };
@@ -294,7 +315,18 @@ impl<B: Backend> DalleBart<B> {
         // Encoder: final_ln from ∂encoder_output, then layers.
         let es = &mut a.enc_scratch;
         let last = a.enc.layers.last().map_or(&a.enc.layernorm_embedding.out, |l| &l.out);
-        ln_bwd(be, p, g, &a.enc.final_ln, ln_bias_only(t.encoder.final_ln_bias), &mut es.dres, &a.d_enc_out, last, GradMode::Overwrite, e.d)?;
+        ln_bwd(
+            be,
+            p,
+            g,
+            &a.enc.final_ln,
+            ln_bias_only(t.encoder.final_ln_bias),
+            &mut es.dres,
+            &a.d_enc_out,
+            last,
+            GradMode::Overwrite,
+            e.d,
+        )?;
         let shape = attn_shape(b, e.len, e.len, e, false);
         for (li, idx) in t.encoder_layers.iter().enumerate().rev() {
             let x = if li == 0 { &a.enc.layernorm_embedding.out } else { &a.enc.layers[li - 1].out };

@@ -385,22 +385,31 @@ fn tp_shape(cfg: &DalleBartConfig, batch: usize) -> TpShape {
 /// Dense_2 `[nt, d]`; per decoder layer self and cross out_proj `2 × [ni, d]`, GLU-LN `2 × [ni]`,
 /// Dense_2 `[ni, d]`.
 pub fn forward_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
+    tp_all_reduces(cfg, tp, batch, |s| {
+        let calls = 2 + 4 * s.le + 5 * s.ld;
+        let elems = (s.nt + s.ni) * s.d + s.le * (2 * s.nt * s.d + 2 * s.nt) + s.ld * (3 * s.ni * s.d + 2 * s.ni);
+        (calls, elems)
+    })
+}
+
+/// The tp all-reduces `(calls, elems)` that `count` gives for a micro-batch of `batch` rows, as
+/// stats (none when `tp == 1`).
+fn tp_all_reduces(
+    cfg: &DalleBartConfig,
+    tp: usize,
+    batch: usize,
+    count: impl FnOnce(&TpShape) -> (u64, u64),
+) -> CommStats {
     if tp <= 1 {
         return CommStats::default();
     }
-    let s = tp_shape(cfg, batch);
-    let calls = 2 + 4 * s.le + 5 * s.ld;
-    let elems = (s.nt + s.ni) * s.d + s.le * (2 * s.nt * s.d + 2 * s.nt) + s.ld * (3 * s.ni * s.d + 2 * s.ni);
+    let (calls, elems) = count(&tp_shape(cfg, batch));
     CommStats { all_reduce: ops(calls, elems), ..Default::default() }
 }
 
 /// tp all-reduces of the vocab-parallel cross-entropy: row max `[ni]` (max) and `[2, ni]` sums.
 pub fn loss_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
-    if tp <= 1 {
-        return CommStats::default();
-    }
-    let s = tp_shape(cfg, batch);
-    CommStats { all_reduce: ops(2, 3 * s.ni), ..Default::default() }
+    tp_all_reduces(cfg, tp, batch, |s| (2, 3 * s.ni))
 }
 
 /// tp all-reduces of one backward: lm_head input gradient `[ni, d]`; per decoder layer GLU-LN
@@ -408,13 +417,11 @@ pub fn loss_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
 /// input gradients `2 × [ni, d]`; `∂encoder_output` `[nt, d]` once; per encoder layer GLU-LN sums
 /// `[2, nt]`, Dense_0/1 and q/k/v input gradients `2 × [nt, d]`.
 pub fn backward_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
-    if tp <= 1 {
-        return CommStats::default();
-    }
-    let s = tp_shape(cfg, batch);
-    let calls = 2 + 4 * s.ld + 3 * s.le;
-    let elems = (s.ni + s.nt) * s.d + s.ld * (3 * s.ni * s.d + 2 * s.ni) + s.le * (2 * s.nt * s.d + 2 * s.nt);
-    CommStats { all_reduce: ops(calls, elems), ..Default::default() }
+    tp_all_reduces(cfg, tp, batch, |s| {
+        let calls = 2 + 4 * s.ld + 3 * s.le;
+        let elems = (s.ni + s.nt) * s.d + s.ld * (3 * s.ni * s.d + 2 * s.ni) + s.le * (2 * s.nt * s.d + 2 * s.nt);
+        (calls, elems)
+    })
 }
 
 /// dp traffic of the gradient sync of tp rank `tp_rank`: one all-reduce per tensor of its local

@@ -152,7 +152,8 @@ impl<B: Backend> DalleBart<B> {
         let mut emb_ln = alloc_ln(&mut al, Part::Decoder, "generate.layernorm_embedding", rows, d)?;
         let mut final_ln = alloc_ln(&mut al, Part::Decoder, "generate.final_ln", rows, d)?;
         let z = |name: &str, len: usize| be.zeros(&format!("generate.{name}"), len);
-        let (mut x, mut emb, mut pos, mut logits) = (z("x", rows * d)?, z("emb", rows * d)?, z("pos", d)?, z("logits", rows * v)?);
+        let (mut x, mut emb, mut pos, mut logits) =
+            (z("x", rows * d)?, z("emb", rows * d)?, z("pos", d)?, z("logits", rows * v)?);
         let self_shape = attn_shape(rows, 1, l_len, dims, false);
         let cross_shape = attn_shape(rows, 1, t_len, dims, false);
 

@@ -26,10 +26,18 @@
 /// the trait impls of [`ThreadComm`] and `MpiComm`, so the adaptation is written once.
 macro_rules! host_slice_collectives {
     () => {
-        fn all_reduce(&self, buf: &mut dm_runtime::cpu::CpuBuf, op: $crate::comm::ReduceOp) -> $crate::comm::Result<()> {
+        fn all_reduce(
+            &self,
+            buf: &mut dm_runtime::cpu::CpuBuf,
+            op: $crate::comm::ReduceOp,
+        ) -> $crate::comm::Result<()> {
             self.all_reduce_slice(buf.as_mut_slice(), op)
         }
-        fn all_gather(&self, send: &dm_runtime::cpu::CpuBuf, recv: &mut dm_runtime::cpu::CpuBuf) -> $crate::comm::Result<()> {
+        fn all_gather(
+            &self,
+            send: &dm_runtime::cpu::CpuBuf,
+            recv: &mut dm_runtime::cpu::CpuBuf,
+        ) -> $crate::comm::Result<()> {
             self.all_gather_slice(send.as_slice(), recv.as_mut_slice())
         }
         fn reduce_scatter(
