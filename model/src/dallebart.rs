@@ -632,6 +632,7 @@ fn attn_block_bwd<B: Backend>(
 /// column-parallel (entered with the identity), the middle LayerNorm takes its statistics from
 /// all-reduced row sums over the sharded ffn, and Dense_2 is row-parallel: its output is
 /// all-reduced.
+#[allow(clippy::too_many_arguments)]
 fn glu_fwd<B: Backend>(
     be: &B,
     p: &[B::Buf],
@@ -751,7 +752,7 @@ fn decoder_layer_fwd<B: Backend>(
     dims: StackDims,
 ) -> Result<()> {
     attn_block_fwd(be, p, tp, &idx.self_attn, &mut la.self_attn, x, self_attn)?;
-    let cross = la.cross_attn.as_mut().ok_or_else(|| missing_cross_attention())?;
+    let cross = la.cross_attn.as_mut().ok_or_else(missing_cross_attention)?;
     attn_block_fwd(be, p, tp, &idx.cross_attn, cross, &la.self_attn.out, cross_attn)?;
     glu_fwd(be, p, tp, &idx.glu, &mut la.glu, &cross.out, &mut la.out, dims)
 }
@@ -773,7 +774,7 @@ fn decoder_layer_bwd<B: Backend>(
     dims: StackDims,
 ) -> Result<()> {
     let (enc_out, d_enc_out, text_mask, cross_shape) = cross;
-    let ca = la.cross_attn.as_ref().ok_or_else(|| missing_cross_attention())?;
+    let ca = la.cross_attn.as_ref().ok_or_else(missing_cross_attention)?;
     glu_bwd(be, p, g, tp, &idx.glu, &la.glu, &ca.out, sc, dims)?;
     let kv = Some((enc_out, d_enc_out));
     attn_block_bwd(be, p, g, tp, &idx.cross_attn, ca, &la.self_attn.out, kv, Some(text_mask), cross_shape, sc)?;
