@@ -15,6 +15,8 @@ pub mod parity;
 pub mod plan_cmd;
 pub mod plot;
 pub mod process_ranks;
+pub mod rank_log;
+pub mod resume_auto;
 pub mod run_checkpoint;
 pub mod run_config;
 pub mod run_lock;

@@ -28,7 +28,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Continue exactly from the newest checkpoint that loads of this run folder (or from this
-        /// checkpoint, setting newer ones aside).
+        /// checkpoint, setting newer ones aside). `auto`: continue the run in --out if it holds a
+        /// checkpoint, else start it there (for sbatch scripts that requeue themselves).
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Override training.steps.
@@ -421,14 +422,12 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let rank = dalle_mesh::rank_log::process_rank();
+    dalle_mesh::rank_log::init(rank);
     match run(Cli::parse()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("{}", dalle_mesh::rank_log::error_line(rank, &e));
             std::process::exit(dalle_mesh::exit_code::for_error(&e));
         }
     }
@@ -472,6 +471,11 @@ fn run(cli: Cli) -> Result<i32> {
             if let Some(s) = steps {
                 cfg.training.steps = s;
             }
+            let resume = if dalle_mesh::resume_auto::is_auto(resume.as_deref()) {
+                dalle_mesh::resume_auto::resolve(out.as_deref())?
+            } else {
+                resume
+            };
             let out = out.unwrap_or_else(|| {
                 resume.as_deref().map_or_else(|| "runs/default".into(), dalle_mesh::run_checkpoint::run_folder)
             });

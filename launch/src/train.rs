@@ -569,12 +569,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
     let micro = tr.batch_size / tr.grad_accumulation;
     let tokens_per_step = (tr.batch_size * model_cfg.image_length) as f32;
     let started = Instant::now();
-    let progress = if leader { indicatif::ProgressBar::new(tr.steps) } else { indicatif::ProgressBar::hidden() };
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    progress.set_position(sh.start_step);
+    let progress = crate::rank_log::Progress::new(leader, crate::rank_log::batch_mode(), tr.steps, sh.start_step);
     let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
     let mut outcome = RankOutcome { steps: sh.start_step, final_loss: f32::NAN, ..Default::default() };
     let mut first_eval = !baseline_written;
@@ -668,19 +663,28 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         outcome.steps = step;
         outcome.final_loss = loss;
         window_samples += tr.batch_size;
-        progress.inc(1);
-        progress.set_message(format!("loss {loss:.4}"));
+        progress.step(loss);
 
         if step.is_multiple_of(tr.log_every) || step == tr.steps {
             let dt = window_start.elapsed().as_secs_f64();
             outcome.samples_per_s = window_samples as f64 / dt.max(1e-9);
             let peak = reduce_scalar(&be, &groups.world, be.memory().report().peak_bytes as f32, ReduceOp::Max)?;
+            let line = crate::rank_log::StepLine {
+                step,
+                loss,
+                lr,
+                grad_norm,
+                samples_per_s: outcome.samples_per_s,
+                image_tokens_per_s: outcome.samples_per_s * model_cfg.image_length as f64,
+                peak_bytes: peak as u64,
+            };
+            progress.logged(&line);
             if let Some(m) = metrics.as_mut() {
                 m.write(serde_json::json!({
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "samples_per_s": outcome.samples_per_s,
-                    "image_tokens_per_s": outcome.samples_per_s * model_cfg.image_length as f64,
-                    "peak_bytes": peak as u64,
+                    "samples_per_s": line.samples_per_s,
+                    "image_tokens_per_s": line.image_tokens_per_s,
+                    "peak_bytes": line.peak_bytes,
                 }))?;
             }
             (window_start, window_samples) = (Instant::now(), 0);
@@ -703,7 +707,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
                     }
                     m.write(line)?;
                 }
-                progress.println(format!("step {step} eval loss {e:.4} (unigram baseline {:.4})", sh.baseline));
+                progress.eval(step, e, sh.baseline);
                 outcome.eval_loss = Some(e);
                 eval_now = Some(e);
             }
@@ -742,7 +746,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
             break;
         }
     }
-    progress.finish_and_clear();
+    progress.finish();
     outcome.peak_bytes = be.memory().report().peak_bytes;
     Ok(outcome)
 }
@@ -913,6 +917,7 @@ fn check_same_run(cfg: &RunConfig, out: &Path, opts: &TrainOptions) -> Result<()
 pub fn train_with(cfg: RunConfig, out: &Path, resume: Option<&Path>, opts: &TrainOptions) -> Result<TrainSummary> {
     cfg.validate()?;
     let world = crate::world::detect()?;
+    crate::process_ranks::check_transport_early(&cfg, &world, Mesh::new(cfg.mesh.tp, cfg.mesh.dp)?)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // Process ranks share the run folder: rank 0 holds the lock and tidies it for all.
     let _lock = if world.rank == 0 { Some(crate::run_lock::acquire(out)?) } else { None };
