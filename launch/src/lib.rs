@@ -26,6 +26,7 @@ pub mod stop;
 pub mod sweep;
 pub mod sweep_report;
 pub mod train;
+pub mod train_data;
 pub mod vqgan_cmd;
 pub mod vqgan_grid;
 pub mod vqgan_image;

@@ -89,7 +89,7 @@ impl TrainSummary {
 
 /// The training data of a run.
 pub struct RunData {
-    pub train: Arc<Dataset>,
+    pub train: crate::train_data::TrainSource,
     pub eval: Option<Arc<Dataset>>,
     pub tokenizer: Arc<TextTokenizer>,
     pub tokenizer_path: PathBuf,
@@ -127,10 +127,14 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
             (paths.train, Some(paths.eval), paths.tokenizer, "synthetic")
         }
     };
-    let train = Arc::new(Dataset::open(&train_dir)?);
+    let train = crate::train_data::TrainSource::open(&train_dir, d.parquet.options())?;
     let eval = eval_dir.map(|e| Dataset::open(e).map(Arc::new)).transpose()?;
     if d.verify {
-        for ds in std::iter::once(&train).chain(eval.as_ref()) {
+        let mapped = match &train {
+            crate::train_data::TrainSource::Mapped(ds) => Some(ds),
+            crate::train_data::TrainSource::Parquet(_) => None,
+        };
+        for ds in mapped.into_iter().chain(eval.as_ref()) {
             let r = ds.verify()?;
             tracing::info!(dir = %ds.dir().display(), rows = r.rows, "data.verify: checksums and every row check out");
         }
@@ -152,7 +156,7 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
             }
             seen
         }
-        None => vec![train.caption(0)?.to_string()],
+        None => vec![train.first_caption()?],
     };
     Ok(RunData {
         train,
@@ -171,13 +175,8 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
 
 /// Cross-entropy of the training set's code frequencies: the loss of a model that ignores
 /// captions and positions, the bar a trained model must clearly beat.
-pub fn unigram_baseline(ds: &Dataset, classes: usize) -> Result<f64> {
-    let mut counts = vec![0u64; classes];
-    for i in 0..ds.len() {
-        for c in ds.codes(i)?.iter() {
-            counts[c as usize] += 1;
-        }
-    }
+pub fn unigram_baseline(ds: &crate::train_data::TrainSource, classes: usize) -> Result<f64> {
+    let counts = ds.code_counts(classes)?;
     let total: u64 = counts.iter().sum();
     Ok(counts
         .iter()
@@ -556,7 +555,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         a.step = sh.start_step;
         Optimizer::Full(a)
     };
-    let mut reader = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), sh.start_reader)?;
+    let mut reader = sh.data.train.reader(&sh.data.tokenizer, sh.start_reader)?;
     let (mut metrics, baseline_written) = if leader {
         let (m, has) = Metrics::open(&sh.out.join("metrics.jsonl"), sh.restored.map(|_| sh.start_step))?;
         (Some(m), has)
@@ -782,12 +781,12 @@ fn probe_loss(
     sh: &Shared,
     be: &CpuBackend,
     groups: &Groups,
-    reader: &ShardedReader,
+    reader: &crate::train_data::TrainReader,
     dp_index: usize,
     dp: usize,
 ) -> Result<f32> {
     let tr = &sh.cfg.training;
-    let mut peek = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), reader.state())?;
+    let mut peek = sh.data.train.reader(&sh.data.tokenizer, reader.state())?;
     let b = to_model_batch(peek.next_batch(tr.batch_size / tr.grad_accumulation, dp_index, dp)?, sh.model_cfg)?;
     let local = model.eval_loss(&b)?;
     reduce_scalar(be, &groups.dp, local, ReduceOp::Avg)
@@ -973,6 +972,7 @@ fn train_in_process(
     let model_cfg =
         cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
     dm_model::params::check_tp(&model_cfg, mesh.tp()).map_err(|e| anyhow::anyhow!("mesh.tp = {}: {e}", mesh.tp()))?;
+    data.train.check_dp(mesh.dp())?;
     if let Some(v) = &cfg.training.vqgan {
         crate::vqgan_grid::check_fits(v, model_cfg.image_length, model_cfg.image_vocab_size)?;
     }
