@@ -94,6 +94,10 @@ enum Command {
         /// Data-parallel ranks (CPU threads).
         #[arg(long, default_value_t = 1)]
         dp: usize,
+        /// How the ranks talk: auto (threads in one process; MPI when srun, mpirun or
+        /// `dalle-mesh launch` started one process per rank), threads, mpi.
+        #[arg(long, default_value = "auto", value_parser = parity::parse_transport)]
+        transport: dalle_mesh::run_config::Transport,
     },
     /// Every CUDA op against the CPU, the parity fixtures on the GPU, NCCL, benchmarks (needs an
     /// NVIDIA GPU; exits 2 without one, 1 if a check fails).
@@ -546,11 +550,16 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&serde_json::json!({"out": out, "vocab_size": tok.vocab_size()}))?;
             Ok(0)
         }
-        Command::Parity { fixture, tp, dp } => {
-            let report =
-                parity::run_mesh(&fixture, tp, dp).with_context(|| format!("parity on {}", fixture.display()))?;
-            print_json(&report)?;
-            Ok(if report.pass { 0 } else { 1 })
+        Command::Parity { fixture, tp, dp, transport } => {
+            let report = parity::run_ranks(&fixture, tp, dp, transport)
+                .with_context(|| format!("parity on {}", fixture.display()))?;
+            match report {
+                Some(r) => {
+                    print_json(&r)?;
+                    Ok(if r.pass { 0 } else { 1 })
+                }
+                None => Ok(0),
+            }
         }
         Command::Launch { nproc, via, master_port, kill_grace_s, args } => {
             let grace = std::time::Duration::from_secs_f64(kill_grace_s.clamp(0.0, 3600.0));
