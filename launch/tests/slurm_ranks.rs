@@ -241,7 +241,8 @@ fn a_sigkilled_rank_ends_every_process_naming_it() {
 fn usr1_preemption_saves_once_requeues_and_resumes_exactly() {
     require_mpi_build();
     let dir = scratch("preempt");
-    let steps = 400;
+    // Long enough (seconds) that the signal, which SLURM delivers with a delay of seconds, lands mid-run.
+    let steps = 1500;
     let cfg = write_config(&dir, "run.yaml", &config_text(true, steps, 10000));
     thread_run(&cfg, &dir.join("threads"));
     let id = sbatch(&dir, &template(), &["-o", "job.out"], &[("CONFIG", "run.yaml"), ("OUT", "procs")]);
@@ -319,7 +320,8 @@ fn parity_as_4_processes_equals_the_thread_mesh_report() {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(stdout.lines().collect::<Vec<_>>(), [want.as_str()], "srun parity report");
     // dalle-mesh launch: the same (other ranks print nothing on stdout).
-    let out = run(Command::new("timeout").current_dir(&dir).args(["300", BIN, "launch", "--nproc", "4", "--"]).args(args));
+    let out =
+        run(Command::new("timeout").current_dir(&dir).args(["300", BIN, "launch", "--nproc", "4", "--"]).args(args));
     assert!(out.status.success(), "launch parity failed");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(stdout.lines().collect::<Vec<_>>(), [want.as_str()], "launch parity report");
