@@ -127,7 +127,12 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.println(format!("step {step} eval loss {eval_loss:.4} (unigram baseline {baseline:.4})"));
         } else if self.batch {
-            tracing::info!(step, eval_loss = format_args!("{eval_loss:.5}"), unigram_baseline = format_args!("{baseline:.4}"), "eval");
+            tracing::info!(
+                step,
+                eval_loss = format_args!("{eval_loss:.5}"),
+                unigram_baseline = format_args!("{baseline:.4}"),
+                "eval"
+            );
         }
     }
 
