@@ -1,6 +1,6 @@
 //! Bad inputs give a clear error naming the problem, never a panic.
 
-use dalle_mesh::parity;
+use dm_model::parity;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 

@@ -4,9 +4,9 @@
 //! and exporting the result back, its tokenizer's ids, and the errors bad files get.
 
 use dalle_mesh::interop::{self, ExportDtype, ExportFormat};
-use dalle_mesh::parity;
 use dm_model::checkpoint::{read_tensors, stacked_name, HostTensor};
 use dm_model::dalle_mini::{load_model, load_model_weights, save_dalle_mini, SaveDtype};
+use dm_model::parity;
 use dm_model::{AdamW, AdamWConfig, DalleBart, DalleBartConfig, ParamTable};
 use dm_runtime::cpu::CpuBackend;
 use dm_runtime::Backend;

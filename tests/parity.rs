@@ -1,6 +1,6 @@
 //! `dalle-mesh parity` on every reference fixture made by dalle-mini (see fixtures/README.md).
 
-use dalle_mesh::parity;
+use dm_model::parity;
 use std::path::PathBuf;
 
 fn fixtures() -> Vec<PathBuf> {

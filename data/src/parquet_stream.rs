@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::error::{DataError, Result};
 use crate::import::ImportOptions;
 use crate::parquet::{parquet_files, Columns, ParquetFile};
-use crate::reader::{permutation, Batch, ReaderState};
+use crate::reader::{permutation, Batch, BatchBuilder, ReaderState};
 use crate::text::TextTokenizer;
 
 /// The decoded rows of one row group, kept while a rank reads through it.
@@ -173,25 +173,14 @@ impl ParquetStream {
     }
 
     fn make_batch(&self, rows: &[(u64, String, Vec<u32>)]) -> Result<Batch> {
-        let (t, l) = (self.tokenizer.max_text_length(), self.opts.image_length);
-        let b = rows.len();
-        let mut batch = Batch {
-            input_ids: Vec::with_capacity(b * t),
-            attention_mask: Vec::with_capacity(b * t),
-            labels: Vec::with_capacity(b * l),
-            decoder_input_ids: Vec::with_capacity(b * l),
-            batch: b,
-            text_len: t,
-            image_len: l,
-            rows: rows.iter().map(|r| r.0).collect(),
-            epoch: 0,
-        };
-        for (_, caption, codes) in rows {
-            self.tokenizer.encode_into(caption, &mut batch.input_ids, &mut batch.attention_mask)?;
-            batch.labels.extend(codes.iter().map(|&c| c as i32));
-            batch.decoder_input_ids.push(self.opts.image_vocab as i32);
-            batch.decoder_input_ids.extend(codes[..l - 1].iter().map(|&c| c as i32));
+        let (length, vocab) = (self.opts.image_length, self.opts.image_vocab);
+        let mut builder = BatchBuilder::new(&self.tokenizer, length, vocab, rows.len());
+        for (row, caption, codes) in rows {
+            // Rows were checked when their row group was decoded; this only guards the invariant.
+            builder.push(*row, caption, codes.iter().copied(), |code| {
+                DataError::InvalidArgument(format!("row {row} has code {code} ≥ image_vocab {vocab}"))
+            })?;
         }
-        Ok(batch)
+        Ok(builder.finish())
     }
 }

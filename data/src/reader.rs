@@ -69,39 +69,73 @@ pub fn permutation(rows: usize, seed: u64, epoch: u64) -> Result<Vec<u32>> {
     Ok(order)
 }
 
+/// Assembles a [`Batch`] row by row: captions tokenised, codes as labels, decoder inputs shifted
+/// behind the start token (`image_vocab`). Both readers build their batches with it.
+pub(crate) struct BatchBuilder<'t> {
+    tokenizer: &'t TextTokenizer,
+    image_vocab: u32,
+    batch: Batch,
+}
+
+impl<'t> BatchBuilder<'t> {
+    pub(crate) fn new(tokenizer: &'t TextTokenizer, image_length: usize, image_vocab: u32, rows: usize) -> Self {
+        let t = tokenizer.max_text_length();
+        let batch = Batch {
+            input_ids: Vec::with_capacity(rows * t),
+            attention_mask: Vec::with_capacity(rows * t),
+            labels: Vec::with_capacity(rows * image_length),
+            decoder_input_ids: Vec::with_capacity(rows * image_length),
+            batch: 0,
+            text_len: t,
+            image_len: image_length,
+            rows: Vec::with_capacity(rows),
+            epoch: 0,
+        };
+        Self { tokenizer, image_vocab, batch }
+    }
+
+    /// Appends row `row`; a code outside `0..image_vocab` is handed to `out_of_range` for the
+    /// error (the caller knows the file).
+    pub(crate) fn push(
+        &mut self,
+        row: u64,
+        caption: &str,
+        codes: impl IntoIterator<Item = u32>,
+        out_of_range: impl FnOnce(u32) -> DataError,
+    ) -> Result<()> {
+        let b = &mut self.batch;
+        self.tokenizer.encode_into(caption, &mut b.input_ids, &mut b.attention_mask)?;
+        let start = b.labels.len();
+        for code in codes {
+            if code >= self.image_vocab {
+                return Err(out_of_range(code));
+            }
+            b.labels.push(code as i32);
+        }
+        b.decoder_input_ids.push(self.image_vocab as i32);
+        b.decoder_input_ids.extend_from_slice(&b.labels[start..start + b.image_len - 1]);
+        b.rows.push(row);
+        b.batch += 1;
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> Batch {
+        self.batch
+    }
+}
+
 /// Builds a batch from the given dataset rows, in order (e.g. for evaluation in file order).
 pub fn make_batch(dataset: &Dataset, tokenizer: &TextTokenizer, rows: &[u64]) -> Result<Batch> {
-    let (t, l) = (tokenizer.max_text_length(), dataset.image_length());
     let vocab = dataset.image_vocab();
-    let b = rows.len();
-    let mut batch = Batch {
-        input_ids: Vec::with_capacity(b * t),
-        attention_mask: Vec::with_capacity(b * t),
-        labels: Vec::with_capacity(b * l),
-        decoder_input_ids: Vec::with_capacity(b * l),
-        batch: b,
-        text_len: t,
-        image_len: l,
-        rows: rows.to_vec(),
-        epoch: 0,
-    };
+    let mut builder = BatchBuilder::new(tokenizer, dataset.image_length(), vocab, rows.len());
     for &i in rows {
         let row = dataset.row(i as usize)?;
-        tokenizer.encode_into(row.caption, &mut batch.input_ids, &mut batch.attention_mask)?;
-        let start = batch.labels.len();
-        for code in row.codes.iter() {
-            if code >= vocab {
-                return Err(DataError::Corrupt {
-                    path: dataset.dir().join(crate::format::CODES_FILE),
-                    msg: format!("row {i} has code {code} ≥ image_vocab {vocab}"),
-                });
-            }
-            batch.labels.push(code as i32);
-        }
-        batch.decoder_input_ids.push(vocab as i32);
-        batch.decoder_input_ids.extend_from_slice(&batch.labels[start..start + l - 1]);
+        builder.push(i, row.caption, row.codes.iter(), |code| DataError::Corrupt {
+            path: dataset.dir().join(crate::format::CODES_FILE),
+            msg: format!("row {i} has code {code} ≥ image_vocab {vocab}"),
+        })?;
     }
-    Ok(batch)
+    Ok(builder.finish())
 }
 
 /// Reads shuffled, sharded batches from a dataset (see the module docs).

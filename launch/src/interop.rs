@@ -236,18 +236,17 @@ pub fn from_config(m: &crate::run_config::ModelSection) -> Result<DalleBartConfi
     Ok(DalleBartConfig::from_file(&dir.join("config.json"))?)
 }
 
-/// `data.dataset` naming parquet files: the trainer does not stream them yet (the streaming
-/// reader is `dm_data::parquet_stream`); the error says how to import them instead.
+/// `data.eval_dataset` naming parquet files: evaluation reads imported folders only (training
+/// streams parquet, see [`crate::train_data`]); the error says how to import them.
 pub fn check_parquet_dataset(d: &crate::run_config::DataSection) -> Result<()> {
-    for (key, path) in [("data.dataset", &d.dataset), ("data.eval_dataset", &d.eval_dataset)] {
-        if let Some(p) = path.as_deref().filter(|p| dm_data::parquet::is_parquet_input(p)) {
-            bail!(
-                "run config: {key} {} is parquet: not implemented: training straight from parquet in `dalle-mesh train`; \
-                 import it first with `dalle-mesh data import {} --out DATASET` and set {key}: DATASET",
-                p.display(),
-                p.display()
-            );
-        }
+    if let Some(p) = d.eval_dataset.as_deref().filter(|p| dm_data::parquet::is_parquet_input(p)) {
+        bail!(
+            "run config: data.eval_dataset {} is parquet: not implemented: evaluating straight from parquet (training \
+             from parquet is: data.dataset); import it first with `dalle-mesh data import {} --out DATASET` and set \
+             data.eval_dataset: DATASET",
+            p.display(),
+            p.display()
+        );
     }
     Ok(())
 }

@@ -28,7 +28,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Continue exactly from the newest checkpoint that loads of this run folder (or from this
-        /// checkpoint, setting newer ones aside).
+        /// checkpoint, setting newer ones aside). `auto`: continue the run in --out if it holds a
+        /// checkpoint, else start it there (for sbatch scripts that requeue themselves).
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Override training.steps.
@@ -93,6 +94,10 @@ enum Command {
         /// Data-parallel ranks (CPU threads).
         #[arg(long, default_value_t = 1)]
         dp: usize,
+        /// How the ranks talk: auto (threads in one process; MPI when srun, mpirun or
+        /// `dalle-mesh launch` started one process per rank), threads, mpi.
+        #[arg(long, default_value = "auto", value_parser = parity::parse_transport)]
+        transport: dalle_mesh::run_config::Transport,
     },
     /// Every CUDA op against the CPU, the parity fixtures on the GPU, NCCL, benchmarks (needs an
     /// NVIDIA GPU; exits 2 without one, 1 if a check fails).
@@ -421,14 +426,12 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let rank = dalle_mesh::rank_log::process_rank();
+    dalle_mesh::rank_log::init(rank);
     match run(Cli::parse()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("{}", dalle_mesh::rank_log::error_line(rank, &e));
             std::process::exit(dalle_mesh::exit_code::for_error(&e));
         }
     }
@@ -472,6 +475,11 @@ fn run(cli: Cli) -> Result<i32> {
             if let Some(s) = steps {
                 cfg.training.steps = s;
             }
+            let resume = if dalle_mesh::resume_auto::is_auto(resume.as_deref()) {
+                dalle_mesh::resume_auto::resolve(out.as_deref())?
+            } else {
+                resume
+            };
             let out = out.unwrap_or_else(|| {
                 resume.as_deref().map_or_else(|| "runs/default".into(), dalle_mesh::run_checkpoint::run_folder)
             });
@@ -542,11 +550,16 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&serde_json::json!({"out": out, "vocab_size": tok.vocab_size()}))?;
             Ok(0)
         }
-        Command::Parity { fixture, tp, dp } => {
-            let report =
-                parity::run_mesh(&fixture, tp, dp).with_context(|| format!("parity on {}", fixture.display()))?;
-            print_json(&report)?;
-            Ok(if report.pass { 0 } else { 1 })
+        Command::Parity { fixture, tp, dp, transport } => {
+            let report = parity::run_ranks(&fixture, tp, dp, transport)
+                .with_context(|| format!("parity on {}", fixture.display()))?;
+            match report {
+                Some(r) => {
+                    print_json(&r)?;
+                    Ok(if r.pass { 0 } else { 1 })
+                }
+                None => Ok(0),
+            }
         }
         Command::Launch { nproc, via, master_port, kill_grace_s, args } => {
             let grace = std::time::Duration::from_secs_f64(kill_grace_s.clamp(0.0, 3600.0));

@@ -67,22 +67,41 @@ fn check_transport(cfg: &RunConfig) -> Result<()> {
             if cfg!(feature = "mpi") {
                 Ok(())
             } else {
-                bail!(
+                Err(crate::bad_input!(
                     "this process is one rank of a multi-process run (CPU ranks talk over MPI) but this dalle-mesh was \
                      built without MPI: build it with `cargo build --release --features mpi` (needs Open MPI: \
                      apt-get install openmpi-bin libopenmpi-dev libclang-dev), or run all ranks as threads of one \
                      process (no srun/mpirun/launch)"
-                )
+                ))
             }
         }
-        Transport::Threads => bail!(
+        Transport::Threads => Err(crate::bad_input!(
             "mesh.transport is threads but a launcher started several processes: run one process without \
              srun/mpirun/`dalle-mesh launch` (its ranks are threads), or set mesh.transport: auto"
-        ),
-        Transport::Nccl => bail!(
-            "not implemented: mesh.transport nccl for `dalle-mesh train` (training runs on CPU ranks today); use \
-             mesh.transport: auto (MPI between CPU processes)"
-        ),
+        )),
+        Transport::Nccl => Err(nccl_refused()),
+    }
+}
+
+/// `mesh.transport: nccl` for training: refused (bad input, exit 2) until GPU training lands.
+fn nccl_refused() -> anyhow::Error {
+    crate::bad_input!(
+        "not implemented: mesh.transport nccl for `dalle-mesh train` (training runs on CPU ranks today); set \
+         mesh.transport: auto (threads in one process, MPI between CPU processes); nothing was written"
+    )
+}
+
+/// The transport checks that need no rendezvous, run before anything is written: nccl is
+/// refused, and so is a transport that does not fit how this process was started.
+pub fn check_transport_early(cfg: &RunConfig, world: &World, mesh: Mesh) -> Result<()> {
+    if cfg.mesh.transport == Transport::Nccl {
+        return Err(nccl_refused());
+    }
+    if world.is_multi_process() {
+        check_world_size(world, mesh)?;
+        check_transport(cfg)
+    } else {
+        check_in_process_transport(cfg, mesh)
     }
 }
 
@@ -90,7 +109,7 @@ fn check_transport(cfg: &RunConfig) -> Result<()> {
 pub fn check_in_process_transport(cfg: &RunConfig, mesh: Mesh) -> Result<()> {
     match cfg.mesh.transport {
         Transport::Auto | Transport::Threads => Ok(()),
-        Transport::Mpi => bail!(
+        Transport::Mpi => Err(crate::bad_input!(
             "mesh.transport is mpi but no launcher started this process: start {} processes with \
              `srun --mpi=pmix -n {}`, `mpirun -np {}` or `dalle-mesh launch --nproc {} -- train ...`, or set \
              mesh.transport: auto (threads in one process)",
@@ -98,11 +117,8 @@ pub fn check_in_process_transport(cfg: &RunConfig, mesh: Mesh) -> Result<()> {
             mesh.world(),
             mesh.world(),
             mesh.world()
-        ),
-        Transport::Nccl => bail!(
-            "not implemented: mesh.transport nccl for `dalle-mesh train` (training runs on CPU ranks today); use \
-             mesh.transport: auto"
-        ),
+        )),
+        Transport::Nccl => Err(nccl_refused()),
     }
 }
 
@@ -118,24 +134,31 @@ fn yield_while_waiting() {
     }
 }
 
-/// Joins the run as one of several processes (see the module docs).
-pub fn join(cfg: &RunConfig, world: World, mesh: Mesh) -> Result<ProcessRank> {
-    let started = Instant::now();
+/// The world must be the mesh: `world size = tp · dp`.
+fn check_world_size(world: &World, mesh: Mesh) -> Result<()> {
     if world.size != mesh.world() {
         let cause = match world.launcher {
             Launcher::Slurm => "check --ntasks (srun -n / #SBATCH --ntasks) against mesh.tp × mesh.dp",
             Launcher::OpenMpi => "check mpirun -np against mesh.tp × mesh.dp",
             _ => "check --nproc against mesh.tp × mesh.dp",
         };
-        bail!(
+        Err(crate::bad_input!(
             "the launcher started {} processes but the mesh tp={} × dp={} needs {}: {cause} (an sbatch script that \
              runs dalle-mesh without srun starts only one)",
             world.size,
             mesh.tp(),
             mesh.dp(),
             mesh.world()
-        );
+        ))
+    } else {
+        Ok(())
     }
+}
+
+/// Joins the run as one of several processes (see the module docs).
+pub fn join(cfg: &RunConfig, world: World, mesh: Mesh) -> Result<ProcessRank> {
+    let started = Instant::now();
+    check_world_size(&world, mesh)?;
     check_transport(cfg)?;
     yield_while_waiting();
     let timeout = process_timeout();

@@ -9,6 +9,8 @@
 //! data:
 //!   synthetic: {train_rows: 20000, eval_rows: 1000, image_length: 256, seed: 0}
 //!   # or: dataset: DIR, eval_dataset: DIR, tokenizer: tokenizer.json
+//!   # dataset may be dalle-mini's encoded parquet (a file, a folder of *.parquet, a glob), read as is:
+//!   parquet: {image_length: 256, image_vocab: 16384, caption_column: caption, encoding_column: encoding}
 //!   normalize_text: true
 //! optimizer: {learning_rate: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0,
 //!             schedule: constant, warmup_steps: 100, decay_steps: 1000, decay_rate: 0.5,
@@ -104,6 +106,41 @@ pub struct DataSection {
     pub max_text_length: usize,
     /// Check the datasets' checksums and every row before training (reads every byte).
     pub verify: bool,
+    /// How to read a parquet `dataset` (dalle-mini's encoded files).
+    pub parquet: ParquetSection,
+}
+
+/// The columns and code shape of parquet training files (dalle-mini's `text_column`,
+/// `encoding_column`; its VQGAN's 256 codes of 16384).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParquetSection {
+    pub image_length: usize,
+    pub image_vocab: u32,
+    pub caption_column: String,
+    pub encoding_column: String,
+}
+
+impl Default for ParquetSection {
+    fn default() -> Self {
+        Self {
+            image_length: 256,
+            image_vocab: 16384,
+            caption_column: "caption".into(),
+            encoding_column: "encoding".into(),
+        }
+    }
+}
+
+impl ParquetSection {
+    /// The reader's options (the same checks as `dalle-mesh data import`, bad rows are errors).
+    pub fn options(&self) -> dm_data::ImportOptions {
+        dm_data::ImportOptions {
+            caption_field: self.caption_column.clone(),
+            encoding_field: self.encoding_column.clone(),
+            ..dm_data::ImportOptions::new(self.image_length, self.image_vocab)
+        }
+    }
 }
 
 impl Default for DataSection {
@@ -116,6 +153,7 @@ impl Default for DataSection {
             normalize_text: true,
             max_text_length: 16,
             verify: false,
+            parquet: ParquetSection::default(),
         }
     }
 }

@@ -60,21 +60,8 @@ pub fn warn_truncated(tok: &TextTokenizer, captions: &[String]) -> Result<usize>
 }
 
 /// Generates `n` samples per prompt and writes them to `path` (PNG for synthetic codes, JSON
-/// otherwise). Returns the codes, prompt-major.
-pub fn sample_to_png<B: Backend>(
-    model: &mut DalleBart<B>,
-    tok: &TextTokenizer,
-    info: &DataInfo,
-    captions: &[String],
-    n: usize,
-    opts: &SamplingOptions,
-    path: &Path,
-) -> Result<Vec<Vec<u32>>> {
-    sample_images(model, tok, info, captions, n, opts, path, None)
-}
-
-/// [`sample_to_png`], decoding through the VQGAN at `vqgan` when given (a PNG grid with each
-/// prompt under its image).
+/// otherwise; through the VQGAN at `vqgan` when given, a PNG grid with each prompt under its
+/// image). Returns the codes, prompt-major.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_images<B: Backend>(
     model: &mut DalleBart<B>,

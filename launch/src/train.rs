@@ -89,7 +89,7 @@ impl TrainSummary {
 
 /// The training data of a run.
 pub struct RunData {
-    pub train: Arc<Dataset>,
+    pub train: crate::train_data::TrainSource,
     pub eval: Option<Arc<Dataset>>,
     pub tokenizer: Arc<TextTokenizer>,
     pub tokenizer_path: PathBuf,
@@ -127,10 +127,14 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
             (paths.train, Some(paths.eval), paths.tokenizer, "synthetic")
         }
     };
-    let train = Arc::new(Dataset::open(&train_dir)?);
+    let train = crate::train_data::TrainSource::open(&train_dir, d.parquet.options())?;
     let eval = eval_dir.map(|e| Dataset::open(e).map(Arc::new)).transpose()?;
     if d.verify {
-        for ds in std::iter::once(&train).chain(eval.as_ref()) {
+        let mapped = match &train {
+            crate::train_data::TrainSource::Mapped(ds) => Some(ds),
+            crate::train_data::TrainSource::Parquet(_) => None,
+        };
+        for ds in mapped.into_iter().chain(eval.as_ref()) {
             let r = ds.verify()?;
             tracing::info!(dir = %ds.dir().display(), rows = r.rows, "data.verify: checksums and every row check out");
         }
@@ -152,7 +156,7 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
             }
             seen
         }
-        None => vec![train.caption(0)?.to_string()],
+        None => vec![train.first_caption()?],
     };
     Ok(RunData {
         train,
@@ -171,13 +175,8 @@ pub fn prepare_data(cfg: &RunConfig, out: &Path) -> Result<RunData> {
 
 /// Cross-entropy of the training set's code frequencies: the loss of a model that ignores
 /// captions and positions, the bar a trained model must clearly beat.
-pub fn unigram_baseline(ds: &Dataset, classes: usize) -> Result<f64> {
-    let mut counts = vec![0u64; classes];
-    for i in 0..ds.len() {
-        for c in ds.codes(i)?.iter() {
-            counts[c as usize] += 1;
-        }
-    }
+pub fn unigram_baseline(ds: &crate::train_data::TrainSource, classes: usize) -> Result<f64> {
+    let counts = ds.code_counts(classes)?;
     let total: u64 = counts.iter().sum();
     Ok(counts
         .iter()
@@ -556,7 +555,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         a.step = sh.start_step;
         Optimizer::Full(a)
     };
-    let mut reader = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), sh.start_reader)?;
+    let mut reader = sh.data.train.reader(&sh.data.tokenizer, sh.start_reader)?;
     let (mut metrics, baseline_written) = if leader {
         let (m, has) = Metrics::open(&sh.out.join("metrics.jsonl"), sh.restored.map(|_| sh.start_step))?;
         (Some(m), has)
@@ -569,12 +568,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
     let micro = tr.batch_size / tr.grad_accumulation;
     let tokens_per_step = (tr.batch_size * model_cfg.image_length) as f32;
     let started = Instant::now();
-    let progress = if leader { indicatif::ProgressBar::new(tr.steps) } else { indicatif::ProgressBar::hidden() };
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    progress.set_position(sh.start_step);
+    let progress = crate::rank_log::Progress::new(leader, crate::rank_log::batch_mode(), tr.steps, sh.start_step);
     let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
     let mut outcome = RankOutcome { steps: sh.start_step, final_loss: f32::NAN, ..Default::default() };
     let mut first_eval = !baseline_written;
@@ -668,19 +662,28 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
         outcome.steps = step;
         outcome.final_loss = loss;
         window_samples += tr.batch_size;
-        progress.inc(1);
-        progress.set_message(format!("loss {loss:.4}"));
+        progress.step(loss);
 
         if step.is_multiple_of(tr.log_every) || step == tr.steps {
             let dt = window_start.elapsed().as_secs_f64();
             outcome.samples_per_s = window_samples as f64 / dt.max(1e-9);
             let peak = reduce_scalar(&be, &groups.world, be.memory().report().peak_bytes as f32, ReduceOp::Max)?;
+            let line = crate::rank_log::StepLine {
+                step,
+                loss,
+                lr,
+                grad_norm,
+                samples_per_s: outcome.samples_per_s,
+                image_tokens_per_s: outcome.samples_per_s * model_cfg.image_length as f64,
+                peak_bytes: peak as u64,
+            };
+            progress.logged(&line);
             if let Some(m) = metrics.as_mut() {
                 m.write(serde_json::json!({
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "samples_per_s": outcome.samples_per_s,
-                    "image_tokens_per_s": outcome.samples_per_s * model_cfg.image_length as f64,
-                    "peak_bytes": peak as u64,
+                    "samples_per_s": line.samples_per_s,
+                    "image_tokens_per_s": line.image_tokens_per_s,
+                    "peak_bytes": line.peak_bytes,
                 }))?;
             }
             (window_start, window_samples) = (Instant::now(), 0);
@@ -703,7 +706,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
                     }
                     m.write(line)?;
                 }
-                progress.println(format!("step {step} eval loss {e:.4} (unigram baseline {:.4})", sh.baseline));
+                progress.eval(step, e, sh.baseline);
                 outcome.eval_loss = Some(e);
                 eval_now = Some(e);
             }
@@ -742,7 +745,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
             break;
         }
     }
-    progress.finish_and_clear();
+    progress.finish();
     outcome.peak_bytes = be.memory().report().peak_bytes;
     Ok(outcome)
 }
@@ -778,12 +781,12 @@ fn probe_loss(
     sh: &Shared,
     be: &CpuBackend,
     groups: &Groups,
-    reader: &ShardedReader,
+    reader: &crate::train_data::TrainReader,
     dp_index: usize,
     dp: usize,
 ) -> Result<f32> {
     let tr = &sh.cfg.training;
-    let mut peek = ShardedReader::with_state(sh.data.train.clone(), sh.data.tokenizer.clone(), reader.state())?;
+    let mut peek = sh.data.train.reader(&sh.data.tokenizer, reader.state())?;
     let b = to_model_batch(peek.next_batch(tr.batch_size / tr.grad_accumulation, dp_index, dp)?, sh.model_cfg)?;
     let local = model.eval_loss(&b)?;
     reduce_scalar(be, &groups.dp, local, ReduceOp::Avg)
@@ -913,6 +916,7 @@ fn check_same_run(cfg: &RunConfig, out: &Path, opts: &TrainOptions) -> Result<()
 pub fn train_with(cfg: RunConfig, out: &Path, resume: Option<&Path>, opts: &TrainOptions) -> Result<TrainSummary> {
     cfg.validate()?;
     let world = crate::world::detect()?;
+    crate::process_ranks::check_transport_early(&cfg, &world, Mesh::new(cfg.mesh.tp, cfg.mesh.dp)?)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // Process ranks share the run folder: rank 0 holds the lock and tidies it for all.
     let _lock = if world.rank == 0 { Some(crate::run_lock::acquire(out)?) } else { None };
@@ -968,6 +972,7 @@ fn train_in_process(
     let model_cfg =
         cfg.model_config(data.tokenizer.vocab_size(), data.train.image_vocab() as usize, data.train.image_length())?;
     dm_model::params::check_tp(&model_cfg, mesh.tp()).map_err(|e| anyhow::anyhow!("mesh.tp = {}: {e}", mesh.tp()))?;
+    data.train.check_dp(mesh.dp())?;
     if let Some(v) = &cfg.training.vqgan {
         crate::vqgan_grid::check_fits(v, model_cfg.image_length, model_cfg.image_vocab_size)?;
     }

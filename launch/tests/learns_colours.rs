@@ -41,7 +41,7 @@ fn samples_for_held_out_prompts_have_the_asked_for_colours_where_asked() {
     let info =
         dalle_mesh::train::DataInfo { kind: "synthetic".into(), grid: 8, max_text_length: 16, normalize_text: true };
     let codes =
-        dalle_mesh::sample::sample_to_png(&mut model, &tok, &info, &captions, 1, &greedy, &out.join("again.png"))
+        dalle_mesh::sample::sample_images(&mut model, &tok, &info, &captions, 1, &greedy, &out.join("again.png"), None)
             .unwrap();
     let (mut regions, mut cells) = (0usize, 0.0f32);
     for (caption, c) in captions.iter().zip(&codes) {

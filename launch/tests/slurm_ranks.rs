@@ -241,7 +241,8 @@ fn a_sigkilled_rank_ends_every_process_naming_it() {
 fn usr1_preemption_saves_once_requeues_and_resumes_exactly() {
     require_mpi_build();
     let dir = scratch("preempt");
-    let steps = 400;
+    // Long enough (seconds) that the signal, which SLURM delivers with a delay of seconds, lands mid-run.
+    let steps = 1500;
     let cfg = write_config(&dir, "run.yaml", &config_text(true, steps, 10000));
     thread_run(&cfg, &dir.join("threads"));
     let id = sbatch(&dir, &template(), &["-o", "job.out"], &[("CONFIG", "run.yaml"), ("OUT", "procs")]);
@@ -297,5 +298,54 @@ fn a_mismatched_config_and_a_wrong_world_size_are_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("started 3 processes") && stderr.contains("needs 4"), "names both numbers");
     assert!(stderr.contains("--ntasks"), "names the likely cause");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The mesh-ready parity fixture (tests/fixtures), which runs on tp=2 × dp=2.
+fn mesh_ready_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mesh-ready")
+}
+
+#[test]
+#[ignore = "needs SLURM + Open MPI + --features mpi (the CI's MPI/SLURM block)"]
+fn parity_as_4_processes_equals_the_thread_mesh_report() {
+    require_mpi_build();
+    let fixture = mesh_ready_fixture();
+    let want = serde_json::to_string(&dm_model::parity::run_mesh(&fixture, 2, 2).unwrap()).unwrap();
+    let dir = scratch("parity");
+    let args = ["parity", "--fixture", fixture.to_str().unwrap(), "--tp", "2", "--dp", "2"];
+    // srun: rank 0 prints the one JSON line, identical to the thread mesh's report.
+    let out = run(&mut srun(4, &dir, &args));
+    assert!(out.status.success(), "srun parity failed");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), [want.as_str()], "srun parity report");
+    // dalle-mesh launch: the same (other ranks print nothing on stdout).
+    let out =
+        run(Command::new("timeout").current_dir(&dir).args(["300", BIN, "launch", "--nproc", "4", "--"]).args(args));
+    assert!(out.status.success(), "launch parity failed");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), [want.as_str()], "launch parity report");
+    // A world that is not the mesh: refused on every rank, naming the rank and both numbers.
+    let out = run(&mut srun(2, &dir, &args));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("error: rank 1: ") && stderr.contains("started 2 processes"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+#[ignore = "needs SLURM + Open MPI + --features mpi (the CI's MPI/SLURM block)"]
+fn srun_batch_logs_come_from_rank_0_tagged_with_its_rank() {
+    require_mpi_build();
+    let dir = scratch("batchlog");
+    write_config(&dir, "run.yaml", &config_text(false, 4, 0));
+    let mut cmd = srun(4, &dir, &["train", "--config", "run.yaml", "--out", "procs"]);
+    let out = run(cmd.env("RUST_LOG", "info"));
+    assert!(out.status.success(), "srun train failed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let progress: Vec<&str> = stderr.lines().filter(|l| l.contains(" train step=")).collect();
+    assert_eq!(progress.len(), 4, "one line per step (log_every 1):\n{stderr}");
+    assert!(progress.iter().all(|l| l.starts_with("rank=0 ")), "{progress:?}");
+    assert!(!stderr.contains('\u{1b}'), "no ANSI colours in batch logs");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,18 +1,11 @@
 //! Crash safety of training: SIGKILL during a step and during a checkpoint write, then resume;
 //! the resumed run reproduces the uninterrupted run's losses bit for bit.
 
-use std::io::{BufRead, BufReader};
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-const BIN: &str = env!("CARGO_BIN_EXE_dalle-mesh");
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dm-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::process::Command;
 
 /// A tiny, fast run: 16 steps, a checkpoint every 4.
 fn write_config(dir: &Path) -> PathBuf {
@@ -28,50 +21,17 @@ fn write_config(dir: &Path) -> PathBuf {
     p
 }
 
-fn train(cfg: &Path, out: &Path, resume: bool, hold: Option<&str>) -> std::process::Child {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["train", "--config"]).arg(cfg).arg("--out").arg(out);
-    if resume {
-        cmd.arg("--resume").arg(out);
-    }
-    if let Some(h) = hold {
-        cmd.env("DALLE_MESH_TEST_HOLD", h);
-    }
-    cmd.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+fn train(cfg: &Path, out: &Path, resume: bool) -> Command {
+    let args: Vec<&str> = if resume { vec!["--resume", out.to_str().unwrap()] } else { vec![] };
+    train_cmd(cfg, Some(out), &args)
 }
 
 fn run_to_end(cfg: &Path, out: &Path, resume: bool) {
-    let out = train(cfg, out, resume, None).wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_ok(train(cfg, out, resume));
 }
 
-/// Starts a run that holds at `hold`, waits until it is there, and SIGKILLs it.
 fn run_and_kill_at(cfg: &Path, out: &Path, resume: bool, hold: &str) {
-    let mut child = train(cfg, out, resume, Some(hold));
-    let stderr = child.stderr.take().unwrap();
-    let mut reached = false;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        if line.starts_with("HOLD ") {
-            reached = true;
-            break;
-        }
-    }
-    assert!(reached, "the run ended before reaching {hold}");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-}
-
-/// Training losses by step, as written (exact decimal of the f32).
-fn losses(out: &Path) -> Vec<(u64, String)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["step"].as_u64()?, v.get("loss")?.to_string()))
-        })
-        .collect()
+    kill_at_hold(train(cfg, out, resume), hold);
 }
 
 #[test]

@@ -14,6 +14,7 @@ pub mod flops;
 pub mod opt_state;
 pub mod optimizer;
 pub mod params;
+pub mod parity;
 pub mod perf_model;
 pub mod plan;
 pub mod vqgan;

@@ -1,6 +1,7 @@
 //! Helpers of the run-safety tests: scratch folders, a tiny run config, running the binary.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -109,4 +110,22 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
 
 pub fn checkpoint_steps(out: &Path) -> Vec<u64> {
     dalle_mesh::run_checkpoint::list_checkpoints(out).into_iter().map(|(s, _)| s).collect()
+}
+
+/// Spawns `cmd` with `DALLE_MESH_TEST_HOLD=hold`, waits until it holds there, and SIGKILLs it.
+pub fn kill_at_hold(mut cmd: Command, hold: &str) {
+    cmd.env("DALLE_MESH_TEST_HOLD", hold).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reached = BufReader::new(stderr).lines().map_while(|l| l.ok()).any(|l| l.starts_with("HOLD "));
+    assert!(reached, "the run ended before reaching {hold}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// Runs `cmd` to a successful end.
+pub fn run_ok(cmd: Command) -> Output {
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    out
 }
