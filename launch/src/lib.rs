@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_comm;
+pub mod bench_procs;
 pub mod calibrate;
 pub mod divergence;
 pub mod encode_images;

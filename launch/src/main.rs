@@ -568,12 +568,15 @@ fn run(cli: Cli) -> Result<i32> {
                 device,
                 ..bench::StepOptions::new(tp, dp, batch)
             };
-            print_json(&bench::bench_step(&name, &cfg, &o)?)?;
+            if let Some(report) = bench::bench_step_here(&name, &cfg, &o)? {
+                print_json(&report)?;
+            }
             Ok(0)
         }
         Command::Bench { what: BenchCommand::Comm { transport, ranks, sizes } } => {
             let sizes = dalle_mesh::bench_comm::parse_sizes(&sizes)?;
-            let report = dalle_mesh::bench_comm::run(transport, ranks, &sizes)?;
+            // Process ranks other than 0 print nothing.
+            let Some(report) = dalle_mesh::bench_comm::run(transport, ranks, &sizes)? else { return Ok(0) };
             eprint!("{}", dalle_mesh::bench_comm::table(&report));
             print_json(&report)?;
             Ok(if report.pass { 0 } else { 1 })
