@@ -24,6 +24,7 @@ pub mod signals;
 pub mod stop;
 pub mod sweep;
 pub mod sweep_report;
+pub mod sweep_slurm;
 pub mod train;
 pub mod vqgan_cmd;
 pub mod vqgan_grid;
