@@ -392,15 +392,7 @@ fn run_rank(cfg: &DalleBartConfig, o: &StepOptions, mesh: &Mesh, rank: usize, gr
                 a.update(&be, params, grads, lr, clip)?;
             }
             (Opt::Zero1(z), Some(chunks)) => {
-                let s = dm_runtime::AdamWStep {
-                    lr,
-                    b1: adamw.b1,
-                    b2: adamw.b2,
-                    eps: adamw.eps,
-                    weight_decay: adamw.weight_decay,
-                    step: i as u64 + 1,
-                    grad_scale: clip,
-                };
+                let s = crate::optim_step::adamw_step(&adamw, lr, i as u64 + 1, clip);
                 let c = dp_c.context("ZeRO-1 needs dp > 1")?;
                 z.update(&be, c.as_ref(), &mut model.params, &chunks, &names, &s)?;
             }

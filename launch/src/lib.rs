@@ -12,6 +12,7 @@ pub mod gpu_check;
 pub mod interop;
 pub mod kernels_cmd;
 pub mod launcher;
+pub mod optim_step;
 pub mod parity;
 pub mod plan_cmd;
 pub mod plot;

@@ -328,24 +328,6 @@ pub fn planned_record(
     profile: &HardwareProfile,
     (steps, warmup): (usize, usize),
 ) -> Result<(Value, Option<StepOptions>)> {
-    let mut v = json!({
-        "id": point.id(),
-        "model": point.model.name,
-        "d_model": cfg.d_model,
-        "layers": cfg.encoder_layers,
-        "ffn_dim": cfg.encoder_ffn_dim,
-        "params": ParamTable::new(cfg).numel(),
-        "tp": point.tp,
-        "dp": point.dp,
-        "world": point.tp * point.dp,
-        "zero1": point.zero1,
-        "batch_per_device": point.batch_per_device,
-        "global_batch": point.batch_per_device * point.dp,
-        "precision": point.precision.name(),
-        "device": point.device.name(),
-        "steps": steps,
-        "warmup": warmup,
-    });
     let o = StepOptions {
         zero1: point.zero1,
         precision: point.precision,
@@ -356,6 +338,18 @@ pub fn planned_record(
         warmup,
         ..StepOptions::new(point.tp, point.dp, point.batch_per_device)
     };
+    let mut v = json!({
+        "id": point.id(),
+        "model": point.model.name,
+        "d_model": cfg.d_model,
+        "layers": cfg.encoder_layers,
+        "ffn_dim": cfg.encoder_ffn_dim,
+        "params": ParamTable::new(cfg).numel(),
+        "device": point.device.name(),
+        "steps": steps,
+        "warmup": warmup,
+    });
+    crate::plan_cmd::add_mesh_fields(&mut v, &o.plan_options());
     let p = match plan(cfg, &o.plan_options()) {
         Ok(p) => p,
         Err(reason) => {
