@@ -1,5 +1,5 @@
 // cross_entropy.cu — softmax cross-entropy over the image vocabulary, forward and backward fused,
-// in two forms (Backend::cross_entropy_fused and the vocab-parallel loss of DESIGN §3):
+// in two forms (Backend::cross_entropy_fused and the vocab-parallel loss of parallel/src/layers.rs):
 //
 //   loss[r]      = logsumexp(x[r, :valid]) − x[r, t_r]
 //   x[r, j]     <- grad_scale · (softmax(x[r, :valid])_j − [j == t_r])   for j < valid

@@ -599,7 +599,7 @@ pub fn model_gemm_shapes(cfg: &DalleBartConfig, batch: usize) -> Vec<(String, Ma
     let d = cfg.d_model;
     let nt = batch * cfg.max_text_length;
     let ni = batch * cfg.image_length;
-    let v = cfg.image_rows();
+    let v = cfg.loss_classes();
     let f = cfg.decoder_ffn_dim;
     let sp = |m, n, k, ta, tb| MatmulSpec { m, n, k, trans_a: ta, trans_b: tb, accumulate: ta };
     vec![

@@ -364,7 +364,7 @@ fn tp2_fixture<B: Backend>(
         Ok((tp_index, logits, cols, out.loss, model.grad_values()?))
     })
     .map_err(|f| anyhow::anyhow!("{f}"))?;
-    let classes = cfg.image_rows();
+    let classes = cfg.loss_classes();
     let rows = batch.batch * batch.image_len;
     let mut logits = vec![f32::NAN; ref_logits.len()];
     for (_, l, (cols, start, valid), _, _) in &results {
@@ -1406,7 +1406,7 @@ impl Checker<CudaBackend> {
                 "%",
                 format!("{:.2} TFLOP/step (dm_model::flops) / {PEAK_BF16_TFLOPS} TFLOP/s bf16 peak", flops / 1e12),
             );
-            let finite = loss.is_finite() && (loss - (cfg.image_rows() as f32).ln()).abs() < 1.0;
+            let finite = loss.is_finite() && (loss - (cfg.loss_classes() as f32).ln()).abs() < 1.0;
             self.row(
                 "step",
                 &format!("mini step {label} loss ≈ ln(vocab)"),

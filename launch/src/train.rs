@@ -1000,7 +1000,7 @@ fn train_in_process(
         start_guard,
         restored: restored.as_ref().map(|(_, f, _)| f),
         collector: std::sync::Mutex::new(Vec::new()),
-        baseline: unigram_baseline(&data.train, model_cfg.image_rows())?,
+        baseline: unigram_baseline(&data.train, model_cfg.loss_classes())?,
         processes: procs.is_some(),
     };
     let started = Instant::now();

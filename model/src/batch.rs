@@ -58,8 +58,8 @@ impl Batch {
         let fields: [(&str, &[i32], usize, usize); 4] = [
             ("input_ids", &self.input_ids, t, cfg.encoder_vocab_size),
             ("attention_mask", &self.attention_mask, t, 2),
-            ("labels", &self.labels, l, cfg.image_rows()),
-            ("decoder_input_ids", &self.decoder_input_ids, l, cfg.image_rows()),
+            ("labels", &self.labels, l, cfg.loss_classes()),
+            ("decoder_input_ids", &self.decoder_input_ids, l, cfg.loss_classes()),
         ];
         for (name, data, len, limit) in fields {
             if data.len() != b * len {

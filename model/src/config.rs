@@ -208,8 +208,9 @@ impl DalleBartConfig {
         Ok(())
     }
 
-    /// Rows of the decoder embedding = columns of lm_head = classes of the loss (codes + BOS).
-    pub fn image_rows(&self) -> usize {
+    /// Classes of the loss (the image codes + BOS) = rows of the decoder embedding = columns of
+    /// lm_head.
+    pub fn loss_classes(&self) -> usize {
         self.image_vocab_size + 1
     }
     /// The decoder's start token (BOS), the extra image row.

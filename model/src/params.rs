@@ -142,22 +142,26 @@ pub struct LnIdx {
     pub bias: usize,
 }
 
+/// Indices of one NormFormer attention sub-block `x + LN_post(Attn(LN_pre(x)))`, named as its
+/// activations are: `ln_pre` is the bias-only `LayerNorm_0` (self) or `LayerNorm_2` (cross),
+/// `ln_post` the scaled `LayerNorm_1` (self) or `LayerNorm_3` (cross).
+#[derive(Debug, Clone, Copy)]
+pub struct AttnBlockIdx {
+    pub ln_pre_bias: usize,
+    pub attn: AttnIdx,
+    pub ln_post: LnIdx,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct EncoderLayerIdx {
-    pub ln0_bias: usize,
-    pub attn: AttnIdx,
-    pub ln1: LnIdx,
+    pub self_attn: AttnBlockIdx,
     pub glu: GluIdx,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct DecoderLayerIdx {
-    pub ln0_bias: usize,
-    pub self_attn: AttnIdx,
-    pub ln1: LnIdx,
-    pub ln2_bias: usize,
-    pub cross_attn: AttnIdx,
-    pub ln3: LnIdx,
+    pub self_attn: AttnBlockIdx,
+    pub cross_attn: AttnBlockIdx,
     pub glu: GluIdx,
 }
 
@@ -257,32 +261,37 @@ impl ParamTable {
         let encoder_layers = (0..c.encoder_layers)
             .map(|i| {
                 let p = format!("{ENCODER_LAYER_PREFIX}{i}");
+                // Table order: attention, LayerNorm_0, LayerNorm_1, GLU.
+                let attn = b.attn(&format!("{p}.FlaxBartAttention_0"), d);
+                let ln_pre_bias = b.add(format!("{p}.LayerNorm_0.bias"), &[d], Init::Zeros);
+                let ln_post = b.ln(&format!("{p}.LayerNorm_1"), d);
                 EncoderLayerIdx {
-                    attn: b.attn(&format!("{p}.FlaxBartAttention_0"), d),
-                    ln0_bias: b.add(format!("{p}.LayerNorm_0.bias"), &[d], Init::Zeros),
-                    ln1: b.ln(&format!("{p}.LayerNorm_1"), d),
+                    self_attn: AttnBlockIdx { ln_pre_bias, attn, ln_post },
                     glu: b.glu(&format!("{p}.GLU_0"), d, c.encoder_ffn_dim),
                 }
             })
             .collect();
         let efinal = b.add("model.encoder.final_ln.bias".into(), &[d], Init::Zeros);
-        let (dtok, dpos, dln) = b.stack("model.decoder", c.image_rows(), c.image_length, d);
+        let (dtok, dpos, dln) = b.stack("model.decoder", c.loss_classes(), c.image_length, d);
         let decoder_layers = (0..c.decoder_layers)
             .map(|i| {
                 let p = format!("{DECODER_LAYER_PREFIX}{i}");
+                // Table order: both attentions, LayerNorm_0 … LayerNorm_3, GLU.
+                let self_attn = b.attn(&format!("{p}.FlaxBartAttention_0"), d);
+                let cross_attn = b.attn(&format!("{p}.FlaxBartAttention_1"), d);
+                let self_ln_pre = b.add(format!("{p}.LayerNorm_0.bias"), &[d], Init::Zeros);
+                let self_ln_post = b.ln(&format!("{p}.LayerNorm_1"), d);
+                let cross_ln_pre = b.add(format!("{p}.LayerNorm_2.bias"), &[d], Init::Zeros);
+                let cross_ln_post = b.ln(&format!("{p}.LayerNorm_3"), d);
                 DecoderLayerIdx {
-                    self_attn: b.attn(&format!("{p}.FlaxBartAttention_0"), d),
-                    cross_attn: b.attn(&format!("{p}.FlaxBartAttention_1"), d),
-                    ln0_bias: b.add(format!("{p}.LayerNorm_0.bias"), &[d], Init::Zeros),
-                    ln1: b.ln(&format!("{p}.LayerNorm_1"), d),
-                    ln2_bias: b.add(format!("{p}.LayerNorm_2.bias"), &[d], Init::Zeros),
-                    ln3: b.ln(&format!("{p}.LayerNorm_3"), d),
+                    self_attn: AttnBlockIdx { ln_pre_bias: self_ln_pre, attn: self_attn, ln_post: self_ln_post },
+                    cross_attn: AttnBlockIdx { ln_pre_bias: cross_ln_pre, attn: cross_attn, ln_post: cross_ln_post },
                     glu: b.glu(&format!("{p}.GLU_0"), d, c.decoder_ffn_dim),
                 }
             })
             .collect();
         let dfinal = b.add("model.decoder.final_ln.bias".into(), &[d], Init::Zeros);
-        let lm_head = b.add_split("lm_head.kernel".into(), &[d, c.image_rows()], Init::Normal, true, true);
+        let lm_head = b.add_split("lm_head.kernel".into(), &[d, c.loss_classes()], Init::Normal, true, true);
         Self {
             specs: b.specs,
             encoder: StackIdx {
@@ -367,7 +376,7 @@ pub fn check_tp(c: &DalleBartConfig, tp: usize) -> Result<(), String> {
         (c.encoder_ffn_dim, "encoder_ffn_dim"),
         (c.decoder_ffn_dim, "decoder_ffn_dim"),
         (c.encoder_vocab_size, "encoder_vocab_size"),
-        (c.image_rows(), "image_vocab_size + 1"),
+        (c.loss_classes(), "image_vocab_size + 1"),
     ] {
         if n < 2 * tp {
             return Err(format!("{name} = {n} is too small to split over tp = {tp}"));
@@ -404,7 +413,7 @@ mod tests {
         assert!(check_tp(&c, 3).unwrap_err().contains("attention_heads"));
     }
 
-    /// Parameter counts read off dalle-mini itself (../shared/DESIGN.md §1).
+    /// Parameter counts read off dalle-mini itself (the published checkpoints' `config.json` and weights).
     #[test]
     fn parameter_counts_match_dalle_mini() {
         assert_eq!(ParamTable::new(&DalleBartConfig::micro()).numel(), 23_706_112);

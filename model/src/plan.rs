@@ -4,12 +4,13 @@
 //!
 //! # Memory ([`plan`])
 //!
-//! For [`Precision::Fp32`] the plan mirrors, buffer by buffer, what the model and the trainer
-//! allocate through the backend (so the CPU memory tracker's peak equals it; `model/tests/plan.rs`
-//! checks that exactly):
+//! For [`Precision::Fp32`] the plan counts what the model and the trainer allocate through the
+//! backend (so the CPU memory tracker's peak equals it; `model/tests/plan.rs` checks that
+//! exactly); the activations are read off the model's own activation table
+//! ([`crate::dallebart::activations`]), the one list the model allocates from:
 //! - **weights**, **gradients**: this rank's [`ParamTable::sharded`] tensors, 4 bytes each;
 //! - **optimizer_state**: AdamW's two moments, full local size, or with ZeRO-1 `⌈n/dp⌉` per tensor;
-//! - **activations**: every buffer `DalleBart::ensure_activations` allocates for a micro-batch of
+//! - **activations**: every buffer of the activation table for a micro-batch of
 //!   `batch_per_device` rows (forward activations of both stacks with their ids, LayerNorm
 //!   mean/rstd, attention lse, logits `[image tokens, local vocab]`, losses, cross-entropy
 //!   statistics, the backward scratch of both stacks, `∂encoder_output`), plus one batch-ids buffer
@@ -55,7 +56,8 @@
 //! derived in `docs/communication.md`.
 
 use crate::config::DalleBartConfig;
-use crate::params::{check_tp, split_axis, ParamTable};
+use crate::dallebart::activations::{activation_sizes, Elems, StackDims};
+use crate::params::{check_tp, ParamTable};
 use dm_parallel::{CommStats, OpStats};
 use serde::{Deserialize, Serialize};
 
@@ -183,127 +185,21 @@ pub struct MemoryPlan {
     pub notes: String,
 }
 
-/// Element counts of buffers by storage class.
-#[derive(Debug, Clone, Copy, Default)]
-struct Elems {
-    /// Activations and temporaries (bf16 in mixed precision).
-    act: u64,
-    /// Always fp32 (statistics, logits, losses, gradient accumulators).
-    f32: u64,
-    /// i32 token ids and masks.
-    ids: u64,
+/// Bytes of element counts at precision `p`.
+fn bytes(e: Elems, p: Precision) -> u64 {
+    e.act * p.act_bytes() + 4 * e.f32 + 4 * e.ids
 }
 
-impl Elems {
-    fn bytes(&self, p: Precision) -> u64 {
-        self.act * p.act_bytes() + 4 * self.f32 + 4 * self.ids
-    }
-}
-
-/// Shapes of one stack on one rank (as `DalleBart::stack_dims`).
-struct StackShape {
-    /// Rows of the micro-batch and this stack's sequence length.
-    batch: u64,
-    len: u64,
-    d: u64,
-    /// Local heads and their width.
-    heads: u64,
-    dl: u64,
-    /// Local ffn columns.
-    ffn: u64,
-}
-
-impl StackShape {
-    fn new(c: &DalleBartConfig, batch: usize, len: usize, heads: usize, ffn: usize, tp: usize, rank: usize) -> Self {
-        let head_dim = c.d_model / heads;
-        let (_, f_local, _) = split_axis(ffn, tp, rank, false);
-        Self {
-            batch: batch as u64,
-            len: len as u64,
-            d: c.d_model as u64,
-            heads: (heads / tp) as u64,
-            dl: ((heads / tp) * head_dim) as u64,
-            ffn: f_local as u64,
-        }
-    }
-    fn tokens(&self) -> u64 {
-        self.batch * self.len
-    }
-}
-
-/// `alloc_ln`: output `[rows, dim]`, mean and rstd `[rows]`.
-fn ln(e: &mut Elems, rows: u64, dim: u64) {
-    e.act += rows * dim;
-    e.f32 += 2 * rows;
-}
-
-/// `alloc_attn_block` with `kv` key/value tokens.
-fn attn_block(e: &mut Elems, s: &StackShape, kv: u64) {
-    let n = s.tokens();
-    ln(e, n, s.d); // ln_pre
-    e.act += n * s.dl + 2 * kv * s.dl + n * s.dl; // q, k, v, attention output
-    e.f32 += s.batch * s.heads * s.len; // lse
-    e.act += n * s.d; // out_proj output
-    ln(e, n, s.d); // ln_post
-    e.act += n * s.d; // residual
-}
-
-/// `alloc_stack`: ids, embeddings, layernorm_embedding, layers, final_ln.
-fn stack(s: &StackShape, layers: usize, cross_kv: Option<u64>) -> Elems {
-    let n = s.tokens();
-    let mut e = Elems { ids: n, ..Default::default() };
-    e.act += n * s.d; // embeddings
-    ln(&mut e, n, s.d); // layernorm_embedding
-    for _ in 0..layers {
-        attn_block(&mut e, s, n);
-        if let Some(kv) = cross_kv {
-            attn_block(&mut e, s, kv);
-        }
-        ln(&mut e, n, s.d); // GLU LayerNorm_0
-        e.act += 3 * n * s.ffn; // Dense_0, Dense_1, gelu(a0)·a1
-        ln(&mut e, n, s.ffn); // GLU LayerNorm_1 (over the local ffn)
-        e.act += n * s.d; // layer output
-    }
-    ln(&mut e, n, s.d); // final_ln
-    e
-}
-
-/// `alloc_scratch`: the backward temporaries of one stack.
-fn scratch(s: &StackShape, cross_kv: Option<u64>) -> Elems {
-    let n = s.tokens();
-    let mut e = Elems::default();
-    e.f32 += n * s.d; // dres (residual-stream gradient)
-    e.f32 += n * s.d; // dtmp (accumulated, all-reduced)
-    e.act += n * s.dl; // dtmp2
-    e.act += 3 * n * s.dl; // dq, dk, dv
-    e.act += 3 * n * s.ffn; // dffn_a, dffn_b, dffn_c
-    if let Some(kv) = cross_kv {
-        e.act += 2 * kv * s.dl; // dk_cross, dv_cross
-    }
-    e.f32 += 2 * n; // ln_sums
-    e
-}
-
-/// The activation buffers of tensor-parallel rank `rank` for a micro-batch of `batch` rows.
+/// The activation buffers of tensor-parallel rank `rank` for a micro-batch of `batch` rows: the
+/// model's own activation table ([`activation_sizes`]), counted.
 fn activations(c: &DalleBartConfig, tp: usize, rank: usize, batch: usize, p: Precision) -> ActivationBreakdown {
-    let enc = StackShape::new(c, batch, c.max_text_length, c.encoder_attention_heads, c.encoder_ffn_dim, tp, rank);
-    let dec = StackShape::new(c, batch, c.image_length, c.decoder_attention_heads, c.decoder_ffn_dim, tp, rank);
-    let (nt, ni) = (enc.tokens(), dec.tokens());
-    let (_, _, vocab_local) = split_axis(c.image_rows(), tp, rank, true);
-    let logits = Elems {
-        f32: ni * vocab_local as u64 + ni + ni + 2 * ni, // logits, losses, row max, row sums
-        ids: nt + ni,                                    // attention mask, labels
-        ..Default::default()
-    };
-    let mut bwd = scratch(&enc, None);
-    let dec_scratch = scratch(&dec, Some(nt));
-    bwd.act += dec_scratch.act;
-    bwd.f32 += dec_scratch.f32 + nt * enc.d; // ∂encoder_output
+    let sizes = activation_sizes(c, (rank, tp), batch);
+    let (nt, ni) = ((batch * c.max_text_length) as u64, (batch * c.image_length) as u64);
     ActivationBreakdown {
-        encoder: stack(&enc, c.encoder_layers, None).bytes(p),
-        decoder: stack(&dec, c.decoder_layers, Some(nt)).bytes(p),
-        logits_and_loss: logits.bytes(p),
-        backward_scratch: bwd.bytes(p),
+        encoder: bytes(sizes.encoder, p),
+        decoder: bytes(sizes.decoder, p),
+        logits_and_loss: bytes(sizes.logits_and_loss, p),
+        backward_scratch: bytes(sizes.backward_scratch, p),
         input_transient: 4 * nt.max(ni),
     }
 }
@@ -369,9 +265,9 @@ pub fn plan_rank(cfg: &DalleBartConfig, opts: &PlanOptions, tp_rank: usize) -> R
 
     let mut notes = Vec::new();
     if opts.tp > 1 {
-        let (_, fe, _) = split_axis(cfg.encoder_ffn_dim, opts.tp, tp_rank, false);
-        let (_, fd, _) = split_axis(cfg.decoder_ffn_dim, opts.tp, tp_rank, false);
-        let (_, _, v) = split_axis(cfg.image_rows(), opts.tp, tp_rank, true);
+        let coords = (tp_rank, opts.tp);
+        let (enc, dec) = (StackDims::encoder(cfg, coords), StackDims::decoder(cfg, coords));
+        let (fe, fd, v) = (enc.ffn_local, dec.ffn_local, dec.vocab_local);
         notes.push(format!(
             "tp rank {tp_rank}: ffn {fe}/{fd} of {}/{}, vocab {v} (padded)",
             cfg.encoder_ffn_dim, cfg.decoder_ffn_dim
@@ -489,22 +385,31 @@ fn tp_shape(cfg: &DalleBartConfig, batch: usize) -> TpShape {
 /// Dense_2 `[nt, d]`; per decoder layer self and cross out_proj `2 × [ni, d]`, GLU-LN `2 × [ni]`,
 /// Dense_2 `[ni, d]`.
 pub fn forward_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
+    tp_all_reduces(cfg, tp, batch, |s| {
+        let calls = 2 + 4 * s.le + 5 * s.ld;
+        let elems = (s.nt + s.ni) * s.d + s.le * (2 * s.nt * s.d + 2 * s.nt) + s.ld * (3 * s.ni * s.d + 2 * s.ni);
+        (calls, elems)
+    })
+}
+
+/// The tp all-reduces `(calls, elems)` that `count` gives for a micro-batch of `batch` rows, as
+/// stats (none when `tp == 1`).
+fn tp_all_reduces(
+    cfg: &DalleBartConfig,
+    tp: usize,
+    batch: usize,
+    count: impl FnOnce(&TpShape) -> (u64, u64),
+) -> CommStats {
     if tp <= 1 {
         return CommStats::default();
     }
-    let s = tp_shape(cfg, batch);
-    let calls = 2 + 4 * s.le + 5 * s.ld;
-    let elems = (s.nt + s.ni) * s.d + s.le * (2 * s.nt * s.d + 2 * s.nt) + s.ld * (3 * s.ni * s.d + 2 * s.ni);
+    let (calls, elems) = count(&tp_shape(cfg, batch));
     CommStats { all_reduce: ops(calls, elems), ..Default::default() }
 }
 
 /// tp all-reduces of the vocab-parallel cross-entropy: row max `[ni]` (max) and `[2, ni]` sums.
 pub fn loss_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
-    if tp <= 1 {
-        return CommStats::default();
-    }
-    let s = tp_shape(cfg, batch);
-    CommStats { all_reduce: ops(2, 3 * s.ni), ..Default::default() }
+    tp_all_reduces(cfg, tp, batch, |s| (2, 3 * s.ni))
 }
 
 /// tp all-reduces of one backward: lm_head input gradient `[ni, d]`; per decoder layer GLU-LN
@@ -512,13 +417,11 @@ pub fn loss_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
 /// input gradients `2 × [ni, d]`; `∂encoder_output` `[nt, d]` once; per encoder layer GLU-LN sums
 /// `[2, nt]`, Dense_0/1 and q/k/v input gradients `2 × [nt, d]`.
 pub fn backward_comm(cfg: &DalleBartConfig, tp: usize, batch: usize) -> CommStats {
-    if tp <= 1 {
-        return CommStats::default();
-    }
-    let s = tp_shape(cfg, batch);
-    let calls = 2 + 4 * s.ld + 3 * s.le;
-    let elems = (s.ni + s.nt) * s.d + s.ld * (3 * s.ni * s.d + 2 * s.ni) + s.le * (2 * s.nt * s.d + 2 * s.nt);
-    CommStats { all_reduce: ops(calls, elems), ..Default::default() }
+    tp_all_reduces(cfg, tp, batch, |s| {
+        let calls = 2 + 4 * s.ld + 3 * s.le;
+        let elems = (s.ni + s.nt) * s.d + s.ld * (3 * s.ni * s.d + 2 * s.ni) + s.le * (2 * s.nt * s.d + 2 * s.nt);
+        (calls, elems)
+    })
 }
 
 /// dp traffic of the gradient sync of tp rank `tp_rank`: one all-reduce per tensor of its local

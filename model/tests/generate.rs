@@ -47,7 +47,7 @@ fn greedy_generation_equals_argmax_of_the_teacher_forced_forward() {
     let batch = Batch::new(&cfg, 2, ids, mask, labels).unwrap();
     model.forward(&batch).unwrap();
     let logits = model.logits().unwrap();
-    let v = cfg.image_rows();
+    let v = cfg.loss_classes();
     for (r, row_codes) in codes.iter().enumerate() {
         for (t, &c) in row_codes.iter().enumerate() {
             let row = &logits[(r * cfg.image_length + t) * v..][..cfg.image_vocab_size];

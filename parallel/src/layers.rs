@@ -2,10 +2,17 @@
 //! rank's [`TpGroup`] (or `None` on one device, where it degenerates to the plain layer) and
 //! says which collectives it issues. The model (`dm-model`) composes DalleBart from them.
 //!
+//! A tensor-parallel region (the attention heads, or the GLU's ffn columns, of this rank) is
+//! opened by [`region_entry_forward`] and closed by [`region_exit_forward`]; the backward calls
+//! [`region_exit_backward`] and [`region_entry_backward`] at the mirror-image points. The two
+//! operators are conjugate (Megatron's `f` and `g`): the entry is the identity forward and an
+//! all-reduce backward, the exit an all-reduce forward and the identity backward.
+//!
 //! | block | forward | backward |
 //! |---|---|---|
-//! | column-parallel linear (q/k/v, GLU Dense_0/1, lm_head) | — | all-reduce of the input gradient ([`reduce_input_grad`]) |
-//! | row-parallel linear (out_proj, GLU Dense_2) | all-reduce of the output ([`row_parallel_forward`]) | — |
+//! | region entry (before q/k/v, GLU Dense_0/1, lm_head) | identity | all-reduce (sum) of the input gradient |
+//! | [`ColumnParallelLinear`] (q/k/v, GLU Dense_0/1, lm_head) | local | local (input gradient partial: summed by the entry) |
+//! | [`RowParallelLinear`] (out_proj, GLU Dense_2) | local, then the region exit: all-reduce (sum) of the output | region exit (identity), then local |
 //! | vocab-parallel embedding | all-reduce of the gathered rows ([`vocab_parallel_embedding`]) | — (local scatter-add) |
 //! | sharded LayerNorm (GLU middle LN over ffn) | 2 all-reduces of `[rows]` ([`sharded_layernorm_forward`]) | 1 all-reduce of `[2, rows]` ([`sharded_layernorm_backward`]) |
 //! | vocab-parallel cross-entropy | max all-reduce of `[rows]`, sum all-reduce of `[2, rows]` ([`vocab_parallel_cross_entropy`]); the logits are never gathered | (fused: the gradient is written in the forward) |
@@ -52,25 +59,192 @@ pub fn all_reduce<B: Backend>(tp: Option<&TpGroup<B>>, buf: &mut B::Buf, op: Red
     Ok(())
 }
 
-/// Row-parallel linear: `out = x_local · w_local` (`x_local: [m, k_local]`, `w_local:
-/// [k_local, n]`), partial sums over this rank's input slice, then **all-reduce (sum)**.
-pub fn row_parallel_forward<B: Backend>(
-    be: &B,
-    tp: Option<&TpGroup<B>>,
-    out: &mut B::Buf,
-    x: &B::Buf,
-    w: &B::Buf,
-    spec: MatmulSpec,
-) -> Result<()> {
-    be.matmul(out, x, w, spec)?;
-    all_reduce(tp, out, ReduceOp::Sum)
+/// Megatron's `f`, forward: entering a tensor-parallel region is the identity (every rank
+/// already holds the full input `x`). No collective.
+pub fn region_entry_forward<B: Backend>(x: &B::Buf) -> &B::Buf {
+    x
 }
 
-/// Backward of a column-parallel linear's input: `dx` holds this rank's partial gradient
-/// `dy_local · w_localᵀ` (summed over every column-parallel projection that reads the same
-/// input); **all-reduce (sum)** makes it the full gradient.
-pub fn reduce_input_grad<B: Backend>(tp: Option<&TpGroup<B>>, dx: &mut B::Buf) -> Result<()> {
+/// Megatron's `f`, backward: `dx` holds this rank's partial input gradient (summed over every
+/// column-parallel linear of the region that reads `x`); **all-reduce (sum)** makes it the full
+/// gradient.
+pub fn region_entry_backward<B: Backend>(tp: Option<&TpGroup<B>>, dx: &mut B::Buf) -> Result<()> {
     all_reduce(tp, dx, ReduceOp::Sum)
+}
+
+/// Megatron's `g`, forward: leaving a tensor-parallel region sums the ranks' partial outputs,
+/// **all-reduce (sum)** of `y`.
+pub fn region_exit_forward<B: Backend>(tp: Option<&TpGroup<B>>, y: &mut B::Buf) -> Result<()> {
+    all_reduce(tp, y, ReduceOp::Sum)
+}
+
+/// Megatron's `g`, backward: the identity (the output gradient `dy` is already replicated on
+/// every rank). No collective.
+pub fn region_exit_backward<B: Backend>(dy: &B::Buf) -> &B::Buf {
+    dy
+}
+
+/// Whether an input gradient overwrites its buffer or adds into it (several linears reading the
+/// same input sum their contributions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradMode {
+    /// `dx = …`
+    Overwrite,
+    /// `dx += …`
+    Accumulate,
+}
+
+/// A linear layer `y = x · w` without bias, `x: [rows, inputs]`, `w: [inputs, outputs]`, on one
+/// device: its forward and the two GEMMs of its backward. No collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linear {
+    /// Rows of `x` (tokens).
+    pub rows: usize,
+    /// Columns of `x` = rows of `w`.
+    pub inputs: usize,
+    /// Columns of `w` and `y`.
+    pub outputs: usize,
+}
+
+impl Linear {
+    /// `y = x · w`.
+    pub fn forward<B: Backend>(&self, be: &B, y: &mut B::Buf, x: &B::Buf, w: &B::Buf) -> Result<()> {
+        Ok(be.matmul(y, x, w, MatmulSpec::nn(self.rows, self.outputs, self.inputs))?)
+    }
+
+    /// `dw += xᵀ · dy` (weight gradients always accumulate, over micro-batches and uses).
+    pub fn backward_weight<B: Backend>(&self, be: &B, dw: &mut B::Buf, x: &B::Buf, dy: &B::Buf) -> Result<()> {
+        let spec = MatmulSpec {
+            m: self.inputs,
+            n: self.outputs,
+            k: self.rows,
+            trans_a: true,
+            trans_b: false,
+            accumulate: true,
+        };
+        Ok(be.matmul(dw, x, dy, spec)?)
+    }
+
+    /// `dx = dy · wᵀ` (or `dx += …`).
+    pub fn backward_input<B: Backend>(
+        &self,
+        be: &B,
+        dx: &mut B::Buf,
+        dy: &B::Buf,
+        w: &B::Buf,
+        mode: GradMode,
+    ) -> Result<()> {
+        let spec = MatmulSpec {
+            m: self.rows,
+            n: self.inputs,
+            k: self.outputs,
+            trans_a: false,
+            trans_b: true,
+            accumulate: mode == GradMode::Accumulate,
+        };
+        Ok(be.matmul(dx, dy, w, spec)?)
+    }
+
+    /// Both gradients: `dw += xᵀ · dy`, `dx (+)= dy · wᵀ`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        dw: &mut B::Buf,
+        dx: &mut B::Buf,
+        x: &B::Buf,
+        dy: &B::Buf,
+        w: &B::Buf,
+        mode: GradMode,
+    ) -> Result<()> {
+        self.backward_weight(be, dw, x, dy)?;
+        self.backward_input(be, dx, dy, w, mode)
+    }
+}
+
+/// Column-parallel linear: `w` is split by output columns, `w_local: [inputs, outputs_local]`,
+/// so `y_local = x · w_local` is this rank's slice of the output (its heads, ffn columns or
+/// vocabulary columns). Forward and backward are local; the input gradient `dy_local · w_localᵀ`
+/// is a partial sum that the region's [`region_entry_backward`] all-reduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnParallelLinear {
+    /// Rows of `x` (tokens).
+    pub rows: usize,
+    /// Columns of the (replicated) input `x`.
+    pub inputs: usize,
+    /// This rank's output columns.
+    pub outputs_local: usize,
+}
+
+impl ColumnParallelLinear {
+    fn local(&self) -> Linear {
+        Linear { rows: self.rows, inputs: self.inputs, outputs: self.outputs_local }
+    }
+    /// `y_local = x · w_local`. No collective.
+    pub fn forward<B: Backend>(&self, be: &B, y_local: &mut B::Buf, x: &B::Buf, w_local: &B::Buf) -> Result<()> {
+        self.local().forward(be, y_local, x, w_local)
+    }
+    /// `dw_local += xᵀ · dy_local`, `dx (+)= dy_local · w_localᵀ` (partial over the group). No
+    /// collective.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        dw_local: &mut B::Buf,
+        dx_partial: &mut B::Buf,
+        x: &B::Buf,
+        dy_local: &B::Buf,
+        w_local: &B::Buf,
+        mode: GradMode,
+    ) -> Result<()> {
+        self.local().backward(be, dw_local, dx_partial, x, dy_local, w_local, mode)
+    }
+}
+
+/// Row-parallel linear: `w` is split by input rows, `w_local: [inputs_local, outputs]`, reading
+/// this rank's slice `x_local: [rows, inputs_local]` (the output of a column-parallel linear);
+/// `x_local · w_local` is a partial sum, and the forward closes the region: **all-reduce (sum)**
+/// of the output ([`region_exit_forward`]). The backward opens it again with the identity
+/// ([`region_exit_backward`]) and is local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowParallelLinear {
+    /// Rows of `x_local` (tokens).
+    pub rows: usize,
+    /// This rank's input columns (its slice of the region's width).
+    pub inputs_local: usize,
+    /// Columns of the (replicated) output `y`.
+    pub outputs: usize,
+}
+
+impl RowParallelLinear {
+    fn local(&self) -> Linear {
+        Linear { rows: self.rows, inputs: self.inputs_local, outputs: self.outputs }
+    }
+    /// `y = Σ_ranks x_local · w_local`: one all-reduce (sum) of `y`.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        tp: Option<&TpGroup<B>>,
+        y: &mut B::Buf,
+        x_local: &B::Buf,
+        w_local: &B::Buf,
+    ) -> Result<()> {
+        self.local().forward(be, y, x_local, w_local)?;
+        region_exit_forward(tp, y)
+    }
+    /// `dw_local += x_localᵀ · dy`, `dx_local = dy · w_localᵀ`. No collective.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        dw_local: &mut B::Buf,
+        dx_local: &mut B::Buf,
+        x_local: &B::Buf,
+        dy: &B::Buf,
+        w_local: &B::Buf,
+    ) -> Result<()> {
+        let dy = region_exit_backward::<B>(dy);
+        self.local().backward(be, dw_local, dx_local, x_local, dy, w_local, GradMode::Overwrite)
+    }
 }
 
 /// Vocab-parallel embedding: gathers the rows of `range` this rank holds (zeros for other ids),

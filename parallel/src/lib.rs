@@ -1,8 +1,10 @@
 //! dalle-mesh parallelism: the `tp × dp` device [`mesh`], the [`comm`]unicators that connect its
-//! ranks, and (next) the tensor-parallel building blocks the model is made of.
+//! ranks, the tensor-parallel building blocks the model is made of ([`layers`]), ZeRO-1
+//! ([`zero`]) and the rendezvous of process ranks ([`rendezvous`]).
 //!
-//! Layering (DESIGN.md §0): this crate knows `dm-runtime` (devices and the [`dm_runtime::Backend`]
-//! op interface) and nothing to its right; `dm-model` builds DalleBart from it.
+//! Layering: `kernels → runtime → parallel → model → launch`, each crate knowing only those to
+//! its left. This crate knows `dm-runtime` (devices and the [`dm_runtime::Backend`] op interface)
+//! and nothing to its right; `dm-model` builds DalleBart from it.
 
 #![warn(missing_docs)]
 

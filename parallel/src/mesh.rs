@@ -2,7 +2,8 @@
 //!
 //! Rank `r` sits at `(dp_index, tp_index) = (r / tp, r % tp)`, so the ranks of one tensor-parallel
 //! group are consecutive (one node, the fast links) and a data-parallel group strides by `tp`.
-//! Every tp group holds one full model; every dp group holds one shard position (DESIGN.md §3).
+//! Every tp group holds one full model; every dp group holds one shard position (the split of
+//! each layer is in [`crate::layers`]).
 
 use serde::Serialize;
 use thiserror::Error;

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use dm_parallel::comm::mpi::{self as dm_mpi, MpiComm};
-use dm_parallel::{CommError, Mesh, ReduceOp, ThreadComm};
+use dm_parallel::{CommError, Communicator, Mesh, ReduceOp, ThreadComm};
+use dm_runtime::cpu::CpuBackend;
+use dm_runtime::Backend;
 
 const LENS: [usize; 4] = [1, 7, 129, 4096];
 const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
@@ -54,17 +56,7 @@ fn is_child() -> bool {
 fn thread_reference(mesh: &Mesh, rank: usize, len: usize, op: ReduceOp, salt: usize) -> Vec<Vec<f32>> {
     let comms = ThreadComm::mesh_with_timeout(mesh, Duration::from_secs(30));
     let results = dm_parallel::run_ranks_on(comms, |r, c| -> Result<Vec<Vec<f32>>, CommError> {
-        collect(
-            r,
-            len,
-            op,
-            salt,
-            |b, o| c.tp.all_reduce_slice(b, o),
-            |b, o| c.dp.all_reduce_slice(b, o),
-            |s, rv| c.tp.all_gather_slice(s, rv),
-            |s, rv, o| c.dp.reduce_scatter_slice(s, rv, o),
-            |b, root| c.world.broadcast_slice(b, root),
-        )
+        collect((&c.tp, &c.dp, &c.world), r, len, op, salt)
     })
     .expect("thread mesh");
     results[rank].clone()
@@ -73,30 +65,28 @@ fn thread_reference(mesh: &Mesh, rank: usize, len: usize, op: ReduceOp, salt: us
 /// One pass over the collectives: tp all_reduce, dp all_reduce, tp all_gather, dp reduce_scatter,
 /// world broadcast from rank 3. Returns each result.
 #[allow(clippy::too_many_arguments)]
-fn collect(
+fn collect<C: Communicator<CpuBackend>>(
+    (tp, dp, world): (&C, &C, &C),
     rank: usize,
     len: usize,
     op: ReduceOp,
     salt: usize,
-    tp_all_reduce: impl Fn(&mut [f32], ReduceOp) -> Result<(), CommError>,
-    dp_all_reduce: impl Fn(&mut [f32], ReduceOp) -> Result<(), CommError>,
-    tp_all_gather: impl Fn(&[f32], &mut [f32]) -> Result<(), CommError>,
-    dp_reduce_scatter: impl Fn(&[f32], &mut [f32], ReduceOp) -> Result<(), CommError>,
-    world_broadcast: impl Fn(&mut [f32], usize) -> Result<(), CommError>,
 ) -> Result<Vec<Vec<f32>>, CommError> {
-    let mut a = input(rank, len, salt);
-    tp_all_reduce(&mut a, op)?;
-    let mut b = input(rank, len, salt + 1);
-    dp_all_reduce(&mut b, op)?;
-    let send = input(rank, len, salt + 2);
-    let mut g = vec![0.0; 2 * len];
-    tp_all_gather(&send, &mut g)?;
-    let send = input(rank, 2 * len, salt + 3);
-    let mut rs = vec![0.0; len];
-    dp_reduce_scatter(&send, &mut rs, op)?;
-    let mut bc = input(rank, len, salt + 4);
-    world_broadcast(&mut bc, 3)?;
-    Ok(vec![a, b, g, rs, bc])
+    let be = CpuBackend::new();
+    let buf = |data: Vec<f32>| be.upload("collect", &data).expect("host buffer");
+    let mut a = buf(input(rank, len, salt));
+    tp.all_reduce(&mut a, op)?;
+    let mut b = buf(input(rank, len, salt + 1));
+    dp.all_reduce(&mut b, op)?;
+    let send = buf(input(rank, len, salt + 2));
+    let mut g = buf(vec![0.0; 2 * len]);
+    tp.all_gather(&send, &mut g)?;
+    let send = buf(input(rank, 2 * len, salt + 3));
+    let mut rs = buf(vec![0.0; len]);
+    dp.reduce_scatter(&send, &mut rs, op)?;
+    let mut bc = buf(input(rank, len, salt + 4));
+    world.broadcast(&mut bc, 3)?;
+    Ok([a, b, g, rs, bc].iter().map(|x| x.as_slice().to_vec()).collect())
 }
 
 #[test]
@@ -115,18 +105,7 @@ fn mpi_collectives_equal_the_thread_mesh_bit_for_bit() {
     let mut checked = 0;
     for (salt, &len) in LENS.iter().enumerate() {
         for op in OPS {
-            let got = collect(
-                rank,
-                len,
-                op,
-                salt * 10,
-                |b, o| comms.tp.all_reduce_slice(b, o),
-                |b, o| comms.dp.all_reduce_slice(b, o),
-                |s, rv| comms.tp.all_gather_slice(s, rv),
-                |s, rv, o| comms.dp.reduce_scatter_slice(s, rv, o),
-                |b, root| comms.world.broadcast_slice(b, root),
-            )
-            .expect("MPI collectives");
+            let got = collect((&comms.tp, &comms.dp, &comms.world), rank, len, op, salt * 10).expect("MPI collectives");
             let want = thread_reference(&mesh, rank, len, op, salt * 10);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(bits(g), bits(w), "rank {rank}: collective #{i}, len {len}, {op:?} differs from ThreadComm");

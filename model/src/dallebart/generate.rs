@@ -2,14 +2,17 @@
 //! temperature and classifier-free guidance (`cond_scale`, the empty caption as the
 //! unconditional prompt): `logits = uncond + cond_scale · (cond − uncond)`.
 //!
-//! The encoder runs once; every decoder layer keeps its self-attention keys/values for all
-//! image positions (`[rows, image_length, d]`) and its cross-attention keys/values of the
-//! encoder output. Step `t` embeds one token per row, attends to cache positions `0..=t`
-//! (a key mask), and samples the next code on the host.
+//! The encoder runs once (the training forward); every decoder layer keeps its self-attention
+//! keys/values for all image positions (`[rows, image_length, d]`) and its cross-attention
+//! keys/values of the encoder output. Step `t` embeds one token per row, runs the training
+//! decoder layer ([`super::decoder_layer_fwd`]) with the cache as its keys/values (attending to
+//! cache positions `0..=t` through a key mask), and samples the next code on the host.
 
-use super::{attn_shape, ln_fwd, DalleBart, LnActs};
+use super::activations::{alloc_layer, alloc_ln, OnDevice, Part, StackDims};
+use super::{attn_shape, decoder_layer_fwd, embed, head_fwd, AttnInputs, DalleBart, Kv};
 use crate::error::{ModelError, Result};
-use dm_runtime::{Backend, MatmulSpec, VocabRange};
+use dm_parallel::layers::ColumnParallelLinear;
+use dm_runtime::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -106,7 +109,7 @@ impl<B: Backend> DalleBart<B> {
             return Ok(Vec::new());
         }
         let rows = if guided { 2 * n } else { n };
-        let (t_len, l_len, d, v) = (cfg.max_text_length, cfg.image_length, cfg.d_model, cfg.image_rows());
+        let (t_len, l_len, d, v) = (cfg.max_text_length, cfg.image_length, cfg.d_model, cfg.loss_classes());
         // Encoder pass over prompts (+ unconditional rows), through the training forward.
         let mut input_ids = Vec::with_capacity(rows * t_len);
         let mut mask = Vec::with_capacity(rows * t_len);
@@ -122,15 +125,18 @@ impl<B: Backend> DalleBart<B> {
 
         let be = self.backend.clone();
         let (p, t) = (&self.params, &self.table);
-        let a = self.acts.as_ref().expect("forward allocated activations");
+        let a = self.acts.as_ref().ok_or_else(|| ModelError::Batch("internal: forward left no activations".into()))?;
         let enc_out = &a.enc.final_ln.out;
         let text_mask = &a.mask;
+        // One decoder position per row: the decoder's shapes with a sequence of one.
+        let dims = StackDims { len: 1, ..self.dec_dims() };
+        let kv_proj = ColumnParallelLinear { rows: rows * t_len, inputs: d, outputs_local: dims.width_local() };
         let mut caches: Vec<LayerCache<B>> = Vec::with_capacity(t.decoder_layers.len());
         for (i, idx) in t.decoder_layers.iter().enumerate() {
             let mut cross_k = be.zeros(&format!("generate.layer{i}.cross_k"), rows * t_len * d)?;
             let mut cross_v = be.zeros(&format!("generate.layer{i}.cross_v"), rows * t_len * d)?;
-            be.matmul(&mut cross_k, enc_out, &p[idx.cross_attn.k], MatmulSpec::nn(rows * t_len, d, d))?;
-            be.matmul(&mut cross_v, enc_out, &p[idx.cross_attn.v], MatmulSpec::nn(rows * t_len, d, d))?;
+            kv_proj.forward(&be, &mut cross_k, enc_out, &p[idx.cross_attn.attn.k])?;
+            kv_proj.forward(&be, &mut cross_v, enc_out, &p[idx.cross_attn.attn.v])?;
             caches.push(LayerCache {
                 self_k: be.zeros(&format!("generate.layer{i}.self_k"), rows * l_len * d)?,
                 self_v: be.zeros(&format!("generate.layer{i}.self_v"), rows * l_len * d)?,
@@ -139,25 +145,17 @@ impl<B: Backend> DalleBart<B> {
             });
         }
 
-        let f = cfg.decoder_ffn_dim;
+        // The activations of one decoder layer for one position (reused by every layer), the
+        // embedding and the head.
+        let mut al = OnDevice(&be);
+        let mut layer = alloc_layer(&mut al, Part::Decoder, "generate.layer", dims, rows, Some(rows))?;
+        let mut emb_ln = alloc_ln(&mut al, Part::Decoder, "generate.layernorm_embedding", rows, d)?;
+        let mut final_ln = alloc_ln(&mut al, Part::Decoder, "generate.final_ln", rows, d)?;
         let z = |name: &str, len: usize| be.zeros(&format!("generate.{name}"), len);
-        let ln = |name: &str, dim: usize| -> Result<LnActs<B>> {
-            Ok(LnActs { out: z(name, rows * dim)?, mean: z(name, rows)?, rstd: z(name, rows)? })
-        };
-        let (mut x, mut emb, mut pos) = (z("x", rows * d)?, z("emb", rows * d)?, z("pos", d)?);
-        let (mut ln_a, mut ln_b, mut ln_ffn) = (ln("ln_a", d)?, ln("ln_b", d)?, ln("ln_ffn", f)?);
-        let (mut q, mut k, mut vv, mut o, mut proj, mut tmp) = (
-            z("q", rows * d)?,
-            z("k", rows * d)?,
-            z("v", rows * d)?,
-            z("o", rows * d)?,
-            z("proj", rows * d)?,
-            z("tmp", rows * d)?,
-        );
-        let (mut a0, mut a1, mut act) = (z("a0", rows * f)?, z("a1", rows * f)?, z("act", rows * f)?);
-        let mut lse = z("lse", rows * cfg.decoder_attention_heads)?;
-        let mut logits = z("logits", rows * v)?;
-        let dims = self.dec_dims();
+        let (mut x, mut emb, mut pos, mut logits) =
+            (z("x", rows * d)?, z("emb", rows * d)?, z("pos", d)?, z("logits", rows * v)?);
+        let self_shape = attn_shape(rows, 1, l_len, dims, false);
+        let cross_shape = attn_shape(rows, 1, t_len, dims, false);
 
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let mut tokens = vec![cfg.bos_id() as i32; rows];
@@ -166,55 +164,18 @@ impl<B: Backend> DalleBart<B> {
             let ids = be.upload_ids("generate.ids", &tokens)?;
             let visible: Vec<i32> = (0..rows * l_len).map(|i| ((i % l_len) <= step) as i32).collect();
             let self_mask = be.upload_ids("generate.self_mask", &visible)?;
-            be.embedding_forward(&mut emb, &p[t.decoder.embed_tokens], &ids, VocabRange::full(v), d)?;
             be.copy(&mut pos, 0, &p[t.decoder.embed_positions], step * d, d)?;
-            be.add_broadcast_rows(&mut emb, &pos, d)?;
-            let lne = t.decoder.layernorm_embedding;
-            be.layernorm_forward(
-                &mut ln_a.out,
-                &mut ln_a.mean,
-                &mut ln_a.rstd,
-                &emb,
-                Some(&p[lne.scale]),
-                &p[lne.bias],
-                d,
-            )?;
-            be.copy(&mut x, 0, &ln_a.out, 0, rows * d)?;
+            embed(&be, p, None, &t.decoder.into(), &ids, &pos, &mut emb, &mut emb_ln, dims)?;
+            be.copy(&mut x, 0, &emb_ln.out, 0, rows * d)?;
             for (idx, cache) in t.decoder_layers.iter().zip(&mut caches) {
-                // Causal self-attention over the cache.
-                ln_fwd(&be, &mut ln_a, &x, None, &p[idx.ln0_bias], d)?;
-                be.matmul(&mut q, &ln_a.out, &p[idx.self_attn.q], MatmulSpec::nn(rows, d, d))?;
-                be.matmul(&mut k, &ln_a.out, &p[idx.self_attn.k], MatmulSpec::nn(rows, d, d))?;
-                be.matmul(&mut vv, &ln_a.out, &p[idx.self_attn.v], MatmulSpec::nn(rows, d, d))?;
-                for r in 0..rows {
-                    be.copy(&mut cache.self_k, (r * l_len + step) * d, &k, r * d, d)?;
-                    be.copy(&mut cache.self_v, (r * l_len + step) * d, &vv, r * d, d)?;
-                }
-                let shape = attn_shape(rows, 1, l_len, dims, false);
-                be.attention_forward(&mut o, &mut lse, &q, &cache.self_k, &cache.self_v, Some(&self_mask), shape)?;
-                be.matmul(&mut proj, &o, &p[idx.self_attn.out], MatmulSpec::nn(rows, d, d))?;
-                ln_fwd(&be, &mut ln_b, &proj, Some(&p[idx.ln1.scale]), &p[idx.ln1.bias], d)?;
-                be.add_assign(&mut x, &ln_b.out)?;
-                // Cross-attention over the cached encoder keys/values.
-                ln_fwd(&be, &mut ln_a, &x, None, &p[idx.ln2_bias], d)?;
-                be.matmul(&mut q, &ln_a.out, &p[idx.cross_attn.q], MatmulSpec::nn(rows, d, d))?;
-                let shape = attn_shape(rows, 1, t_len, dims, false);
-                be.attention_forward(&mut o, &mut lse, &q, &cache.cross_k, &cache.cross_v, Some(text_mask), shape)?;
-                be.matmul(&mut proj, &o, &p[idx.cross_attn.out], MatmulSpec::nn(rows, d, d))?;
-                ln_fwd(&be, &mut ln_b, &proj, Some(&p[idx.ln3.scale]), &p[idx.ln3.bias], d)?;
-                be.add_assign(&mut x, &ln_b.out)?;
-                // GLU.
-                let g = &idx.glu;
-                ln_fwd(&be, &mut ln_a, &x, None, &p[g.ln0_bias], d)?;
-                be.matmul(&mut a0, &ln_a.out, &p[g.dense0], MatmulSpec::nn(rows, f, d))?;
-                be.matmul(&mut a1, &ln_a.out, &p[g.dense1], MatmulSpec::nn(rows, f, d))?;
-                be.gelu_glu_forward(&mut act, &a0, &a1)?;
-                ln_fwd(&be, &mut ln_ffn, &act, None, &p[g.ln1_bias], f)?;
-                be.matmul(&mut tmp, &ln_ffn.out, &p[g.dense2], MatmulSpec::nn(rows, d, f))?;
-                be.add_assign(&mut x, &tmp)?;
+                let kv = Kv::SelfCached { k: &mut cache.self_k, v: &mut cache.self_v, pos: step, len: l_len };
+                let self_attn = AttnInputs { kv, mask: Some(&self_mask), shape: self_shape };
+                let kv = Kv::CrossCached { k: &cache.cross_k, v: &cache.cross_v };
+                let cross_attn = AttnInputs { kv, mask: Some(text_mask), shape: cross_shape };
+                decoder_layer_fwd(&be, p, None, idx, &mut layer, &x, self_attn, cross_attn, dims)?;
+                be.copy(&mut x, 0, &layer.out, 0, rows * d)?;
             }
-            ln_fwd(&be, &mut ln_a, &x, None, &p[t.decoder.final_ln_bias], d)?;
-            be.matmul(&mut logits, &ln_a.out, &p[t.lm_head], MatmulSpec::nn(rows, v, d))?;
+            head_fwd(&be, p, t, &mut final_ln, &mut logits, &x, rows, dims)?;
             let host = be.download(&logits)?;
             for r in 0..n {
                 let cond = &host[r * v..r * v + cfg.image_vocab_size];

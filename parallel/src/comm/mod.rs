@@ -7,28 +7,59 @@
 //! - [`SoloComm`]: the one-rank group (tp = 1 or dp = 1); every collective is an identity copy.
 //! - [`ThreadComm`] (in [`threads`]): ranks are threads of one process with `B = CpuBackend`; a
 //!   Mutex + Condvar rendezvous on host slices. This is what the multi-rank tests and CPU training use.
-//! - A shared-memory communicator (ranks are processes on one host) fits the same trait with the
-//!   same algorithm: the rendezvous state (generation counter, arrival count, abort word) lives in a
-//!   `memmap`ped file with futex/atomic waits instead of a Condvar, each rank copies its contribution
-//!   into its own slot of the mapping, and the reduction (rank order, so deterministic) reads the slots.
 //! - [`mpi::MpiComm`] (cargo feature `mpi`): ranks are processes, on one host or many, over Open
 //!   MPI; reductions gather every rank's buffer and sum in rank order, so the numbers equal
 //!   `ThreadComm`'s bit for bit.
-//! - NCCL: `B` is the CUDA backend and `B::Buf` a device pointer plus length. Each communicator owns
-//!   an `ncclComm_t` and one CUDA stream; a collective enqueues `ncclAllReduce`/`ncclAllGather`/
-//!   `ncclReduceScatter`/`ncclBroadcast` on that stream, ordered after the compute stream by events.
-//!   `Avg` maps to `ncclAvg`; `abort` maps to `ncclCommAbort` (plus a flag other ranks poll through
-//!   the launcher's side channel), and timeouts to polling `ncclCommGetAsyncError`.
+//! - [`nccl::NcclComm`]: `B` is the CUDA backend and `B::Buf` a device pointer plus length. Each
+//!   communicator owns an `ncclComm_t` and a side stream; a collective enqueues
+//!   `ncclAllReduce`/`ncclAllGather`/`ncclReduceScatter`/`ncclBroadcast` there, ordered after the
+//!   compute stream by events. `Avg` maps to `ncclAvg`, `abort` to `ncclCommAbort` on this rank,
+//!   timeouts to polling `ncclCommGetAsyncError`. Its group ids are exchanged by
+//!   [`nccl_rendezvous`].
 //!
 //! Every implementation keeps the contracts documented on [`Communicator`]: the same calls in the
 //! same order on every rank of a group, results identical on every rank, no hang when a rank fails
 //! ([`Communicator::abort`] and timeouts), and the byte accounting of [`CommStats`].
+
+/// The four data collectives of a `Communicator<CpuBackend>` whose type has host-slice methods
+/// (`all_reduce_slice`, `all_gather_slice`, `reduce_scatter_slice`, `broadcast_slice`): used in
+/// the trait impls of [`ThreadComm`] and `MpiComm`, so the adaptation is written once.
+macro_rules! host_slice_collectives {
+    () => {
+        fn all_reduce(
+            &self,
+            buf: &mut dm_runtime::cpu::CpuBuf,
+            op: $crate::comm::ReduceOp,
+        ) -> $crate::comm::Result<()> {
+            self.all_reduce_slice(buf.as_mut_slice(), op)
+        }
+        fn all_gather(
+            &self,
+            send: &dm_runtime::cpu::CpuBuf,
+            recv: &mut dm_runtime::cpu::CpuBuf,
+        ) -> $crate::comm::Result<()> {
+            self.all_gather_slice(send.as_slice(), recv.as_mut_slice())
+        }
+        fn reduce_scatter(
+            &self,
+            send: &dm_runtime::cpu::CpuBuf,
+            recv: &mut dm_runtime::cpu::CpuBuf,
+            op: $crate::comm::ReduceOp,
+        ) -> $crate::comm::Result<()> {
+            self.reduce_scatter_slice(send.as_slice(), recv.as_mut_slice(), op)
+        }
+        fn broadcast(&self, buf: &mut dm_runtime::cpu::CpuBuf, root: usize) -> $crate::comm::Result<()> {
+            self.broadcast_slice(buf.as_mut_slice(), root)
+        }
+    };
+}
 
 pub mod bandwidth;
 pub mod inflight;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod nccl;
+pub mod nccl_rendezvous;
 pub mod solo;
 pub mod threads;
 pub mod timed;
@@ -312,6 +343,30 @@ pub trait Communicator<B: Backend>: Send + Sync {
     /// entering a collective returns [`CommError::Aborted`] naming this rank and `reason`. The first
     /// abort wins; later ones are ignored.
     fn abort(&self, reason: &str);
+}
+
+/// The abort state of a communicator that aborts alone (no peers to tell): the first reason wins,
+/// and every later collective fails with it.
+#[derive(Debug, Default)]
+pub(crate) struct AbortSlot(std::sync::Mutex<Option<String>>);
+
+impl AbortSlot {
+    /// Records `reason`; true when it is the first (the caller then logs and tears down).
+    pub(crate) fn set(&self, reason: &str) -> bool {
+        let mut slot = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(reason.to_string());
+        true
+    }
+    /// `Err(Aborted)` naming group rank `rank` once a reason was set.
+    pub(crate) fn check(&self, rank: usize) -> Result<()> {
+        match &*self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            Some(reason) => Err(CommError::Aborted { rank, reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Reduces `contributions` (in rank order) into the first one, in place; all slices have equal length.

@@ -30,7 +30,7 @@ use ::mpi::environment::Universe;
 use ::mpi::topology::Communicator as _;
 use ::mpi::topology::{Color, SimpleCommunicator};
 use ::mpi::Threading;
-use dm_runtime::cpu::{CpuBackend, CpuBuf};
+use dm_runtime::cpu::CpuBackend;
 
 use super::{
     inflight, reduce_in_rank_order, CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder,
@@ -323,18 +323,7 @@ impl Communicator<CpuBackend> for MpiComm {
     fn size(&self) -> usize {
         self.size
     }
-    fn all_reduce(&self, buf: &mut CpuBuf, op: ReduceOp) -> Result<()> {
-        self.all_reduce_slice(buf.as_mut_slice(), op)
-    }
-    fn all_gather(&self, send: &CpuBuf, recv: &mut CpuBuf) -> Result<()> {
-        self.all_gather_slice(send.as_slice(), recv.as_mut_slice())
-    }
-    fn reduce_scatter(&self, send: &CpuBuf, recv: &mut CpuBuf, op: ReduceOp) -> Result<()> {
-        self.reduce_scatter_slice(send.as_slice(), recv.as_mut_slice(), op)
-    }
-    fn broadcast(&self, buf: &mut CpuBuf, root: usize) -> Result<()> {
-        self.broadcast_slice(buf.as_mut_slice(), root)
-    }
+    host_slice_collectives!();
     fn barrier(&self) -> Result<()> {
         MpiComm::barrier(self)
     }

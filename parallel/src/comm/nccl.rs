@@ -34,9 +34,10 @@
 //!
 //! # Rendezvous
 //!
-//! Every group needs an `ncclUniqueId` made by one member and handed to the others: they travel
-//! through the run's rendezvous store ([`crate::rendezvous::Store`], served by world rank 0 on
-//! `MASTER_ADDR:MASTER_PORT`) under `nccl/<group>`. [`NcclComm::mesh`] makes a rank's world, tp
+//! Every group needs an `ncclUniqueId` made by one member and handed to the others
+//! ([`super::nccl_rendezvous`]): they travel through the run's rendezvous store
+//! ([`crate::rendezvous::Store`], served by world rank 0 on `MASTER_ADDR:MASTER_PORT`) under
+//! `nccl/<group>`. [`NcclComm::mesh`] makes a rank's world, tp
 //! and dp communicators. **Untested on GPUs since the move to the store** (no GPU where it was
 //! written); the store itself is tested across threads and processes.
 //!
@@ -60,14 +61,16 @@ use dm_runtime::cuda::{CudaBackend, CudaBuf};
 use dm_runtime::Backend;
 
 use super::threads::default_timeout;
-use super::{CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder};
+use super::{AbortSlot, CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder};
 use crate::mesh::Mesh;
-use crate::rendezvous::{Store, StoreError};
+use crate::rendezvous::Store;
+
+pub use super::nccl_rendezvous::{exchange_id, NcclId};
 
 /// How often waits poll for completion, errors and aborts.
 const POLL: Duration = Duration::from_millis(1);
 
-fn dev_err(op: &'static str, detail: impl Into<String>) -> CommError {
+pub(super) fn dev_err(op: &'static str, detail: impl Into<String>) -> CommError {
     CommError::Device { op, detail: detail.into() }
 }
 
@@ -103,7 +106,7 @@ pub fn nccl_version() -> Result<i32> {
     cudarc::nccl::result::get_nccl_version().map_err(|e| dev_err("ncclGetVersion", nccl_msg(e.0)))
 }
 
-fn nccl_msg(r: sys::ncclResult_t) -> String {
+pub(super) fn nccl_msg(r: sys::ncclResult_t) -> String {
     // SAFETY: libnccl is loaded (every caller passed nccl_available); ncclGetErrorString returns
     // a static NUL-terminated string (or null).
     let p = unsafe { sys::ncclGetErrorString(r) };
@@ -131,54 +134,20 @@ pub fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
     }
 }
 
-/// An `ncclUniqueId`: 128 opaque bytes that one rank makes and every member of the group needs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct NcclId(pub [u8; 128]);
-
-impl std::fmt::Debug for NcclId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NcclId({}…)", &self.to_hex()[..16])
-    }
-}
-
-impl NcclId {
-    /// A fresh id (`ncclGetUniqueId`; this process hosts the group's bootstrap root until the
-    /// group is initialised).
-    pub fn new() -> Result<Self> {
-        nccl_available()?;
-        let id = cudarc::nccl::result::get_uniqueid().map_err(|e| dev_err("ncclGetUniqueId", nccl_msg(e.0)))?;
-        let mut bytes = [0u8; 128];
-        for (b, c) in bytes.iter_mut().zip(id.internal.iter()) {
-            *b = *c as u8;
-        }
-        Ok(Self(bytes))
-    }
-
-    /// The 256 lowercase hex digits of the id (what the rendezvous exchanges).
-    pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// Parses [`NcclId::to_hex`]'s output (surrounding whitespace allowed).
-    pub fn from_hex(s: &str) -> Option<Self> {
-        let s = s.trim();
-        if s.len() != 256 {
-            return None;
-        }
-        let mut bytes = [0u8; 128];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(Self(bytes))
-    }
-
-    fn raw(&self) -> sys::ncclUniqueId {
-        let mut internal = [0 as std::ffi::c_char; 128];
-        for (c, b) in internal.iter_mut().zip(self.0.iter()) {
-            *c = *b as std::ffi::c_char;
-        }
-        sys::ncclUniqueId { internal }
-    }
+/// `ncclAllReduce` in place over the `n` f32 at device address `p`, on `stream`.
+///
+/// # Safety
+/// `p` must address a live allocation of at least `n` floats on the communicator's GPU, not used
+/// by other work until the collective completes on `stream`.
+unsafe fn all_reduce_in_place(
+    p: u64,
+    n: usize,
+    op: sys::ncclRedOp_t,
+    comm: sys::ncclComm_t,
+    stream: sys::cudaStream_t,
+) -> sys::ncclResult_t {
+    // SAFETY: the caller's contract above.
+    unsafe { sys::ncclAllReduce(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, op, comm, stream) }
 }
 
 // ---- the communicator -------------------------------------------------------------------------
@@ -234,7 +203,7 @@ pub struct NcclComm {
     label: String,
     options: NcclOptions,
     stats: StatsRecorder,
-    aborted: Mutex<Option<String>>,
+    aborted: AbortSlot,
 }
 
 impl std::fmt::Debug for NcclComm {
@@ -376,12 +345,12 @@ impl NcclComm {
             label: label.to_string(),
             options,
             stats: StatsRecorder::new(),
-            aborted: Mutex::new(None),
+            aborted: AbortSlot::default(),
         })
     }
 
     /// Joins a group through the rendezvous `store`: `members` are the group's world ranks in
-    /// group-rank order; `members[0]` makes the id and publishes it under `nccl/<key>`.
+    /// group-rank order; the id is exchanged by [`exchange_id`] under `nccl/<key>`.
     pub fn join_group(
         backend: &CudaBackend,
         store: &Store,
@@ -391,20 +360,7 @@ impl NcclComm {
         label: &str,
         options: NcclOptions,
     ) -> Result<Self> {
-        let rank = members
-            .iter()
-            .position(|&m| m == world_rank)
-            .ok_or_else(|| dev_err("rendezvous", format!("world rank {world_rank} is not in group {key}")))?;
-        let store_err = |e: StoreError| dev_err("rendezvous", e.to_string());
-        let key = format!("nccl/{key}");
-        let id = if rank == 0 {
-            let id = NcclId::new()?;
-            store.set(&key, &id.to_hex()).map_err(store_err)?;
-            id
-        } else {
-            let hex = store.get(&key).map_err(store_err)?;
-            NcclId::from_hex(&hex).ok_or_else(|| dev_err("rendezvous", format!("malformed id under {key}")))?
-        };
+        let (rank, id) = exchange_id(store, key, members, world_rank)?;
         Self::new(backend, &id, rank, members.len(), label, options)
     }
 
@@ -452,10 +408,7 @@ impl NcclComm {
     }
 
     fn check_aborted(&self) -> Result<()> {
-        match &*self.aborted.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(reason) => Err(CommError::Aborted { rank: self.rank, reason: reason.clone() }),
-            None => Ok(()),
-        }
+        self.aborted.check(self.rank)
     }
 
     /// Polls `event` until it completes, NCCL reports an asynchronous error, the group is
@@ -532,21 +485,29 @@ impl NcclComm {
         }
         let p = buf.device_ptr();
         let done = self.run("all_reduce", true, |comm, stream, _| {
-            // SAFETY: in-place all-reduce of n f32 at p (a live allocation of n floats), on this
-            // communicator's side stream, ordered after the compute stream by the event above.
-            unsafe {
-                sys::ncclAllReduce(
-                    p as *const _,
-                    p as *mut _,
-                    n,
-                    sys::ncclDataType_t::ncclFloat32,
-                    nccl_op(op),
-                    comm,
-                    stream,
-                )
-            }
+            // SAFETY: in-place all-reduce of n f32 at p (a live allocation of n floats, mutably
+            // borrowed by the returned PendingAllReduce), on this communicator's side stream.
+            unsafe { all_reduce_in_place(p, n, nccl_op(op), comm, stream) }
         })?;
         Ok(PendingAllReduce { comm: self, done, elems: n, _buf: PhantomData })
+    }
+
+    /// Runs one blocking collective over `n` elements (`f` enqueues it; nothing is enqueued when
+    /// `n` is 0) and counts `stats_elems` for it.
+    fn collective(
+        &self,
+        kind: CollectiveKind,
+        n: usize,
+        stats_elems: usize,
+        f: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t,
+    ) -> Result<()> {
+        if n > 0 {
+            self.run(kind.name(), false, |comm, stream, _| f(comm, stream))?;
+        } else {
+            self.check_aborted()?;
+        }
+        self.stats.record(kind, stats_elems);
+        Ok(())
     }
 
     /// Waits (with the timeout) until every collective enqueued so far has finished.
@@ -565,28 +526,11 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn all_reduce(&self, buf: &mut CudaBuf, op: ReduceOp) -> Result<()> {
-        let n = buf.len();
-        if n > 0 {
-            let p = buf.device_ptr();
-            self.run("all_reduce", false, |comm, stream, _| {
-                // SAFETY: in-place all-reduce of the n floats of `buf` on the side stream.
-                unsafe {
-                    sys::ncclAllReduce(
-                        p as *const _,
-                        p as *mut _,
-                        n,
-                        sys::ncclDataType_t::ncclFloat32,
-                        nccl_op(op),
-                        comm,
-                        stream,
-                    )
-                }
-            })?;
-        } else {
-            self.check_aborted()?;
-        }
-        self.stats.record(CollectiveKind::AllReduce, n);
-        Ok(())
+        let (n, p) = (buf.len(), buf.device_ptr());
+        self.collective(CollectiveKind::AllReduce, n, n, |comm, stream| {
+            // SAFETY: in-place all-reduce of the n floats of `buf` on the side stream.
+            unsafe { all_reduce_in_place(p, n, nccl_op(op), comm, stream) }
+        })
     }
 
     fn all_gather(&self, send: &CudaBuf, recv: &mut CudaBuf) -> Result<()> {
@@ -602,19 +546,11 @@ impl Communicator<CudaBackend> for NcclComm {
                 ),
             });
         }
-        if n > 0 {
-            let (s, r) = (send.device_ptr(), recv.device_ptr());
-            self.run("all_gather", false, |comm, stream, _| {
-                // SAFETY: send holds n floats, recv size·n (checked), distinct buffers.
-                unsafe {
-                    sys::ncclAllGather(s as *const _, r as *mut _, n, sys::ncclDataType_t::ncclFloat32, comm, stream)
-                }
-            })?;
-        } else {
-            self.check_aborted()?;
-        }
-        self.stats.record(CollectiveKind::AllGather, n);
-        Ok(())
+        let (s, r) = (send.device_ptr(), recv.device_ptr());
+        self.collective(CollectiveKind::AllGather, n, n, |comm, stream| {
+            // SAFETY: send holds n floats, recv size·n (checked), distinct buffers.
+            unsafe { sys::ncclAllGather(s as *const _, r as *mut _, n, sys::ncclDataType_t::ncclFloat32, comm, stream) }
+        })
     }
 
     fn reduce_scatter(&self, send: &CudaBuf, recv: &mut CudaBuf, op: ReduceOp) -> Result<()> {
@@ -626,72 +562,31 @@ impl Communicator<CudaBackend> for NcclComm {
                 detail: format!("send has {n} elements, which must be {} × recv ({m})", self.size),
             });
         }
-        if m > 0 {
-            let (s, r) = (send.device_ptr(), recv.device_ptr());
-            self.run("reduce_scatter", false, |comm, stream, _| {
-                // SAFETY: send holds size·m floats, recv m (checked), distinct buffers.
-                unsafe {
-                    sys::ncclReduceScatter(
-                        s as *const _,
-                        r as *mut _,
-                        m,
-                        sys::ncclDataType_t::ncclFloat32,
-                        nccl_op(op),
-                        comm,
-                        stream,
-                    )
-                }
-            })?;
-        } else {
-            self.check_aborted()?;
-        }
-        self.stats.record(CollectiveKind::ReduceScatter, n);
-        Ok(())
+        let (s, r) = (send.device_ptr(), recv.device_ptr());
+        self.collective(CollectiveKind::ReduceScatter, m, n, |comm, stream| {
+            let f32 = sys::ncclDataType_t::ncclFloat32;
+            // SAFETY: send holds size·m floats, recv m (checked), distinct buffers.
+            unsafe { sys::ncclReduceScatter(s as *const _, r as *mut _, m, f32, nccl_op(op), comm, stream) }
+        })
     }
 
     fn broadcast(&self, buf: &mut CudaBuf, root: usize) -> Result<()> {
         if root >= self.size {
             return Err(CommError::InvalidRoot { root, size: self.size });
         }
-        let n = buf.len();
-        if n > 0 {
-            let p = buf.device_ptr();
-            self.run("broadcast", false, |comm, stream, _| {
-                // SAFETY: in-place broadcast of the n floats of `buf` from group rank `root`.
-                unsafe {
-                    sys::ncclBroadcast(
-                        p as *const _,
-                        p as *mut _,
-                        n,
-                        sys::ncclDataType_t::ncclFloat32,
-                        root as i32,
-                        comm,
-                        stream,
-                    )
-                }
-            })?;
-        } else {
-            self.check_aborted()?;
-        }
-        self.stats.record(CollectiveKind::Broadcast, n);
-        Ok(())
+        let (n, p) = (buf.len(), buf.device_ptr());
+        self.collective(CollectiveKind::Broadcast, n, n, |comm, stream| {
+            let f32 = sys::ncclDataType_t::ncclFloat32;
+            // SAFETY: in-place broadcast of the n floats of `buf` from group rank `root`.
+            unsafe { sys::ncclBroadcast(p as *const _, p as *mut _, n, f32, root as i32, comm, stream) }
+        })
     }
 
     fn barrier(&self) -> Result<()> {
         self.run("barrier", false, |comm, stream, inner| {
             let p = inner.token.device_ptr();
             // SAFETY: a 1-float all-reduce of the communicator's own token buffer.
-            unsafe {
-                sys::ncclAllReduce(
-                    p as *const _,
-                    p as *mut _,
-                    1,
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream,
-                )
-            }
+            unsafe { all_reduce_in_place(p, 1, sys::ncclRedOp_t::ncclSum, comm, stream) }
         })?;
         // A barrier returns only once every rank entered it, whatever `wait_for_completion` says.
         if !self.options.wait_for_completion {
@@ -706,13 +601,10 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn abort(&self, reason: &str) {
-        let mut slot = self.aborted.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_some() {
+        if !self.aborted.set(reason) {
             return;
         }
         tracing::error!(group = %self.label, rank = self.rank, reason, "aborting the NCCL communicator");
-        *slot = Some(reason.to_string());
-        drop(slot);
         // Dropping the RawComm calls ncclCommAbort, which also unblocks kernels stuck on peers.
         let comm = self.inner.lock().unwrap_or_else(PoisonError::into_inner).comm.take();
         drop(comm);
@@ -722,22 +614,6 @@ impl Communicator<CudaBackend> for NcclComm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_round_trip_through_hex() {
-        let mut b = [0u8; 128];
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = (i * 37 % 256) as u8;
-        }
-        let id = NcclId(b);
-        let hex = id.to_hex();
-        assert_eq!(hex.len(), 256);
-        assert_eq!(NcclId::from_hex(&hex), Some(id));
-        assert_eq!(NcclId::from_hex(&format!("{hex}\n")), Some(id));
-        assert_eq!(NcclId::from_hex(&hex[..254]), None);
-        assert_eq!(NcclId::from_hex(&hex.replace('0', "g")), None);
-        assert_eq!(id.raw().internal[1] as u8, 37);
-    }
 
     #[test]
     fn reduce_ops_map_to_nccl() {

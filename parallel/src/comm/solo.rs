@@ -1,10 +1,10 @@
 //! The one-rank communicator: what tp = 1 and dp = 1 groups use on any backend.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use dm_runtime::Backend;
 
-use super::{CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder};
+use super::{AbortSlot, CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder};
 
 /// A group of one rank. Reductions and broadcasts leave the buffer as it is; all_gather and
 /// reduce_scatter copy `send` into `recv` (through the backend, so it works on any device). Calls
@@ -12,20 +12,17 @@ use super::{CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result
 pub struct SoloComm<B: Backend> {
     backend: Arc<B>,
     stats: StatsRecorder,
-    aborted: Mutex<Option<String>>,
+    aborted: AbortSlot,
 }
 
 impl<B: Backend> SoloComm<B> {
     /// A one-rank group on `backend` (a `B` or an `Arc<B>`), used for the copies.
     pub fn new(backend: impl Into<Arc<B>>) -> Self {
-        Self { backend: backend.into(), stats: StatsRecorder::new(), aborted: Mutex::new(None) }
+        Self { backend: backend.into(), stats: StatsRecorder::new(), aborted: AbortSlot::default() }
     }
 
     fn check_aborted(&self) -> Result<()> {
-        match &*self.aborted.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(reason) => Err(CommError::Aborted { rank: 0, reason: reason.clone() }),
-            None => Ok(()),
-        }
+        self.aborted.check(0)
     }
 
     fn copy_same_len(&self, op: &'static str, send: &B::Buf, recv: &mut B::Buf) -> Result<usize> {
@@ -82,10 +79,8 @@ impl<B: Backend> Communicator<B> for SoloComm<B> {
         self.stats.snapshot()
     }
     fn abort(&self, reason: &str) {
-        let mut slot = self.aborted.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
+        if self.aborted.set(reason) {
             tracing::error!(reason, "solo communicator aborted");
-            *slot = Some(reason.to_string());
         }
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use dm_runtime::cpu::{CpuBackend, CpuBuf};
+use dm_runtime::cpu::CpuBackend;
 use thiserror::Error;
 
 use super::{
@@ -563,18 +563,7 @@ impl Communicator<CpuBackend> for ThreadComm {
     fn size(&self) -> usize {
         self.group.size()
     }
-    fn all_reduce(&self, buf: &mut CpuBuf, op: ReduceOp) -> Result<()> {
-        self.all_reduce_slice(buf.as_mut_slice(), op)
-    }
-    fn all_gather(&self, send: &CpuBuf, recv: &mut CpuBuf) -> Result<()> {
-        self.all_gather_slice(send.as_slice(), recv.as_mut_slice())
-    }
-    fn reduce_scatter(&self, send: &CpuBuf, recv: &mut CpuBuf, op: ReduceOp) -> Result<()> {
-        self.reduce_scatter_slice(send.as_slice(), recv.as_mut_slice(), op)
-    }
-    fn broadcast(&self, buf: &mut CpuBuf, root: usize) -> Result<()> {
-        self.broadcast_slice(buf.as_mut_slice(), root)
-    }
+    host_slice_collectives!();
     fn barrier(&self) -> Result<()> {
         ThreadComm::barrier(self)
     }
