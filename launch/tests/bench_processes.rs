@@ -165,8 +165,15 @@ fn sweep_on_slurm_submits_collects_records_refusals_and_resumes() {
         .unwrap();
     let jobs = out.join("slurm/jobs.json");
     let t = Instant::now();
-    while !jobs.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "the sweep submitted nothing");
+    // jobs.json is rewritten after each array (one per world size): wait for both.
+    let submitted_points = |text: &str| -> usize {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|j| j["jobs"].as_object().map(|o| o.values().filter_map(|p| p.as_array().map(Vec::len)).sum()))
+            .unwrap_or(0)
+    };
+    while submitted_points(&std::fs::read_to_string(&jobs).unwrap_or_default()) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the sweep did not submit both points");
         std::thread::sleep(Duration::from_millis(50));
     }
     child.kill().unwrap();
