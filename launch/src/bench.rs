@@ -2,6 +2,7 @@
 //! CPU ranks), and of the GEMMs they are made of. Figures are medians over timed repetitions
 //! after warm-up; compare ratios measured in one run. `bench comm` is in [`crate::bench_comm`].
 
+use crate::bench_procs::RankTotals;
 use anyhow::{anyhow, bail, Context, Result};
 use dm_model::dallebart::TpGroup;
 use dm_model::flops::step_flops;
@@ -236,6 +237,8 @@ struct RankRun {
 }
 
 type Comm = Arc<dyn Communicator<Profiled<CpuBackend>>>;
+/// A group's communicator under the timer: threads of this process, or MPI between processes.
+type ThreadOrMpi = Arc<dyn Communicator<CpuBackend>>;
 /// A group's communicator as the model sees it, and its timer.
 type Timed = Option<(Comm, Arc<TimedComm<CpuBackend>>)>;
 
@@ -248,18 +251,21 @@ struct RankGroups {
 
 impl RankGroups {
     fn new(mesh: &Mesh, comms: dm_parallel::RankComms) -> Self {
-        let wrap = |c: ThreadComm, on: bool| {
-            on.then(|| {
-                let inner: Arc<dyn Communicator<CpuBackend>> = Arc::new(c);
+        let arc = |c: ThreadComm, on: bool| on.then(|| Arc::new(c) as Arc<dyn Communicator<CpuBackend>>);
+        Self::timed((arc(comms.tp, mesh.tp() > 1), arc(comms.dp, mesh.dp() > 1), arc(comms.world, mesh.world() > 1)))
+    }
+    /// A process rank's MPI groups.
+    fn of_process(g: &crate::process_ranks::ProcessGroups) -> Self {
+        Self::timed((g.0.clone(), g.1.clone(), Some(g.2.clone())))
+    }
+    fn timed(g: (Option<ThreadOrMpi>, Option<ThreadOrMpi>, Option<ThreadOrMpi>)) -> Self {
+        let wrap = |c: Option<ThreadOrMpi>| {
+            c.map(|inner| {
                 let t = Arc::new(TimedComm::new(inner));
                 (t.clone() as Comm, t)
             })
         };
-        RankGroups {
-            tp: wrap(comms.tp, mesh.tp() > 1),
-            dp: wrap(comms.dp, mesh.dp() > 1),
-            world: wrap(comms.world, mesh.world() > 1),
-        }
+        RankGroups { tp: wrap(g.0), dp: wrap(g.1), world: wrap(g.2) }
     }
     fn all(&self) -> [&Timed; 3] {
         [&self.tp, &self.dp, &self.world]
@@ -386,15 +392,7 @@ fn run_rank(cfg: &DalleBartConfig, o: &StepOptions, mesh: &Mesh, rank: usize, gr
                 a.update(&be, params, grads, lr, clip)?;
             }
             (Opt::Zero1(z), Some(chunks)) => {
-                let s = dm_runtime::AdamWStep {
-                    lr,
-                    b1: adamw.b1,
-                    b2: adamw.b2,
-                    eps: adamw.eps,
-                    weight_decay: adamw.weight_decay,
-                    step: i as u64 + 1,
-                    grad_scale: clip,
-                };
+                let s = crate::optim_step::adamw_step(&adamw, lr, i as u64 + 1, clip);
                 let c = dp_c.context("ZeRO-1 needs dp > 1")?;
                 z.update(&be, c.as_ref(), &mut model.params, &chunks, &names, &s)?;
             }
@@ -437,8 +435,8 @@ pub fn cpu_peak_flops() -> Result<f64> {
     Ok(best)
 }
 
-/// Times `steps` training steps after `warmup` on the mesh of `o` (ranks are CPU threads).
-pub fn bench_step(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Result<StepBench> {
+/// Checks `o` and the model, and plans one rank: the planned bytes.
+fn check_step(cfg: &DalleBartConfig, o: &StepOptions) -> Result<(Mesh, u64)> {
     check_supported(o.precision, o.device)?;
     if o.steps == 0 || o.batch_per_device == 0 {
         bail!("--steps and --batch must be at least 1");
@@ -456,35 +454,82 @@ pub fn bench_step(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Resul
             );
         }
     }
-    let peak = match o.peak_flops_per_s {
-        Some(p) => p,
-        None => cpu_peak_flops()?,
-    };
+    Ok((mesh, plan.total_tracked))
+}
+
+fn peak_of(o: &StepOptions) -> Result<f64> {
+    match o.peak_flops_per_s {
+        Some(p) => Ok(p),
+        None => cpu_peak_flops(),
+    }
+}
+
+/// Times `steps` training steps after `warmup` on the mesh of `o` (ranks are CPU threads).
+pub fn bench_step(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Result<StepBench> {
+    let (mesh, planned) = check_step(cfg, o)?;
+    let peak = peak_of(o)?;
     let runs =
         dm_parallel::run_ranks(&mesh, |rank, comms| run_rank(cfg, o, &mesh, rank, RankGroups::new(&mesh, comms)))
             .map_err(|f| anyhow!("{f}"))?;
-    summarise(preset, cfg, o, &mesh, &runs, peak, plan.total_tracked)
+    let first = runs.first().context("no ranks ran")?;
+    let totals: Vec<RankTotals> = runs.iter().map(RankRun::totals).collect();
+    let device = format!("{} ({} rank threads sharing {} cores)", o.device.name(), mesh.world(), rayon_threads());
+    summarise(preset, cfg, o, first, &totals, peak, planned, device)
 }
 
+/// [`bench_step`] where this process runs: as threads, or, when a launcher started one process
+/// per rank (`dalle-mesh launch --nproc N -- bench step ...`, `srun`, `mpirun`), as this
+/// process's rank over MPI. `None` on every process rank but world rank 0 (which reports).
+pub fn bench_step_here(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Result<Option<StepBench>> {
+    let (mesh, planned) = check_step(cfg, o)?;
+    let what = format!("bench step {preset} {o:?}");
+    let Some(procs) = crate::bench_procs::join(mesh, &what)? else {
+        return bench_step(preset, cfg, o).map(Some);
+    };
+    crate::bench_procs::run(procs, |p| {
+        let rank = p.world_rank();
+        let run = run_rank(cfg, o, &mesh, rank, RankGroups::of_process(&p.groups))?;
+        let Some(totals) = p.gather_on_rank0("bench-step", run.totals())? else { return Ok(None) };
+        // The probe runs after the steps, while the other ranks are idle.
+        let peak = peak_of(o)?;
+        let device = format!("{} ({} rank processes over MPI)", o.device.name(), mesh.world());
+        summarise(preset, cfg, o, &run, &totals, peak, planned, device).map(Some)
+    })
+}
+
+impl RankRun {
+    fn totals(&self) -> RankTotals {
+        RankTotals {
+            step_s: self.step_s.clone(),
+            wait_s: self.wait_s.clone(),
+            profile: RankTotals::profile_from(&self.profile),
+            peak_bytes: self.peak_bytes,
+        }
+    }
+}
+
+/// The report of world rank 0's run `first` and every rank's `totals`.
+#[allow(clippy::too_many_arguments)]
 fn summarise(
     preset: &str,
     cfg: &DalleBartConfig,
     o: &StepOptions,
-    mesh: &Mesh,
-    runs: &[RankRun],
+    first: &RankRun,
+    totals: &[RankTotals],
     peak: f64,
     planned: u64,
+    device: String,
 ) -> Result<StepBench> {
-    let first = runs.first().context("no ranks ran")?;
+    let world = o.tp * o.dp;
     // Every step ends with a world collective, so world rank 0's step time is the mesh's.
     let step = Spread::of(&first.step_s);
     let global = o.batch_per_device * o.dp;
     let flops = step_flops(cfg, o.batch_per_device).total() * o.dp as f64;
-    let timed: f64 = runs.iter().map(|r| r.step_s.iter().sum::<f64>()).sum();
-    let waited: f64 = runs.iter().map(|r| r.wait_s.iter().sum::<f64>()).sum();
+    let timed: f64 = totals.iter().map(|r| r.step_s.iter().sum::<f64>()).sum();
+    let waited: f64 = totals.iter().map(|r| r.wait_s.iter().sum::<f64>()).sum();
     let mut profile = OpProfile::default();
-    for r in runs {
-        for (a, b) in profile.classes.iter_mut().zip(&r.profile.classes) {
+    for r in totals {
+        for (a, b) in profile.classes.iter_mut().zip(&r.profile_of()?.classes) {
             a.calls += b.calls;
             a.units += b.units;
             a.seconds += b.seconds;
@@ -496,13 +541,14 @@ fn summarise(
         let b = c.tp.get(k).bytes + c.dp.get(k).bytes + c.world.get(k).bytes;
         bytes.insert(k.name().to_string(), b);
     }
+    let per_rank_steps = (totals.len() * o.steps) as f64;
     Ok(StepBench {
         preset: preset.to_string(),
-        device: format!("{} ({} rank threads sharing {} cores)", o.device.name(), mesh.world(), rayon_threads()),
+        device,
         precision: o.precision.name().into(),
         tp: o.tp,
         dp: o.dp,
-        world: mesh.world(),
+        world,
         zero1: o.zero1 && o.dp > 1,
         batch_per_device: o.batch_per_device,
         global_batch: global,
@@ -517,14 +563,14 @@ fn summarise(
         gflop_per_step: flops / 1e9,
         gflops_per_s: flops / step.median / 1e9,
         peak_gflops_per_s: peak / 1e9,
-        // The thread mesh shares one host: its peak is the host's.
+        // The mesh shares one host: its peak is the host's.
         mfu: flops / step.median / peak,
         comm_share: waited / timed.max(f64::MIN_POSITIVE),
-        comm_wait_s_per_step: waited / (runs.len() * o.steps) as f64,
+        comm_wait_s_per_step: waited / per_rank_steps,
         comm_per_step: first.comm,
         comm_bytes_per_step: bytes,
-        compute_s_per_step: ClassSeconds::from_profile(&profile, (runs.len() * o.steps) as f64),
-        peak_bytes: runs.iter().map(|r| r.peak_bytes).max().unwrap_or(0),
+        compute_s_per_step: ClassSeconds::from_profile(&profile, per_rank_steps),
+        peak_bytes: totals.iter().map(|r| r.peak_bytes).max().unwrap_or(0),
         planned_bytes: planned,
         loss_first: first.losses.first().copied().unwrap_or(f32::NAN),
         loss_last: first.losses.last().copied().unwrap_or(f32::NAN),

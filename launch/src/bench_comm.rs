@@ -107,23 +107,23 @@ fn expected(kind: CollectiveKind, rank: usize, n: usize, recv_len: usize, i: usi
 
 /// One collective call on a rank.
 fn call(
-    c: &ThreadComm,
+    c: &dyn Communicator<CpuBackend>,
     kind: CollectiveKind,
     send: &mut <CpuBackend as Backend>::Buf,
     recv: &mut <CpuBackend as Backend>::Buf,
 ) -> Result<()> {
     match kind {
-        CollectiveKind::AllReduce => Communicator::<CpuBackend>::all_reduce(c, send, ReduceOp::Sum)?,
-        CollectiveKind::AllGather => Communicator::<CpuBackend>::all_gather(c, send, recv)?,
-        CollectiveKind::ReduceScatter => Communicator::<CpuBackend>::reduce_scatter(c, send, recv, ReduceOp::Sum)?,
-        CollectiveKind::Broadcast => Communicator::<CpuBackend>::broadcast(c, send, 0)?,
-        CollectiveKind::Barrier => Communicator::<CpuBackend>::barrier(c)?,
+        CollectiveKind::AllReduce => c.all_reduce(send, ReduceOp::Sum)?,
+        CollectiveKind::AllGather => c.all_gather(send, recv)?,
+        CollectiveKind::ReduceScatter => c.reduce_scatter(send, recv, ReduceOp::Sum)?,
+        CollectiveKind::Broadcast => c.broadcast(send, 0)?,
+        CollectiveKind::Barrier => c.barrier()?,
     }
     Ok(())
 }
 
 /// What one rank measured for one (kind, size): mean seconds and wrong elements.
-fn rank_run(c: &ThreadComm, kind: CollectiveKind, count: usize, iters: usize) -> Result<(f64, u64)> {
+fn rank_run(c: &dyn Communicator<CpuBackend>, kind: CollectiveKind, count: usize, iters: usize) -> Result<(f64, u64)> {
     let n = c.size();
     let rank = c.rank();
     let be = CpuBackend::new();
@@ -152,26 +152,68 @@ fn iterations(size: u64) -> usize {
     ((1e8 / size.max(1) as f64) as usize).clamp(3, 50)
 }
 
-/// Runs every collective at every size over `ranks` ranks of `transport`.
-pub fn run(transport: Transport, ranks: usize, sizes: &[u64]) -> Result<CommReport> {
-    match transport {
-        Transport::Threads => {}
-        Transport::Mpi => {
-            return Err(crate::bad_input!(
-                "not implemented yet: --transport mpi needs the MPI communicator of issue 9 (ranks as processes, \
-             cargo feature `mpi`); use --transport threads"
-            ))
-        }
-        Transport::Nccl => {
-            return Err(crate::bad_input!(
-                "not implemented yet: --transport nccl needs the CUDA device path of issue 11 (this command's GPU \
-             buffers and launch); use --transport threads here, and `dalle-mesh gpu-check` for the NCCL checks"
-            ))
-        }
-    }
+/// Runs every collective at every size over `ranks` ranks of `transport`: threads of this
+/// process, or (`mpi`) the processes a launcher started, this one being one of them. `None` on
+/// every MPI rank but world rank 0, which reports.
+pub fn run(transport: Transport, ranks: usize, sizes: &[u64]) -> Result<Option<CommReport>> {
     if ranks < 2 {
         bail!("--ranks {ranks}: a collective benchmark needs at least 2 ranks");
     }
+    match transport {
+        Transport::Threads => {
+            let (results, wrong) = measure_all(ranks, sizes, |kind, count, iters| {
+                let comms = ThreadComm::group(ranks);
+                let per_rank: Vec<(f64, u64)> = std::thread::scope(|s| {
+                    let hs: Vec<_> = comms.iter().map(|c| s.spawn(move || rank_run(c, kind, count, iters))).collect();
+                    hs.into_iter()
+                        .map(|h| h.join().map_err(|_| anyhow::anyhow!("a benchmark rank panicked"))?)
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                Ok((per_rank.iter().map(|r| r.0).fold(0.0, f64::max), per_rank.iter().map(|r| r.1).sum()))
+            })?;
+            Ok(Some(report("threads", ranks, results, wrong)))
+        }
+        Transport::Mpi => run_mpi(ranks, sizes),
+        Transport::Nccl => Err(crate::bad_input!(
+            "not implemented yet: --transport nccl needs the CUDA device path of issue 11 (this command's GPU \
+             buffers and launch); use --transport threads or mpi here, and `dalle-mesh gpu-check` for the NCCL \
+             checks"
+        )),
+    }
+}
+
+/// `--transport mpi`: this process is one rank; the slowest rank's time and every rank's wrong
+/// elements are reduced over the group (MPI's own all-reduce of [`dm_parallel::comm::mpi`]).
+fn run_mpi(ranks: usize, sizes: &[u64]) -> Result<Option<CommReport>> {
+    let mesh = dm_parallel::Mesh::new(1, ranks)?;
+    let Some(procs) = crate::bench_procs::join_checked(mesh, ranks, &format!("bench comm {sizes:?}"))? else {
+        return Err(crate::bad_input!(
+            "--transport mpi runs one process per rank, but no launcher started this one: run \
+             `dalle-mesh launch --nproc {ranks} -- bench comm --transport mpi --ranks {ranks}` (or under \
+             `srun --mpi=pmix -n {ranks}` / `mpirun -np {ranks}`), or use --transport threads"
+        ));
+    };
+    crate::bench_procs::run(procs, |p| {
+        let world = p.groups.2.as_ref();
+        let be = CpuBackend::new();
+        let (results, wrong) = measure_all(ranks, sizes, |kind, count, iters| {
+            let (t, w) = rank_run(world, kind, count, iters)?;
+            let (mut tb, mut wb) = (be.upload("time", &[t as f32])?, be.upload("wrong", &[w as f32])?);
+            world.all_reduce(&mut tb, ReduceOp::Max)?;
+            world.all_reduce(&mut wb, ReduceOp::Sum)?;
+            Ok(((be.download(&tb)?[0] as f64).max(t), be.download(&wb)?[0] as u64))
+        })?;
+        Ok((p.world_rank() == 0).then(|| report("mpi", ranks, results, wrong)))
+    })
+}
+
+/// Every (collective, size) through `measure(kind, count, iters) -> (slowest rank's mean
+/// seconds, wrong elements of every rank)`.
+fn measure_all(
+    ranks: usize,
+    sizes: &[u64],
+    mut measure: impl FnMut(CollectiveKind, usize, usize) -> Result<(f64, u64)>,
+) -> Result<(Vec<CommResult>, u64)> {
     let mut results = Vec::new();
     for kind in KINDS {
         for &size in sizes {
@@ -179,17 +221,8 @@ pub fn run(transport: Transport, ranks: usize, sizes: &[u64]) -> Result<CommRepo
             if count == 0 {
                 continue;
             }
-            let iters = iterations(size);
-            let comms = ThreadComm::group(ranks);
-            let per_rank: Vec<(f64, u64)> = std::thread::scope(|s| {
-                let hs: Vec<_> = comms.iter().map(|c| s.spawn(move || rank_run(c, kind, count, iters))).collect();
-                hs.into_iter()
-                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("a benchmark rank panicked"))?)
-                    .collect::<Result<Vec<_>>>()
-            })?;
-            let time = per_rank.iter().map(|r| r.0).fold(0.0, f64::max);
-            let bytes = (count * 4) as f64;
-            let algbw = bytes / time / 1e9;
+            let (time, wrong) = measure(kind, count, iterations(size))?;
+            let algbw = (count * 4) as f64 / time / 1e9;
             results.push(CommResult {
                 collective: kind.name().into(),
                 size: count as u64 * 4,
@@ -203,17 +236,21 @@ pub fn run(transport: Transport, ranks: usize, sizes: &[u64]) -> Result<CommRepo
                 time_us: time * 1e6,
                 algbw_gb_s: algbw,
                 busbw_gb_s: algbw * bus_factor(kind, ranks),
-                wrong: per_rank.iter().map(|r| r.1).sum(),
+                wrong,
             });
         }
     }
+    let wrong = results.iter().map(|r| r.wrong).sum();
+    Ok((results, wrong))
+}
+
+fn report(transport: &str, ranks: usize, results: Vec<CommResult>, wrong: u64) -> CommReport {
     let mut peak = std::collections::BTreeMap::new();
     for r in &results {
         let e = peak.entry(r.collective.clone()).or_insert(0.0f64);
         *e = e.max(r.busbw_gb_s);
     }
-    let wrong = results.iter().map(|r| r.wrong).sum();
-    Ok(CommReport { transport: "threads".into(), ranks, results, peak_busbw_gb_s: peak, wrong, pass: wrong == 0 })
+    CommReport { transport: transport.into(), ranks, results, peak_busbw_gb_s: peak, wrong, pass: wrong == 0 }
 }
 
 /// The report as nccl-tests prints it, one table per collective.
@@ -252,7 +289,7 @@ mod tests {
 
     #[test]
     fn every_collective_is_verified_and_busbw_uses_the_factors() {
-        let r = run(Transport::Threads, 3, &parse_sizes("1KiB:4KiB").unwrap()).unwrap();
+        let r = run(Transport::Threads, 3, &parse_sizes("1KiB:4KiB").unwrap()).unwrap().unwrap();
         assert_eq!(r.results.len(), 4 * 3);
         assert!(r.pass, "{}", table(&r));
         for x in &r.results {
@@ -273,9 +310,10 @@ mod tests {
 
     #[test]
     fn other_transports_say_what_they_need() {
+        // No launcher variables in the test process: MPI asks for one.
         let e = run(Transport::Mpi, 2, &[1024]).unwrap_err().to_string();
-        assert!(e.contains("not implemented yet") && e.contains("issue 9"), "{e}");
+        assert!(e.contains("dalle-mesh launch --nproc 2") && e.contains("--transport threads"), "{e}");
         let e = run(Transport::Nccl, 2, &[1024]).unwrap_err().to_string();
-        assert!(e.contains("not implemented yet"), "{e}");
+        assert!(e.contains("not implemented yet") && e.contains("issue 11"), "{e}");
     }
 }

@@ -159,23 +159,10 @@ fn calibrate_gemm() -> Result<(GemmRates, f64)> {
     Ok((GemmRates { reference_flops_per_s: reference, m, n, k, call_overhead_s: 0.0 }, best))
 }
 
-/// The probe model of the class rates: small, but with every op of the real ones.
+/// The probe model of the class rates: small, but with every op of the real ones (the built-in
+/// tiny model, with 512 text and 1024 image tokens, 256 image and 16 text positions).
 fn probe_model() -> DalleBartConfig {
-    DalleBartConfig {
-        d_model: 128,
-        encoder_layers: 2,
-        decoder_layers: 2,
-        encoder_attention_heads: 4,
-        decoder_attention_heads: 4,
-        encoder_ffn_dim: 256,
-        decoder_ffn_dim: 256,
-        encoder_vocab_size: 512,
-        image_vocab_size: 1024,
-        image_length: 256,
-        max_text_length: 16,
-        init_std: 0.02,
-        use_scan: true,
-    }
+    crate::run_config::tiny_model(512, 1024, 256, 16)
 }
 
 /// Class rates from the probe model's steps (median seconds per class over 3 timed steps), and

@@ -116,6 +116,13 @@ pub fn parse_mpirun_tag(line: &str) -> Option<(usize, bool, &str)> {
 fn pump_mpirun(input: impl std::io::Read + Send + 'static, to_stdout: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(input).lines().map_while(|l| l.ok()) {
+            // mpirun tags every chunk it reads (4 KiB), so a longer line carries its tag again inside.
+            let line = match parse_mpirun_tag(&line) {
+                Some((_, _, t)) => {
+                    format!("{}{}", &line[..line.len() - t.len()], t.replace(&line[..line.len() - t.len()], ""))
+                }
+                None => line,
+            };
             let (text, stdout) = match parse_mpirun_tag(&line) {
                 Some((0, true, t)) => (format!("{t}\n"), true),
                 Some((r, out, t)) => (format!("[rank {r}] {t}\n"), out),

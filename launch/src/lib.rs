@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_comm;
+pub mod bench_procs;
 pub mod calibrate;
 pub mod divergence;
 pub mod encode_images;
@@ -11,6 +12,7 @@ pub mod gpu_check;
 pub mod interop;
 pub mod kernels_cmd;
 pub mod launcher;
+pub mod optim_step;
 pub mod parity;
 pub mod plan_cmd;
 pub mod plot;
@@ -25,6 +27,7 @@ pub mod signals;
 pub mod stop;
 pub mod sweep;
 pub mod sweep_report;
+pub mod sweep_slurm;
 pub mod train;
 pub mod train_data;
 pub mod vqgan_cmd;

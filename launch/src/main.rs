@@ -158,6 +158,10 @@ enum Command {
         /// How points run: local (this machine, ranks as threads) or slurm.
         #[arg(long, value_enum, default_value = "local")]
         launcher: dalle_mesh::sweep::Launcher,
+        /// Run only the point of this grid index as this process's rank (what each job of
+        /// `--launcher slurm` runs, under srun); rank 0 writes OUT/points/INDEX.json.
+        #[arg(long)]
+        point: Option<usize>,
     },
     /// Start N ranks of a command on this host (like torchrun): `dalle-mesh launch --nproc 4 --
     /// train --config run.yaml`. Prefixes their output with the rank, forwards SIGTERM/SIGINT/
@@ -581,17 +585,26 @@ fn run(cli: Cli) -> Result<i32> {
                 device,
                 ..bench::StepOptions::new(tp, dp, batch)
             };
-            print_json(&bench::bench_step(&name, &cfg, &o)?)?;
+            if let Some(report) = bench::bench_step_here(&name, &cfg, &o)? {
+                print_json(&report)?;
+            }
             Ok(0)
         }
         Command::Bench { what: BenchCommand::Comm { transport, ranks, sizes } } => {
             let sizes = dalle_mesh::bench_comm::parse_sizes(&sizes)?;
-            let report = dalle_mesh::bench_comm::run(transport, ranks, &sizes)?;
+            // Process ranks other than 0 print nothing.
+            let Some(report) = dalle_mesh::bench_comm::run(transport, ranks, &sizes)? else { return Ok(0) };
             eprint!("{}", dalle_mesh::bench_comm::table(&report));
             print_json(&report)?;
             Ok(if report.pass { 0 } else { 1 })
         }
-        Command::Sweep { config, out, launcher } => {
+        Command::Sweep { config, out, point: Some(index), .. } => {
+            if let Some(record) = dalle_mesh::sweep_slurm::run_point(&config, &out, index)? {
+                println!("{record}");
+            }
+            Ok(0)
+        }
+        Command::Sweep { config, out, launcher, point: None } => {
             let summary = dalle_mesh::sweep::run(&config, &out, launcher)?;
             print_json(&summary)?;
             Ok(0)

@@ -22,20 +22,10 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// The plan of the largest rank as one JSON object: the inputs, every part in bytes (and a `gib`
-/// object with the same parts rounded), `fits`, the activation breakdown, the collectives of
-/// one optimizer step (no gradient accumulation) and notes. A mesh the config can't take (heads
-/// not divisible by tp, …) is an error naming the reason.
-pub fn run(cfg: &DalleBartConfig, opts: PlanOptions) -> Result<Value> {
-    let p = plan::plan(cfg, &opts).map_err(|e| anyhow::anyhow!("cannot plan this mesh: {e}"))?;
-    let comm = plan::step_comm(cfg, &opts, p.tp_rank, 1);
-    Ok(json!({
-        "model": {
-            "d_model": cfg.d_model,
-            "encoder_layers": cfg.encoder_layers,
-            "decoder_layers": cfg.decoder_layers,
-            "params": ParamTable::new(cfg).numel(),
-        },
+/// The mesh and batch of `opts` as `plan` and `sweep` report them: tp, dp, world, batch per device,
+/// global batch, precision, zero1 (only where dp > 1).
+pub fn add_mesh_fields(v: &mut Value, opts: &PlanOptions) {
+    let fields = json!({
         "tp": opts.tp,
         "dp": opts.dp,
         "world": opts.tp * opts.dp,
@@ -43,6 +33,26 @@ pub fn run(cfg: &DalleBartConfig, opts: PlanOptions) -> Result<Value> {
         "global_batch": opts.batch_per_device * opts.dp,
         "precision": opts.precision.name(),
         "zero1": opts.zero1_active(),
+    });
+    if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
+        o.extend(f);
+    }
+}
+
+/// The plan of the largest rank as one JSON object: the inputs, every part in bytes (and a `gib`
+/// object with the same parts rounded), `fits`, the activation breakdown, the collectives of
+/// one optimizer step (no gradient accumulation) and notes. A mesh the config can't take (heads
+/// not divisible by tp, …) is an error naming the reason.
+pub fn run(cfg: &DalleBartConfig, opts: PlanOptions) -> Result<Value> {
+    let p = plan::plan(cfg, &opts).map_err(|e| anyhow::anyhow!("cannot plan this mesh: {e}"))?;
+    let comm = plan::step_comm(cfg, &opts, p.tp_rank, 1);
+    let mut v = json!({
+        "model": {
+            "d_model": cfg.d_model,
+            "encoder_layers": cfg.encoder_layers,
+            "decoder_layers": cfg.decoder_layers,
+            "params": ParamTable::new(cfg).numel(),
+        },
         "tp_rank": p.tp_rank,
         "params_per_rank": p.params_per_rank,
         "weights": p.weights,
@@ -59,7 +69,9 @@ pub fn run(cfg: &DalleBartConfig, opts: PlanOptions) -> Result<Value> {
         "gib": gib_view(&p),
         "communication_per_step": comm,
         "notes": p.notes,
-    }))
+    });
+    add_mesh_fields(&mut v, &opts);
+    Ok(v)
 }
 
 fn gib_view(p: &MemoryPlan) -> Value {

@@ -305,7 +305,7 @@ fn append(path: &Path, v: &Value) -> Result<()> {
 
 /// The hardware profile of the predictions: the resumed sweep's, the config's, or a fresh
 /// calibration of this CPU.
-fn sweep_profile(cfg: &SweepConfig, out: &Path) -> Result<HardwareProfile> {
+pub(crate) fn sweep_profile(cfg: &SweepConfig, out: &Path) -> Result<HardwareProfile> {
     let saved = out.join("calibration.yaml");
     if saved.exists() {
         let text = std::fs::read_to_string(&saved)?;
@@ -319,32 +319,15 @@ fn sweep_profile(cfg: &SweepConfig, out: &Path) -> Result<HardwareProfile> {
     Ok(p)
 }
 
-/// The record of a point: its inputs, then `status` and the measurements or the reason.
-fn record(
+/// The record of a point before it runs: its inputs and plan, with `status` and `reason` when
+/// the plan refuses it (then no options come back: the point is recorded, not run).
+pub fn planned_record(
     point: &Point,
     cfg: &DalleBartConfig,
     budget: Option<u64>,
     profile: &HardwareProfile,
     (steps, warmup): (usize, usize),
-) -> Result<Value> {
-    let mut v = json!({
-        "id": point.id(),
-        "model": point.model.name,
-        "d_model": cfg.d_model,
-        "layers": cfg.encoder_layers,
-        "ffn_dim": cfg.encoder_ffn_dim,
-        "params": ParamTable::new(cfg).numel(),
-        "tp": point.tp,
-        "dp": point.dp,
-        "world": point.tp * point.dp,
-        "zero1": point.zero1,
-        "batch_per_device": point.batch_per_device,
-        "global_batch": point.batch_per_device * point.dp,
-        "precision": point.precision.name(),
-        "device": point.device.name(),
-        "steps": steps,
-        "warmup": warmup,
-    });
+) -> Result<(Value, Option<StepOptions>)> {
     let o = StepOptions {
         zero1: point.zero1,
         precision: point.precision,
@@ -355,12 +338,24 @@ fn record(
         warmup,
         ..StepOptions::new(point.tp, point.dp, point.batch_per_device)
     };
+    let mut v = json!({
+        "id": point.id(),
+        "model": point.model.name,
+        "d_model": cfg.d_model,
+        "layers": cfg.encoder_layers,
+        "ffn_dim": cfg.encoder_ffn_dim,
+        "params": ParamTable::new(cfg).numel(),
+        "device": point.device.name(),
+        "steps": steps,
+        "warmup": warmup,
+    });
+    crate::plan_cmd::add_mesh_fields(&mut v, &o.plan_options());
     let p = match plan(cfg, &o.plan_options()) {
         Ok(p) => p,
         Err(reason) => {
             v["status"] = "invalid".into();
             v["reason"] = reason.into();
-            return Ok(v);
+            return Ok((v, None));
         }
     };
     v["planned_bytes"] = p.total_tracked.into();
@@ -376,10 +371,20 @@ fn record(
             crate::plan_cmd::human_bytes(b)
         )
         .into();
-        return Ok(v);
+        return Ok((v, None));
     }
+    Ok((v, Some(o)))
+}
+
+/// Adds what `bench step` measured and what the performance model predicts to a point's record.
+pub fn add_measurement(
+    v: &mut Value,
+    cfg: &DalleBartConfig,
+    o: &StepOptions,
+    profile: &HardwareProfile,
+    m: &StepBench,
+) -> Result<()> {
     let pred: Prediction = predict(cfg, &o.plan_options(), profile).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let m: StepBench = bench_step(&point.model.name, cfg, &o)?;
     v["status"] = "ok".into();
     v["samples_per_s"] = serde_json::to_value(m.samples_per_s_spread)?;
     v["image_tokens_per_s"] = serde_json::to_value(m.image_tokens_per_s)?;
@@ -393,50 +398,103 @@ fn record(
     v["peak_bytes_per_rank"] = m.peak_bytes.into();
     v["loss_first"] = m.loss_first.into();
     v["loss_last"] = m.loss_last.into();
+    v["ranks_as"] = m.device.clone().into();
+    v["load_average"] = load_average().into();
     v["predicted_step_s"] = pred.predicted_step_s.into();
     v["predicted_samples_per_s"] = pred.predicted_samples_per_s.into();
     v["predicted_mfu"] = pred.predicted_mfu.into();
     v["predicted_comm_share"] = pred.predicted_comm_share.into();
     v["bottleneck"] = pred.bottleneck.into();
     v["prediction_error"] = ((pred.predicted_step_s - m.step_s.median) / m.step_s.median).into();
+    Ok(())
+}
+
+/// The 1-minute load average of this host when a point ends (`/proc/loadavg`; NaN elsewhere):
+/// how much else was running while it was measured.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// The record of a point: its inputs, then `status` and the measurements or the reason.
+fn record(
+    point: &Point,
+    cfg: &DalleBartConfig,
+    budget: Option<u64>,
+    profile: &HardwareProfile,
+    steps: (usize, usize),
+) -> Result<Value> {
+    let (mut v, o) = planned_record(point, cfg, budget, profile, steps)?;
+    if let Some(o) = o {
+        let m = bench_step(&point.model.name, cfg, &o)?;
+        add_measurement(&mut v, cfg, &o, profile, &m)?;
+    }
     Ok(v)
+}
+
+/// A sweep's config, base run config, per-rank budget, points and their models.
+pub struct Loaded {
+    pub cfg: SweepConfig,
+    pub budget: Option<u64>,
+    pub points: Vec<Point>,
+    pub models: Vec<(String, DalleBartConfig)>,
+}
+
+impl Loaded {
+    pub fn from_file(config: &Path) -> Result<Self> {
+        let cfg = SweepConfig::from_file(config)?;
+        let base = match &cfg.base {
+            Some(p) => RunConfig::from_file(p)?,
+            None => RunConfig::default(),
+        };
+        let budget =
+            cfg.device_memory.as_deref().or(base.mesh.device_memory.as_deref()).map(parse_bytes).transpose()?;
+        let points = points(&cfg.grid)?;
+        let models: Vec<(String, DalleBartConfig)> =
+            cfg.grid.model.iter().map(|m| Ok((m.name.clone(), model_config(&base, m)?))).collect::<Result<_>>()?;
+        Ok(Loaded { cfg, budget, points, models })
+    }
+
+    pub fn model(&self, p: &Point) -> Result<&DalleBartConfig> {
+        Ok(&self.models.iter().find(|(n, _)| *n == p.model.name).context("grid model")?.1)
+    }
+
+    pub fn steps(&self) -> (usize, usize) {
+        (self.cfg.steps, self.cfg.warmup)
+    }
 }
 
 /// Runs (or continues) the sweep of `config` into `out`.
 pub fn run(config: &Path, out: &Path, launcher: Launcher) -> Result<SweepSummary> {
-    let cfg = SweepConfig::from_file(config)?;
-    if launcher == Launcher::Slurm {
-        return Err(crate::bad_input!(
-            "not implemented yet: --launcher slurm needs the SLURM process launch of issue 9 (ranks as \
-             processes); use --launcher local"
-        ));
-    }
-    let base = match &cfg.base {
-        Some(p) => RunConfig::from_file(p)?,
-        None => RunConfig::default(),
-    };
-    let budget = cfg.device_memory.as_deref().or(base.mesh.device_memory.as_deref()).map(parse_bytes).transpose()?;
-    let pts = points(&cfg.grid)?;
-    let models: Vec<(String, DalleBartConfig)> =
-        cfg.grid.model.iter().map(|m| Ok((m.name.clone(), model_config(&base, m)?))).collect::<Result<_>>()?;
+    let l = Loaded::from_file(config)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let jsonl = out.join("results.jsonl");
     let mut results = load_results(&jsonl)?;
     let done: BTreeSet<String> = results.iter().filter_map(|v| v["id"].as_str().map(String::from)).collect();
+    let pts = &l.points;
     let resumed = pts.iter().filter(|p| done.contains(&p.id())).count();
     if resumed > 0 {
         tracing::info!(resumed, total = pts.len(), "continuing an interrupted sweep");
     }
-    let profile = sweep_profile(&cfg, out)?;
+    let profile = sweep_profile(&l.cfg, out)?;
     let mut ran = 0;
+    if launcher == Launcher::Slurm {
+        let todo: Vec<usize> = (0..pts.len()).filter(|&i| !done.contains(&pts[i].id())).collect();
+        ran = crate::sweep_slurm::run_points(config, out, &l, &profile, &todo, &mut |v| {
+            append(&jsonl, &v)?;
+            results.push(v);
+            Ok(())
+        })?;
+    }
     for (i, p) in pts.iter().enumerate() {
-        if done.contains(&p.id()) {
+        if launcher == Launcher::Slurm || done.contains(&p.id()) {
             continue;
         }
-        let model = &models.iter().find(|(n, _)| *n == p.model.name).context("grid model")?.1;
         tracing::info!(point = i + 1, of = pts.len(), id = %p.id(), "sweep point");
-        let v = record(p, model, budget, &profile, (cfg.steps, cfg.warmup))
-            .with_context(|| format!("sweep point {}", p.id()))?;
+        let v =
+            record(p, l.model(p)?, l.budget, &profile, l.steps()).with_context(|| format!("sweep point {}", p.id()))?;
         append(&jsonl, &v)?;
         results.push(v);
         ran += 1;

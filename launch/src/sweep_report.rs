@@ -48,7 +48,7 @@ fn num(x: f64) -> String {
     }
 }
 
-const COLUMNS: [Column; 30] = [
+const COLUMNS: [Column; 31] = [
     ("id", |v| s(v, "id").into()),
     ("model", |v| s(v, "model").into()),
     ("params", |v| u(v, "params").to_string()),
@@ -72,6 +72,7 @@ const COLUMNS: [Column; 30] = [
     ("mfu", |v| num(f(v, "mfu"))),
     ("predicted_mfu", |v| num(f(v, "predicted_mfu"))),
     ("comm_share", |v| num(f(v, "comm_share"))),
+    ("load_average", |v| num(f(v, "load_average"))),
     ("all_reduce_bytes_per_step", |v| u(&v["comm_bytes_per_step"], "all_reduce").to_string()),
     ("reduce_scatter_bytes_per_step", |v| u(&v["comm_bytes_per_step"], "reduce_scatter").to_string()),
     ("all_gather_bytes_per_step", |v| u(&v["comm_bytes_per_step"], "all_gather").to_string()),
@@ -216,22 +217,31 @@ fn colour(i: usize) -> [u8; 3] {
     PALETTE[i % PALETTE.len()]
 }
 
+/// Points of one series: (x, y).
+type Curve = Vec<(f64, f64)>;
+
+/// A chart against world size: per series its measured curve and, in grey, a reference curve
+/// named `name (reference)`.
+fn world_chart(title: &str, y_label: &str, reference: &str, curves: Vec<(String, Curve, Curve)>) -> Chart {
+    let mut series = Vec::new();
+    for (i, (name, measured, refs)) in curves.into_iter().enumerate() {
+        series.push(Series { name: format!("{name} ({reference})"), points: refs, colour: GREY });
+        series.push(Series { name, points: measured, colour: colour(i) });
+    }
+    Chart { title: title.into(), x_label: "world size (ranks)".into(), y_label: y_label.into(), series, hlines: vec![] }
+}
+
 fn throughput_chart(rows: &[Value]) -> Chart {
     let groups = grouped(rows, series_key, |r| u(r, "world") as f64, |r| Some(f(&r["samples_per_s"], "median")));
-    let mut series = Vec::new();
-    for (i, (name, pts)) in groups.into_iter().enumerate() {
-        let (w0, s0) = pts[0];
-        let ideal = pts.iter().map(|&(w, _)| (w, s0 * w / w0)).collect();
-        series.push(Series { name: format!("{name} (ideal)"), points: ideal, colour: GREY });
-        series.push(Series { name, points: pts, colour: colour(i) });
-    }
-    Chart {
-        title: "Throughput against world size".into(),
-        x_label: "world size (ranks)".into(),
-        y_label: "samples/s".into(),
-        series,
-        hlines: vec![],
-    }
+    let curves = groups
+        .into_iter()
+        .map(|(name, pts)| {
+            let (w0, s0) = pts[0];
+            let ideal = pts.iter().map(|&(w, _)| (w, s0 * w / w0)).collect();
+            (name, pts, ideal)
+        })
+        .collect();
+    world_chart("Throughput against world size", "samples/s", "ideal", curves)
 }
 
 fn efficiency_chart(rows: &[Value]) -> Chart {
@@ -310,18 +320,8 @@ fn memory_chart(rows: &[Value]) -> Chart {
 fn comm_chart(rows: &[Value]) -> Chart {
     let measured = grouped(rows, series_key, |r| u(r, "world") as f64, |r| Some(f(r, "comm_share")));
     let predicted = grouped(rows, series_key, |r| u(r, "world") as f64, |r| Some(f(r, "predicted_comm_share")));
-    let mut series = Vec::new();
-    for (i, ((name, m), (_, p))) in measured.into_iter().zip(predicted).enumerate() {
-        series.push(Series { name: format!("{name} (predicted)"), points: p, colour: GREY });
-        series.push(Series { name, points: m, colour: colour(i) });
-    }
-    Chart {
-        title: "Share of step time in collectives".into(),
-        x_label: "world size (ranks)".into(),
-        y_label: "comm share".into(),
-        series,
-        hlines: vec![],
-    }
+    let curves = measured.into_iter().zip(predicted).map(|((name, m), (_, p))| (name, m, p)).collect();
+    world_chart("Share of step time in collectives", "comm share", "predicted", curves)
 }
 
 fn validation_chart(rows: &[Value]) -> Chart {

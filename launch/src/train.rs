@@ -644,15 +644,7 @@ fn run_rank(rank: usize, groups: Groups, sh: &Shared) -> Result<RankOutcome> {
                 a.update(&be, params, grads, lr, clip)?;
             }
             (Optimizer::Zero1(z), Some(chunks)) => {
-                let s = dm_runtime::AdamWStep {
-                    lr,
-                    b1: adamw.b1,
-                    b2: adamw.b2,
-                    eps: adamw.eps,
-                    weight_decay: adamw.weight_decay,
-                    step: step + 1,
-                    grad_scale: clip,
-                };
+                let s = crate::optim_step::adamw_step(&adamw, lr, step + 1, clip);
                 let c = groups.dp.as_ref().expect("zero1 needs dp > 1");
                 z.update(&be, c.as_ref(), &mut model.params, &chunks, &names, &s)?;
             }

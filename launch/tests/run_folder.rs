@@ -291,8 +291,13 @@ fn flags_in_string_literals(src: &str) -> Vec<String> {
 #[test]
 fn every_flag_named_in_a_message_exists() {
     // Options of other programs: the CUDA kernel compiler's, dalle-mini's train.py `--optim`,
-    // cargo's (`--release`), SLURM's (`srun --ntasks`, `--mpi=pmix`) and Open MPI's mpirun's.
-    const FOREIGN: [&str; 10] = [
+    // cargo's (`--release`), SLURM's (`srun --ntasks`, `--mpi=pmix`, sbatch's), and Open MPI's mpirun's.
+    const FOREIGN: [&str; 15] = [
+        "--parsable",
+        "--job-name",
+        "--array",
+        "--dependency",
+        "--output",
         "--gpu-architecture",
         "--include-path",
         "--warn-on-spills",

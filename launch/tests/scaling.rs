@@ -161,7 +161,6 @@ fn unsupported_precision_device_transport_and_launcher_exit_2_saying_why() {
     for args in [
         &["bench", "step", "--precision", "bf16-mixed"][..],
         &["bench", "step", "--device", "cuda"],
-        &["bench", "comm", "--transport", "mpi"],
         &["bench", "comm", "--transport", "nccl"],
     ] {
         let o = run(args);
@@ -169,18 +168,25 @@ fn unsupported_precision_device_transport_and_launcher_exit_2_saying_why() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains("not implemented yet"), "{args:?}: {e}");
     }
+    // MPI ranks are processes: without a launcher the command says how to start them.
+    let o = run(&["bench", "comm", "--transport", "mpi", "--ranks", "3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dalle-mesh launch --nproc 3"));
     let dir = tmp("slurm");
     let cfg = dir.join("s.yaml");
     std::fs::write(&cfg, SWEEP).unwrap();
-    let o = Command::new(BIN)
-        .args(["sweep", "--launcher", "slurm", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(dir.join("o"))
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not implemented yet"));
+    // A job's point that isn't in the grid, or without the submitting sweep's calibration.
+    for (point, says) in [("9", "has 2 points"), ("0", "calibration")] {
+        let o = Command::new(BIN)
+            .args(["sweep", "--point", point, "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(dir.join("o"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "--point {point}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(says), "--point {point}");
+    }
     // A grid asking for bf16 is refused before anything runs.
     std::fs::write(&cfg, format!("{SWEEP}  precision: [bf16-mixed]\n")).unwrap();
     let o = Command::new(BIN).args(["sweep", "--config"]).arg(&cfg).arg("--out").arg(dir.join("o2")).output().unwrap();
