@@ -285,11 +285,12 @@ pub fn check_mesh(cfg: &DalleBartConfig, batch: usize, tp: usize, dp: usize) -> 
 }
 
 /// Checks that `fx` can run on a tp × dp mesh: the mesh fits and the fixture holds gradients
-/// and an AdamW step (what a mesh run compares).
-pub fn check_fixture_mesh(fx: &Fixture, tp: usize, dp: usize) -> Result<(Mesh, FixtureOptimizer)> {
+/// and an AdamW step (what a mesh run compares); returns the mesh, the optimizer and the
+/// reference gradients.
+pub fn check_fixture_mesh(fx: &Fixture, tp: usize, dp: usize) -> Result<(Mesh, FixtureOptimizer, &[Vec<f32>])> {
     let mesh = check_mesh(&fx.cfg, fx.batch.batch, tp, dp)?;
     match (&fx.ref_grads, fx.opt) {
-        (Some(_), Some(opt)) => Ok((mesh, opt)),
+        (Some(grads), Some(opt)) => Ok((mesh, opt, grads)),
         _ => Err(ModelError::Config(format!(
             "{}: parity on a mesh needs grad.* and adamw1.* reference tensors in expected.safetensors; this \
              fixture holds only logits and loss: run it without --tp/--dp",
@@ -323,8 +324,7 @@ fn world_sum(be: &CpuBackend, world: &dyn Communicator<CpuBackend>, values: &[f3
 /// World rank 0 returns the report, the others `None`. Every rank of the mesh must call it.
 pub fn rank_report(fx: &Fixture, mesh: &Mesh, rank: usize, groups: RankGroups) -> Result<Option<ParityReport>> {
     let (tp, dp) = (mesh.tp(), mesh.dp());
-    let (_, opt) = check_fixture_mesh(fx, tp, dp)?;
-    let ref_grads = fx.ref_grads.as_ref().expect("checked by check_fixture_mesh");
+    let (_, opt, ref_grads) = check_fixture_mesh(fx, tp, dp)?;
     let (dp_index, tp_index) = mesh.coords(rank);
     let be = CpuBackend::with_budget(&format!("cpu:rank{rank}"), None);
     let table = ParamTable::sharded(&fx.cfg, tp_index, tp);
@@ -401,7 +401,7 @@ pub fn run_mesh(dir: &Path, tp: usize, dp: usize) -> Result<ParityReport> {
         return run(dir);
     }
     let fx = Fixture::load(dir)?;
-    let (mesh, _) = check_fixture_mesh(&fx, tp, dp)?;
+    let (mesh, _, _) = check_fixture_mesh(&fx, tp, dp)?;
     let reports = dm_parallel::run_ranks(&mesh, |rank, comms| {
         let arc = |c: dm_parallel::ThreadComm| -> Arc<dyn Communicator<CpuBackend>> { Arc::new(c) };
         let groups = RankGroups {
