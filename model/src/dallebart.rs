@@ -93,6 +93,17 @@ impl<B: Backend> DalleBart<B> {
         Ok(Self { config, table, backend, params, grads, acts: None, tp })
     }
 
+    /// Sets the numeric policy of the forward/backward ([`Precision`]). The trainer calls this
+    /// once after construction. `Bf16Mixed` is not implemented yet (issue 11) and errors.
+    pub fn with_precision(self, precision: crate::plan::Precision) -> Result<Self> {
+        match precision {
+            crate::plan::Precision::Fp32 => Ok(self),
+            crate::plan::Precision::Bf16Mixed => Err(ModelError::Config(
+                "not implemented yet: precision bf16-mixed (issue 11); use precision fp32".into(),
+            )),
+        }
+    }
+
     /// A freshly initialised model (dalle-mini's init distribution), deterministic in `seed`.
     pub fn init(backend: B, config: DalleBartConfig, seed: u64) -> Result<Self> {
         let values = ParamTable::new(&config).init_values(config.init_std, seed);
