@@ -1,40 +1,52 @@
-//! Numeric checks of every op of the `Backend` trait, through the trait only, with one test body
-//! (`backend_ops/body.rs`) instantiated for every backend: `cpu::*` always runs; `cuda::*` runs on
-//! GPU 0 where one is present and otherwise prints `SKIP cuda::<test>: <reason>` (set
-//! `DM_TESTS_REQUIRE_GPU=1` to make a missing GPU a failure instead).
-//!
-//! For each op and case, on fresh seeded random inputs (the seed is a hash of the case name):
-//! * forward: the f32 output against a naive f64 reference written here, element by element,
-//!   within an error bound derived from f32 rounding (see the comment at each bound);
-//! * backward: the analytic f32 gradient against central finite differences of the f64
-//!   reference, for the scalar loss L = Σ w ⊙ output with fixed random weights w (so the
-//!   backward is fed `dout = w`), as `max|got − want| / max|want|` per tensor ≤ `GRAD_TOL`.
-//!
-//! Output buffers the ops claim to overwrite are pre-filled with NaN, so an op that reads them
-//! fails. Parameter gradients (which the trait accumulates) start from random values.
-//! The `*_rejects_*` tests at the end show that the bounds are tight enough to catch plausible
-//! bugs (a wrong transpose, a missing 1/√d, unbiased variance, tanh GELU, …).
+//! The op conformance cases of `dm_runtime::conformance` (one body per case, generic over the
+//! backend), one `#[test]` per case and backend: `cpu::*` always runs; `cuda::*` runs on GPU 0
+//! where one is present and otherwise prints `SKIP cuda::<test>: <reason>` (set
+//! `DM_TESTS_REQUIRE_GPU=1` to make a missing GPU a failure instead). Each test prints its rows
+//! and fails listing every row that failed.
 
-mod common;
+use dm_runtime::conformance::{run_case, CaseResult, Checks};
+use dm_runtime::Backend;
+
+/// Runs one case on `be`, prints every row, and panics listing the failed ones.
+fn run_and_report<B: Backend>(test: &str, run: fn(&B, &mut Checks) -> CaseResult, be: &B) {
+    let rows = run_case(test, run, be);
+    let mut failed = Vec::new();
+    for r in &rows {
+        let err = r.max_error.map_or_else(|| "-".to_string(), |e| format!("{e:.3e}"));
+        let tol = r.tolerance.map_or_else(|| "-".to_string(), |t| format!("{t:.1e}"));
+        let status = if r.passed { "ok" } else { "FAIL" };
+        eprintln!("{status:4} {test}: {} (error {err}, tolerance {tol}) {}", r.name, r.detail);
+        if !r.passed {
+            failed.push(format!("{}: {}", r.name, r.detail));
+        }
+    }
+    assert!(failed.is_empty(), "{test}: {} of {} rows failed:\n{}", failed.len(), rows.len(), failed.join("\n"));
+}
+
+/// One `#[test]` per case, on the backend `backend()` of the enclosing module.
+macro_rules! case_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let Some(be) = backend(stringify!($name)) else { return };
+                super::run_and_report(stringify!($name), dm_runtime::conformance::cases::$name::<Be>, &be);
+            }
+        )*
+    };
+}
 
 mod cpu {
-    use super::common::*;
     use dm_runtime::cpu::CpuBackend;
-    use dm_runtime::{AdamWStep, AttentionShape, Backend, MatmulSpec, RuntimeError, VocabRange};
+    use dm_runtime::{Backend, RuntimeError};
 
     type Be = CpuBackend;
-    type Buf = <Be as Backend>::Buf;
-    type Ids = <Be as Backend>::Ids;
 
-    fn backend() -> Be {
-        CpuBackend::new()
+    fn backend(_test: &str) -> Option<Be> {
+        Some(CpuBackend::new())
     }
 
-    fn runs_here(_test: &str) -> Option<()> {
-        Some(())
-    }
-
-    include!("backend_ops/body.rs");
+    dm_runtime::for_each_conformance_case!(case_tests);
 
     // ---- CPU only: the memory tracker's byte counts of host buffers ----------------------
 
@@ -80,27 +92,22 @@ mod cpu {
 }
 
 mod cuda {
-    use super::common::*;
     use dm_runtime::cuda::{CudaBackend, CudaOptions};
-    use dm_runtime::{AdamWStep, AttentionShape, Backend, MatmulSpec, RuntimeError, VocabRange};
 
     type Be = CudaBackend;
-    type Buf = <Be as Backend>::Buf;
-    type Ids = <Be as Backend>::Ids;
 
-    /// GPU 0 in the parity mode (f32, custom kernels); only called after `runs_here` said yes.
-    fn backend() -> Be {
-        CudaBackend::new(0, CudaOptions::default()).expect("GPU 0 opened a moment ago by `runs_here`")
+    /// GPU 0 in the parity mode (f32, custom kernels), or `None` after printing why where no
+    /// usable GPU is present (a failure instead with `DM_TESTS_REQUIRE_GPU=1`).
+    fn backend(test: &str) -> Option<Be> {
+        match CudaBackend::new(0, CudaOptions::default()) {
+            Ok(be) => Some(be),
+            Err(e) => {
+                assert!(std::env::var("DM_TESTS_REQUIRE_GPU").as_deref() != Ok("1"), "cuda::{test}: {e}");
+                eprintln!("SKIP cuda::{test}: no usable GPU ({e})");
+                None
+            }
+        }
     }
 
-    /// `None`, after printing why, where no usable GPU is present (a failure instead with
-    /// `DM_TESTS_REQUIRE_GPU=1`).
-    fn runs_here(test: &str) -> Option<()> {
-        let Err(e) = CudaBackend::new(0, CudaOptions::default()) else { return Some(()) };
-        assert!(std::env::var("DM_TESTS_REQUIRE_GPU").as_deref() != Ok("1"), "cuda::{test}: {e}");
-        eprintln!("SKIP cuda::{test}: no usable GPU ({e})");
-        None
-    }
-
-    include!("backend_ops/body.rs");
+    dm_runtime::for_each_conformance_case!(case_tests);
 }
