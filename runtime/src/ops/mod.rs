@@ -15,6 +15,17 @@
 //! (`check_*`) and its CPU implementation; a backend without a kernel for one returns
 //! [`not_on_cuda`].
 
+/// The argument struct of one op, every field public:
+/// `op_args! { /// doc\n Name<'a, T> { field: Type, … } }`.
+macro_rules! op_args {
+    ($(#[$meta:meta])* $name:ident<$($generic:tt),*> { $($field:ident: $ty:ty),* $(,)? }) => {
+        $(#[$meta])*
+        pub struct $name<$($generic),*> {
+            $(pub $field: $ty),*
+        }
+    };
+}
+
 pub mod adamw;
 pub mod attention;
 pub(crate) mod checks;

@@ -17,151 +17,82 @@ pub fn matmul_shape_errors<B: Backend>(be: &B, ck: &mut Checks) -> CaseResult {
     Ok(())
 }
 
+/// Records whether `r` is the shape error of `op`.
+pub fn shape_error_row<T>(ck: &mut Checks, what: &str, r: crate::Result<T>, op: &str) {
+    let detail = match &r {
+        Ok(_) => "accepted".to_string(),
+        Err(e) => e.to_string(),
+    };
+    ck.holds(&format!("{op} refuses {what}"), is_shape_error(r, op), detail);
+}
+
 pub fn layernorm_shape_errors<B: Backend>(be: &B, ck: &mut Checks) -> CaseResult {
     let (rows, dim) = (4, 6);
     let z = |n: usize| be.zeros("t", n);
     let (x, bias, scale) = (up(be, "x", &[1.0; 24])?, z(dim)?, up(be, "s", &[1.0; 6])?);
     let (mut out, mut mean, mut rstd) = (z(rows * dim)?, z(rows)?, z(rows)?);
     be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&scale), &bias, dim)?;
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&scale), &bias, 5),
-            "layernorm_forward"
-        )
-    );
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&scale), &z(dim + 1)?, dim),
-            "layernorm_forward"
-        )
-    );
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, Some(&z(dim - 1)?), &bias, dim),
-            "layernorm_forward"
-        )
-    );
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_forward(&mut out, &mut z(rows + 1)?, &mut rstd, &x, None, &bias, dim),
-            "layernorm_forward"
-        )
-    );
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_forward(&mut z(rows * dim - 1)?, &mut mean, &mut rstd, &x, None, &bias, dim),
-            "layernorm_forward"
-        )
-    );
-    check!(
-        ck,
-        is_shape_error(be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, None, &bias, 0), "layernorm_forward")
-    );
+    // The forward with one argument replaced: (out, mean, scale, bias, dim).
+    let mut fwd = |out_len: Option<usize>,
+                   mean_len: Option<usize>,
+                   scale: Option<&B::Buf>,
+                   bias_len,
+                   d|
+     -> crate::Result<crate::Result<()>> {
+        let mut out_bad = out_len.map(z).transpose()?;
+        let mut mean_bad = mean_len.map(z).transpose()?;
+        let bias_bad = z(bias_len)?;
+        let out = out_bad.as_mut().unwrap_or(&mut out);
+        let mean = mean_bad.as_mut().unwrap_or(&mut mean);
+        let r = be.layernorm_forward(out, mean, &mut rstd, &x, scale, &bias_bad, d);
+        Ok(r)
+    };
+    let op = "layernorm_forward";
+    shape_error_row(ck, "a dim that does not divide x", fwd(None, None, Some(&scale), dim, 5)?, op);
+    shape_error_row(ck, "a long bias", fwd(None, None, Some(&scale), dim + 1, dim)?, op);
+    shape_error_row(ck, "a short scale", fwd(None, None, Some(&z(dim - 1)?), dim, dim)?, op);
+    shape_error_row(ck, "a long mean", fwd(None, Some(rows + 1), None, dim, dim)?, op);
+    shape_error_row(ck, "a short out", fwd(Some(rows * dim - 1), None, None, dim, dim)?, op);
+    shape_error_row(ck, "dim 0", fwd(None, None, None, dim, 0)?, op);
 
     let (mut dx, mut ds, mut db, dout) = (z(rows * dim)?, z(dim)?, z(dim)?, z(rows * dim)?);
     be.layernorm_backward(&mut dx, Some(&mut ds), &mut db, &dout, &x, &mean, &rstd, Some(&scale), dim, false)?;
-    let bad_dout = z(rows * dim + 1)?;
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_backward(
-                &mut dx,
-                Some(&mut ds),
-                &mut db,
-                &bad_dout,
-                &x,
-                &mean,
-                &rstd,
-                Some(&scale),
-                dim,
-                false
-            ),
-            "layernorm_backward"
-        )
-    );
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_backward(
-                &mut dx,
-                Some(&mut ds),
-                &mut z(dim + 2)?,
-                &dout,
-                &x,
-                &mean,
-                &rstd,
-                Some(&scale),
-                dim,
-                false
-            ),
-            "layernorm_backward"
-        )
-    );
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_backward(
-                &mut dx,
-                Some(&mut ds),
-                &mut db,
-                &dout,
-                &x,
-                &z(rows - 1)?,
-                &rstd,
-                Some(&scale),
-                dim,
-                false
-            ),
-            "layernorm_backward"
-        )
-    );
-    let r = be.layernorm_backward(&mut dx, None, &mut db, &dout, &x, &mean, &rstd, Some(&scale), dim, false);
+    // The backward with one length replaced: (dscale, dbias, dout, mean, scale); None = a
+    // correct buffer, Some(0) for dscale = no dscale at all.
+    let mut bwd = |ds_len: Option<usize>, db_len, dout_len, mean_len, scale_len| -> crate::Result<crate::Result<()>> {
+        let mut ds_bad = match ds_len {
+            Some(0) => None,
+            Some(n) => Some(z(n)?),
+            None => Some(z(dim)?),
+        };
+        let (mut db_bad, dout_bad, mean_bad, scale_bad) =
+            (z(db_len)?, z(dout_len)?, z(mean_len)?, up(be, "s", &vec![1.0; scale_len])?);
+        let r = be.layernorm_backward(
+            &mut dx,
+            ds_bad.as_mut(),
+            &mut db_bad,
+            &dout_bad,
+            &x,
+            &mean_bad,
+            &rstd,
+            Some(&scale_bad),
+            dim,
+            false,
+        );
+        Ok(r)
+    };
+    let op = "layernorm_backward";
+    let n = rows * dim;
+    shape_error_row(ck, "a long dout", bwd(None, dim, n + 1, rows, dim)?, op);
+    shape_error_row(ck, "a long dbias", bwd(None, dim + 2, n, rows, dim)?, op);
+    shape_error_row(ck, "a short mean", bwd(None, dim, n, rows - 1, dim)?, op);
+    let r = bwd(Some(0), dim, n, rows, dim)?;
     check!(ck, matches!(r, Err(RuntimeError::Invalid { op: "layernorm_backward", .. })), "scale without dscale");
     // A scale or dscale of the wrong length: an error, not an index panic or a silently
     // truncated dscale.
-    let short_scale = up(be, "s", &[1.0; 5])?;
-    check!(
-        ck,
-        is_shape_error(
-            be.layernorm_backward(
-                &mut dx,
-                Some(&mut ds),
-                &mut db,
-                &dout,
-                &x,
-                &mean,
-                &rstd,
-                Some(&short_scale),
-                dim,
-                false
-            ),
-            "layernorm_backward"
-        )
-    );
+    shape_error_row(ck, "a short scale", bwd(None, dim, n, rows, dim - 1)?, op);
     for bad in [dim - 1, dim + 1] {
-        check!(
-            ck,
-            is_shape_error(
-                be.layernorm_backward(
-                    &mut dx,
-                    Some(&mut z(bad)?),
-                    &mut db,
-                    &dout,
-                    &x,
-                    &mean,
-                    &rstd,
-                    Some(&scale),
-                    dim,
-                    false
-                ),
-                "layernorm_backward"
-            )
-        );
+        shape_error_row(ck, &format!("a dscale of {bad}"), bwd(Some(bad), dim, n, rows, dim)?, op);
     }
     Ok(())
 }

@@ -24,13 +24,9 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
-/// [`crate::Backend::adamw`].
-pub struct AdamW<'a, T> {
-    pub param: &'a mut T,
-    pub grad: &'a T,
-    pub m: &'a mut T,
-    pub v: &'a mut T,
-    pub step: AdamWStep,
+op_args! {
+    /// [`crate::Backend::adamw`].
+    AdamW<'a, T> { param: &'a mut T, grad: &'a T, m: &'a mut T, v: &'a mut T, step: AdamWStep }
 }
 
 impl<T: Storage> AdamW<'_, T> {

@@ -43,32 +43,28 @@ impl AttentionShape {
     }
 }
 
-/// The inputs both directions read.
-pub struct Inputs<'a, T, I> {
-    pub q: &'a T,
-    pub k: &'a T,
-    pub v: &'a T,
-    pub mask: Option<&'a I>,
+op_args! {
+    /// The inputs both directions read.
+    Inputs<'a, T, I> { q: &'a T, k: &'a T, v: &'a T, mask: Option<&'a I> }
 }
 
-/// [`crate::Backend::attention_forward`].
-pub struct Forward<'a, T, I> {
-    pub out: &'a mut T,
-    pub lse: &'a mut T,
-    pub x: Inputs<'a, T, I>,
-    pub shape: AttentionShape,
+op_args! {
+    /// [`crate::Backend::attention_forward`].
+    Forward<'a, T, I> { out: &'a mut T, lse: &'a mut T, x: Inputs<'a, T, I>, shape: AttentionShape }
 }
 
-/// [`crate::Backend::attention_backward`].
-pub struct Backward<'a, T, I> {
-    pub dq: &'a mut T,
-    pub dk: &'a mut T,
-    pub dv: &'a mut T,
-    pub dout: &'a T,
-    pub x: Inputs<'a, T, I>,
-    pub out: &'a T,
-    pub lse: &'a T,
-    pub shape: AttentionShape,
+op_args! {
+    /// [`crate::Backend::attention_backward`].
+    Backward<'a, T, I> {
+        dq: &'a mut T,
+        dk: &'a mut T,
+        dv: &'a mut T,
+        dout: &'a T,
+        x: Inputs<'a, T, I>,
+        out: &'a T,
+        lse: &'a T,
+        shape: AttentionShape,
+    }
 }
 
 /// Checks an attention call's shape and the lengths of q, k, v and the optional key mask.

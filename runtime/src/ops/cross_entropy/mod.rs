@@ -11,45 +11,42 @@ use crate::error::{Result, RuntimeError};
 use crate::ops::checks::{check_len, check_valid, rows_of};
 use crate::ops::{HostIds, Storage};
 
-/// [`crate::Backend::cross_entropy_fused`].
-pub struct Fused<'a, T, I> {
-    pub logits: &'a mut T,
-    pub losses: &'a mut T,
-    pub targets: &'a I,
-    pub classes: usize,
-    pub grad_scale: f32,
+op_args! {
+    /// [`crate::Backend::cross_entropy_fused`].
+    Fused<'a, T, I> { logits: &'a mut T, losses: &'a mut T, targets: &'a I, classes: usize, grad_scale: f32 }
 }
 
-/// [`crate::Backend::vocab_parallel_max`], step 1.
-pub struct VocabMax<'a, T> {
-    pub row_max: &'a mut T,
-    pub logits: &'a T,
-    pub cols: usize,
-    pub valid_cols: usize,
+op_args! {
+    /// [`crate::Backend::vocab_parallel_max`], step 1.
+    VocabMax<'a, T> { row_max: &'a mut T, logits: &'a T, cols: usize, valid_cols: usize }
 }
 
-/// [`crate::Backend::vocab_parallel_sums`], step 2.
-pub struct VocabSums<'a, T, I> {
-    pub stats: &'a mut T,
-    pub logits: &'a T,
-    pub row_max: &'a T,
-    pub targets: &'a I,
-    pub cols: usize,
-    pub valid_cols: usize,
-    pub vocab_start: usize,
+op_args! {
+    /// [`crate::Backend::vocab_parallel_sums`], step 2.
+    VocabSums<'a, T, I> {
+        stats: &'a mut T,
+        logits: &'a T,
+        row_max: &'a T,
+        targets: &'a I,
+        cols: usize,
+        valid_cols: usize,
+        vocab_start: usize,
+    }
 }
 
-/// [`crate::Backend::vocab_parallel_grad`], step 3.
-pub struct VocabGrad<'a, T, I> {
-    pub logits: &'a mut T,
-    pub losses: &'a mut T,
-    pub row_max: &'a T,
-    pub stats: &'a T,
-    pub targets: &'a I,
-    pub cols: usize,
-    pub valid_cols: usize,
-    pub vocab_start: usize,
-    pub grad_scale: f32,
+op_args! {
+    /// [`crate::Backend::vocab_parallel_grad`], step 3.
+    VocabGrad<'a, T, I> {
+        logits: &'a mut T,
+        losses: &'a mut T,
+        row_max: &'a T,
+        stats: &'a T,
+        targets: &'a I,
+        cols: usize,
+        valid_cols: usize,
+        vocab_start: usize,
+        grad_scale: f32,
+    }
 }
 
 impl<T: Storage, I: Storage + HostIds> Fused<'_, T, I> {

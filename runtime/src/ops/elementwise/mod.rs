@@ -17,65 +17,49 @@ use crate::error::{Result, RuntimeError};
 use crate::ops::checks::{check_len, check_prefix, rows_of};
 use crate::ops::Storage;
 
-/// `buf = value`.
-pub struct Fill<'a, T> {
-    pub buf: &'a mut T,
-    pub value: f32,
+op_args! {
+    /// `buf = value`.
+    Fill<'a, T> { buf: &'a mut T, value: f32 }
 }
 
-/// `dst[offset..offset + data.len()] = data` from host memory.
-pub struct Write<'a, T> {
-    pub dst: &'a mut T,
-    pub offset: usize,
-    pub data: &'a [f32],
+op_args! {
+    /// `dst[offset..offset + data.len()] = data` from host memory.
+    Write<'a, T> { dst: &'a mut T, offset: usize, data: &'a [f32] }
 }
 
-/// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
-pub struct Copy<'a, T> {
-    pub dst: &'a mut T,
-    pub dst_off: usize,
-    pub src: &'a T,
-    pub src_off: usize,
-    pub len: usize,
+op_args! {
+    /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
+    Copy<'a, T> { dst: &'a mut T, dst_off: usize, src: &'a T, src_off: usize, len: usize }
 }
 
-/// `acc += x`.
-pub struct AddAssign<'a, T> {
-    pub acc: &'a mut T,
-    pub x: &'a T,
+op_args! {
+    /// `acc += x`.
+    AddAssign<'a, T> { acc: &'a mut T, x: &'a T }
 }
 
-/// `out = a + b`.
-pub struct Add<'a, T> {
-    pub out: &'a mut T,
-    pub a: &'a T,
-    pub b: &'a T,
+op_args! {
+    /// `out = a + b`.
+    Add<'a, T> { out: &'a mut T, a: &'a T, b: &'a T }
 }
 
-/// `x *= s`.
-pub struct Scale<'a, T> {
-    pub x: &'a mut T,
-    pub s: f32,
+op_args! {
+    /// `x *= s`.
+    Scale<'a, T> { x: &'a mut T, s: f32 }
 }
 
-/// `*out = Σ x²` in f64.
-pub struct SumSquares<'a, T> {
-    pub x: &'a T,
-    pub out: &'a mut f64,
+op_args! {
+    /// `*out = Σ x²` in f64.
+    SumSquares<'a, T> { x: &'a T, out: &'a mut f64 }
 }
 
-/// `out[i·row_len + j] += row[j]`.
-pub struct AddBroadcastRows<'a, T> {
-    pub out: &'a mut T,
-    pub row: &'a T,
-    pub row_len: usize,
+op_args! {
+    /// `out[i·row_len + j] += row[j]`.
+    AddBroadcastRows<'a, T> { out: &'a mut T, row: &'a T, row_len: usize }
 }
 
-/// `acc[j] += Σ_i x[i·row_len + j]`.
-pub struct SumBroadcastRows<'a, T> {
-    pub acc: &'a mut T,
-    pub x: &'a T,
-    pub row_len: usize,
+op_args! {
+    /// `acc[j] += Σ_i x[i·row_len + j]`.
+    SumBroadcastRows<'a, T> { acc: &'a mut T, x: &'a T, row_len: usize }
 }
 
 impl<T: Storage> Write<'_, T> {

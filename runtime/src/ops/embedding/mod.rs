@@ -32,22 +32,14 @@ impl VocabRange {
     }
 }
 
-/// [`crate::Backend::embedding_forward`].
-pub struct Forward<'a, T, I> {
-    pub out: &'a mut T,
-    pub table: &'a T,
-    pub ids: &'a I,
-    pub range: VocabRange,
-    pub dim: usize,
+op_args! {
+    /// [`crate::Backend::embedding_forward`].
+    Forward<'a, T, I> { out: &'a mut T, table: &'a T, ids: &'a I, range: VocabRange, dim: usize }
 }
 
-/// [`crate::Backend::embedding_backward`].
-pub struct Backward<'a, T, I> {
-    pub dtable: &'a mut T,
-    pub dout: &'a T,
-    pub ids: &'a I,
-    pub range: VocabRange,
-    pub dim: usize,
+op_args! {
+    /// [`crate::Backend::embedding_backward`].
+    Backward<'a, T, I> { dtable: &'a mut T, dout: &'a T, ids: &'a I, range: VocabRange, dim: usize }
 }
 
 /// A non-empty `dim`, an ordered range, a table of `range.len()` rows and an activation of one

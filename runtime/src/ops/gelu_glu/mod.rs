@@ -9,20 +9,14 @@ use crate::error::Result;
 use crate::ops::checks::check_len;
 use crate::ops::Storage;
 
-/// [`crate::Backend::gelu_glu_forward`].
-pub struct Forward<'a, T> {
-    pub out: &'a mut T,
-    pub a: &'a T,
-    pub b: &'a T,
+op_args! {
+    /// [`crate::Backend::gelu_glu_forward`].
+    Forward<'a, T> { out: &'a mut T, a: &'a T, b: &'a T }
 }
 
-/// [`crate::Backend::gelu_glu_backward`].
-pub struct Backward<'a, T> {
-    pub da: &'a mut T,
-    pub db: &'a mut T,
-    pub dout: &'a T,
-    pub a: &'a T,
-    pub b: &'a T,
+op_args! {
+    /// [`crate::Backend::gelu_glu_backward`].
+    Backward<'a, T> { da: &'a mut T, db: &'a mut T, dout: &'a T, a: &'a T, b: &'a T }
 }
 
 impl<T: Storage> Forward<'_, T> {

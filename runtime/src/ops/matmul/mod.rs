@@ -33,12 +33,9 @@ impl MatmulSpec {
     }
 }
 
-/// The buffers of one [`crate::Backend::matmul`] call.
-pub struct Matmul<'a, T> {
-    pub out: &'a mut T,
-    pub a: &'a T,
-    pub b: &'a T,
-    pub spec: MatmulSpec,
+op_args! {
+    /// The buffers of one [`crate::Backend::matmul`] call.
+    Matmul<'a, T> { out: &'a mut T, a: &'a T, b: &'a T, spec: MatmulSpec }
 }
 
 impl<T: Storage> Matmul<'_, T> {

@@ -13,7 +13,7 @@ use dm_runtime::Backend;
 use std::path::{Path, PathBuf};
 
 fn interop_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/interop").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/interop").join(name)
 }
 
 fn scratch(tag: &str) -> PathBuf {
