@@ -7,6 +7,8 @@
 //! `bench step` over MPI processes trains bit for bit as the thread mesh does (the MPI
 //! communicator sums in rank order like the threads'), so its losses are compared exactly.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -121,18 +123,6 @@ fn bench_step_over_processes_trains_as_the_thread_mesh() {
     }
 }
 
-const SWEEP: &str = "steps: 2
-warmup: 1
-device_memory: 24MiB
-profile: cpu-epyc-2core
-grid:
-  mesh: [1x1, 1x2]
-  model:
-    - {name: tiny, d_model: 32, layers: 1, heads: 2, ffn_dim: 64}
-    - {name: big, d_model: 512, layers: 2, heads: 4, ffn_dim: 1024}
-  batch_per_device: [2]
-";
-
 fn records(out: &Path) -> Vec<Value> {
     std::fs::read_to_string(out.join("results.jsonl"))
         .unwrap_or_default()
@@ -153,7 +143,7 @@ fn sweep(dir: &Path) -> Command {
 fn sweep_on_slurm_submits_collects_records_refusals_and_resumes() {
     require_mpi_build();
     let dir = scratch("sweep");
-    std::fs::write(dir.join("s.yaml"), SWEEP).unwrap();
+    std::fs::write(dir.join("s.yaml"), common::sweep_grid(true)).unwrap();
     let out = dir.join("o");
     // Interrupt the sweep as soon as its jobs are submitted; they go on without it.
     let mut child = Command::new(BIN)

@@ -2,6 +2,8 @@
 //! on the thread mesh (its collectives equal the performance model's), the CLI's clear refusals,
 //! and plan --time's calibration cache.
 
+mod common;
+
 use dalle_mesh::bench::{bench_step, StepOptions};
 use dm_model::perf_model::step_work;
 use std::io::{BufRead, BufReader};
@@ -17,26 +19,10 @@ fn tmp(name: &str) -> std::path::PathBuf {
     d
 }
 
-/// The grid without its second model (for the refusal tests).
-const SWEEP: &str = "steps: 2
-warmup: 1
-device_memory: 24MiB
-profile: cpu-epyc-2core
-grid:
-  mesh: [1x1, 1x2]
-  model:
-    - {name: tiny, d_model: 32, layers: 1, heads: 2, ffn_dim: 64}
-  batch_per_device: [2]
-";
-
 /// 4 points: a tiny model on 1×1 and 1×2 (run), and a big one the 24 MiB budget refuses on both.
 fn sweep_yaml(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("sweep.yaml");
-    let text = SWEEP.replace(
-        "  batch_per_device: [2]\n",
-        "    - {name: big, d_model: 512, layers: 2, heads: 4, ffn_dim: 1024}\n  batch_per_device: [2]\n",
-    );
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, common::sweep_grid(true)).unwrap();
     p
 }
 
@@ -174,7 +160,7 @@ fn unsupported_precision_device_transport_and_launcher_exit_2_saying_why() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("dalle-mesh launch --nproc 3"));
     let dir = tmp("slurm");
     let cfg = dir.join("s.yaml");
-    std::fs::write(&cfg, SWEEP).unwrap();
+    std::fs::write(&cfg, common::sweep_grid(false)).unwrap();
     // A job's point that isn't in the grid, or without the submitting sweep's calibration.
     for (point, says) in [("9", "has 2 points"), ("0", "calibration")] {
         let o = Command::new(BIN)
@@ -188,7 +174,7 @@ fn unsupported_precision_device_transport_and_launcher_exit_2_saying_why() {
         assert!(String::from_utf8_lossy(&o.stderr).contains(says), "--point {point}");
     }
     // A grid asking for bf16 is refused before anything runs.
-    std::fs::write(&cfg, format!("{SWEEP}  precision: [bf16-mixed]\n")).unwrap();
+    std::fs::write(&cfg, format!("{}  precision: [bf16-mixed]\n", common::sweep_grid(false))).unwrap();
     let o = Command::new(BIN).args(["sweep", "--config"]).arg(&cfg).arg("--out").arg(dir.join("o2")).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("bf16-mixed"));

@@ -23,6 +23,18 @@ pub use crate::ops::matmul::MatmulSpec;
 /// Optional key-padding mask, `[batch, kv_len]`, non-zero = the key may be attended to.
 pub type KeyMask<'a, B> = Option<&'a <B as Backend>::Ids>;
 
+/// A named op of [`Backend`] that hands its arguments, as they are, to one op struct and runs it:
+/// `op_method! { /// doc  name(arg: Type, …) => Variant(module::Struct) }`.
+macro_rules! op_method {
+    ($(#[$meta:meta])* $name:ident($($arg:ident: $ty:ty),* $(,)?) => $variant:ident($($st:ident)::+)) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name(&self, $($arg: $ty),*) -> Result<()> {
+            self.run(Op::$variant($($st)::+ { $($arg),* }))
+        }
+    };
+}
+
 /// A device that can run DalleBart's ops. `Buf` holds f32 elements, `Ids` holds i32 elements.
 /// A backend value is a cheap handle (clones share the device and its memory tracker).
 pub trait Backend: Clone + Send + Sync + 'static {
@@ -94,39 +106,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
 
     // ---- layernorm (eps 1e-5, biased variance) ---------------------------------------------
-    /// `out = (x - mean)·rstd·scale + bias` per row of `dim`; saves `mean`, `rstd` (`[rows]`).
-    /// `scale = None` is dalle-mini's bias-only LayerNorm.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(
-        &self,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        x: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        bias: &Self::Buf,
-        dim: usize,
-    ) -> Result<()> {
-        self.run(Op::LayerNormForward(ln::Forward { out, mean, rstd, x, scale, bias, dim }))
+    op_method! {
+        /// `out = (x - mean)·rstd·scale + bias` per row of `dim`; saves `mean`, `rstd` (`[rows]`).
+        /// `scale = None` is dalle-mini's bias-only LayerNorm.
+        layernorm_forward(out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf,
+            scale: Option<&Self::Buf>, bias: &Self::Buf, dim: usize) => LayerNormForward(ln::Forward)
     }
-    /// Gradients of [`Backend::layernorm_forward`]: `dscale`/`dbias` accumulated; `dx` overwritten,
-    /// or accumulated when `accumulate_dx` (the residual stream's gradient).
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(
-        &self,
-        dx: &mut Self::Buf,
-        dscale: Option<&mut Self::Buf>,
-        dbias: &mut Self::Buf,
-        dout: &Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        dim: usize,
-        accumulate_dx: bool,
-    ) -> Result<()> {
-        let a = ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx };
-        self.run(Op::LayerNormBackward(a))
+    op_method! {
+        /// Gradients of [`Backend::layernorm_forward`]: `dscale`/`dbias` accumulated; `dx` overwritten,
+        /// or accumulated when `accumulate_dx` (the residual stream's gradient).
+        layernorm_backward(dx: &mut Self::Buf, dscale: Option<&mut Self::Buf>, dbias: &mut Self::Buf,
+            dout: &Self::Buf, x: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, scale: Option<&Self::Buf>,
+            dim: usize, accumulate_dx: bool) => LayerNormBackward(ln::Backward)
     }
 
     // ---- layernorm over a dimension sharded across tensor-parallel ranks -----------------
@@ -134,71 +125,34 @@ pub trait Backend: Clone + Send + Sync + 'static {
     // `layernorm_row_sums(x, center = mean, squared) → all-reduce → rstd`, then
     // `layernorm_apply`. Backward: `layernorm_backward_row_sums → all-reduce →
     // layernorm_backward_apply`. With one shard these equal the fused ops above.
-    /// `sums[r] = Σ_j x[r, j]`, or `Σ_j (x[r, j] − center[r])²` when `center` is given.
-    fn layernorm_row_sums(
-        &self,
-        sums: &mut Self::Buf,
-        x: &Self::Buf,
-        center: Option<&Self::Buf>,
-        dim: usize,
-    ) -> Result<()> {
-        self.run(Op::LayerNormRowSums(ln::RowSums { sums, x, center, dim }))
+    op_method! {
+        /// `sums[r] = Σ_j x[r, j]`, or `Σ_j (x[r, j] − center[r])²` when `center` is given.
+        layernorm_row_sums(sums: &mut Self::Buf, x: &Self::Buf, center: Option<&Self::Buf>, dim: usize)
+            => LayerNormRowSums(ln::RowSums)
     }
     /// Turns all-reduced row sums into statistics in place: `Σx → mean = Σx / dim_global`
     /// (`squared = false`) or `Σ(x−mean)² → rstd = 1/√(Σ/dim_global + eps)` (`squared = true`).
     fn layernorm_finish_stats(&self, sums: &mut Self::Buf, dim_global: usize, squared: bool) -> Result<()> {
         self.run(Op::LayerNormFinishStats(ln::FinishStats { sums, dim_global, squared }))
     }
-    /// `out = (x − mean)·rstd·scale + bias` with given statistics.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_apply(
-        &self,
-        out: &mut Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        bias: &Self::Buf,
-        dim: usize,
-    ) -> Result<()> {
-        self.run(Op::LayerNormApply(ln::Apply { out, x, mean, rstd, scale, bias, dim }))
+    op_method! {
+        /// `out = (x − mean)·rstd·scale + bias` with given statistics.
+        layernorm_apply(out: &mut Self::Buf, x: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf,
+            scale: Option<&Self::Buf>, bias: &Self::Buf, dim: usize) => LayerNormApply(ln::Apply)
     }
-    /// Per-row partial sums for the backward, `sums = [Σ_j ĝ, Σ_j ĝ·x̂]` as `[2, rows]`, where
-    /// `ĝ = dout·scale` and `x̂ = (x − mean)·rstd`.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward_row_sums(
-        &self,
-        sums: &mut Self::Buf,
-        dout: &Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        dim: usize,
-    ) -> Result<()> {
-        self.run(Op::LayerNormBackwardRowSums(ln::BackwardRowSums { sums, dout, x, mean, rstd, scale, dim }))
+    op_method! {
+        /// Per-row partial sums for the backward, `sums = [Σ_j ĝ, Σ_j ĝ·x̂]` as `[2, rows]`, where
+        /// `ĝ = dout·scale` and `x̂ = (x − mean)·rstd`.
+        layernorm_backward_row_sums(sums: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, mean: &Self::Buf,
+            rstd: &Self::Buf, scale: Option<&Self::Buf>, dim: usize) => LayerNormBackwardRowSums(ln::BackwardRowSums)
     }
-    /// `dx (= | +=) rstd·(ĝ − Σĝ/dim_global − x̂·Σĝx̂/dim_global)` from all-reduced `sums`;
-    /// `dscale`, `dbias` accumulated.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward_apply(
-        &self,
-        dx: &mut Self::Buf,
-        dscale: Option<&mut Self::Buf>,
-        dbias: &mut Self::Buf,
-        dout: &Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        scale: Option<&Self::Buf>,
-        sums: &Self::Buf,
-        dim: usize,
-        dim_global: usize,
-        accumulate_dx: bool,
-    ) -> Result<()> {
-        let a =
-            ln::BackwardApply { dx, dscale, dbias, dout, x, mean, rstd, scale, sums, dim, dim_global, accumulate_dx };
-        self.run(Op::LayerNormBackwardApply(a))
+    op_method! {
+        /// `dx (= | +=) rstd·(ĝ − Σĝ/dim_global − x̂·Σĝx̂/dim_global)` from all-reduced `sums`;
+        /// `dscale`, `dbias` accumulated.
+        layernorm_backward_apply(dx: &mut Self::Buf, dscale: Option<&mut Self::Buf>, dbias: &mut Self::Buf,
+            dout: &Self::Buf, x: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, scale: Option<&Self::Buf>,
+            sums: &Self::Buf, dim: usize, dim_global: usize, accumulate_dx: bool)
+            => LayerNormBackwardApply(ln::BackwardApply)
     }
 
     // ---- GELU-GLU ----------------------------------------------------------------------
@@ -206,41 +160,23 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn gelu_glu_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()> {
         self.run(Op::GeluGluForward(gelu_glu::Forward { out, a, b }))
     }
-    /// `da, db` (overwritten) from `dout`.
-    fn gelu_glu_backward(
-        &self,
-        da: &mut Self::Buf,
-        db: &mut Self::Buf,
-        dout: &Self::Buf,
-        a: &Self::Buf,
-        b: &Self::Buf,
-    ) -> Result<()> {
-        self.run(Op::GeluGluBackward(gelu_glu::Backward { da, db, dout, a, b }))
+    op_method! {
+        /// `da, db` (overwritten) from `dout`.
+        gelu_glu_backward(da: &mut Self::Buf, db: &mut Self::Buf, dout: &Self::Buf, a: &Self::Buf, b: &Self::Buf)
+            => GeluGluBackward(gelu_glu::Backward)
     }
 
     // ---- embeddings --------------------------------------------------------------------
-    /// `out[i, :] = table[ids[i] - range.start, :]` for ids in `range`, zeros otherwise;
-    /// `table` holds `range.len()` rows of `dim`.
-    fn embedding_forward(
-        &self,
-        out: &mut Self::Buf,
-        table: &Self::Buf,
-        ids: &Self::Ids,
-        range: VocabRange,
-        dim: usize,
-    ) -> Result<()> {
-        self.run(Op::EmbeddingForward(embedding::Forward { out, table, ids, range, dim }))
+    op_method! {
+        /// `out[i, :] = table[ids[i] - range.start, :]` for ids in `range`, zeros otherwise;
+        /// `table` holds `range.len()` rows of `dim`.
+        embedding_forward(out: &mut Self::Buf, table: &Self::Buf, ids: &Self::Ids, range: VocabRange, dim: usize)
+            => EmbeddingForward(embedding::Forward)
     }
-    /// Scatter-add: `dtable[ids[i] - range.start, :] += dout[i, :]` for ids in `range`.
-    fn embedding_backward(
-        &self,
-        dtable: &mut Self::Buf,
-        dout: &Self::Buf,
-        ids: &Self::Ids,
-        range: VocabRange,
-        dim: usize,
-    ) -> Result<()> {
-        self.run(Op::EmbeddingBackward(embedding::Backward { dtable, dout, ids, range, dim }))
+    op_method! {
+        /// Scatter-add: `dtable[ids[i] - range.start, :] += dout[i, :]` for ids in `range`.
+        embedding_backward(dtable: &mut Self::Buf, dout: &Self::Buf, ids: &Self::Ids, range: VocabRange,
+            dim: usize) => EmbeddingBackward(embedding::Backward)
     }
 
     // ---- attention ---------------------------------------------------------------------
@@ -284,74 +220,33 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
 
     // ---- loss --------------------------------------------------------------------------
-    /// Fused softmax cross-entropy over `classes` columns, forward and backward in one pass:
-    /// `losses[r] = logsumexp(logits[r]) - logits[r, targets[r]]`, and `logits` is overwritten by
-    /// `grad_scale · (softmax(logits[r]) - onehot(targets[r]))`.
-    fn cross_entropy_fused(
-        &self,
-        logits: &mut Self::Buf,
-        losses: &mut Self::Buf,
-        targets: &Self::Ids,
-        classes: usize,
-        grad_scale: f32,
-    ) -> Result<()> {
-        self.run(Op::CrossEntropyFused(cross_entropy::Fused { logits, losses, targets, classes, grad_scale }))
+    op_method! {
+        /// Fused softmax cross-entropy over `classes` columns, forward and backward in one pass:
+        /// `losses[r] = logsumexp(logits[r]) - logits[r, targets[r]]`, and `logits` is overwritten by
+        /// `grad_scale · (softmax(logits[r]) - onehot(targets[r]))`.
+        cross_entropy_fused(logits: &mut Self::Buf, losses: &mut Self::Buf, targets: &Self::Ids,
+            classes: usize, grad_scale: f32) => CrossEntropyFused(cross_entropy::Fused)
     }
 
-    /// Vocab-parallel cross-entropy, step 1: `row_max[r] = max` over this rank's first
-    /// `valid_cols` columns of `logits` (`[rows, cols]`; columns past `valid_cols` are padding).
-    fn vocab_parallel_max(
-        &self,
-        row_max: &mut Self::Buf,
-        logits: &Self::Buf,
-        cols: usize,
-        valid_cols: usize,
-    ) -> Result<()> {
-        self.run(Op::VocabParallelMax(cross_entropy::VocabMax { row_max, logits, cols, valid_cols }))
+    op_method! {
+        /// Vocab-parallel cross-entropy, step 1: `row_max[r] = max` over this rank's first
+        /// `valid_cols` columns of `logits` (`[rows, cols]`; columns past `valid_cols` are padding).
+        vocab_parallel_max(row_max: &mut Self::Buf, logits: &Self::Buf, cols: usize, valid_cols: usize)
+            => VocabParallelMax(cross_entropy::VocabMax)
     }
-    /// Step 2, after all-reducing the max: `stats = [Σ_valid e^(x − max), target logit or 0]` as
-    /// `[2, rows]`; this rank holds global columns `vocab_start ..`.
-    #[allow(clippy::too_many_arguments)]
-    fn vocab_parallel_sums(
-        &self,
-        stats: &mut Self::Buf,
-        logits: &Self::Buf,
-        row_max: &Self::Buf,
-        targets: &Self::Ids,
-        cols: usize,
-        valid_cols: usize,
-        vocab_start: usize,
-    ) -> Result<()> {
-        let a = cross_entropy::VocabSums { stats, logits, row_max, targets, cols, valid_cols, vocab_start };
-        self.run(Op::VocabParallelSums(a))
+    op_method! {
+        /// Step 2, after all-reducing the max: `stats = [Σ_valid e^(x − max), target logit or 0]` as
+        /// `[2, rows]`; this rank holds global columns `vocab_start ..`.
+        vocab_parallel_sums(stats: &mut Self::Buf, logits: &Self::Buf, row_max: &Self::Buf,
+            targets: &Self::Ids, cols: usize, valid_cols: usize, vocab_start: usize)
+            => VocabParallelSums(cross_entropy::VocabSums)
     }
-    /// Step 3, after all-reducing `stats`: `losses[r] = max + ln Σ − target logit`, and `logits`
-    /// overwritten by `grad_scale·(softmax − onehot)` on valid columns, 0 on padding.
-    #[allow(clippy::too_many_arguments)]
-    fn vocab_parallel_grad(
-        &self,
-        logits: &mut Self::Buf,
-        losses: &mut Self::Buf,
-        row_max: &Self::Buf,
-        stats: &Self::Buf,
-        targets: &Self::Ids,
-        cols: usize,
-        valid_cols: usize,
-        vocab_start: usize,
-        grad_scale: f32,
-    ) -> Result<()> {
-        let a = cross_entropy::VocabGrad {
-            logits,
-            losses,
-            row_max,
-            stats,
-            targets,
-            cols,
-            valid_cols,
-            vocab_start,
-            grad_scale,
-        };
-        self.run(Op::VocabParallelGrad(a))
+    op_method! {
+        /// Step 3, after all-reducing `stats`: `losses[r] = max + ln Σ − target logit`, and `logits`
+        /// overwritten by `grad_scale·(softmax − onehot)` on valid columns, 0 on padding.
+        vocab_parallel_grad(logits: &mut Self::Buf, losses: &mut Self::Buf, row_max: &Self::Buf,
+            stats: &Self::Buf, targets: &Self::Ids, cols: usize, valid_cols: usize, vocab_start: usize,
+            grad_scale: f32) => VocabParallelGrad(cross_entropy::VocabGrad)
     }
 
     // ---- optimizer ---------------------------------------------------------------------

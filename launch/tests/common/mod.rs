@@ -129,3 +129,13 @@ pub fn run_ok(cmd: Command) -> Output {
     assert!(out.status.success(), "{}", text(&out.stderr));
     out
 }
+
+/// A sweep grid of 2-step points on the 1×1 and 1×2 meshes: a tiny model, and with `with_big` a
+/// big one that the 24 MiB budget refuses on both.
+pub fn sweep_grid(with_big: bool) -> String {
+    let big = if with_big { "    - {name: big, d_model: 512, layers: 2, heads: 4, ffn_dim: 1024}\n" } else { "" };
+    format!(
+        "steps: 2\nwarmup: 1\ndevice_memory: 24MiB\nprofile: cpu-epyc-2core\ngrid:\n  mesh: [1x1, 1x2]\n  model:\n    \
+         - {{name: tiny, d_model: 32, layers: 1, heads: 2, ffn_dim: 64}}\n{big}  batch_per_device: [2]\n"
+    )
+}
