@@ -66,18 +66,9 @@ from safetensors.numpy import save_file  # noqa: E402
 from dalle_mini.model import DalleBart, DalleBartConfig  # noqa: E402
 
 TINY_DEFAULTS = dict(
-    d_model=64,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=128,
-    decoder_ffn_dim=128,
-    encoder_vocab_size=100,
-    image_vocab_size=128,
-    image_length=16,
-    max_text_length=16,
-    init_std=0.02,
+    d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_vocab_size=100, image_vocab_size=128,
+    image_length=16, max_text_length=16, init_std=0.02,
 )
 FORCED = dict(
     dropout=0.0,

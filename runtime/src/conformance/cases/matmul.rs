@@ -61,18 +61,8 @@ pub fn matmul_backward<B: Backend>(
 
 /// Forward and backward of one matmul configuration; `fd_samples` limits the finite
 /// differences to that many random entries per tensor (for the large, parallel products).
-pub fn matmul_case<B: Backend>(
-    be: &B,
-    ck: &mut Checks,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    fd_samples: Option<usize>,
-) -> CaseResult {
-    let s = spec(m, n, k, trans_a, trans_b, accumulate);
+pub fn matmul_case<B: Backend>(be: &B, ck: &mut Checks, s: MatmulSpec, fd_samples: Option<usize>) -> CaseResult {
+    let MatmulSpec { m, n, k, trans_a, trans_b, accumulate } = s;
     let case = format!("matmul {m}x{n}x{k} trans_a={trans_a} trans_b={trans_b} accumulate={accumulate}");
     let mut rng = rng_for(&case);
     let a = normal(&mut rng, m * k, 0.0, 1.0);
@@ -130,7 +120,7 @@ pub fn matmul_odd_sizes_all_transposes_and_accumulate<B: Backend>(be: &B, ck: &m
     for trans_a in [false, true] {
         for trans_b in [false, true] {
             for accumulate in [false, true] {
-                matmul_case(be, ck, 7, 13, 5, trans_a, trans_b, accumulate, None)?;
+                matmul_case(be, ck, spec(7, 13, 5, trans_a, trans_b, accumulate), None)?;
             }
         }
     }
@@ -140,7 +130,7 @@ pub fn matmul_odd_sizes_all_transposes_and_accumulate<B: Backend>(be: &B, ck: &m
 pub fn matmul_thin_shapes<B: Backend>(be: &B, ck: &mut Checks) -> CaseResult {
     for (m, n, k) in [(1, 17, 3), (9, 1, 33), (4, 6, 1), (3, 5, 40)] {
         for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
-            matmul_case(be, ck, m, n, k, trans_a, trans_b, trans_a, None)?;
+            matmul_case(be, ck, spec(m, n, k, trans_a, trans_b, trans_a), None)?;
         }
     }
     Ok(())
@@ -150,7 +140,7 @@ pub fn matmul_parallel_path_all_transposes<B: Backend>(be: &B, ck: &mut Checks) 
     // 70·80·60 = 336 000 ≥ 2¹⁸ multiply-adds: the rayon-parallel gemm path (also for the
     // backward products, which have the same m·n·k).
     for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
-        matmul_case(be, ck, 70, 80, 60, trans_a, trans_b, trans_a != trans_b, Some(40))?;
+        matmul_case(be, ck, spec(70, 80, 60, trans_a, trans_b, trans_a != trans_b), Some(40))?;
     }
     Ok(())
 }
