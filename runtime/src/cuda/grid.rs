@@ -2,10 +2,12 @@
 //! shape (and the device's SM count), so they are unit-tested on machines without a GPU.
 //!
 //! Each function restates the grid documented at the top of the kernel's `.cu` file in
-//! `kernels/cuda/` (and the constants of [`dm_kernels::grid`]); keep them in step.
+//! `runtime/src/ops/<family>/`; the tile and block constants a kernel is compiled with come from
+//! its family's `kernels.rs` (the `-D` defines), so they are written once. Attention's grids are
+//! with its descriptors ([`crate::ops::attention::kernels::AttentionPath`]).
 
-use crate::backend::{AttentionShape, MatmulSpec};
-use dm_kernels::grid as kl;
+use crate::backend::MatmulSpec;
+use crate::ops::{layernorm::kernels as ln, matmul::kernels as mm};
 
 /// Largest grid y and z dimension CUDA accepts.
 pub const MAX_GRID_YZ: usize = 65_535;
@@ -24,7 +26,7 @@ pub struct KernelGrid {
 }
 
 impl KernelGrid {
-    fn new(grid: (usize, usize, usize), block: usize, smem: usize) -> Result<Self, String> {
+    pub(crate) fn new(grid: (usize, usize, usize), block: usize, smem: usize) -> Result<Self, String> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Err(format!("empty grid {grid:?}"));
         }
@@ -83,8 +85,8 @@ pub fn matmul_lds(s: &MatmulSpec) -> (usize, usize, usize) {
 
 /// matmul.cu `matmul_f32_*`: 64×64 tile, grid (ceil(N/64), ceil(M/64), 1), block 256, no split-K.
 pub fn matmul_f32(m: usize, n: usize) -> Result<KernelGrid, String> {
-    let (bm, bn, threads) = kl::MATMUL_F32;
-    KernelGrid::new((n.div_ceil(bn), m.div_ceil(bm), 1), threads, 0)
+    let t = mm::F32_TILE;
+    KernelGrid::new((n.div_ceil(t), m.div_ceil(t), 1), mm::F32_THREADS, 0)
 }
 
 /// Tile variant of the bf16 tensor-core GEMM.
@@ -95,26 +97,19 @@ pub enum Bf16Tile {
 }
 
 impl Bf16Tile {
-    /// (BM, BN, threads).
-    pub fn dims(self) -> (usize, usize, usize) {
+    /// The tile configuration the kernels of this variant are compiled with.
+    pub fn shape(self) -> mm::Bf16TileShape {
         match self {
-            Bf16Tile::T128 => kl::MATMUL_BF16_128,
-            Bf16Tile::T64 => kl::MATMUL_BF16_64,
-        }
-    }
-    /// Entry-point suffix.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            Bf16Tile::T128 => "128x128",
-            Bf16Tile::T64 => "64x64",
+            Bf16Tile::T128 => mm::BF16_LARGE,
+            Bf16Tile::T64 => mm::BF16_SMALL,
         }
     }
 }
 
 /// 128×128 tiles when they give at least one block per SM, else 64×64 (4× the blocks).
 pub fn choose_bf16_tile(m: usize, n: usize, sms: usize) -> Bf16Tile {
-    let (bm, bn, _) = kl::MATMUL_BF16_128;
-    if m.div_ceil(bm) * n.div_ceil(bn) >= sms.max(1) {
+    let t = mm::BF16_LARGE.tile;
+    if m.div_ceil(t) * n.div_ceil(t) >= sms.max(1) {
         Bf16Tile::T128
     } else {
         Bf16Tile::T64
@@ -124,8 +119,8 @@ pub fn choose_bf16_tile(m: usize, n: usize, sms: usize) -> Bf16Tile {
 /// matmul.cu `matmul_bf16_*_{128x128,64x64}`: grid (ceil(N/BN), ceil(M/BM), 1), block 256 / 128,
 /// static shared memory only.
 pub fn matmul_bf16(m: usize, n: usize, tile: Bf16Tile) -> Result<KernelGrid, String> {
-    let (bm, bn, threads) = tile.dims();
-    KernelGrid::new((n.div_ceil(bn), m.div_ceil(bm), 1), threads, 0)
+    let shape = tile.shape();
+    KernelGrid::new((n.div_ceil(shape.tile), m.div_ceil(shape.tile), 1), shape.threads(), 0)
 }
 
 /// The bf16 GEMM's fast path (16-byte cp.async) needs leading dimensions that are multiples of 8
@@ -190,79 +185,6 @@ pub fn cublas_row_major(s: &MatmulSpec, lda: usize, ldb: usize, ldc: usize) -> C
     CublasGemm { trans_a: s.trans_b, trans_b: s.trans_a, m: s.n, n: s.m, k: s.k, lda: ldb, ldb: lda, ldc }
 }
 
-/// Which attention kernel family serves a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionPath {
-    /// attention.cu: f32 FlashAttention-2 (the parity path; also hd <= 32 in mixed precision).
-    F32 { hdm: usize },
-    /// attention_tc.cu `_f32` entry points: bf16 tensor cores, f32 I/O.
-    TensorCore { hdm: usize },
-}
-
-impl AttentionPath {
-    /// The f32 path for `head_dim`, or the tensor-core path when `tensor_cores` and hd > 32
-    /// (the header of attention_tc.cu: hd <= 32 heads are cheaper on the f32 kernels).
-    pub fn choose(head_dim: usize, tensor_cores: bool) -> Result<Self, String> {
-        if tensor_cores && head_dim > 32 {
-            if let Some(hdm) = kl::attention_tc_variant(head_dim) {
-                return Ok(AttentionPath::TensorCore { hdm });
-            }
-        }
-        kl::attention_variant(head_dim)
-            .map(|hdm| AttentionPath::F32 { hdm })
-            .ok_or_else(|| format!("head_dim {head_dim} is not supported (the attention kernels serve 1..=128)"))
-    }
-
-    pub fn hdm(&self) -> usize {
-        match *self {
-            AttentionPath::F32 { hdm } | AttentionPath::TensorCore { hdm } => hdm,
-        }
-    }
-
-    /// Entry point of `kernel` on this path.
-    pub fn entry(&self, kernel: kl::AttentionKernel) -> String {
-        let k = match kernel {
-            kl::AttentionKernel::Forward => "fwd",
-            kl::AttentionKernel::BackwardDkDv => "bwd_dkdv",
-            kl::AttentionKernel::BackwardDq => "bwd_dq",
-        };
-        match self {
-            AttentionPath::F32 { hdm } => format!("attention_{k}_f32_hd{hdm}"),
-            AttentionPath::TensorCore { hdm } => format!("attention_tc_{k}_f32_hd{hdm}"),
-        }
-    }
-
-    /// Dynamic shared memory of `kernel` on this path.
-    pub fn smem(&self, kernel: kl::AttentionKernel) -> usize {
-        match *self {
-            AttentionPath::F32 { hdm } => kl::attention_smem_bytes(kernel, hdm),
-            AttentionPath::TensorCore { hdm } => kl::attention_tc_smem_bytes(kernel, hdm),
-        }
-    }
-
-    /// Threads per block.
-    pub fn threads(&self) -> usize {
-        match self {
-            AttentionPath::F32 { .. } => kl::ATTENTION_THREADS,
-            AttentionPath::TensorCore { .. } => kl::ATTENTION_TC_THREADS,
-        }
-    }
-
-    /// KernelGrid of `kernel`: grid (ceil(T/64), B·H) with T = Tq (forward, dQ) or Tk (dK dV).
-    pub fn grid(&self, kernel: kl::AttentionKernel, s: &AttentionShape) -> Result<KernelGrid, String> {
-        let t = match kernel {
-            kl::AttentionKernel::BackwardDkDv => s.kv_len,
-            _ => s.q_len,
-        };
-        KernelGrid::new((t.div_ceil(kl::ATTENTION_TILE), s.batch * s.heads, 1), self.threads(), self.smem(kernel))
-    }
-}
-
-/// `attention_bwd_preprocess_f32`: block 256 (8 warps, one (b, i, h) row each), grid ceil(B·Tq·H/8).
-pub fn attention_preprocess(s: &AttentionShape) -> Result<KernelGrid, String> {
-    KernelGrid::new(((s.batch * s.q_len * s.heads).div_ceil(8), 1, 1), 256, 0)
-}
-
 /// Whether a kernel needing `smem` bytes of dynamic shared memory fits the device's opt-in limit.
 pub fn check_smem(entry: &str, smem: usize, device_optin_limit: usize) -> Result<(), String> {
     if smem > device_optin_limit {
@@ -280,15 +202,15 @@ pub fn layernorm_rows(rows: usize) -> Result<KernelGrid, String> {
     KernelGrid::new((rows.div_ceil(8).max(1), 1, 1), 256, 0)
 }
 
-/// `layernorm_backward_f32`: block `kl::layernorm_backward_threads(dim)` (dim <= 16 columns a
+/// `layernorm_backward_f32`: block `ln::backward_threads(dim)` (dim <= 16 columns a
 /// thread, at most 1024 threads), grid `min(rows, 2·SMs)` (>= 1); the partials hold
 /// `grid · 2 · dim` floats.
 pub fn layernorm_backward(rows: usize, dim: usize, sms: usize) -> Result<KernelGrid, String> {
-    let max_dim = 1024 * kl::LAYERNORM_BWD_COLS_PER_THREAD;
+    let max_dim = 1024 * ln::BWD_COLS_PER_THREAD;
     if dim == 0 || dim > max_dim {
         return Err(format!("layernorm dim {dim} is outside 1..={max_dim}, what layernorm_backward_f32 handles"));
     }
-    let threads = kl::layernorm_backward_threads(dim);
+    let threads = ln::backward_threads(dim);
     KernelGrid::new((rows.clamp(1, 2 * sms.max(1)), 1, 1), threads, 0)
 }
 
@@ -477,42 +399,12 @@ mod tests {
     }
 
     #[test]
-    fn attention_paths_shapes_and_shared_memory() {
-        let s = AttentionShape { batch: 8, q_len: 256, kv_len: 64, heads: 16, head_dim: 64, causal: false };
-        let f32p = AttentionPath::choose(64, false).unwrap();
-        assert_eq!(f32p, AttentionPath::F32 { hdm: 64 });
-        assert_eq!(f32p.entry(kl::AttentionKernel::Forward), "attention_fwd_f32_hd64");
-        let l = f32p.grid(kl::AttentionKernel::Forward, &s).unwrap();
-        assert_eq!((l.grid, l.block, l.smem), ((4, 128, 1), (256, 1, 1), 66_816));
-        let l = f32p.grid(kl::AttentionKernel::BackwardDkDv, &s).unwrap();
-        assert_eq!((l.grid, l.smem), ((1, 128, 1), 100_608));
-        assert_eq!(f32p.grid(kl::AttentionKernel::BackwardDq, &s).unwrap().smem, 83_968);
-
-        let tc = AttentionPath::choose(64, true).unwrap();
-        assert_eq!(tc, AttentionPath::TensorCore { hdm: 64 });
-        assert_eq!(tc.entry(kl::AttentionKernel::BackwardDq), "attention_tc_bwd_dq_f32_hd64");
-        let l = tc.grid(kl::AttentionKernel::Forward, &s).unwrap();
-        assert_eq!((l.block, l.smem), ((128, 1, 1), 0));
-        assert_eq!(tc.grid(kl::AttentionKernel::BackwardDkDv, &s).unwrap().smem, 33_536);
-        // hd <= 32 stays on the f32 kernels even in mixed precision; hd > 128 is refused.
-        assert_eq!(AttentionPath::choose(16, true).unwrap(), AttentionPath::F32 { hdm: 32 });
-        assert_eq!(AttentionPath::choose(80, true).unwrap(), AttentionPath::TensorCore { hdm: 128 });
-        assert!(AttentionPath::choose(129, false).is_err());
-        assert!(AttentionPath::choose(0, false).is_err());
-        // H100 allows 227 KiB per block; A100 163 KiB, too little for the f32 hd128 dK/dV kernel.
-        let big = AttentionPath::F32 { hdm: 128 }.smem(kl::AttentionKernel::BackwardDkDv);
-        assert!(check_smem("dkdv", big, 232_448).is_ok());
-        assert!(check_smem("dkdv", big, 166_912 - 1024).is_err());
-        assert_eq!(attention_preprocess(&s).unwrap().grid.0, (8 * 256 * 16) / 8);
-    }
-
-    #[test]
     fn layernorm_and_cross_entropy_grids() {
         assert_eq!(layernorm_rows(2048).unwrap().grid.0, 256);
         assert_eq!(layernorm_rows(3).unwrap().grid.0, 1);
         let l = layernorm_backward(2048, 2730, 132).unwrap();
         assert_eq!((l.grid.0, l.block.0), (264, 192));
-        assert!(l.block.0 as usize * kl::LAYERNORM_BWD_COLS_PER_THREAD >= 2730);
+        assert!(l.block.0 as usize * ln::BWD_COLS_PER_THREAD >= 2730);
         assert_eq!(layernorm_backward(5, 64, 132).unwrap().grid.0, 5);
         assert!(layernorm_backward(8, 16_385, 132).is_err());
         assert_eq!(layernorm_param_grads(2730).unwrap().grid.0, 11);

@@ -22,7 +22,7 @@
 // as NaN, which the backward reads as "P = 1/Tk for every key". (Causal without a key mask never
 // produces such rows; the causal tile skipping is therefore only used when mask is null.)
 //
-// Launch shape (all hd variants): block 256 threads as 16×16 (__launch_bounds__(256, 2) for hd32
+// Launch shape (all hd variants): block 256 threads as 16×16 (__launch_bounds__(ATT_NT, 2) for hd32
 // and hd64 — without a minimum ptxas squeezed the hd32 forward into 64 registers and spilled — and
 // (256, 1) for hd128, whose shared memory allows one block per SM anyway and whose dK+dV
 // accumulators need more than 128 registers); grid (ceil(T/64), B·H) where T = Tq
@@ -42,9 +42,9 @@
 // additions relative to the CPU reference (~1e-6 relative). This is the fp32 parity path; the
 // fast path is the tensor-core family in attention_tc.cu (same semantics, bf16 operands).
 
-#define ATT_T 64    // query and key tile
-#define ATT_NT 256  // threads per block
-#define ATT_PLD 65  // row stride of the [64][64] score tiles
+// ATT_T (query and key tile) and ATT_NT (threads per block) come from the Rust descriptor
+// (runtime/src/ops/attention/kernels.rs) as -D defines.
+#define ATT_PLD (ATT_T + 1)  // row stride of the [64][64] score tiles
 
 // Loads a [64][hd] tile of rows row0.. of a [B, T, W] activation (head column offset `col0`) into
 // shared memory with row stride LD, zero-filling rows >= T and columns >= hd.
@@ -252,13 +252,13 @@ __device__ __forceinline__ void attention_fwd(float* __restrict__ out, float* __
         int H, int Tq, int Tk, int hd, int causal, float scale
 #define DM_ATT_FWD_CALL out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_f32_hd32(DM_ATT_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd32(DM_ATT_FWD_ARGS) {
     attention_fwd<32>(DM_ATT_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_f32_hd64(DM_ATT_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd64(DM_ATT_FWD_ARGS) {
     attention_fwd<64>(DM_ATT_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd_f32_hd128(DM_ATT_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_fwd_f32_hd128(DM_ATT_FWD_ARGS) {
     attention_fwd<128>(DM_ATT_FWD_CALL);
 }
 
@@ -418,13 +418,13 @@ __device__ __forceinline__ void attention_bwd_dkdv(float* __restrict__ dk, float
         int H, int Tq, int Tk, int hd, int causal, float scale
 #define DM_ATT_DKDV_CALL dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dkdv_f32_hd32(DM_ATT_DKDV_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd32(DM_ATT_DKDV_ARGS) {
     attention_bwd_dkdv<32>(DM_ATT_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dkdv_f32_hd64(DM_ATT_DKDV_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd64(DM_ATT_DKDV_ARGS) {
     attention_bwd_dkdv<64>(DM_ATT_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_f32_hd128(DM_ATT_DKDV_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dkdv_f32_hd128(DM_ATT_DKDV_ARGS) {
     attention_bwd_dkdv<128>(DM_ATT_DKDV_CALL);
 }
 
@@ -522,12 +522,12 @@ __device__ __forceinline__ void attention_bwd_dq(float* __restrict__ dq, const f
         int causal, float scale
 #define DM_ATT_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dq_f32_hd32(DM_ATT_DQ_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd32(DM_ATT_DQ_ARGS) {
     attention_bwd_dq<32>(DM_ATT_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dq_f32_hd64(DM_ATT_DQ_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd64(DM_ATT_DQ_ARGS) {
     attention_bwd_dq<64>(DM_ATT_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dq_f32_hd128(DM_ATT_DQ_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dq_f32_hd128(DM_ATT_DQ_ARGS) {
     attention_bwd_dq<128>(DM_ATT_DQ_CALL);
 }

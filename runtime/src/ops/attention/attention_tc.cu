@@ -37,8 +37,8 @@
 // product and sum is f32, as are the softmax statistics (max, sum, lse) and D. So results match
 // the f32 kernels to bf16 precision (~3 significant digits), as FlashAttention-2's do.
 
-#define TC_T 64    // tile rows
-#define TC_NT 128  // threads per block
+// TC_T (tile rows) and TC_NT (threads per block) come from the Rust descriptor
+// (runtime/src/ops/attention/kernels.rs) as -D defines.
 
 // Offset (elements) of 16-byte chunk `chunk` of row `row` in a swizzled [64][HDM] bf16 tile:
 // the 8 rows one ldmatrix phase reads (same chunk, consecutive rows) hit 8 distinct bank groups.
@@ -300,16 +300,16 @@ __device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __
         int causal, float scale
 #define DM_TC_FWD_CALL out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_f32_hd64(DM_TC_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd64(DM_TC_FWD_ARGS(float)) {
     attention_tc_fwd<64>(DM_TC_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_f32_hd128(DM_TC_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd128(DM_TC_FWD_ARGS(float)) {
     attention_tc_fwd<128>(DM_TC_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_bf16_hd64(DM_TC_FWD_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd64(DM_TC_FWD_ARGS(bf16_t)) {
     attention_tc_fwd<64>(DM_TC_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_bf16_hd128(DM_TC_FWD_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd128(DM_TC_FWD_ARGS(bf16_t)) {
     attention_tc_fwd<128>(DM_TC_FWD_CALL);
 }
 
@@ -472,16 +472,16 @@ __device__ __forceinline__ void attention_tc_bwd_dkdv(IO* __restrict__ dk, IO* _
         int causal, float scale
 #define DM_TC_DKDV_CALL dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_f32_hd64(DM_TC_DKDV_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd64(DM_TC_DKDV_ARGS(float)) {
     attention_tc_bwd_dkdv<64>(DM_TC_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_f32_hd128(DM_TC_DKDV_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd128(DM_TC_DKDV_ARGS(float)) {
     attention_tc_bwd_dkdv<128>(DM_TC_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_bf16_hd64(DM_TC_DKDV_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd64(DM_TC_DKDV_ARGS(bf16_t)) {
     attention_tc_bwd_dkdv<64>(DM_TC_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_bf16_hd128(DM_TC_DKDV_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd128(DM_TC_DKDV_ARGS(bf16_t)) {
     attention_tc_bwd_dkdv<128>(DM_TC_DKDV_CALL);
 }
 
@@ -601,15 +601,15 @@ __device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const I
         const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, int causal, float scale
 #define DM_TC_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_f32_hd64(DM_TC_DQ_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd64(DM_TC_DQ_ARGS(float)) {
     attention_tc_bwd_dq<64>(DM_TC_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_f32_hd128(DM_TC_DQ_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd128(DM_TC_DQ_ARGS(float)) {
     attention_tc_bwd_dq<128>(DM_TC_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_bf16_hd64(DM_TC_DQ_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd64(DM_TC_DQ_ARGS(bf16_t)) {
     attention_tc_bwd_dq<64>(DM_TC_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_bf16_hd128(DM_TC_DQ_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd128(DM_TC_DQ_ARGS(bf16_t)) {
     attention_tc_bwd_dq<128>(DM_TC_DQ_CALL);
 }

@@ -1,0 +1,95 @@
+//! Kernel descriptors of `matmul.cu`: the bf16 tensor-core GEMMs (two tile sizes) and the f32 SIMT
+//! GEMM, each in the four (A, B) transpose variants, and the tile constants the source receives as
+//! defines. Grids: `crate::cuda::grid::{matmul_f32, matmul_bf16}`.
+
+use crate::cuda::kernel::{DevicePtr as P, Kernel};
+use dm_kernels::{Define, KernelFamily};
+
+const NAME: &str = "matmul";
+
+/// Every GEMM's arguments: (C, A, B, M, N, K, lda, ldb, ldc, alpha, beta).
+pub(crate) type GemmArgs = (P, P, P, i32, i32, i32, i32, i32, i32, f32, f32);
+/// The four transpose variants, indexed `[trans_a][trans_b]` (nn, nt / tn, tt).
+pub(crate) type Variants = [[Kernel<GemmArgs>; 2]; 2];
+
+/// One bf16 tensor-core tile configuration: a square `tile`×`tile` output tile computed by
+/// `warps_m`×`warps_n` warps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bf16TileShape {
+    pub tile: usize,
+    pub warps_m: usize,
+    pub warps_n: usize,
+}
+
+impl Bf16TileShape {
+    pub const fn threads(&self) -> usize {
+        self.warps_m * self.warps_n * 32
+    }
+}
+
+/// 128×128 tiles, 8 warps as 2×4 (48 KiB static shared memory).
+pub const BF16_LARGE: Bf16TileShape = Bf16TileShape { tile: 128, warps_m: 2, warps_n: 4 };
+/// 64×64 tiles, 4 warps as 2×2 (24 KiB static shared memory), for products with few tiles.
+pub const BF16_SMALL: Bf16TileShape = Bf16TileShape { tile: 64, warps_m: 2, warps_n: 2 };
+/// K tile of both bf16 GEMMs (a split-K split covers a whole number of these).
+pub const BF16_BK: usize = 32;
+/// f32 SIMT GEMM: square output tile, K tile and threads (each thread a 4×4 micro-tile).
+pub const F32_TILE: usize = 64;
+pub const F32_BK: usize = 16;
+pub const F32_THREADS: usize = 256;
+
+const fn gemm(entry: &'static str) -> Kernel<GemmArgs> {
+    Kernel::new(NAME, entry)
+}
+
+/// `matmul_bf16_*_128x128`: C = alpha·op(A)·op(B) + beta·C, bf16 A and B, f32 C.
+pub(crate) const BF16_128: Variants = [
+    [gemm("matmul_bf16_nn_128x128"), gemm("matmul_bf16_nt_128x128")],
+    [gemm("matmul_bf16_tn_128x128"), gemm("matmul_bf16_tt_128x128")],
+];
+/// `matmul_bf16_*_64x64`: as [`BF16_128`] with 64×64 tiles.
+pub(crate) const BF16_64: Variants = [
+    [gemm("matmul_bf16_nn_64x64"), gemm("matmul_bf16_nt_64x64")],
+    [gemm("matmul_bf16_tn_64x64"), gemm("matmul_bf16_tt_64x64")],
+];
+/// `matmul_f32_*`: C = alpha·op(A)·op(B) + beta·C in f32 (the parity path).
+pub(crate) const F32: Variants =
+    [[gemm("matmul_f32_nn"), gemm("matmul_f32_nt")], [gemm("matmul_f32_tn"), gemm("matmul_f32_tt")]];
+
+const fn define(name: &'static str, value: usize) -> Define {
+    Define { name, value: value as i64 }
+}
+
+pub const FAMILY: KernelFamily = KernelFamily {
+    name: NAME,
+    file: "matmul.cu",
+    source: include_str!("matmul.cu"),
+    kernels: &[
+        BF16_128[0][0].decl(),
+        BF16_128[0][1].decl(),
+        BF16_128[1][0].decl(),
+        BF16_128[1][1].decl(),
+        BF16_64[0][0].decl(),
+        BF16_64[0][1].decl(),
+        BF16_64[1][0].decl(),
+        BF16_64[1][1].decl(),
+        F32[0][0].decl(),
+        F32[0][1].decl(),
+        F32[1][0].decl(),
+        F32[1][1].decl(),
+    ],
+    defines: &[
+        define("MM_BF16_L_TILE", BF16_LARGE.tile),
+        define("MM_BF16_L_WARPS_M", BF16_LARGE.warps_m),
+        define("MM_BF16_L_WARPS_N", BF16_LARGE.warps_n),
+        define("MM_BF16_L_THREADS", BF16_LARGE.threads()),
+        define("MM_BF16_S_TILE", BF16_SMALL.tile),
+        define("MM_BF16_S_WARPS_M", BF16_SMALL.warps_m),
+        define("MM_BF16_S_WARPS_N", BF16_SMALL.warps_n),
+        define("MM_BF16_S_THREADS", BF16_SMALL.threads()),
+        define("MM_BF16_BK", BF16_BK),
+        define("MM_F32_TILE", F32_TILE),
+        define("MM_F32_BK", F32_BK),
+        define("MM_F32_THREADS", F32_THREADS),
+    ],
+};
