@@ -48,6 +48,13 @@ pub struct Define {
     pub value: i64,
 }
 
+impl Define {
+    /// A define for a size-like constant (tile sizes, thread counts).
+    pub const fn new(name: &'static str, value: usize) -> Self {
+        Self { name, value: value as i64 }
+    }
+}
+
 impl fmt::Display for Define {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "-D{}={}", self.name, self.value)

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use cudarc::driver::sys as ds;
 
-use super::device::driver_err;
+use super::device::{driver_err, ScratchSet};
 use super::grid::{self as lc, KernelGrid};
 use super::kernel::{DevicePtr, Kernel, KernelArgs, RawArg};
 use super::memory::{CudaBuf, CudaIds};
@@ -61,6 +61,12 @@ impl CudaBackend {
 
     pub(crate) fn memory_tracker(&self) -> &MemoryTracker {
         &self.dev.memory
+    }
+
+    /// The device's scratch buffers, locked (a poisoned lock is still usable: scratch holds no
+    /// invariant a panic could break).
+    pub(crate) fn scratch(&self) -> std::sync::MutexGuard<'_, ScratchSet> {
+        self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Calls kernel `k` with `args` (whose type the descriptor fixes) on the compute stream.

@@ -5,7 +5,7 @@
 
 use dm_kernels::KernelFamily;
 
-static FAMILIES: [KernelFamily; 9] = [
+static FAMILIES: &[KernelFamily] = &[
     super::matmul::kernels::FAMILY,
     super::attention::kernels::F32_FAMILY,
     super::attention::kernels::TC_FAMILY,
@@ -19,7 +19,7 @@ static FAMILIES: [KernelFamily; 9] = [
 
 /// Every kernel family of the CUDA backend.
 pub fn kernel_families() -> &'static [KernelFamily] {
-    &FAMILIES
+    FAMILIES
 }
 
 /// The family called `name`, if any.
@@ -47,7 +47,6 @@ mod tests {
                 assert!(f.source.contains(d.name), "{}: define {} is unused", f.file, d.name);
             }
         }
-        assert_eq!(seen.len(), 62, "kernels check reports 62 kernels");
         assert!(kernel_family("layernorm").is_some() && kernel_family("nope").is_none());
     }
 

@@ -97,6 +97,27 @@ __device__ __forceinline__ void att_tile_dot(float (&s)[4][4], const float* X, c
 // 1/x for x >= 1 (the softmax normaliser l always is: its largest term is e^0): hardware
 // reciprocal plus one Newton step, within 1 ulp of 1.0f/x (almost always exact). Unlike IEEE
 // division it has no slow-path subroutine, whose call forced register spills in the hd32 variant.
+// acc[i][c] += Σ_kl P[4·ty + i][kl] · X[kl][tx + 16·c] over a 64-column tile P (row stride
+// ATT_PLD) and a [64][HDM] tile X (row stride HDM + 1): this thread's 4 rows × HDM/16 columns of
+// P·X, accumulated in kl order.
+template <int HDM>
+__device__ __forceinline__ void att_tile_matmul_acc(float (&acc)[4][HDM / 16], const float* P, const float* X,
+                                                    int ty, int tx) {
+    constexpr int LD = HDM + 1, NC = HDM / 16;
+#pragma unroll 4
+    for (int kl = 0; kl < ATT_T; ++kl) {
+        float p[4], xv[NC];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[i] = P[(4 * ty + i) * ATT_PLD + kl];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) xv[c] = X[kl * LD + tx + 16 * c];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int c = 0; c < NC; ++c) acc[i][c] = fmaf(p[i], xv[c], acc[i][c]);
+    }
+}
+
 __device__ __forceinline__ float att_recip_ge1(float x) {
     float r;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -190,18 +211,7 @@ __device__ __forceinline__ void attention_fwd(float* __restrict__ out, float* __
             for (int j = 0; j < 4; ++j) Ps[(4 * ty + i) * ATT_PLD + tx + 16 * j] = s[i][j];
         }
         __syncthreads();
-#pragma unroll 4
-        for (int kl = 0; kl < ATT_T; ++kl) {
-            float p[4], vv[NC];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) p[i] = Ps[(4 * ty + i) * ATT_PLD + kl];
-#pragma unroll
-            for (int c = 0; c < NC; ++c) vv[c] = Vs[kl * LD + tx + 16 * c];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int c = 0; c < NC; ++c) acc[i][c] = fmaf(p[i], vv[c], acc[i][c]);
-        }
+        att_tile_matmul_acc<HDM>(acc, Ps, Vs, ty, tx);  // acc += P·V
     }
 
     // Rows with no visible key (l = 0): uniform attention over all Tk keys (rare; block-uniform test).
@@ -270,18 +280,7 @@ extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_fwd_f32_hd128(
 extern "C" __global__ void attention_bwd_preprocess_f32(float* __restrict__ D, const float* __restrict__ dout,
                                                         const float* __restrict__ out, int B, int H, int Tq,
                                                         int hd) {
-    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= (i64)B * Tq * H) return;
-    // row enumerates (b, i, h) with h fastest, so a warp's reads are contiguous in memory.
-    const int h = (int)(row % H);
-    const i64 bi = row / H;
-    const int i = (int)(bi % Tq), b = (int)(bi / Tq);
-    const i64 base = bi * ((i64)H * hd) + (i64)h * hd;
-    float s = 0.0f;
-    for (int d = lane; d < hd; d += 32) s += dout[base + d] * out[base + d];
-    s = warp_sum(s);
-    if (lane == 0) D[((i64)b * H + h) * Tq + i] = s;
+    attention_bwd_row_dot(D, dout, out, B, H, Tq, hd);  // common.cuh
 }
 
 // P[key][query] of the backward from the saved lse: 1/Tk for uniform (NaN-lse) rows, else
@@ -488,18 +487,7 @@ __device__ __forceinline__ void attention_bwd_dq(float* __restrict__ dq, const f
             }
         }
         __syncthreads();
-#pragma unroll 4
-        for (int kl = 0; kl < ATT_T; ++kl) {
-            float ds[4], kv[NC];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) ds[i] = dS[(4 * ty + i) * ATT_PLD + kl];
-#pragma unroll
-            for (int c = 0; c < NC; ++c) kv[c] = Ks[kl * LD + tx + 16 * c];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int c = 0; c < NC; ++c) dq_acc[i][c] = fmaf(ds[i], kv[c], dq_acc[i][c]);
-        }
+        att_tile_matmul_acc<HDM>(dq_acc, dS, Ks, ty, tx);  // dq += dS·K
     }
 
 #pragma unroll

@@ -44,7 +44,7 @@ impl CudaBackend {
         let op = "attention_backward";
         let path = self.attention_path(op, &shape)?;
         let (b, h, tq, tk, hd) = self.attention_dims(op, &shape)?;
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let d = DevicePtr(raw_ptr(guard.f32_a.get(&self.dev.stream, &self.dev.memory, shape.lse_len())?));
         let l = cfg(op, k::preprocess_grid(&shape))?;
         // SAFETY: attention_bwd_preprocess_f32(D, dout, out, B, H, Tq, hd) writes B·H·Tq floats of

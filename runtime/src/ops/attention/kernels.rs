@@ -72,10 +72,6 @@ pub(crate) const TC_BWD_DQ_F32: [Kernel<DqArgs>; 2] =
 const TC_BWD_DQ_BF16: [Kernel<DqArgs>; 2] =
     [Kernel::new(TC_NAME, "attention_tc_bwd_dq_bf16_hd64"), Kernel::new(TC_NAME, "attention_tc_bwd_dq_bf16_hd128")];
 
-const fn define(name: &'static str, value: usize) -> Define {
-    Define { name, value: value as i64 }
-}
-
 pub const F32_FAMILY: KernelFamily = KernelFamily {
     name: F32_NAME,
     file: "attention.cu",
@@ -92,7 +88,7 @@ pub const F32_FAMILY: KernelFamily = KernelFamily {
         BWD_DQ_F32[1].decl(),
         BWD_DQ_F32[2].decl(),
     ],
-    defines: &[define("ATT_T", TILE), define("ATT_NT", F32_THREADS)],
+    defines: &[Define::new("ATT_T", TILE), Define::new("ATT_NT", F32_THREADS)],
 };
 
 pub const TC_FAMILY: KernelFamily = KernelFamily {
@@ -114,7 +110,7 @@ pub const TC_FAMILY: KernelFamily = KernelFamily {
         TC_BWD_DQ_BF16[0].decl(),
         TC_BWD_DQ_BF16[1].decl(),
     ],
-    defines: &[define("TC_T", TILE), define("TC_NT", TC_THREADS)],
+    defines: &[Define::new("TC_T", TILE), Define::new("TC_NT", TC_THREADS)],
 };
 
 /// Which attention kernel, for the grid and shared memory of a call.

@@ -62,7 +62,7 @@ impl CudaBackend {
         }
         let l = cfg("sum_squares", lc::sum_squares_partials(x.len, self.sms()))?;
         let blocks = l.grid.0 as usize;
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let sc = &mut *guard;
         let partials = raw_ptr(sc.f64_partials.get(&self.dev.stream, &self.dev.memory, blocks)?);
         let out_slice = sc.f64_out.get(&self.dev.stream, &self.dev.memory, 1)?;

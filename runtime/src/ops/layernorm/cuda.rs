@@ -27,25 +27,17 @@ impl CudaBackend {
     }
 
     /// Shared by the single-device and sharded layernorm backward: the block-partial backward
-    /// kernel, then the fixed-order reduction of the partials into dscale/dbias.
-    #[allow(clippy::too_many_arguments)]
+    /// kernel, then the fixed-order reduction of the partials into dscale/dbias. `row_sums` is
+    /// null (single device: the kernel computes the row sums) or the all-reduced interleaved
+    /// pairs over `dim_global` columns.
     fn layernorm_backward_kernels(
         &self,
         sc: &mut ScratchSet,
         op: &'static str,
-        dx: &mut CudaBuf,
-        dscale: Option<&mut CudaBuf>,
-        dbias: &mut CudaBuf,
-        dout: &CudaBuf,
-        x: &CudaBuf,
-        mean: &CudaBuf,
-        rstd: &CudaBuf,
-        scale: Option<&CudaBuf>,
-        row_sums: u64,
-        dim: usize,
-        dim_global: usize,
-        accumulate_dx: bool,
+        b: ln::Backward<'_, CudaBuf>,
+        (row_sums, dim_global): (u64, usize),
     ) -> Result<()> {
+        let ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx } = b;
         let rows = x.len / dim;
         if rows == 0 {
             return Ok(());
@@ -94,25 +86,9 @@ impl CudaBackend {
     }
 
     pub(crate) fn layernorm_backward_cuda(&self, a: ln::Backward<'_, CudaBuf>) -> Result<()> {
-        let ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx } = a;
-        let op = "layernorm_backward";
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.layernorm_backward_kernels(
-            &mut guard,
-            op,
-            dx,
-            dscale,
-            dbias,
-            dout,
-            x,
-            mean,
-            rstd,
-            scale,
-            0,
-            dim,
-            dim,
-            accumulate_dx,
-        )
+        let dim = a.dim;
+        let mut guard = self.scratch();
+        self.layernorm_backward_kernels(&mut guard, "layernorm_backward", a, (0, dim))
     }
 
     pub(crate) fn layernorm_row_sums_cuda(&self, a: ln::RowSums<'_, CudaBuf>) -> Result<()> {
@@ -122,7 +98,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
         let (px, pc, pp) = (ptr(x), opt_ptr(center), DevicePtr(pairs));
         // SAFETY: layernorm_sharded_sums_f32(x, center, sums, rows, dim) writes 2·rows interleaved
@@ -142,7 +118,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let sc = &mut *guard;
         let pairs = raw_ptr(sc.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
         let dummy = raw_ptr(sc.f32_a.get(&self.dev.stream, &self.dev.memory, rows)?);
@@ -187,7 +163,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
         let pointers = (ptr(dout), ptr(x), ptr(mean), ptr(rstd), opt_ptr(scale), DevicePtr(pairs));
         // SAFETY: layernorm_backward_sums_f32(dout, x, mean, rstd, scale, sums, rows, dim) writes
@@ -210,7 +186,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
         let s = sums.device_ptr();
         // SAFETY: interleave the trait's [2, rows] sums into the kernel's pairs (sums[r] ->
@@ -220,22 +196,8 @@ impl CudaBackend {
             self.copy_2d((pairs, 8), (s, 4), (4, rows))?;
             self.copy_2d((pairs + 4, 8), (s + 4 * rows as u64, 4), (4, rows))?;
         }
-        self.layernorm_backward_kernels(
-            &mut guard,
-            op,
-            dx,
-            dscale,
-            dbias,
-            dout,
-            x,
-            mean,
-            rstd,
-            scale,
-            pairs,
-            dim,
-            dim_global,
-            accumulate_dx,
-        )
+        let grads = ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx };
+        self.layernorm_backward_kernels(&mut guard, op, grads, (pairs, dim_global))
     }
 }
 

@@ -54,7 +54,7 @@ pub const FAMILY: KernelFamily = KernelFamily {
         APPLY.decl(),
         BACKWARD_SUMS.decl(),
     ],
-    defines: &[Define { name: "LN_CPT", value: BWD_COLS_PER_THREAD as i64 }],
+    defines: &[Define::new("LN_CPT", BWD_COLS_PER_THREAD)],
 };
 
 #[cfg(test)]

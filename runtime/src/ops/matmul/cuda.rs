@@ -99,7 +99,7 @@ impl CudaBackend {
 
     fn matmul_bf16(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, s: MatmulSpec) -> Result<()> {
         let (sa, sb) = lc::bf16_staging(&s);
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let sc = &mut *guard;
         let (pa, lda) = self.stage_bf16(&mut sc.bf16_a, &mut sc.bf16_tmp, a.device_ptr(), sa)?;
         let (pb, ldb) = self.stage_bf16(&mut sc.bf16_b, &mut sc.bf16_tmp, b.device_ptr(), sb)?;

@@ -56,10 +56,6 @@ pub(crate) const BF16_64: Variants = [
 pub(crate) const F32: Variants =
     [[gemm("matmul_f32_nn"), gemm("matmul_f32_nt")], [gemm("matmul_f32_tn"), gemm("matmul_f32_tt")]];
 
-const fn define(name: &'static str, value: usize) -> Define {
-    Define { name, value: value as i64 }
-}
-
 pub const FAMILY: KernelFamily = KernelFamily {
     name: NAME,
     file: "matmul.cu",
@@ -79,17 +75,17 @@ pub const FAMILY: KernelFamily = KernelFamily {
         F32[1][1].decl(),
     ],
     defines: &[
-        define("MM_BF16_L_TILE", BF16_LARGE.tile),
-        define("MM_BF16_L_WARPS_M", BF16_LARGE.warps_m),
-        define("MM_BF16_L_WARPS_N", BF16_LARGE.warps_n),
-        define("MM_BF16_L_THREADS", BF16_LARGE.threads()),
-        define("MM_BF16_S_TILE", BF16_SMALL.tile),
-        define("MM_BF16_S_WARPS_M", BF16_SMALL.warps_m),
-        define("MM_BF16_S_WARPS_N", BF16_SMALL.warps_n),
-        define("MM_BF16_S_THREADS", BF16_SMALL.threads()),
-        define("MM_BF16_BK", BF16_BK),
-        define("MM_F32_TILE", F32_TILE),
-        define("MM_F32_BK", F32_BK),
-        define("MM_F32_THREADS", F32_THREADS),
+        Define::new("MM_BF16_L_TILE", BF16_LARGE.tile),
+        Define::new("MM_BF16_L_WARPS_M", BF16_LARGE.warps_m),
+        Define::new("MM_BF16_L_WARPS_N", BF16_LARGE.warps_n),
+        Define::new("MM_BF16_L_THREADS", BF16_LARGE.threads()),
+        Define::new("MM_BF16_S_TILE", BF16_SMALL.tile),
+        Define::new("MM_BF16_S_WARPS_M", BF16_SMALL.warps_m),
+        Define::new("MM_BF16_S_WARPS_N", BF16_SMALL.warps_n),
+        Define::new("MM_BF16_S_THREADS", BF16_SMALL.threads()),
+        Define::new("MM_BF16_BK", BF16_BK),
+        Define::new("MM_F32_TILE", F32_TILE),
+        Define::new("MM_F32_BK", F32_BK),
+        Define::new("MM_F32_THREADS", F32_THREADS),
     ],
 };
