@@ -1,13 +1,10 @@
-//! Grids (grid, block, shared memory) of every kernel the CUDA backend uses, as pure functions of the problem
-//! shape (and the device's SM count), so they are unit-tested on machines without a GPU.
-//!
-//! Each function restates the grid documented at the top of the kernel's `.cu` file in
-//! `runtime/src/ops/<family>/`; the tile and block constants a kernel is compiled with come from
-//! its family's `kernels.rs` (the `-D` defines), so they are written once. Attention's grids are
-//! with its descriptors ([`crate::ops::attention::kernels::AttentionPath`]).
+//! The kernel-grid type ([`KernelGrid`]: grid, block, dynamic shared memory) and CUDA's limits,
+//! the grids several families share (1-D grid-stride, one thread per item), the GEMM operand
+//! layouts (bf16 staging with padded leading dimensions, cuBLAS's column-major view) and the
+//! kernels' integer-argument check — pure functions, unit-tested on machines without a GPU.
+//! Each family's own grids live with its descriptors, in `runtime/src/ops/<family>/kernels.rs`.
 
 use crate::backend::MatmulSpec;
-use crate::ops::{layernorm::kernels as ln, matmul::kernels as mm};
 
 /// Largest grid y and z dimension CUDA accepts.
 pub const MAX_GRID_YZ: usize = 65_535;
@@ -51,29 +48,10 @@ impl KernelGrid {
 /// Block size of the 1-D memory-bound kernels (elementwise.cu, glu.cu, adamw.cu).
 pub const ELEMENTWISE_THREADS: usize = 256;
 
-/// elementwise.cu (fill, add, add_assign, scale): block 256, grid
-/// `min(ceil(n / (256·4)), 8·SMs)` (each thread moves 4 elements per float4 step; grid-stride).
-pub fn elementwise(n: usize, sms: usize) -> Result<KernelGrid, String> {
-    let blocks = n.div_ceil(ELEMENTWISE_THREADS * 4).clamp(1, 8 * sms.max(1));
-    KernelGrid::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
-}
-
 /// glu.cu and adamw.cu: block 256, grid `min(ceil(n / 256), 8·SMs)` (grid-stride).
 pub fn grid_stride(n: usize, sms: usize) -> Result<KernelGrid, String> {
     let blocks = n.div_ceil(ELEMENTWISE_THREADS).clamp(1, 8 * sms.max(1));
     KernelGrid::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
-}
-
-/// Pass 1 of Σx² (`sum_squares_partial_f32`): block 256, `min(ceil(n/256), 4·SMs, 1024)` blocks,
-/// one f64 partial each. Pass 2 (`sum_f64_finish`) is one block of 256 over those partials.
-pub fn sum_squares_partials(n: usize, sms: usize) -> Result<KernelGrid, String> {
-    let blocks = n.div_ceil(ELEMENTWISE_THREADS).clamp(1, (4 * sms.max(1)).min(1024));
-    KernelGrid::new((blocks, 1, 1), ELEMENTWISE_THREADS, 0)
-}
-
-/// `sum_f64_finish`: one block of 256.
-pub fn sum_finish() -> KernelGrid {
-    KernelGrid { grid: (1, 1, 1), block: (256, 1, 1), smem: 0 }
 }
 
 /// Row-major leading dimensions `(lda, ldb, ldc)` of a [`MatmulSpec`] over unpadded buffers.
@@ -81,46 +59,6 @@ pub fn matmul_lds(s: &MatmulSpec) -> (usize, usize, usize) {
     let lda = if s.trans_a { s.m } else { s.k };
     let ldb = if s.trans_b { s.k } else { s.n };
     (lda, ldb, s.n)
-}
-
-/// matmul.cu `matmul_f32_*`: 64×64 tile, grid (ceil(N/64), ceil(M/64), 1), block 256, no split-K.
-pub fn matmul_f32(m: usize, n: usize) -> Result<KernelGrid, String> {
-    let t = mm::F32_TILE;
-    KernelGrid::new((n.div_ceil(t), m.div_ceil(t), 1), mm::F32_THREADS, 0)
-}
-
-/// Tile variant of the bf16 tensor-core GEMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bf16Tile {
-    T128,
-    T64,
-}
-
-impl Bf16Tile {
-    /// The tile configuration the kernels of this variant are compiled with.
-    pub fn shape(self) -> mm::Bf16TileShape {
-        match self {
-            Bf16Tile::T128 => mm::BF16_LARGE,
-            Bf16Tile::T64 => mm::BF16_SMALL,
-        }
-    }
-}
-
-/// 128×128 tiles when they give at least one block per SM, else 64×64 (4× the blocks).
-pub fn choose_bf16_tile(m: usize, n: usize, sms: usize) -> Bf16Tile {
-    let t = mm::BF16_LARGE.tile;
-    if m.div_ceil(t) * n.div_ceil(t) >= sms.max(1) {
-        Bf16Tile::T128
-    } else {
-        Bf16Tile::T64
-    }
-}
-
-/// matmul.cu `matmul_bf16_*_{128x128,64x64}`: grid (ceil(N/BN), ceil(M/BM), 1), block 256 / 128,
-/// static shared memory only.
-pub fn matmul_bf16(m: usize, n: usize, tile: Bf16Tile) -> Result<KernelGrid, String> {
-    let shape = tile.shape();
-    KernelGrid::new((n.div_ceil(shape.tile), m.div_ceil(shape.tile), 1), shape.threads(), 0)
 }
 
 /// The bf16 GEMM's fast path (16-byte cp.async) needs leading dimensions that are multiples of 8
@@ -196,63 +134,10 @@ pub fn check_smem(entry: &str, smem: usize, device_optin_limit: usize) -> Result
     Ok(())
 }
 
-/// Rows per block of the warp-per-row LayerNorm kernels (`layernorm_forward_f32` and friends):
-/// block 256 = 8 warps, grid ceil(rows/8).
-pub fn layernorm_rows(rows: usize) -> Result<KernelGrid, String> {
-    KernelGrid::new((rows.div_ceil(8).max(1), 1, 1), 256, 0)
-}
-
-/// `layernorm_backward_f32`: block `ln::backward_threads(dim)` (dim <= 16 columns a
-/// thread, at most 1024 threads), grid `min(rows, 2·SMs)` (>= 1); the partials hold
-/// `grid · 2 · dim` floats.
-pub fn layernorm_backward(rows: usize, dim: usize, sms: usize) -> Result<KernelGrid, String> {
-    let max_dim = 1024 * ln::BWD_COLS_PER_THREAD;
-    if dim == 0 || dim > max_dim {
-        return Err(format!("layernorm dim {dim} is outside 1..={max_dim}, what layernorm_backward_f32 handles"));
-    }
-    let threads = ln::backward_threads(dim);
-    KernelGrid::new((rows.clamp(1, 2 * sms.max(1)), 1, 1), threads, 0)
-}
-
-/// `layernorm_param_grads_f32`: grid ceil(dim/256), block 256.
-pub fn layernorm_param_grads(dim: usize) -> Result<KernelGrid, String> {
-    one_thread_each(dim)
-}
-
 /// Kernels with one thread per item and no grid-stride loop (`layernorm_param_grads_f32`,
 /// `layernorm_sharded_stats_f32`): grid ceil(n/256), block 256.
 pub fn one_thread_each(n: usize) -> Result<KernelGrid, String> {
     KernelGrid::new((n.div_ceil(256).max(1), 1, 1), 256, 0)
-}
-
-/// cross_entropy.cu: one block per row, block a multiple of 32 giving ~32 columns a thread, at
-/// most 512 (the recommended size for ~16k classes).
-pub fn cross_entropy(rows: usize, classes: usize) -> Result<KernelGrid, String> {
-    let threads = classes.div_ceil(32).next_multiple_of(32).clamp(32, 512);
-    KernelGrid::new((rows, 1, 1), threads, 0)
-}
-
-/// embedding.cu gather/scatter: grid (n_ids), block = dim rounded up to a warp, 32..=256.
-pub fn embedding(n_ids: usize, dim: usize) -> Result<KernelGrid, String> {
-    KernelGrid::new((n_ids, 1, 1), dim.next_multiple_of(32).clamp(32, 256), 0)
-}
-
-/// `add_broadcast_rows_f32`: grid (ceil(row_len/256), n_blocks), block 256. Grid y is at most
-/// 65535, so larger `n_blocks` are split into chunks: returns (first block, blocks, grid).
-pub fn add_broadcast_rows(row_len: usize, n_blocks: usize) -> Result<Vec<(usize, usize, KernelGrid)>, String> {
-    let mut out = Vec::new();
-    let mut first = 0;
-    while first < n_blocks {
-        let count = (n_blocks - first).min(MAX_GRID_YZ);
-        out.push((first, count, KernelGrid::new((row_len.div_ceil(256), count, 1), 256, 0)?));
-        first += count;
-    }
-    Ok(out)
-}
-
-/// `sum_broadcast_rows_f32`: grid ceil(row_len/256), block 256, one thread per column.
-pub fn sum_broadcast_rows(row_len: usize) -> Result<KernelGrid, String> {
-    KernelGrid::new((row_len.div_ceil(256), 1, 1), 256, 0)
 }
 
 /// AdamW bias corrections `(1 − b1^t, 1 − b2^t)`, computed in f64 and rounded to f32 exactly as
@@ -369,62 +254,6 @@ mod tests {
                 assert_eq!(dst[r * st.ld + c], src[r * 5 + c]);
             }
         }
-    }
-
-    #[test]
-    fn matmul_grids_cover_the_output() {
-        let l = matmul_f32(2048, 16385).unwrap();
-        assert_eq!(l.grid, (257, 32, 1));
-        assert_eq!(l.block, (256, 1, 1));
-        let l = matmul_bf16(2048, 2730, Bf16Tile::T128).unwrap();
-        assert_eq!(l.grid, (22, 16, 1));
-        let l = matmul_bf16(100, 70, Bf16Tile::T64).unwrap();
-        assert_eq!((l.grid, l.block), ((2, 2, 1), (128, 1, 1)));
-        assert_eq!(choose_bf16_tile(2048, 2730, 132), Bf16Tile::T128);
-        assert_eq!(choose_bf16_tile(1024, 1024, 132), Bf16Tile::T64);
-        assert!(matmul_f32(64 * 70_000, 8).is_err(), "grid y over 65535 is refused");
-        assert!(matmul_f32(0, 8).is_err(), "empty products are not called");
-    }
-
-    #[test]
-    fn elementwise_grids_are_bounded_and_nonempty() {
-        assert_eq!(elementwise(1, 132).unwrap().grid.0, 1);
-        assert_eq!(elementwise(10_000, 132).unwrap().grid.0, 10);
-        assert_eq!(elementwise(1 << 30, 132).unwrap().grid.0, 8 * 132);
-        assert_eq!(grid_stride(1000, 132).unwrap().grid.0, 4);
-        assert_eq!(grid_stride(1 << 30, 132).unwrap().grid.0, 1056);
-        let p = sum_squares_partials(1 << 30, 132).unwrap();
-        assert_eq!(p.grid.0, 528);
-        assert!(sum_squares_partials(1 << 30, 1000).unwrap().grid.0 <= 1024);
-    }
-
-    #[test]
-    fn layernorm_and_cross_entropy_grids() {
-        assert_eq!(layernorm_rows(2048).unwrap().grid.0, 256);
-        assert_eq!(layernorm_rows(3).unwrap().grid.0, 1);
-        let l = layernorm_backward(2048, 2730, 132).unwrap();
-        assert_eq!((l.grid.0, l.block.0), (264, 192));
-        assert!(l.block.0 as usize * ln::BWD_COLS_PER_THREAD >= 2730);
-        assert_eq!(layernorm_backward(5, 64, 132).unwrap().grid.0, 5);
-        assert!(layernorm_backward(8, 16_385, 132).is_err());
-        assert_eq!(layernorm_param_grads(2730).unwrap().grid.0, 11);
-        assert_eq!(one_thread_each(100_000).unwrap().grid.0, 391);
-        assert_eq!(cross_entropy(2048, 16385).unwrap().block.0, 512);
-        assert_eq!(cross_entropy(4, 7).unwrap().block.0, 32);
-        assert_eq!(cross_entropy(4, 2000).unwrap().block.0, 64);
-        assert!(cross_entropy(2048, 16385).unwrap().block.0.is_multiple_of(32));
-        assert_eq!(embedding(512, 1024).unwrap().block.0, 256);
-        assert_eq!(embedding(512, 24).unwrap().block.0, 32);
-    }
-
-    #[test]
-    fn broadcast_rows_split_grid_y() {
-        let chunks = add_broadcast_rows(1000, 70_000).unwrap();
-        assert_eq!(chunks.len(), 2);
-        assert_eq!((chunks[0].0, chunks[0].1, chunks[0].2.grid), (0, 65_535, (4, 65_535, 1)));
-        assert_eq!((chunks[1].0, chunks[1].1), (65_535, 4_465));
-        assert!(add_broadcast_rows(10, 0).unwrap().is_empty());
-        assert_eq!(sum_broadcast_rows(257).unwrap().grid.0, 2);
     }
 
     #[test]

@@ -162,17 +162,6 @@ impl CudaBackend {
         unsafe { ds::cuMemcpy2DUnaligned_v2(&p) }.result().map_err(|e| driver_err("cuMemcpy2DUnaligned", e))?;
         self.dev.ctx.synchronize().map_err(|e| driver_err("context synchronize", e))
     }
-
-    // ---- elementwise ------------------------------------------------------------------------
-
-    pub(crate) fn fill_raw(&self, op: &'static str, ptr: u64, n: usize, value: f32) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        let l = cfg(op, lc::elementwise(n, self.sms()))?;
-        // SAFETY: fill_f32(x, value, n) writes x[0..n); `ptr` addresses at least n floats.
-        unsafe { self.call_kernel(crate::ops::elementwise::kernels::FILL, l, (DevicePtr(ptr), value, n as u64)) }
-    }
 }
 
 /// A device-to-device `CUDA_MEMCPY2D` descriptor.

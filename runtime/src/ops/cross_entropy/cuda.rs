@@ -13,7 +13,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::cross_entropy(rows, classes))?;
+        let l = cfg(op, k::cross_entropy(rows, classes))?;
         let c = int(op, "classes", classes)?;
         let targets = DevicePtr(targets.device_ptr());
         let args = (mut_ptr(logits), mut_ptr(losses), targets, int(op, "rows", rows)?, c, c, grad_scale);
@@ -29,7 +29,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::cross_entropy(rows, valid_cols))?;
+        let l = cfg(op, k::cross_entropy(rows, valid_cols))?;
         let args = (
             ptr(logits),
             mut_ptr(row_max),
@@ -70,7 +70,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::cross_entropy(rows, a.valid_cols))?;
+        let l = cfg(op, k::cross_entropy(rows, a.valid_cols))?;
         let cols = (a.cols, a.valid_cols, a.vocab_start);
         let stats = Self::vocab_stats_args(op, a.stats.device_ptr(), a.targets, rows, cols)?;
         let VocabStats { sums: (sum, target_logit, targets), dims: (r, v, ld, start) } = stats;
@@ -86,7 +86,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::cross_entropy(rows, a.cols))?;
+        let l = cfg(op, k::cross_entropy(rows, a.cols))?;
         let cols = (a.cols, a.valid_cols, a.vocab_start);
         let stats = Self::vocab_stats_args(op, a.stats.device_ptr(), a.targets, rows, cols)?;
         let VocabStats { sums: (sum, target_logit, targets), dims: (r, v, ld, start) } = stats;

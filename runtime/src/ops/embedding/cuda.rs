@@ -16,7 +16,7 @@ impl CudaBackend {
         range: &VocabRange,
         dim: usize,
     ) -> Result<(KernelGrid, EmbeddingArgs)> {
-        let l = cfg(op, lc::embedding(ids.len(), dim))?;
+        let l = cfg(op, k::embedding(ids.len(), dim))?;
         let args = (
             dst,
             src,

@@ -20,7 +20,7 @@ impl CudaBackend {
         (rows, dim): (usize, usize),
         args: impl FnOnce(i32, i32) -> A,
     ) -> Result<()> {
-        let l = cfg(op, lc::layernorm_rows(rows))?;
+        let l = cfg(op, k::layernorm_rows(rows))?;
         let args = args(int(op, "rows", rows)?, int(op, "dim", dim)?);
         // SAFETY: forwarded from the caller.
         unsafe { self.call_kernel(kernel, l, args) }
@@ -42,7 +42,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::layernorm_backward(rows, dim, self.sms()))?;
+        let l = cfg(op, k::layernorm_backward(rows, dim, self.sms()))?;
         let parts = l.grid.0 as usize;
         let partials = raw_ptr(sc.f32_a.get(&self.dev.stream, &self.dev.memory, parts * 2 * dim)?);
         let args = (
@@ -64,7 +64,7 @@ impl CudaBackend {
         // null), row_sums 2·rows interleaved (or null); partials grid·2·dim; dim <= block·16
         // (grid::layernorm_backward checked it).
         unsafe { self.call_kernel(k::BACKWARD, l, args)? };
-        let l = cfg(op, lc::layernorm_param_grads(dim))?;
+        let l = cfg(op, k::layernorm_param_grads(dim))?;
         let dscale = DevicePtr(dscale.map_or(0, |d| d.device_ptr()));
         let args = (dscale, mut_ptr(dbias), DevicePtr(partials), int(op, "parts", parts)?, int(op, "dim", dim)?);
         // SAFETY: layernorm_param_grads_f32(dscale, dbias, partials, n_parts, dim): dscale (or

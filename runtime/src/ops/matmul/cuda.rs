@@ -60,7 +60,7 @@ impl CudaBackend {
                 unsafe { blas.sgemm(&s, pa, lda, pb, ldb, pc) }
             }),
             MatmulImpl::Custom => {
-                let l = cfg("matmul", lc::matmul_f32(s.m, s.n))?;
+                let l = cfg("matmul", k::matmul_f32(s.m, s.n))?;
                 let kernel = k::F32[s.trans_a as usize][s.trans_b as usize];
                 let args = self.gemm_args(pc, pa, lda, pb, ldb, ldc, &s)?;
                 // SAFETY: (C, A, B, M, N, K, lda, ldb, ldc, alpha, beta) as matmul.cu documents;
@@ -111,11 +111,11 @@ impl CudaBackend {
                 unsafe { blas.gemm_bf16(&s, pa, lda, pb, ldb, pc) }
             }),
             MatmulImpl::Custom => {
-                let tile = lc::choose_bf16_tile(s.m, s.n, self.sms());
-                let l = cfg("matmul", lc::matmul_bf16(s.m, s.n, tile))?;
+                let tile = k::choose_bf16_tile(s.m, s.n, self.sms());
+                let l = cfg("matmul", k::matmul_bf16(s.m, s.n, tile))?;
                 let variants = match tile {
-                    lc::Bf16Tile::T128 => &k::BF16_128,
-                    lc::Bf16Tile::T64 => &k::BF16_64,
+                    k::Bf16Tile::T128 => &k::BF16_128,
+                    k::Bf16Tile::T64 => &k::BF16_64,
                 };
                 let kernel = variants[s.trans_a as usize][s.trans_b as usize];
                 let args = self.gemm_args(pc, pa, lda, pb, ldb, s.n, &s)?;

@@ -1,7 +1,8 @@
 //! Kernel descriptors of `matmul.cu`: the bf16 tensor-core GEMMs (two tile sizes) and the f32 SIMT
 //! GEMM, each in the four (A, B) transpose variants, and the tile constants the source receives as
-//! defines. Grids: `crate::cuda::grid::{matmul_f32, matmul_bf16}`.
+//! defines, and their grids.
 
+use crate::cuda::grid::KernelGrid;
 use crate::cuda::kernel::{DevicePtr as P, Kernel};
 use dm_kernels::{Define, KernelFamily};
 
@@ -89,3 +90,65 @@ pub const FAMILY: KernelFamily = KernelFamily {
         Define::new("MM_F32_THREADS", F32_THREADS),
     ],
 };
+
+// ---- grids (grid, block, shared memory) of the kernels above, as pure functions of the shape ----
+
+/// matmul.cu `matmul_f32_*`: 64×64 tile, grid (ceil(N/64), ceil(M/64), 1), block 256, no split-K.
+pub fn matmul_f32(m: usize, n: usize) -> Result<KernelGrid, String> {
+    let t = F32_TILE;
+    KernelGrid::new((n.div_ceil(t), m.div_ceil(t), 1), F32_THREADS, 0)
+}
+
+/// Tile variant of the bf16 tensor-core GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Tile {
+    T128,
+    T64,
+}
+
+impl Bf16Tile {
+    /// The tile configuration the kernels of this variant are compiled with.
+    pub fn shape(self) -> Bf16TileShape {
+        match self {
+            Bf16Tile::T128 => BF16_LARGE,
+            Bf16Tile::T64 => BF16_SMALL,
+        }
+    }
+}
+
+/// 128×128 tiles when they give at least one block per SM, else 64×64 (4× the blocks).
+pub fn choose_bf16_tile(m: usize, n: usize, sms: usize) -> Bf16Tile {
+    let t = BF16_LARGE.tile;
+    if m.div_ceil(t) * n.div_ceil(t) >= sms.max(1) {
+        Bf16Tile::T128
+    } else {
+        Bf16Tile::T64
+    }
+}
+
+/// matmul.cu `matmul_bf16_*_{128x128,64x64}`: grid (ceil(N/BN), ceil(M/BM), 1), block 256 / 128,
+/// static shared memory only.
+pub fn matmul_bf16(m: usize, n: usize, tile: Bf16Tile) -> Result<KernelGrid, String> {
+    let shape = tile.shape();
+    KernelGrid::new((n.div_ceil(shape.tile), m.div_ceil(shape.tile), 1), shape.threads(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_grids_cover_the_output() {
+        let l = matmul_f32(2048, 16385).unwrap();
+        assert_eq!(l.grid, (257, 32, 1));
+        assert_eq!(l.block, (256, 1, 1));
+        let l = matmul_bf16(2048, 2730, Bf16Tile::T128).unwrap();
+        assert_eq!(l.grid, (22, 16, 1));
+        let l = matmul_bf16(100, 70, Bf16Tile::T64).unwrap();
+        assert_eq!((l.grid, l.block), ((2, 2, 1), (128, 1, 1)));
+        assert_eq!(choose_bf16_tile(2048, 2730, 132), Bf16Tile::T128);
+        assert_eq!(choose_bf16_tile(1024, 1024, 132), Bf16Tile::T64);
+        assert!(matmul_f32(64 * 70_000, 8).is_err(), "grid y over 65535 is refused");
+        assert!(matmul_f32(0, 8).is_err(), "empty products are not called");
+    }
+}
