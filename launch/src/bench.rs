@@ -282,8 +282,8 @@ fn diff(a: &StepComm, b: &StepComm) -> StepComm {
 /// same collectives as `train` — forward, loss and backward over tp, the loss average over dp,
 /// the gradient all-reduce or ZeRO-1 reduce-scatter/update/all-gather, the global gradient norm
 /// and clipping to 1 — and the world stop agreement) with AdamW at lr 1e-3 on this dp rank's
-/// fixed random batch, so the loss falls. Each step ends by reading one value back from the
-/// device, so on a GPU the step time is the device's, not the enqueueing host's.
+/// fixed random batch, so the loss falls. Each step ends by reading the agreement's value back
+/// from the device, so on a GPU the step time is the device's, not the enqueueing host's.
 fn run_rank<B: Backend>(
     cfg: &DalleBartConfig,
     o: &StepOptions,
@@ -305,7 +305,6 @@ fn run_rank<B: Backend>(
         OptimizerStep::new(be.clone(), model, trainer_groups, adamw, o.zero1, (dp_index, mesh.dp()), None, 0)?;
     let data = random_batch(cfg, o.batch_per_device, 1 + dp_index as u64)?;
     let tokens = (o.batch_per_device * mesh.dp() * cfg.image_length) as f32;
-    let fence = be.upload("bench.fence", &[0.0])?;
     let mut run = RankRun {
         step_s: Vec::new(),
         wait_s: Vec::new(),
@@ -324,10 +323,11 @@ fn run_rank<B: Backend>(
         let local = core.backward(1, 1.0 / tokens, || Ok(data.clone()))?;
         let synced = core.sync(local)?;
         let (loss, norm) = (synced.loss, synced.grad_norm);
-        // The trainer's stop agreement: every rank takes part, as in `train`.
-        crate::stop::agree(&be, world.as_ref(), crate::stop::StopReason::None)?;
         core.apply(synced, 1e-3, clip_factor(Some(1.0), norm))?;
-        be.download(&fence)?;
+        // The trainer's stop agreement (every rank takes part, as in `train`), after the update
+        // so that the step ends on every rank together; reading its result back waits for the
+        // device's queue.
+        crate::stop::agree(&be, world.as_ref(), crate::stop::StopReason::None)?;
         let dt = t0.elapsed().as_secs_f64();
         tracing::debug!(rank, step = i, loss, seconds = dt, warmup = i < o.warmup, "bench step");
         if i >= o.warmup {
