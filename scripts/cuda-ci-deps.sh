@@ -5,7 +5,7 @@
 # lines that make them visible. Use it as:
 #
 #   eval "$(scripts/cuda-ci-deps.sh)"            # or: scripts/cuda-ci-deps.sh [folder]
-#   cargo run -p dm-kernels --example check -- sm_90
+#   cargo run --release --bin dalle-mesh -- kernels check --arch sm_90
 #
 # Everything is pinned to the CUDA 13.0 line: PTX written by a newer NVRTC does not load on the
 # 13.0 driver (580) of the GPU machines. nvidia-cuda-nvcc pulls nvidia-cuda-crt and nvidia-nvvm

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU emulation of the control flow of kernels/cuda/attention.cu (f32 FlashAttention-2 kernels).
+"""CPU emulation of the control flow of runtime/src/ops/attention/attention.cu (f32 FlashAttention-2 kernels).
 
 No GPU is needed: each kernel is ported at tile level — same 64-row tiles, same loop bounds (causal
 tile skipping, key-tile ranges), same masking, online-softmax updates, uniform-row fallback and NaN

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU emulation of kernels/cuda/attention_tc.cu (tensor-core FlashAttention-2) at warp level.
+"""CPU emulation of runtime/src/ops/attention/attention_tc.cu (tensor-core FlashAttention-2) at warp level.
 
 Mirrors the kernels' swizzled bf16 tiles, the lane addresses given to ldmatrix(.trans), the
 mma.m16n8k16 fragment layouts (emulated as in emulate_gemm_fragments.py), the accumulator ->

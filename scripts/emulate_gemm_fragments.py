@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU emulation of the index math of kernels/cuda/matmul.cu's tensor-core GEMM.
+"""CPU emulation of the index math of runtime/src/ops/matmul/matmul.cu's tensor-core GEMM.
 
 No GPU is needed: this mirrors, line for line, how `gemm_bf16_tc` stages tiles into shared memory
 (XOR swizzles, K-major vs MN-major, zero-filled ragged edges, split-K ranges), which addresses each

@@ -31,6 +31,10 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
     return __uint_as_float(((unsigned)h) << 16);
 }
 
+// An f32 or bf16 element as f32 (lets one template serve f32 and bf16 I/O).
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16_t x) { return bf16_to_f32(x); }
+
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     unsigned short r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
@@ -38,52 +42,47 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
 }
 
 // ---- warp and block reductions (deterministic: fixed butterfly order) -----------------------
-__device__ __forceinline__ float warp_sum(float v) {
+struct dm_add {
+    template <typename T>
+    __device__ __forceinline__ T operator()(T a, T b) const {
+        return a + b;
+    }
+};
+struct dm_max {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// op over the 32 lanes of the warp, returned to every lane.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DM_FULL_MASK, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(DM_FULL_MASK, v, o));
     return v;
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DM_FULL_MASK, v, o);
-    return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, dm_add()); }
+__device__ __forceinline__ double warp_sum_f64(double v) { return warp_reduce(v, dm_add()); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, dm_max()); }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(DM_FULL_MASK, v, o));
-    return v;
-}
-
-// Sum over the whole block, returned to every thread. `scratch` is >= 32 floats of shared
-// memory; blockDim.x must be a multiple of 32. Contains two __syncthreads(), so every thread of
-// the block must call it.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// op over the whole block, returned to every thread (`identity` fills the lanes past the last
+// warp). `scratch` is >= 32 values of shared memory; blockDim.x must be a multiple of 32.
+// Contains two __syncthreads(), so every thread of the block must call it.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity, Op op) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();  // scratch may still be read by a previous call
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    return warp_sum(lane < nwarps ? scratch[lane] : 0.0f);
+    return warp_reduce(lane < nwarps ? scratch[lane] : identity, op);
 }
 
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce(v, scratch, 0.0f, dm_add()); }
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    return warp_max(lane < nwarps ? scratch[lane] : DM_NEG_INF);
+    return block_reduce(v, scratch, DM_NEG_INF, dm_max());
 }
-
 __device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    return warp_sum_f64(lane < nwarps ? scratch[lane] : 0.0);
+    return block_reduce(v, scratch, 0.0, dm_add());
 }
 
 // Two sums at once (one pair of barriers instead of two).
@@ -157,4 +156,23 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+}
+
+// ---- attention backward preprocess (attention.cu's f32 and attention_tc.cu's bf16 entry point) ---
+// D[(b·H + h)·Tq + i] = Σ_d dout[b, i, h·hd + d] · out[b, i, h·hd + d], in f32: one warp per
+// (b, i, h) row of a [B, Tq, H·hd] activation, h fastest, so a warp's reads are contiguous.
+template <typename IO>
+__device__ __forceinline__ void attention_bwd_row_dot(float* __restrict__ D, const IO* __restrict__ dout,
+                                                      const IO* __restrict__ out, int B, int H, int Tq, int hd) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= (i64)B * Tq * H) return;
+    const int h = (int)(row % H);
+    const i64 bi = row / H;
+    const int i = (int)(bi % Tq), b = (int)(bi / Tq);
+    const i64 base = bi * ((i64)H * hd) + (i64)h * hd;
+    float s = 0.0f;
+    for (int d = lane; d < hd; d += 32) s += to_f32(dout[base + d]) * to_f32(out[base + d]);
+    s = warp_sum(s);
+    if (lane == 0) D[((i64)b * H + h) * Tq + i] = s;
 }

@@ -3,7 +3,7 @@
 //! shared memory per entry point.
 
 use crate::compile::{compile_ptx_uncached, Arch};
-use crate::families::{families, KernelFamily};
+use crate::family::{mismatch, KernelFamily};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -86,12 +86,13 @@ pub fn find_ptxas() -> Option<PathBuf> {
     on_path.into_iter().chain(cuda_home).find(|p| p.is_file())
 }
 
-/// Compiles every family for `arch` (uncached, so NVRTC warnings are seen) and, when `ptxas` is
-/// found, assembles it and reports each entry point. Never panics: every failure is a line.
-pub fn check(arch: &str) -> Vec<CheckLine> {
+/// Compiles every family of `families` for `arch` (uncached, so NVRTC warnings are seen), compares
+/// each entry point's PTX parameter list with its typed descriptor and, when `ptxas` is found,
+/// assembles it and reports each entry point. Never panics: every failure is a line.
+pub fn check(arch: &str, families: &[KernelFamily]) -> Vec<CheckLine> {
     let ptxas = find_ptxas();
     let mut lines = Vec::new();
-    for fam in families() {
+    for fam in families {
         check_family(fam, arch, ptxas.as_deref(), &mut lines);
     }
     lines
@@ -101,7 +102,7 @@ fn family_line(fam: &KernelFamily, error: Option<String>, warnings: Vec<String>)
     CheckLine { family: fam.name, entry_point: "*".to_string(), error, warnings, ptxas: None }
 }
 
-fn check_family(fam: &'static KernelFamily, arch: &str, ptxas: Option<&Path>, lines: &mut Vec<CheckLine>) {
+fn check_family(fam: &KernelFamily, arch: &str, ptxas: Option<&Path>, lines: &mut Vec<CheckLine>) {
     let compiled = match compile_ptx_uncached(fam, arch) {
         Ok(c) => c,
         Err(e) => {
@@ -109,6 +110,9 @@ fn check_family(fam: &'static KernelFamily, arch: &str, ptxas: Option<&Path>, li
             return;
         }
     };
+    if let Some(e) = mismatch(fam, Some(&compiled.ptx)) {
+        lines.push(family_line(fam, Some(e), Vec::new()));
+    }
     if !compiled.log.is_empty() {
         let warnings = compiled.log.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
         lines.push(family_line(fam, None, warnings));
@@ -128,7 +132,7 @@ fn check_family(fam: &'static KernelFamily, arch: &str, ptxas: Option<&Path>, li
             }
         },
     };
-    for &entry in fam.entry_points {
+    for entry in fam.entry_points() {
         let in_ptx = compiled.ptx.contains(&format!(".entry {entry}("));
         let report = reports.as_ref().and_then(|r| r.get(entry)).cloned();
         let error = if !in_ptx {

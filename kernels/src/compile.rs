@@ -2,7 +2,7 @@
 
 use crate::cache;
 use crate::error::{Error, Result};
-use crate::families::{KernelFamily, PRELUDE};
+use crate::family::{KernelFamily, PRELUDE};
 use cudarc::nvrtc::{result, sys};
 use std::ffi::{c_char, CString};
 use std::fmt;
@@ -125,7 +125,7 @@ fn options(family: &KernelFamily, arch: &Arch) -> Vec<String> {
     if let Some(dir) = include_dir() {
         opts.push(format!("--include-path={}", dir.display()));
     }
-    opts.extend(family.extra_options.iter().map(|o| o.to_string()));
+    opts.extend(family.defines.iter().map(|d| d.to_string()));
     opts
 }
 
@@ -253,8 +253,8 @@ mod tests {
 
     #[test]
     fn full_source_has_line_markers() {
-        let f = crate::family("glu").unwrap();
-        let s = full_source(f);
+        let f = KernelFamily { name: "glu", file: "glu.cu", source: "// x\n", kernels: &[], defines: &[] };
+        let s = full_source(&f);
         assert!(s.starts_with("#line 1 \"common.cuh\"\n"));
         assert!(s.contains("\n#line 1 \"glu.cu\"\n"));
     }

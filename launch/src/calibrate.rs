@@ -9,13 +9,17 @@
 //! - the other op classes (and the GEMM per-call overhead): a probe model's training steps on the [`Profiled`] backend; each
 //!   class's rate is the performance model's own work count for that model ([`step_work`]) over
 //!   the measured seconds in that class, so the model's approximate counts cancel;
+//! - concurrent ranks: the probe model as a tensor-parallel and as a data-parallel pair of rank
+//!   threads, each class's time next to one rank's alone ([`ConcurrentRanks`]);
 //! - links: a 2-rank in-process all-reduce of 1 KiB (latency α) and 16 MiB (bandwidth β).
 //!
 //! Built-in profiles of other machines are in `configs/hardware/` (see [`builtin_profile`]).
 
 use crate::bench::{median, random_batch, rayon_threads};
 use anyhow::{bail, Context, Result};
-use dm_model::perf_model::{step_work, Algorithm, ClassRates, GemmRates, HardwareProfile, Link, Links};
+use dm_model::perf_model::{
+    step_work, Algorithm, ClassRates, ClassSpeedups, ConcurrentRanks, GemmRates, HardwareProfile, Link, Links,
+};
 use dm_model::plan::{PlanOptions, Precision};
 use dm_model::{AdamW, AdamWConfig, DalleBart, DalleBartConfig};
 use dm_parallel::{Communicator, ReduceOp, ThreadComm};
@@ -85,7 +89,7 @@ pub fn cache_path() -> PathBuf {
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("dalle-mesh")))
         .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache").join("dalle-mesh")))
         .unwrap_or_else(|| PathBuf::from(".dalle-mesh-cache"));
-    dir.join(format!("cpu-calibration-{}t.yaml", rayon_threads()))
+    dir.join(format!("cpu-calibration-v2-{}t.yaml", rayon_threads()))
 }
 
 /// The cached calibration of this CPU, or a fresh one (written to the cache).
@@ -165,6 +169,44 @@ fn probe_model() -> DalleBartConfig {
     crate::run_config::tiny_model(512, 1024, 256, 16)
 }
 
+/// Median seconds of the performance model's five op classes (GEMM, attention, cross-entropy,
+/// pointwise, optimizer) over 3 training steps of `model` after one warm-up; `before_step` runs
+/// before each step (a barrier that keeps concurrent probe ranks in step).
+fn probe_class_seconds(
+    be: &Profiled<CpuBackend>,
+    model: &mut DalleBart<Profiled<CpuBackend>>,
+    data: &dm_model::Batch,
+    before_step: &dyn Fn(),
+) -> Result<[f64; 5]> {
+    let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
+    let mut opt = AdamW::new(be, AdamWConfig::default(), &names, &model.params)?;
+    let mut per_class: Vec<[f64; 7]> = Vec::new();
+    for i in 0..4 {
+        before_step();
+        let before = be.profile();
+        model.zero_grads()?;
+        model.forward_backward(data)?;
+        let mut sq = 0.0;
+        for g in &model.grads {
+            sq += be.sum_squares(g)?;
+        }
+        opt.update(be, &mut model.params, &model.grads, 1e-4, if sq > 1.0 { 1.0 / sq.sqrt() as f32 } else { 1.0 })?;
+        let p = be.profile().since(&before);
+        if i > 0 {
+            per_class.push(std::array::from_fn(|c| p.classes[c].seconds));
+        }
+    }
+    let secs =
+        |classes: &[OpClass]| median(per_class.iter().map(|s| classes.iter().map(|&c| s[c as usize]).sum()).collect());
+    Ok([
+        secs(&[OpClass::Gemm]),
+        secs(&[OpClass::Attention]),
+        secs(&[OpClass::CrossEntropy]),
+        secs(&[OpClass::Norm, OpClass::Elementwise]),
+        secs(&[OpClass::Optimizer, OpClass::Memory]),
+    ])
+}
+
 /// Class rates from the probe model's steps (median seconds per class over 3 timed steps), and
 /// the GEMM call overhead that makes the probe's GEMM seconds match the rate tables (small
 /// products pay packing and dispatch costs the `1024`-based tables don't see).
@@ -173,35 +215,79 @@ fn calibrate_classes(gemm: &mut GemmRates) -> Result<ClassRates> {
     let batch = 4;
     let be = Profiled::new(CpuBackend::new());
     let mut model = DalleBart::init(be.clone(), cfg.clone(), 0)?;
-    let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
-    let mut opt = AdamW::new(&be, AdamWConfig::default(), &names, &model.params)?;
     let data = random_batch(&cfg, batch, 1)?;
-    let mut per_class: Vec<[f64; 7]> = Vec::new();
-    for i in 0..4 {
-        let before = be.profile();
-        model.zero_grads()?;
-        model.forward_backward(&data)?;
-        let mut sq = 0.0;
-        for g in &model.grads {
-            sq += be.sum_squares(g)?;
-        }
-        opt.update(&be, &mut model.params, &model.grads, 1e-4, if sq > 1.0 { 1.0 / sq.sqrt() as f32 } else { 1.0 })?;
-        let p = be.profile().since(&before);
-        if i > 0 {
-            per_class.push(std::array::from_fn(|c| p.classes[c].seconds));
-        }
-    }
-    let secs =
-        |classes: &[OpClass]| median(per_class.iter().map(|s| classes.iter().map(|&c| s[c as usize]).sum()).collect());
+    let [gemm_s, attention_s, cross_entropy_s, pointwise_s, optimizer_s] =
+        probe_class_seconds(&be, &mut model, &data, &|| ())?;
     let w = step_work(&cfg, &PlanOptions::new(1, 1, batch), 0);
     let from_tables: f64 = w.gemms.iter().map(|g| g.flops() / gemm.rate(g.m, g.n, g.k)).sum();
-    gemm.call_overhead_s = ((secs(&[OpClass::Gemm]) - from_tables) / w.gemms.len() as f64).max(0.0);
+    gemm.call_overhead_s = ((gemm_s - from_tables) / w.gemms.len() as f64).max(0.0);
     Ok(ClassRates {
-        attention_flops_per_s: w.attention_flops / secs(&[OpClass::Attention]),
-        cross_entropy_elements_per_s: w.cross_entropy_elements / secs(&[OpClass::CrossEntropy]),
-        pointwise_elements_per_s: w.pointwise_elements / secs(&[OpClass::Norm, OpClass::Elementwise]),
-        optimizer_elements_per_s: w.optimizer_elements / secs(&[OpClass::Optimizer, OpClass::Memory]),
+        attention_flops_per_s: w.attention_flops / attention_s,
+        cross_entropy_elements_per_s: w.cross_entropy_elements / cross_entropy_s,
+        pointwise_elements_per_s: w.pointwise_elements / pointwise_s,
+        optimizer_elements_per_s: w.optimizer_elements / optimizer_s,
     })
+}
+
+/// [`ClassSpeedups`] of a pair of probe ranks (`tp × dp` = 2) running the probe model at the
+/// same time as threads: `2 · t₁ / t₂` per class, with `t₁` the seconds the rates already
+/// calibrated predict for one rank's work alone and `t₂` the seconds each rank measured while
+/// both ran (mean of the two ranks).
+fn calibrate_pair(gemm: &GemmRates, rates: &ClassRates, tp: usize, dp: usize) -> Result<ClassSpeedups> {
+    let cfg = probe_model();
+    let batch = 4;
+    let opts = PlanOptions::new(tp, dp, batch);
+    let comms = ThreadComm::group(2);
+    let barrier = std::sync::Barrier::new(2);
+    let data = random_batch(&cfg, batch, 1)?;
+    let full = dm_model::ParamTable::new(&cfg).init_values(cfg.init_std, 0);
+    let measured = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (cfg, data, full, barrier) = (&cfg, &data, &full, &barrier);
+                s.spawn(move || -> Result<[f64; 5]> {
+                    let be = Profiled::new(CpuBackend::new());
+                    let tp_rank = if tp > 1 { rank } else { 0 };
+                    let local = dm_model::ParamTable::sharded(cfg, tp_rank, tp).shard_values(full);
+                    let inner: std::sync::Arc<dyn Communicator<CpuBackend>> = std::sync::Arc::new(comm);
+                    let arc: std::sync::Arc<dyn Communicator<Profiled<CpuBackend>>> =
+                        std::sync::Arc::new(dm_parallel::TimedComm::new(inner));
+                    let group = (tp > 1).then(|| dm_model::dallebart::TpGroup { rank, size: tp, comm: arc });
+                    let mut model = DalleBart::new_sharded(be.clone(), cfg.clone(), group, local)?;
+                    probe_class_seconds(&be, &mut model, data, &|| {
+                        barrier.wait();
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a probe rank panicked"))?)
+            .collect::<Result<Vec<[f64; 5]>>>()
+    })?;
+    let mut gain = [1.0f64; 5];
+    for (i, g) in gain.iter_mut().enumerate() {
+        let alone: f64 = (0..tp)
+            .map(|r| {
+                let w = step_work(&cfg, &opts, r);
+                let per_rank = [
+                    w.gemms.iter().map(|g| gemm.seconds(g)).sum::<f64>(),
+                    w.attention_flops / rates.attention_flops_per_s,
+                    w.cross_entropy_elements / rates.cross_entropy_elements_per_s,
+                    w.pointwise_elements / rates.pointwise_elements_per_s,
+                    w.optimizer_elements / rates.optimizer_elements_per_s,
+                ];
+                per_rank[i]
+            })
+            .sum::<f64>()
+            / tp as f64;
+        let together = (measured[0][i] + measured[1][i]) / 2.0;
+        // Clamped to what two ranks can physically gain or lose (noise on a busy host).
+        *g = (2.0 * alone / together.max(f64::MIN_POSITIVE)).clamp(0.5, 2.0);
+    }
+    let [gemm, attention, cross_entropy, pointwise, optimizer] = gain;
+    Ok(ClassSpeedups { gemm, attention, cross_entropy, pointwise, optimizer })
 }
 
 /// α and β of the in-process communicator: 2 ranks, all-reduce medians at 1 KiB and 16 MiB.
@@ -245,6 +331,10 @@ pub fn calibrate() -> Result<HardwareProfile> {
     let t0 = Instant::now();
     let (mut gemm, peak) = calibrate_gemm()?;
     let rates = calibrate_classes(&mut gemm)?;
+    let concurrent_ranks = ConcurrentRanks {
+        tensor_parallel: calibrate_pair(&gemm, &rates, 2, 1)?,
+        data_parallel: calibrate_pair(&gemm, &rates, 1, 2)?,
+    };
     let link = calibrate_threads_link()?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), peak_gflops = peak / 1e9, "CPU calibrated");
     Ok(HardwareProfile {
@@ -254,6 +344,7 @@ pub fn calibrate() -> Result<HardwareProfile> {
         peak_flops_per_s: peak,
         devices_per_node: 1 << 20,
         ranks_share_host: true,
+        concurrent_ranks,
         memory_bytes: None,
         gemm,
         rates,

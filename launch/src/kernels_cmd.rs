@@ -54,7 +54,7 @@ pub fn run(arch: &str) -> Result<KernelsCheckReport> {
     }
     let nvrtc = dm_kernels::nvrtc_version().map_or_else(|e| e.to_string(), |(a, b)| format!("{a}.{b}"));
     eprintln!("kernels check: arch {arch}, NVRTC {nvrtc}, ptxas {}", ptxas.as_deref().unwrap_or("not found"));
-    let lines = dm_kernels::check(arch);
+    let lines = dm_kernels::check(arch, dm_runtime::ops::kernel_registry::kernel_families());
     let (mut errors, mut warnings) = (0, 0);
     for line in &lines {
         eprintln!("{line}");

@@ -20,7 +20,10 @@
 //!   it is: every collective blocks the rank that calls it).
 //!
 //! On a CPU whose ranks are threads of one process ([`HardwareProfile::ranks_share_host`]) the
-//! ranks share the host's cores, so the compute of every rank adds up (`Σ ranks`), and MFU is
+//! ranks share the host's cores, so the compute of every rank adds up (`Σ ranks`) — less what
+//! concurrent ranks gain over one rank on the same cores ([`ConcurrentRanks`]: one rank leaves
+//! cores idle in its fork-join waits and small products, which a second rank fills; measured by
+//! the calibration per op class, for tensor- and for data-parallel pairs of ranks) — and MFU is
 //! measured against one host's peak.
 
 use crate::config::DalleBartConfig;
@@ -131,6 +134,58 @@ pub struct ClassRates {
     pub optimizer_elements_per_s: f64,
 }
 
+/// Aggregate throughput of two ranks running an op class at the same time on one host over one
+/// rank's ([`HardwareProfile::ranks_share_host`] only): `2 · t₁ / t₂`, where `t₁` is one rank's
+/// time for its work alone and `t₂` each rank's time with both running. 1 means the ranks' work
+/// simply adds up; 2 means a second rank costs nothing (it runs on cores the first left idle).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSpeedups {
+    pub gemm: f64,
+    pub attention: f64,
+    pub cross_entropy: f64,
+    pub pointwise: f64,
+    pub optimizer: f64,
+}
+
+impl ClassSpeedups {
+    /// No gain: the work of concurrent ranks adds up.
+    pub const NONE: ClassSpeedups =
+        ClassSpeedups { gemm: 1.0, attention: 1.0, cross_entropy: 1.0, pointwise: 1.0, optimizer: 1.0 };
+
+    fn all(&self) -> [f64; 5] {
+        [self.gemm, self.attention, self.cross_entropy, self.pointwise, self.optimizer]
+    }
+}
+
+impl Default for ClassSpeedups {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+/// [`ClassSpeedups`] of the two ways ranks of a thread mesh run together, measured by the CPU
+/// calibration with two probe ranks: a tensor-parallel pair (half of every product each, in
+/// lock-step through its collectives) and a data-parallel pair (whole products each).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConcurrentRanks {
+    pub tensor_parallel: ClassSpeedups,
+    pub data_parallel: ClassSpeedups,
+}
+
+impl ConcurrentRanks {
+    /// The speedups of a `tp × dp` thread mesh: none on one rank, the tensor-parallel pair's when
+    /// the ranks are split by tp (their products are the tp-sized ones), else the dp pair's.
+    pub fn for_mesh(&self, tp: usize, dp: usize) -> ClassSpeedups {
+        match (tp, dp) {
+            (1, 1) => ClassSpeedups::NONE,
+            (1, _) => self.data_parallel,
+            _ => self.tensor_parallel,
+        }
+    }
+}
+
 /// What a device (or a CPU host) can do, for [`predict`]. Stored as YAML under
 /// `configs/hardware/`; `dalle-mesh plan --time` on a CPU without a profile measures one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +202,9 @@ pub struct HardwareProfile {
     /// Ranks are threads of one process sharing the host's cores (the CPU thread mesh).
     #[serde(default)]
     pub ranks_share_host: bool,
+    /// What concurrent ranks gain on the shared host (with `ranks_share_host`; default none).
+    #[serde(default)]
+    pub concurrent_ranks: ConcurrentRanks,
     /// Memory of one device.
     #[serde(default)]
     pub memory_bytes: Option<u64>,
@@ -334,15 +392,18 @@ pub fn predict(cfg: &DalleBartConfig, opts: &PlanOptions, profile: &HardwareProf
     let link = |inter: bool| if inter { &profile.links.inter_node } else { &profile.links.intra_node };
     let mut t = worst;
     if profile.ranks_share_host {
-        // Every rank's compute runs on the same cores.
-        let total: f64 = ranks.iter().map(|(_, r)| r.compute_s).sum::<f64>() * dp as f64;
-        let scale = total / worst.compute_s.max(f64::MIN_POSITIVE);
-        t.gemm_s *= scale;
-        t.attention_s *= scale;
-        t.cross_entropy_s *= scale;
-        t.pointwise_s *= scale;
-        t.optimizer_s *= scale;
-        t.compute_s = total;
+        // Every rank's compute runs on the same cores: the ranks' work adds up, less what
+        // running together gains over running one after another.
+        let gain = profile.concurrent_ranks.for_mesh(tp, dp).all();
+        let host = |class: fn(&TimeBreakdown) -> f64, i: usize| {
+            ranks.iter().map(|(_, r)| class(r)).sum::<f64>() * dp as f64 / gain[i].max(f64::MIN_POSITIVE)
+        };
+        t.gemm_s = host(|r| r.gemm_s, 0);
+        t.attention_s = host(|r| r.attention_s, 1);
+        t.cross_entropy_s = host(|r| r.cross_entropy_s, 2);
+        t.pointwise_s = host(|r| r.pointwise_s, 3);
+        t.optimizer_s = host(|r| r.optimizer_s, 4);
+        t.compute_s = t.gemm_s + t.attention_s + t.cross_entropy_s + t.pointwise_s + t.optimizer_s;
     }
     t.tp_comm_s = comm_seconds(link(tp_inter), &comm_of.tp, tp);
     t.dp_comm_s = comm_seconds(link(dp_inter), &comm_of.dp, dp);
@@ -393,6 +454,7 @@ mod tests {
             peak_flops_per_s: 1e12,
             devices_per_node: 8,
             ranks_share_host: false,
+            concurrent_ranks: ConcurrentRanks::default(),
             memory_bytes: None,
             gemm: GemmRates { reference_flops_per_s: 1e12, ..Default::default() },
             rates: ClassRates {
@@ -448,6 +510,26 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("--precision fp32"), "{err}");
         assert!(predict(&cfg, &PlanOptions::new(3, 1, 8), &p).is_err());
+    }
+
+    #[test]
+    fn ranks_sharing_a_host_add_up_less_their_measured_concurrency_gain() {
+        let cfg = DalleBartConfig::micro();
+        let mut p = profile();
+        p.ranks_share_host = true;
+        let time = |p: &HardwareProfile, tp: usize, dp: usize| predict(&cfg, &PlanOptions::new(tp, dp, 4), p).unwrap();
+        let (one, dp2, tp2) = (time(&p, 1, 1), time(&p, 1, 2), time(&p, 2, 1));
+        // Without a gain, two data-parallel ranks take twice one rank's compute.
+        assert!((dp2.breakdown.compute_s - 2.0 * one.breakdown.compute_s).abs() < 1e-12);
+        let gain = |x: f64| ClassSpeedups { gemm: x, attention: x, cross_entropy: x, pointwise: x, optimizer: x };
+        p.concurrent_ranks = ConcurrentRanks { tensor_parallel: gain(1.6), data_parallel: gain(1.25) };
+        let (one_g, dp2_g, tp2_g) = (time(&p, 1, 1), time(&p, 1, 2), time(&p, 2, 1));
+        assert_eq!(one_g.predicted_step_s, one.predicted_step_s, "one rank has no partner");
+        assert!((dp2_g.breakdown.compute_s - dp2.breakdown.compute_s / 1.25).abs() < 1e-12);
+        assert!((tp2_g.breakdown.compute_s - tp2.breakdown.compute_s / 1.6).abs() < 1e-12);
+        assert_eq!(tp2_g.breakdown.comm_s, tp2.breakdown.comm_s, "the gain is compute only");
+        // A 2×2 mesh is split by tp: it takes the tensor-parallel pair's gain.
+        assert_eq!(p.concurrent_ranks.for_mesh(2, 2), gain(1.6));
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl KernelCache {
         if let Some(m) = modules.get(family) {
             return Ok(m.clone());
         }
-        let fam = dm_kernels::family(family)
+        let fam = crate::ops::kernel_registry::kernel_family(family)
             .ok_or_else(|| RuntimeError::Device(format!("no kernel family named {family}")))?;
         let compiled = dm_kernels::compile_ptx(fam, &self.arch)
             .map_err(|e| RuntimeError::Device(format!("compiling kernel family {family}: {e}")))?;

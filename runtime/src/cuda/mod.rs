@@ -32,10 +32,11 @@
 //!
 //! # Op → kernel map
 //!
-//! Each op's kernel-call code lives with the op, in `runtime/src/ops/<family>/cuda.rs`; this
-//! module holds the device, memory, grids ([`grid`]) and the checked kernel call.
+//! Each op's kernels live with the op: the source `runtime/src/ops/<family>/<family>.cu`, its
+//! typed descriptors in `kernels.rs` and the kernel-call code in `cuda.rs`; this module holds the
+//! device, memory, grids ([`grid`]), the typed-kernel mechanism ([`kernel`]) and the kernel call.
 //!
-//! | op | kernels (`kernels/cuda/*.cu`) |
+//! | op | kernels (`runtime/src/ops/*/*.cu`) |
 //! |---|---|
 //! | fill, add, add_assign, scale | `fill_f32`, `add_f32`, `add_assign_f32`, `scale_f32` |
 //! | sum_squares | `sum_squares_partial_f32` + `sum_f64_finish` (f64), 1-value download |
@@ -59,10 +60,10 @@
 mod blas;
 pub mod device;
 pub mod grid;
+pub mod kernel;
 pub mod memory;
 mod ops;
 pub(crate) use ops::kernel_prelude;
-mod signatures;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -235,10 +236,10 @@ impl CudaBackend {
     /// first use; returns the time each family took.
     pub fn preload_kernels(&self) -> Result<Vec<(&'static str, Duration)>> {
         let mut out = Vec::new();
-        for fam in dm_kernels::families() {
+        for fam in crate::ops::kernel_registry::kernel_families() {
             let t0 = Instant::now();
             self.dev.kernels.module(&self.dev.ctx, fam.name)?;
-            for e in fam.entry_points {
+            for e in fam.entry_points() {
                 self.dev.kernels.function(&self.dev.ctx, fam.name, e)?;
             }
             out.push((fam.name, t0.elapsed()));

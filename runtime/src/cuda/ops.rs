@@ -1,5 +1,5 @@
-//! The kernel-call plumbing of [`CudaBackend`]: typed kernel arguments ([`Arg`]), the checked
-//! kernel call ([`CudaBackend::call_kernel`]), stream-ordered 2-D copies, and [`Backend`] itself, whose
+//! The kernel-call plumbing of [`CudaBackend`]: the call of a typed kernel descriptor
+//! ([`CudaBackend::call_kernel`]), stream-ordered 2-D copies, and [`Backend`] itself, whose
 //! `compute` hands each (already checked) op to its family's CUDA code in
 //! `runtime/src/ops/<family>/cuda.rs`.
 
@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering;
 
 use cudarc::driver::sys as ds;
 
-use super::device::driver_err;
+use super::device::{driver_err, ScratchSet};
 use super::grid::{self as lc, KernelGrid};
+use super::kernel::{DevicePtr, Kernel, KernelArgs, RawArg};
 use super::memory::{CudaBuf, CudaIds};
 use super::CudaBackend;
 use crate::backend::Backend;
@@ -20,27 +21,14 @@ use crate::ops::{HostIds, Op, Storage};
 /// What the op families' CUDA code (`runtime/src/ops/<family>/cuda.rs`) needs to call kernels.
 pub(crate) mod kernel_prelude {
     pub(crate) use super::super::device::{driver_err, Scratch, ScratchSet};
-    pub(crate) use super::super::grid::{self as lc, AttentionPath, Bf16Staging};
+    pub(crate) use super::super::grid::{self as lc, Bf16Staging, KernelGrid};
+    pub(crate) use super::super::kernel::{DevicePtr, Kernel, KernelArgs};
     pub(crate) use super::super::memory::{raw_ptr, CudaBuf, CudaIds};
     pub(crate) use super::super::{CudaBackend, MatmulImpl, Precision};
-    pub(crate) use super::{cfg, int, mut_ptr, offset_f32, opt_ptr, ptr, Arg};
+    pub(crate) use super::{cfg, int, mut_ptr, opt_ptr, ptr};
     pub(crate) use crate::backend::{AttentionShape, MatmulSpec};
     pub(crate) use crate::error::{Result, RuntimeError};
-    pub(crate) use dm_kernels::grid::AttentionKernel;
     pub(crate) use std::sync::atomic::Ordering;
-}
-
-/// One kernel argument, with the exact C type of the parameter.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg {
-    /// A device pointer (`T*`), 0 for null.
-    P(u64),
-    /// `int`.
-    I(i32),
-    /// `float`.
-    F(f32),
-    /// `u64` (unsigned long long) element counts.
-    U(u64),
 }
 
 pub(crate) fn cfg(op: &'static str, r: std::result::Result<KernelGrid, String>) -> Result<KernelGrid> {
@@ -51,21 +39,19 @@ pub(crate) fn int(op: &'static str, what: &str, v: usize) -> Result<i32> {
     lc::to_i32(what, v).map_err(|detail| RuntimeError::Invalid { op, detail })
 }
 
-pub(crate) fn ptr(b: &CudaBuf) -> Arg {
-    Arg::P(b.device_ptr())
+/// The device address of a buffer the kernel reads.
+pub(crate) fn ptr(b: &CudaBuf) -> DevicePtr {
+    DevicePtr(b.device_ptr())
 }
 
-pub(crate) fn opt_ptr(b: Option<&CudaBuf>) -> Arg {
-    Arg::P(b.map_or(0, CudaBuf::device_ptr))
+/// The device address of an optional buffer, null when absent.
+pub(crate) fn opt_ptr(b: Option<&CudaBuf>) -> DevicePtr {
+    DevicePtr(b.map_or(0, CudaBuf::device_ptr))
 }
 
-pub(crate) fn mut_ptr(b: &mut CudaBuf) -> Arg {
-    Arg::P(b.device_ptr())
-}
-
-/// `dst` offset by `elems` f32 elements.
-pub(crate) fn offset_f32(base: u64, elems: usize) -> Arg {
-    Arg::P(base + 4 * elems as u64)
+/// The device address of a buffer the kernel writes (taking `&mut` keeps outputs distinct).
+pub(crate) fn mut_ptr(b: &mut CudaBuf) -> DevicePtr {
+    DevicePtr(b.device_ptr())
 }
 
 impl CudaBackend {
@@ -77,35 +63,20 @@ impl CudaBackend {
         &self.dev.memory
     }
 
-    /// Kernel calls `entry` of kernel family `family`.
+    /// The device's scratch buffers, locked (a poisoned lock is still usable: scratch holds no
+    /// invariant a panic could break).
+    pub(crate) fn scratch(&self) -> std::sync::MutexGuard<'_, ScratchSet> {
+        self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Calls kernel `k` with `args` (whose type the descriptor fixes) on the compute stream.
     ///
     /// # Safety
-    /// `args` must match the kernel's documented parameter list in number, order and C type; every
-    /// pointer must be null (where the kernel allows it) or a live allocation of this device large
+    /// Every pointer must be null (where the kernel allows it) or a live allocation of this device large
     /// enough for everything the kernel reads or writes under this grid and these sizes;
     /// output buffers must not be read or written by anything else until the stream reaches them.
-    pub(crate) unsafe fn call_kernel(
-        &self,
-        family: &'static str,
-        entry: &str,
-        l: KernelGrid,
-        args: &[Arg],
-    ) -> Result<()> {
-        let kinds: String = args
-            .iter()
-            .map(|a| match a {
-                Arg::P(_) => 'P',
-                Arg::U(_) => 'U',
-                Arg::I(_) => 'I',
-                Arg::F(_) => 'F',
-            })
-            .collect();
-        if super::signatures::signature(family, entry) != Some(kinds.as_str()) {
-            return Err(RuntimeError::Device(format!(
-                "internal error: arguments {kinds} do not match the declared parameters of {family}/{entry} ({:?})",
-                super::signatures::signature(family, entry)
-            )));
-        }
+    pub(crate) unsafe fn call_kernel<A: KernelArgs>(&self, kernel: Kernel<A>, l: KernelGrid, args: A) -> Result<()> {
+        let (family, entry) = (kernel.family, kernel.entry);
         let k = &self.dev.kernels;
         let f = k.function(&self.dev.ctx, family, entry)?;
         if l.smem as usize > lc::DEFAULT_SMEM_LIMIT {
@@ -113,15 +84,8 @@ impl CudaBackend {
                 .map_err(RuntimeError::Device)?;
             k.ensure_smem(&self.dev.ctx, entry, &f, l.smem as usize)?;
         }
-        let mut vals: Vec<Arg> = args.to_vec();
-        let mut params: Vec<*mut c_void> = vals
-            .iter_mut()
-            .map(|a| match a {
-                Arg::P(v) | Arg::U(v) => v as *mut u64 as *mut c_void,
-                Arg::I(v) => v as *mut i32 as *mut c_void,
-                Arg::F(v) => v as *mut f32 as *mut c_void,
-            })
-            .collect();
+        let mut vals = args.raw();
+        let mut params: Vec<*mut c_void> = vals.iter_mut().map(RawArg::as_param).collect();
         self.dev.ctx.bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))?;
         // SAFETY: the caller guarantees the argument list and buffers; `params` points into `vals`,
         // which outlives the call (cuLaunchKernel copies the values before returning); `f` belongs
@@ -197,17 +161,6 @@ impl CudaBackend {
         // SAFETY: as above; the compute stream is idle (synchronised), so nothing races the copy.
         unsafe { ds::cuMemcpy2DUnaligned_v2(&p) }.result().map_err(|e| driver_err("cuMemcpy2DUnaligned", e))?;
         self.dev.ctx.synchronize().map_err(|e| driver_err("context synchronize", e))
-    }
-
-    // ---- elementwise ------------------------------------------------------------------------
-
-    pub(crate) fn fill_raw(&self, op: &'static str, ptr: u64, n: usize, value: f32) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        let l = cfg(op, lc::elementwise(n, self.sms()))?;
-        // SAFETY: fill_f32(x, value, n) writes x[0..n); `ptr` addresses at least n floats.
-        unsafe { self.call_kernel("elementwise", "fill_f32", l, &[Arg::P(ptr), Arg::F(value), Arg::U(n as u64)]) }
     }
 }
 

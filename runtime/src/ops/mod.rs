@@ -1,8 +1,9 @@
 //! Every op of the runtime, one folder (or file) per op family. Each family's `mod.rs` is its
 //! contract (what it computes, the shapes, what is accumulated), the argument struct of each call
-//! and its ONE argument check; `cpu.rs` is the CPU implementation over host slices. The CUDA
-//! kernels are in `kernels/cuda/<family>.cu`, described by `dm_kernels::families`, dispatched by
-//! `runtime/src/cuda`.
+//! and its ONE argument check; `cpu.rs` is the CPU implementation over host slices; the CUDA
+//! kernels are `<family>.cu` beside them, described by typed descriptors in `kernels.rs` (entry
+//! points, argument types, `-D` constants) and called from `cuda.rs`. [`kernel_registry`] lists the
+//! families once.
 //!
 //! [`crate::Backend`]'s named methods wrap their arguments in an [`Op`], run [`Op::check`] and
 //! hand the op to the backend's `compute`, so a backend only computes and every backend refuses
@@ -22,6 +23,7 @@ pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod gelu_glu;
+pub mod kernel_registry;
 pub mod layernorm;
 pub mod math;
 pub mod matmul;

@@ -1,5 +1,7 @@
-//! CUDA code of AdamW: `kernels/cuda/adamw.cu` (bias corrections computed on the host in f64).
+//! CUDA code of AdamW: `adamw.cu` beside this file (descriptors in `kernels.rs`; bias corrections
+//! computed on the host in f64).
 
+use super::kernels as k;
 use crate::cuda::kernel_prelude::*;
 use crate::ops::adamw;
 
@@ -12,24 +14,24 @@ impl CudaBackend {
         }
         let (bc1, bc2) = lc::adamw_bias_corrections(step.b1, step.b2, step.step);
         let l = cfg("adamw", lc::grid_stride(n, self.sms()))?;
-        let args = [
+        let args = (
             mut_ptr(param),
             ptr(grad),
             mut_ptr(m),
             mut_ptr(v),
-            Arg::U(n as u64),
-            Arg::F(step.lr),
-            Arg::F(step.b1),
-            Arg::F(step.b2),
-            Arg::F(step.eps),
-            Arg::F(step.weight_decay),
-            Arg::F(bc1),
-            Arg::F(bc2),
-            Arg::F(step.grad_scale),
-            Arg::P(0),
-        ];
+            n as u64,
+            step.lr,
+            step.b1,
+            step.b2,
+            step.eps,
+            step.weight_decay,
+            bc1,
+            bc2,
+            step.grad_scale,
+            DevicePtr::NULL,
+        );
         // SAFETY: adamw_f32(param, grad, m, v, n, lr, b1, b2, eps, wd, bc1, bc2, grad_scale,
         // grad_scale_dev = null), the four arrays n floats each.
-        unsafe { self.call_kernel("adamw", "adamw_f32", l, &args) }
+        unsafe { self.call_kernel(k::ADAMW, l, args) }
     }
 }

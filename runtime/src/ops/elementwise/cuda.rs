@@ -1,10 +1,21 @@
-//! CUDA code of the elementwise ops: `kernels/cuda/elementwise.cu` (and the broadcast-row kernels
-//! of `embedding.cu`); host transfers and copies through the stream.
+//! CUDA code of the elementwise ops: `elementwise.cu` beside this file (descriptors in
+//! `kernels.rs`); host transfers and copies through the stream.
 
+use super::kernels as k;
 use crate::cuda::kernel_prelude::*;
 use crate::ops::elementwise as ew;
 
 impl CudaBackend {
+    /// `fill_f32` over the `n` floats at `ptr` (Backend::fill, and zeroing for other ops).
+    pub(crate) fn fill_raw(&self, op: &'static str, ptr: u64, n: usize, value: f32) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let l = cfg(op, k::elementwise(n, self.sms()))?;
+        // SAFETY: fill_f32(x, value, n) writes x[0..n); `ptr` addresses at least n floats.
+        unsafe { self.call_kernel(k::FILL, l, (DevicePtr(ptr), value, n as u64)) }
+    }
+
     pub(crate) fn write_cuda(&self, a: ew::Write<'_, CudaBuf>) -> Result<()> {
         let ew::Write { dst, offset, data } = a;
         if data.is_empty() {
@@ -30,30 +41,28 @@ impl CudaBackend {
         if acc.len == 0 {
             return Ok(());
         }
-        let l = cfg("add_assign", lc::elementwise(acc.len, self.sms()))?;
+        let l = cfg("add_assign", k::elementwise(acc.len, self.sms()))?;
         // SAFETY: add_assign_f32(acc, x, n) over n = acc.len = x.len floats.
-        unsafe { self.call_kernel("elementwise", "add_assign_f32", l, &[mut_ptr(acc), ptr(x), Arg::U(acc.len as u64)]) }
+        unsafe { self.call_kernel(k::ADD_ASSIGN, l, (mut_ptr(acc), ptr(x), acc.len as u64)) }
     }
     pub(crate) fn add_cuda(&self, a: ew::Add<'_, CudaBuf>) -> Result<()> {
         let ew::Add { out, a, b } = a;
         if out.len == 0 {
             return Ok(());
         }
-        let l = cfg("add", lc::elementwise(out.len, self.sms()))?;
+        let l = cfg("add", k::elementwise(out.len, self.sms()))?;
         // SAFETY: add_f32(out, a, b, n), all n floats; `out` is a distinct &mut buffer, so it
         // aliases neither input (as the kernel requires).
-        unsafe {
-            self.call_kernel("elementwise", "add_f32", l, &[mut_ptr(out), ptr(a), ptr(b), Arg::U(out.len as u64)])
-        }
+        unsafe { self.call_kernel(k::ADD, l, (mut_ptr(out), ptr(a), ptr(b), out.len as u64)) }
     }
     pub(crate) fn scale_cuda(&self, a: ew::Scale<'_, CudaBuf>) -> Result<()> {
         let ew::Scale { x, s } = a;
         if x.len == 0 {
             return Ok(());
         }
-        let l = cfg("scale", lc::elementwise(x.len, self.sms()))?;
+        let l = cfg("scale", k::elementwise(x.len, self.sms()))?;
         // SAFETY: scale_f32(x, s, n) over x's n floats.
-        unsafe { self.call_kernel("elementwise", "scale_f32", l, &[mut_ptr(x), Arg::F(s), Arg::U(x.len as u64)]) }
+        unsafe { self.call_kernel(k::SCALE, l, (mut_ptr(x), s, x.len as u64)) }
     }
     pub(crate) fn sum_squares_cuda(&self, a: ew::SumSquares<'_, CudaBuf>) -> Result<()> {
         let ew::SumSquares { x, out: result } = a;
@@ -61,27 +70,20 @@ impl CudaBackend {
             *result = 0.0;
             return Ok(());
         }
-        let l = cfg("sum_squares", lc::sum_squares_partials(x.len, self.sms()))?;
+        let l = cfg("sum_squares", k::sum_squares_partials(x.len, self.sms()))?;
         let blocks = l.grid.0 as usize;
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let sc = &mut *guard;
         let partials = raw_ptr(sc.f64_partials.get(&self.dev.stream, &self.dev.memory, blocks)?);
         let out_slice = sc.f64_out.get(&self.dev.stream, &self.dev.memory, 1)?;
         let out = raw_ptr(out_slice);
         // SAFETY: sum_squares_partial_f32(x, n, partials) writes gridDim.x doubles; `partials`
         // holds `blocks` of them.
-        unsafe {
-            self.call_kernel(
-                "elementwise",
-                "sum_squares_partial_f32",
-                l,
-                &[ptr(x), Arg::U(x.len as u64), Arg::P(partials)],
-            )?
-        };
-        let args = [Arg::P(partials), Arg::I(int("sum_squares", "blocks", blocks)?), Arg::P(out), Arg::I(0)];
+        unsafe { self.call_kernel(k::SUM_SQUARES_PARTIAL, l, (ptr(x), x.len as u64, DevicePtr(partials)))? };
+        let args = (DevicePtr(partials), int("sum_squares", "blocks", blocks)?, DevicePtr(out), 0);
         // SAFETY: sum_f64_finish(partials, count, out, accumulate = 0): one block reads `blocks`
         // partials and writes out[0].
-        unsafe { self.call_kernel("elementwise", "sum_f64_finish", lc::sum_finish(), &args)? };
+        unsafe { self.call_kernel(k::SUM_F64_FINISH, k::sum_finish(), args)? };
         let mut host = [0.0f64];
         self.dev.stream.memcpy_dtoh(&out_slice.slice(0..1), &mut host).map_err(|e| driver_err("sum_squares", e))?;
         drop(guard);
@@ -95,18 +97,14 @@ impl CudaBackend {
         let op = "add_broadcast_rows";
         let base = out.device_ptr();
         for (first, count, l) in
-            lc::add_broadcast_rows(row_len, n_blocks).map_err(|detail| RuntimeError::Invalid { op, detail })?
+            k::add_broadcast_rows(row_len, n_blocks).map_err(|detail| RuntimeError::Invalid { op, detail })?
         {
-            let args = [
-                offset_f32(base, first * row_len),
-                ptr(row),
-                Arg::I(int(op, "blocks", count)?),
-                Arg::I(int(op, "row_len", row_len)?),
-            ];
+            let out = DevicePtr(base).offset_f32(first * row_len);
+            let args = (out, ptr(row), int(op, "blocks", count)?, int(op, "row_len", row_len)?);
             // SAFETY: add_broadcast_rows_f32(out, row, n_blocks, row_len) touches out[0..count·row_len)
             // from the chunk's first block (inside `out`, whose length is n_blocks·row_len) and
             // reads row[0..row_len) (checked prefix).
-            unsafe { self.call_kernel("embedding", "add_broadcast_rows_f32", l, &args)? };
+            unsafe { self.call_kernel(k::ADD_BROADCAST_ROWS, l, args)? };
         }
         Ok(())
     }
@@ -114,10 +112,10 @@ impl CudaBackend {
         let ew::SumBroadcastRows { acc, x, row_len } = a;
         let op = "sum_broadcast_rows";
         let n_blocks = x.len / row_len;
-        let l = cfg(op, lc::sum_broadcast_rows(row_len))?;
-        let args = [mut_ptr(acc), ptr(x), Arg::I(int(op, "blocks", n_blocks)?), Arg::I(int(op, "row_len", row_len)?)];
+        let l = cfg(op, k::sum_broadcast_rows(row_len))?;
+        let args = (mut_ptr(acc), ptr(x), int(op, "blocks", n_blocks)?, int(op, "row_len", row_len)?);
         // SAFETY: sum_broadcast_rows_f32(acc, x, n_blocks, row_len): acc holds >= row_len floats,
         // x n_blocks·row_len.
-        unsafe { self.call_kernel("embedding", "sum_broadcast_rows_f32", l, &args) }
+        unsafe { self.call_kernel(k::SUM_BROADCAST_ROWS, l, args) }
     }
 }

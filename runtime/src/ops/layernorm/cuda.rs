@@ -1,88 +1,75 @@
-//! CUDA code of the LayerNorms: `kernels/cuda/layernorm.cu`. The sharded-LayerNorm kernels
+//! CUDA code of the LayerNorms: `layernorm.cu` beside this file (descriptors in `kernels.rs`).
+//! The sharded-LayerNorm kernels
 //! exchange row sums as interleaved pairs `[rows][2]`, the trait as `[rows]` or planar
 //! `[2, rows]`: 2-D copies (pitch 8 ↔ 4 bytes) convert.
 
+use super::kernels as k;
 use crate::cuda::kernel_prelude::*;
 use crate::ops::layernorm as ln;
 
 impl CudaBackend {
-    /// Calls a one-warp-per-row kernel `entry(pointers.., rows, dim)` of `layernorm.cu`.
+    /// Calls a one-warp-per-row kernel of `layernorm.cu` with the arguments `args(rows, dim)`.
     ///
     /// # Safety
-    /// `pointers` must be the kernel's pointer parameters, in order, each addressing what it
-    /// reads or writes for `rows` rows of `dim` (the op's check guarantees the lengths).
-    unsafe fn layernorm_per_row(
+    /// The pointers of `args` must each address what the kernel reads or writes for `rows` rows
+    /// of `dim` (the op's check guarantees the lengths).
+    unsafe fn layernorm_per_row<A: KernelArgs>(
         &self,
         op: &'static str,
-        entry: &str,
-        pointers: &[Arg],
-        rows: usize,
-        dim: usize,
+        kernel: Kernel<A>,
+        (rows, dim): (usize, usize),
+        args: impl FnOnce(i32, i32) -> A,
     ) -> Result<()> {
-        let l = cfg(op, lc::layernorm_rows(rows))?;
-        let mut args = pointers.to_vec();
-        args.extend([Arg::I(int(op, "rows", rows)?), Arg::I(int(op, "dim", dim)?)]);
+        let l = cfg(op, k::layernorm_rows(rows))?;
+        let args = args(int(op, "rows", rows)?, int(op, "dim", dim)?);
         // SAFETY: forwarded from the caller.
-        unsafe { self.call_kernel("layernorm", entry, l, &args) }
+        unsafe { self.call_kernel(kernel, l, args) }
     }
 
     /// Shared by the single-device and sharded layernorm backward: the block-partial backward
-    /// kernel, then the fixed-order reduction of the partials into dscale/dbias.
-    #[allow(clippy::too_many_arguments)]
+    /// kernel, then the fixed-order reduction of the partials into dscale/dbias. `row_sums` is
+    /// null (single device: the kernel computes the row sums) or the all-reduced interleaved
+    /// pairs over `dim_global` columns.
     fn layernorm_backward_kernels(
         &self,
         sc: &mut ScratchSet,
         op: &'static str,
-        dx: &mut CudaBuf,
-        dscale: Option<&mut CudaBuf>,
-        dbias: &mut CudaBuf,
-        dout: &CudaBuf,
-        x: &CudaBuf,
-        mean: &CudaBuf,
-        rstd: &CudaBuf,
-        scale: Option<&CudaBuf>,
-        row_sums: u64,
-        dim: usize,
-        dim_global: usize,
-        accumulate_dx: bool,
+        b: ln::Backward<'_, CudaBuf>,
+        (row_sums, dim_global): (u64, usize),
     ) -> Result<()> {
+        let ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx } = b;
         let rows = x.len / dim;
         if rows == 0 {
             return Ok(());
         }
-        let l = cfg(op, lc::layernorm_backward(rows, dim, self.sms()))?;
+        let l = cfg(op, k::layernorm_backward(rows, dim, self.sms()))?;
         let parts = l.grid.0 as usize;
         let partials = raw_ptr(sc.f32_a.get(&self.dev.stream, &self.dev.memory, parts * 2 * dim)?);
-        let args = [
+        let args = (
             mut_ptr(dx),
-            Arg::P(partials),
+            DevicePtr(partials),
             ptr(dout),
             ptr(x),
             ptr(mean),
             ptr(rstd),
             opt_ptr(scale),
-            Arg::P(row_sums),
-            Arg::I(int(op, "rows", rows)?),
-            Arg::I(int(op, "dim", dim)?),
-            Arg::I(int(op, "dim_global", dim_global)?),
-            Arg::I(accumulate_dx as i32),
-        ];
+            DevicePtr(row_sums),
+            int(op, "rows", rows)?,
+            int(op, "dim", dim)?,
+            int(op, "dim_global", dim_global)?,
+            accumulate_dx as i32,
+        );
         // SAFETY: layernorm_backward_f32(dx, partials, dout, x, mean, rstd, scale, row_sums, rows,
         // dim, dim_global, accumulate_dx): x/dout/dx hold rows·dim, mean/rstd rows, scale dim (or
         // null), row_sums 2·rows interleaved (or null); partials grid·2·dim; dim <= block·16
         // (grid::layernorm_backward checked it).
-        unsafe { self.call_kernel("layernorm", "layernorm_backward_f32", l, &args)? };
-        let l = cfg(op, lc::layernorm_param_grads(dim))?;
-        let args = [
-            Arg::P(dscale.map_or(0, |d| d.device_ptr())),
-            mut_ptr(dbias),
-            Arg::P(partials),
-            Arg::I(int(op, "parts", parts)?),
-            Arg::I(int(op, "dim", dim)?),
-        ];
+        unsafe { self.call_kernel(k::BACKWARD, l, args)? };
+        let l = cfg(op, k::layernorm_param_grads(dim))?;
+        let dscale = DevicePtr(dscale.map_or(0, |d| d.device_ptr()));
+        let args = (dscale, mut_ptr(dbias), DevicePtr(partials), int(op, "parts", parts)?, int(op, "dim", dim)?);
         // SAFETY: layernorm_param_grads_f32(dscale, dbias, partials, n_parts, dim): dscale (or
         // null) and dbias hold dim floats, partials the n_parts·2·dim written just above.
-        unsafe { self.call_kernel("layernorm", "layernorm_param_grads_f32", l, &args) }
+        unsafe { self.call_kernel(k::PARAM_GRADS, l, args) }
     }
 
     pub(crate) fn layernorm_forward_cuda(&self, a: ln::Forward<'_, CudaBuf>) -> Result<()> {
@@ -92,32 +79,16 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let pointers = [mut_ptr(out), mut_ptr(mean), mut_ptr(rstd), ptr(x), opt_ptr(scale), ptr(bias)];
+        let pointers = (mut_ptr(out), mut_ptr(mean), mut_ptr(rstd), ptr(x), opt_ptr(scale), ptr(bias));
         // SAFETY: layernorm_forward_f32(out, mean, rstd, x, scale, bias, rows, dim) with checked
         // lengths (scale may be null).
-        unsafe { self.layernorm_per_row(op, "layernorm_forward_f32", &pointers, rows, dim) }
+        unsafe { self.layernorm_per_row(op, k::FORWARD, (rows, dim), |r, d| per_row(pointers, r, d)) }
     }
 
     pub(crate) fn layernorm_backward_cuda(&self, a: ln::Backward<'_, CudaBuf>) -> Result<()> {
-        let ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx } = a;
-        let op = "layernorm_backward";
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.layernorm_backward_kernels(
-            &mut guard,
-            op,
-            dx,
-            dscale,
-            dbias,
-            dout,
-            x,
-            mean,
-            rstd,
-            scale,
-            0,
-            dim,
-            dim,
-            accumulate_dx,
-        )
+        let dim = a.dim;
+        let mut guard = self.scratch();
+        self.layernorm_backward_kernels(&mut guard, "layernorm_backward", a, (0, dim))
     }
 
     pub(crate) fn layernorm_row_sums_cuda(&self, a: ln::RowSums<'_, CudaBuf>) -> Result<()> {
@@ -127,12 +98,12 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
-        let pointers = [ptr(x), opt_ptr(center), Arg::P(pairs)];
+        let (px, pc, pp) = (ptr(x), opt_ptr(center), DevicePtr(pairs));
         // SAFETY: layernorm_sharded_sums_f32(x, center, sums, rows, dim) writes 2·rows interleaved
         // floats (Σ(x−c), Σ(x−c)²) into the pairs scratch; x holds rows·dim, center rows (or null).
-        unsafe { self.layernorm_per_row(op, "layernorm_sharded_sums_f32", &pointers, rows, dim)? };
+        unsafe { self.layernorm_per_row(op, k::SHARDED_SUMS, (rows, dim), |r, d| (px, pc, pp, r, d))? };
         // The trait wants Σx without a centre and Σ(x−c)² with one: pick that column of the pairs.
         let column = if center.is_some() { 4 } else { 0 };
         // SAFETY: reads one float of each 8-byte pair (rows of them) from the pairs scratch and
@@ -147,7 +118,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let sc = &mut *guard;
         let pairs = raw_ptr(sc.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
         let dummy = raw_ptr(sc.f32_a.get(&self.dev.stream, &self.dev.memory, rows)?);
@@ -159,18 +130,18 @@ impl CudaBackend {
         unsafe { self.copy_2d((pairs + column, 8), (sums.device_ptr(), 4), (4, rows))? };
         let (mean_out, rstd_out) = if squared { (dummy, sums.device_ptr()) } else { (sums.device_ptr(), dummy) };
         let l = cfg(op, lc::one_thread_each(rows))?;
-        let args = [
-            Arg::P(pairs),
-            Arg::P(0),
-            Arg::P(mean_out),
-            Arg::P(rstd_out),
-            Arg::I(int(op, "rows", rows)?),
-            Arg::I(int(op, "dim_global", dim_global)?),
-        ];
+        let args = (
+            DevicePtr(pairs),
+            DevicePtr::NULL,
+            DevicePtr(mean_out),
+            DevicePtr(rstd_out),
+            int(op, "rows", rows)?,
+            int(op, "dim_global", dim_global)?,
+        );
         // SAFETY: layernorm_sharded_stats_f32(sums, center = null, mean, rstd, rows, dim_global):
         // reads 2·rows pairs, writes rows floats to each of mean and rstd (sums' buffer and the
         // dummy scratch, distinct from the pairs); grid ceil(rows/256) of 256 threads.
-        unsafe { self.call_kernel("layernorm", "layernorm_sharded_stats_f32", l, &args) }
+        unsafe { self.call_kernel(k::SHARDED_STATS, l, args) }
     }
 
     pub(crate) fn layernorm_apply_cuda(&self, a: ln::Apply<'_, CudaBuf>) -> Result<()> {
@@ -180,9 +151,9 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let pointers = [mut_ptr(out), ptr(x), ptr(mean), ptr(rstd), opt_ptr(scale), ptr(bias)];
+        let pointers = (mut_ptr(out), ptr(x), ptr(mean), ptr(rstd), opt_ptr(scale), ptr(bias));
         // SAFETY: layernorm_apply_f32(out, x, mean, rstd, scale, bias, rows, dim), lengths checked.
-        unsafe { self.layernorm_per_row(op, "layernorm_apply_f32", &pointers, rows, dim) }
+        unsafe { self.layernorm_per_row(op, k::APPLY, (rows, dim), |r, d| per_row(pointers, r, d)) }
     }
 
     pub(crate) fn layernorm_backward_row_sums_cuda(&self, a: ln::BackwardRowSums<'_, CudaBuf>) -> Result<()> {
@@ -192,12 +163,12 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
-        let pointers = [ptr(dout), ptr(x), ptr(mean), ptr(rstd), opt_ptr(scale), Arg::P(pairs)];
+        let pointers = (ptr(dout), ptr(x), ptr(mean), ptr(rstd), opt_ptr(scale), DevicePtr(pairs));
         // SAFETY: layernorm_backward_sums_f32(dout, x, mean, rstd, scale, sums, rows, dim) writes
         // 2·rows interleaved floats into the pairs scratch; inputs have the checked lengths.
-        unsafe { self.layernorm_per_row(op, "layernorm_backward_sums_f32", &pointers, rows, dim)? };
+        unsafe { self.layernorm_per_row(op, k::BACKWARD_SUMS, (rows, dim), |r, d| per_row(pointers, r, d))? };
         let s = sums.device_ptr();
         // SAFETY: de-interleave the pairs into the trait's [2, rows] layout: column 0 into
         // sums[0..rows), column 1 into sums[rows..2·rows).
@@ -215,7 +186,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let pairs = raw_ptr(guard.f32_b.get(&self.dev.stream, &self.dev.memory, 2 * rows)?);
         let s = sums.device_ptr();
         // SAFETY: interleave the trait's [2, rows] sums into the kernel's pairs (sums[r] ->
@@ -225,21 +196,16 @@ impl CudaBackend {
             self.copy_2d((pairs, 8), (s, 4), (4, rows))?;
             self.copy_2d((pairs + 4, 8), (s + 4 * rows as u64, 4), (4, rows))?;
         }
-        self.layernorm_backward_kernels(
-            &mut guard,
-            op,
-            dx,
-            dscale,
-            dbias,
-            dout,
-            x,
-            mean,
-            rstd,
-            scale,
-            pairs,
-            dim,
-            dim_global,
-            accumulate_dx,
-        )
+        let grads = ln::Backward { dx, dscale, dbias, dout, x, mean, rstd, scale, dim, accumulate_dx };
+        self.layernorm_backward_kernels(&mut guard, op, grads, (pairs, dim_global))
     }
+}
+
+/// The six pointers of a warp-per-row kernel followed by (rows, dim).
+fn per_row(
+    (a, b, c, d, e, f): (DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr),
+    rows: i32,
+    dim: i32,
+) -> k::PerRowArgs {
+    (a, b, c, d, e, f, rows, dim)
 }

@@ -1,7 +1,9 @@
-//! CUDA code of the GEMM: `kernels/cuda/matmul.cu` (f32 SIMT or bf16 tensor cores after staging
+//! CUDA code of the GEMM: `matmul.cu` beside this file (descriptors in `kernels.rs`; f32 SIMT or bf16 tensor cores after staging
 //! the operands as bf16) or cuBLAS, by [`crate::cuda::Precision`] and [`crate::cuda::MatmulImpl`].
 
+use super::kernels::{self as k, GemmArgs};
 use crate::cuda::kernel_prelude::*;
+use crate::ops::elementwise::kernels::CAST_F32_TO_BF16;
 use crate::ops::matmul;
 
 impl CudaBackend {
@@ -12,7 +14,7 @@ impl CudaBackend {
         }
         let l = cfg("matmul", lc::grid_stride(n, self.sms()))?;
         // SAFETY: cast_f32_to_bf16(out, x, n): out holds n bf16, x n floats (callers size both).
-        unsafe { self.call_kernel("elementwise", "cast_f32_to_bf16", l, &[Arg::P(dst), Arg::P(src), Arg::U(n as u64)]) }
+        unsafe { self.call_kernel(CAST_F32_TO_BF16, l, (DevicePtr(dst), DevicePtr(src), n as u64)) }
     }
 
     /// Stages one f32 GEMM operand as bf16 in `dst` (through `tmp` when its leading dimension
@@ -58,12 +60,12 @@ impl CudaBackend {
                 unsafe { blas.sgemm(&s, pa, lda, pb, ldb, pc) }
             }),
             MatmulImpl::Custom => {
-                let l = cfg("matmul", lc::matmul_f32(s.m, s.n))?;
-                let entry = format!("matmul_f32_{}{}", tn(s.trans_a), tn(s.trans_b));
+                let l = cfg("matmul", k::matmul_f32(s.m, s.n))?;
+                let kernel = k::F32[s.trans_a as usize][s.trans_b as usize];
                 let args = self.gemm_args(pc, pa, lda, pb, ldb, ldc, &s)?;
                 // SAFETY: (C, A, B, M, N, K, lda, ldb, ldc, alpha, beta) as matmul.cu documents;
                 // the buffers hold the checked m·k, k·n and m·n floats; gridDim.z = 1 (no split-K).
-                unsafe { self.call_kernel("matmul", &entry, l, &args) }
+                unsafe { self.call_kernel(kernel, l, args) }
             }
         }
     }
@@ -78,26 +80,26 @@ impl CudaBackend {
         ldb: usize,
         ldc: usize,
         s: &MatmulSpec,
-    ) -> Result<[Arg; 11]> {
+    ) -> Result<GemmArgs> {
         let op = "matmul";
-        Ok([
-            Arg::P(c),
-            Arg::P(a),
-            Arg::P(b),
-            Arg::I(int(op, "m", s.m)?),
-            Arg::I(int(op, "n", s.n)?),
-            Arg::I(int(op, "k", s.k)?),
-            Arg::I(int(op, "lda", lda)?),
-            Arg::I(int(op, "ldb", ldb)?),
-            Arg::I(int(op, "ldc", ldc)?),
-            Arg::F(1.0),
-            Arg::F(if s.accumulate { 1.0 } else { 0.0 }),
-        ])
+        Ok((
+            DevicePtr(c),
+            DevicePtr(a),
+            DevicePtr(b),
+            int(op, "m", s.m)?,
+            int(op, "n", s.n)?,
+            int(op, "k", s.k)?,
+            int(op, "lda", lda)?,
+            int(op, "ldb", ldb)?,
+            int(op, "ldc", ldc)?,
+            1.0,
+            if s.accumulate { 1.0 } else { 0.0 },
+        ))
     }
 
     fn matmul_bf16(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, s: MatmulSpec) -> Result<()> {
         let (sa, sb) = lc::bf16_staging(&s);
-        let mut guard = self.dev.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.scratch();
         let sc = &mut *guard;
         let (pa, lda) = self.stage_bf16(&mut sc.bf16_a, &mut sc.bf16_tmp, a.device_ptr(), sa)?;
         let (pb, ldb) = self.stage_bf16(&mut sc.bf16_b, &mut sc.bf16_tmp, b.device_ptr(), sb)?;
@@ -109,13 +111,17 @@ impl CudaBackend {
                 unsafe { blas.gemm_bf16(&s, pa, lda, pb, ldb, pc) }
             }),
             MatmulImpl::Custom => {
-                let tile = lc::choose_bf16_tile(s.m, s.n, self.sms());
-                let l = cfg("matmul", lc::matmul_bf16(s.m, s.n, tile))?;
-                let entry = format!("matmul_bf16_{}{}_{}", tn(s.trans_a), tn(s.trans_b), tile.suffix());
+                let tile = k::choose_bf16_tile(s.m, s.n, self.sms());
+                let l = cfg("matmul", k::matmul_bf16(s.m, s.n, tile))?;
+                let variants = match tile {
+                    k::Bf16Tile::T128 => &k::BF16_128,
+                    k::Bf16Tile::T64 => &k::BF16_64,
+                };
+                let kernel = variants[s.trans_a as usize][s.trans_b as usize];
                 let args = self.gemm_args(pc, pa, lda, pb, ldb, s.n, &s)?;
                 // SAFETY: (C, A, B, M, N, K, lda, ldb, ldc, alpha, beta) with bf16 A and B staged
                 // above (leading dimensions lda, ldb >= their column counts), f32 C of m·n; no split-K.
-                unsafe { self.call_kernel("matmul", &entry, l, &args) }
+                unsafe { self.call_kernel(kernel, l, args) }
             }
         }
     }
@@ -132,14 +138,5 @@ impl CudaBackend {
             Precision::F32 => self.matmul_f32(out, a, b, spec),
             Precision::Bf16Mixed => self.matmul_bf16(out, a, b, spec),
         }
-    }
-}
-
-/// The `n`/`t` letter of an operand in a GEMM entry point's name.
-fn tn(t: bool) -> &'static str {
-    if t {
-        "t"
-    } else {
-        "n"
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub(crate) mod cuda;
+pub mod kernels;
 
 use crate::error::{Result, RuntimeError};
 use crate::ops::Storage;

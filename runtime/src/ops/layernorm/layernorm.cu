@@ -27,8 +27,8 @@
 // lose accuracy when |mean| >> std; the two-pass variant (centred at the first-pass mean) does not.
 
 #define LN_EPS 1e-5f
-// Columns each thread of layernorm_backward_f32 keeps in registers: dim <= blockDim.x · LN_CPT.
-#define LN_CPT 16
+// LN_CPT (a -D define from runtime/src/ops/layernorm/kernels.rs): columns each thread of
+// layernorm_backward_f32 keeps in registers, dim <= blockDim.x · LN_CPT.
 
 // layernorm_forward_f32(out, mean, rstd, x, scale, bias, rows, dim)
 // Launch: block 256 (8 warps = 8 rows), grid ceil(rows / 8); any multiple of 32 works

@@ -1,8 +1,8 @@
 // elementwise.cu — memory-bound elementwise ops and reductions over flat buffers
-// (Backend::{fill, add, add_assign, scale, sum_squares}, plus the f32 <-> bf16 casts of the mixed-
-// precision mode).
+// (Backend::{fill, add, add_assign, scale, sum_squares, add_broadcast_rows, sum_broadcast_rows},
+// plus the f32 <-> bf16 casts of the mixed-precision mode).
 //
-// Launch shape (all kernels here): 1-D, grid-stride, so any grid is correct. Recommended block 256
+// Launch shape (all kernels but the broadcast rows): 1-D, grid-stride, so any grid is correct. Recommended block 256
 // and grid = min(ceil(n / (256·4)), 8 · number_of_SMs) — each thread moves 4 elements per step
 // on the float4 path. No shared memory except the reductions (static, 256 B).
 //
@@ -122,4 +122,32 @@ extern "C" __global__ void cast_f32_to_bf16(bf16_t* __restrict__ out, const floa
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16_t* __restrict__ x, u64 n) {
     const u64 tid = global_thread_id(), stride = grid_threads();
     for (u64 i = tid; i < n; i += stride) out[i] = bf16_to_f32(x[i]);
+}
+
+// ---- broadcast rows: the learned-position add and its sum over the batch ----
+// (Backend::{add_broadcast_rows, sum_broadcast_rows}; 2-D grids, not grid-stride.)
+// sum_broadcast_rows_f32 is deterministic and bitwise equal to the CPU reference (it adds the
+// blocks into acc one at a time, in order).
+
+// add_broadcast_rows_f32(out, row, n_blocks, row_len)
+// out[b · row_len + j] += row[j] for b < n_blocks (positions: row_len = len · d, n_blocks = batch).
+// Launch: grid (ceil(row_len / 256), n_blocks), block 256.
+extern "C" __global__ void add_broadcast_rows_f32(float* __restrict__ out, const float* __restrict__ row,
+                                                  int n_blocks, int row_len) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.y;
+    if (j >= row_len || b >= n_blocks) return;
+    out[(i64)b * row_len + j] += row[j];
+}
+
+// sum_broadcast_rows_f32(acc, x, n_blocks, row_len)
+// acc[j] += x[0·row_len + j]; acc[j] += x[1·row_len + j]; … (sequentially, as the CPU does).
+// Launch: grid (ceil(row_len / 256)), block 256; one thread per column j.
+extern "C" __global__ void sum_broadcast_rows_f32(float* __restrict__ acc, const float* __restrict__ x,
+                                                  int n_blocks, int row_len) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= row_len) return;
+    float a = acc[j];
+    for (int b = 0; b < n_blocks; ++b) a += x[(i64)b * row_len + j];
+    acc[j] = a;
 }

@@ -37,8 +37,8 @@
 // product and sum is f32, as are the softmax statistics (max, sum, lse) and D. So results match
 // the f32 kernels to bf16 precision (~3 significant digits), as FlashAttention-2's do.
 
-#define TC_T 64    // tile rows
-#define TC_NT 128  // threads per block
+// TC_T (tile rows) and TC_NT (threads per block) come from the Rust descriptor
+// (runtime/src/ops/attention/kernels.rs) as -D defines.
 
 // Offset (elements) of 16-byte chunk `chunk` of row `row` in a swizzled [64][HDM] bf16 tile:
 // the 8 rows one ldmatrix phase reads (same chunk, consecutive rows) hit 8 distinct bank groups.
@@ -48,11 +48,9 @@ __device__ __forceinline__ int tc_off(int row, int chunk) {
     return row * HDM + ((chunk ^ (row & 7)) << 3);
 }
 
-__device__ __forceinline__ float tc_ld(const float* p, i64 i) {
-    return p[i];
-}
-__device__ __forceinline__ float tc_ld(const bf16_t* p, i64 i) {
-    return bf16_to_f32(p[i]);
+template <typename IO>
+__device__ __forceinline__ float tc_ld(const IO* p, i64 i) {
+    return to_f32(p[i]);
 }
 __device__ __forceinline__ void tc_st(float* p, i64 i, float v) {
     p[i] = v;
@@ -300,16 +298,16 @@ __device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __
         int causal, float scale
 #define DM_TC_FWD_CALL out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_f32_hd64(DM_TC_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd64(DM_TC_FWD_ARGS(float)) {
     attention_tc_fwd<64>(DM_TC_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_f32_hd128(DM_TC_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd128(DM_TC_FWD_ARGS(float)) {
     attention_tc_fwd<128>(DM_TC_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_bf16_hd64(DM_TC_FWD_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd64(DM_TC_FWD_ARGS(bf16_t)) {
     attention_tc_fwd<64>(DM_TC_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_bf16_hd128(DM_TC_FWD_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd128(DM_TC_FWD_ARGS(bf16_t)) {
     attention_tc_fwd<128>(DM_TC_FWD_CALL);
 }
 
@@ -320,17 +318,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_tc_fwd_bf16_hd128(DM
 extern "C" __global__ void attention_tc_bwd_preprocess_bf16(float* __restrict__ D, const bf16_t* __restrict__ dout,
                                                             const bf16_t* __restrict__ out, int B, int H, int Tq,
                                                             int hd) {
-    const i64 r = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (r >= (i64)B * Tq * H) return;
-    const int h = (int)(r % H);
-    const i64 bi = r / H;
-    const int i = (int)(bi % Tq), b = (int)(bi / Tq);
-    const i64 base = bi * ((i64)H * hd) + (i64)h * hd;
-    float s = 0.0f;
-    for (int d = lane; d < hd; d += 32) s += bf16_to_f32(dout[base + d]) * bf16_to_f32(out[base + d]);
-    s = warp_sum(s);
-    if (lane == 0) D[((i64)b * H + h) * Tq + i] = s;
+    attention_bwd_row_dot(D, dout, out, B, H, Tq, hd);  // common.cuh
 }
 
 // P of the backward from the saved lse (see attention.cu's att_bwd_prob).
@@ -339,6 +327,39 @@ __device__ __forceinline__ float tc_bwd_prob(float s, float lse_row, bool row_ok
     if (!row_ok || !key_exists) return 0.0f;
     if (isnan(lse_row)) return inv_tk;
     return vis ? expf(s * scale - lse_row) : 0.0f;
+}
+
+// Two score-like products of this warp's 16 rows against a 64-row tile, over the head dim:
+// sa = A1[rows] · B1ᵀ and sb = A2[rows] · B2ᵀ (A tiles read as mma A fragments at the warp's rows,
+// B tiles as "row" B fragments), both [16][64] in C-fragment layout, overwritten.
+template <int HDM>
+__device__ __forceinline__ void tc_two_products(float (&sa)[8][4], float (&sb)[8][4], const bf16_t* a1,
+                                                const bf16_t* b1, const bf16_t* a2, const bf16_t* b2, int warp,
+                                                int lane) {
+    constexpr int NKC = HDM / 16;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            sa[nt][e] = 0.0f;
+            sb[nt][e] = 0.0f;
+        }
+#pragma unroll
+    for (int kc = 0; kc < NKC; ++kc) {
+        unsigned x1[4], x2[4];
+        tc_frag_a<HDM>(x1, a1, warp * 16, kc, lane);
+        tc_frag_a<HDM>(x2, a2, warp * 16, kc, lane);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            unsigned r[4];
+            tc_frag_b_rows<HDM>(r, b1, np * 16, kc, lane);
+            mma_bf16_16816(sa[2 * np], x1, r[0], r[1]);
+            mma_bf16_16816(sa[2 * np + 1], x1, r[2], r[3]);
+            tc_frag_b_rows<HDM>(r, b2, np * 16, kc, lane);
+            mma_bf16_16816(sb[2 * np], x2, r[0], r[1]);
+            mma_bf16_16816(sb[2 * np + 1], x2, r[2], r[3]);
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -351,7 +372,7 @@ __device__ __forceinline__ void attention_tc_bwd_dkdv(IO* __restrict__ dk, IO* _
                                                       const float* __restrict__ lse, const float* __restrict__ D,
                                                       const int* __restrict__ mask, int B, int H, int Tq, int Tk,
                                                       int hd, int causal, float scale) {
-    constexpr int NKC = HDM / 16, NDT = HDM / 8;
+    constexpr int NDT = HDM / 8;
     extern __shared__ __align__(128) unsigned char tc_smem[];
     bf16_t* Ks = reinterpret_cast<bf16_t*>(tc_smem);
     bf16_t* Vs = Ks + TC_T * HDM;
@@ -394,30 +415,8 @@ __device__ __forceinline__ void attention_tc_bwd_dkdv(IO* __restrict__ dk, IO* _
         }
         __syncthreads();
 
-        float st[8][4], dpt[8][4];  // Sᵀ and dPᵀ: rows = this warp's 16 keys, columns = 64 queries
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                st[nt][e] = 0.0f;
-                dpt[nt][e] = 0.0f;
-            }
-#pragma unroll
-        for (int kc = 0; kc < NKC; ++kc) {
-            unsigned ka[4], va[4];
-            tc_frag_a<HDM>(ka, Ks, warp * 16, kc, lane);
-            tc_frag_a<HDM>(va, Vs, warp * 16, kc, lane);
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                unsigned r[4];
-                tc_frag_b_rows<HDM>(r, Qs, np * 16, kc, lane);
-                mma_bf16_16816(st[2 * np], ka, r[0], r[1]);
-                mma_bf16_16816(st[2 * np + 1], ka, r[2], r[3]);
-                tc_frag_b_rows<HDM>(r, dOs, np * 16, kc, lane);
-                mma_bf16_16816(dpt[2 * np], va, r[0], r[1]);
-                mma_bf16_16816(dpt[2 * np + 1], va, r[2], r[3]);
-            }
-        }
+        float st[8][4], dpt[8][4];  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows = this warp's 16 keys, columns = 64 queries
+        tc_two_products<HDM>(st, dpt, Ks, Qs, Vs, dOs, warp, lane);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -472,16 +471,16 @@ __device__ __forceinline__ void attention_tc_bwd_dkdv(IO* __restrict__ dk, IO* _
         int causal, float scale
 #define DM_TC_DKDV_CALL dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_f32_hd64(DM_TC_DKDV_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd64(DM_TC_DKDV_ARGS(float)) {
     attention_tc_bwd_dkdv<64>(DM_TC_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_f32_hd128(DM_TC_DKDV_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd128(DM_TC_DKDV_ARGS(float)) {
     attention_tc_bwd_dkdv<128>(DM_TC_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_bf16_hd64(DM_TC_DKDV_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd64(DM_TC_DKDV_ARGS(bf16_t)) {
     attention_tc_bwd_dkdv<64>(DM_TC_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128, 1) attention_tc_bwd_dkdv_bf16_hd128(DM_TC_DKDV_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd128(DM_TC_DKDV_ARGS(bf16_t)) {
     attention_tc_bwd_dkdv<128>(DM_TC_DKDV_CALL);
 }
 
@@ -494,7 +493,7 @@ __device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const I
                                                     const IO* __restrict__ v, const float* __restrict__ lse,
                                                     const float* __restrict__ D, const int* __restrict__ mask,
                                                     int B, int H, int Tq, int Tk, int hd, int causal, float scale) {
-    constexpr int NKC = HDM / 16, NDT = HDM / 8;
+    constexpr int NDT = HDM / 8;
     extern __shared__ __align__(128) unsigned char tc_smem[];
     bf16_t* Qs = reinterpret_cast<bf16_t*>(tc_smem);
     bf16_t* dOs = Qs + TC_T * HDM;
@@ -533,30 +532,8 @@ __device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const I
         tc_key_flags(kflag, mask, b, Tk, k0);
         __syncthreads();
 
-        float s[8][4], dp[8][4];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] = 0.0f;
-                dp[nt][e] = 0.0f;
-            }
-#pragma unroll
-        for (int kc = 0; kc < NKC; ++kc) {
-            unsigned qa[4], da[4];
-            tc_frag_a<HDM>(qa, Qs, warp * 16, kc, lane);
-            tc_frag_a<HDM>(da, dOs, warp * 16, kc, lane);
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                unsigned r[4];
-                tc_frag_b_rows<HDM>(r, Ks, np * 16, kc, lane);
-                mma_bf16_16816(s[2 * np], qa, r[0], r[1]);
-                mma_bf16_16816(s[2 * np + 1], qa, r[2], r[3]);
-                tc_frag_b_rows<HDM>(r, Vs, np * 16, kc, lane);
-                mma_bf16_16816(dp[2 * np], da, r[0], r[1]);
-                mma_bf16_16816(dp[2 * np + 1], da, r[2], r[3]);
-            }
-        }
+        float s[8][4], dp[8][4];  // S = Q·Kᵀ and dP = dO·Vᵀ: rows = this warp's 16 queries, columns = 64 keys
+        tc_two_products<HDM>(s, dp, Qs, Ks, dOs, Vs, warp, lane);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -601,15 +578,15 @@ __device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const I
         const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, int causal, float scale
 #define DM_TC_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_f32_hd64(DM_TC_DQ_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd64(DM_TC_DQ_ARGS(float)) {
     attention_tc_bwd_dq<64>(DM_TC_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_f32_hd128(DM_TC_DQ_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd128(DM_TC_DQ_ARGS(float)) {
     attention_tc_bwd_dq<128>(DM_TC_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_bf16_hd64(DM_TC_DQ_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd64(DM_TC_DQ_ARGS(bf16_t)) {
     attention_tc_bwd_dq<64>(DM_TC_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_bwd_dq_bf16_hd128(DM_TC_DQ_ARGS(bf16_t)) {
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd128(DM_TC_DQ_ARGS(bf16_t)) {
     attention_tc_bwd_dq<128>(DM_TC_DQ_CALL);
 }

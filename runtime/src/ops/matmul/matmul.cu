@@ -99,7 +99,7 @@ template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool TA, bool TB
 __device__ __forceinline__ void gemm_bf16_tc(float* __restrict__ C, const bf16_t* __restrict__ A,
                                              const bf16_t* __restrict__ B, int M, int N, int K, int lda,
                                              int ldb, int ldc, float alpha, float beta) {
-    constexpr int BK = 32;
+    constexpr int BK = MM_BF16_BK;
     constexpr int NT = WARPS_M * WARPS_N * 32;
     constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
     constexpr int MI = WTM / 16, NI = WTN / 8;              // mma tiles per warp
@@ -230,29 +230,29 @@ __device__ __forceinline__ void gemm_bf16_tc(float* __restrict__ C, const bf16_t
         int lda, int ldb, int ldc, float alpha, float beta
 #define DM_GEMM_CALL_ARGS C, A, B, M, N, K, lda, ldb, ldc, alpha, beta
 
-extern "C" __global__ void __launch_bounds__(256) matmul_bf16_nn_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<128, 128, 2, 4, 3, false, false>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_nn_128x128(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, false, false>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256) matmul_bf16_nt_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<128, 128, 2, 4, 3, false, true>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_nt_128x128(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, false, true>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256) matmul_bf16_tn_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<128, 128, 2, 4, 3, true, false>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_tn_128x128(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, true, false>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256) matmul_bf16_tt_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<128, 128, 2, 4, 3, true, true>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_tt_128x128(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, true, true>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(128) matmul_bf16_nn_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<64, 64, 2, 2, 3, false, false>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_nn_64x64(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, false, false>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(128) matmul_bf16_nt_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<64, 64, 2, 2, 3, false, true>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_nt_64x64(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, false, true>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(128) matmul_bf16_tn_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<64, 64, 2, 2, 3, true, false>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_tn_64x64(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, true, false>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(128) matmul_bf16_tt_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<64, 64, 2, 2, 3, true, true>(DM_GEMM_CALL_ARGS);
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_tt_64x64(DM_GEMM_BF16_ARGS) {
+    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, true, true>(DM_GEMM_CALL_ARGS);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ template <bool TA, bool TB>
 __device__ __forceinline__ void gemm_f32_simt(float* __restrict__ C, const float* __restrict__ A,
                                               const float* __restrict__ B, int M, int N, int K, int lda,
                                               int ldb, int ldc, float alpha, float beta) {
-    constexpr int BM = 64, BN = 64, BK = 16, NT = 256;
+    constexpr int BM = MM_F32_TILE, BN = MM_F32_TILE, BK = MM_F32_BK, NT = MM_F32_THREADS;
     __shared__ float sA[BK][BM + 1];  // [k][m]; +1 breaks the bank pattern of transposed stores
     __shared__ float sB[BK][BN + 1];  // [k][n]
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -353,15 +353,15 @@ __device__ __forceinline__ void gemm_f32_simt(float* __restrict__ C, const float
     float *__restrict__ C, const float *__restrict__ A, const float *__restrict__ B, int M, int N, int K, \
         int lda, int ldb, int ldc, float alpha, float beta
 
-extern "C" __global__ void __launch_bounds__(256) matmul_f32_nn(DM_GEMM_F32_ARGS) {
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_nn(DM_GEMM_F32_ARGS) {
     gemm_f32_simt<false, false>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256) matmul_f32_nt(DM_GEMM_F32_ARGS) {
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_nt(DM_GEMM_F32_ARGS) {
     gemm_f32_simt<false, true>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256) matmul_f32_tn(DM_GEMM_F32_ARGS) {
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_tn(DM_GEMM_F32_ARGS) {
     gemm_f32_simt<true, false>(DM_GEMM_CALL_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256) matmul_f32_tt(DM_GEMM_F32_ARGS) {
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_tt(DM_GEMM_F32_ARGS) {
     gemm_f32_simt<true, true>(DM_GEMM_CALL_ARGS);
 }

@@ -22,7 +22,7 @@
 // as NaN, which the backward reads as "P = 1/Tk for every key". (Causal without a key mask never
 // produces such rows; the causal tile skipping is therefore only used when mask is null.)
 //
-// Launch shape (all hd variants): block 256 threads as 16×16 (__launch_bounds__(256, 2) for hd32
+// Launch shape (all hd variants): block 256 threads as 16×16 (__launch_bounds__(ATT_NT, 2) for hd32
 // and hd64 — without a minimum ptxas squeezed the hd32 forward into 64 registers and spilled — and
 // (256, 1) for hd128, whose shared memory allows one block per SM anyway and whose dK+dV
 // accumulators need more than 128 registers); grid (ceil(T/64), B·H) where T = Tq
@@ -42,9 +42,9 @@
 // additions relative to the CPU reference (~1e-6 relative). This is the fp32 parity path; the
 // fast path is the tensor-core family in attention_tc.cu (same semantics, bf16 operands).
 
-#define ATT_T 64    // query and key tile
-#define ATT_NT 256  // threads per block
-#define ATT_PLD 65  // row stride of the [64][64] score tiles
+// ATT_T (query and key tile) and ATT_NT (threads per block) come from the Rust descriptor
+// (runtime/src/ops/attention/kernels.rs) as -D defines.
+#define ATT_PLD (ATT_T + 1)  // row stride of the [64][64] score tiles
 
 // Loads a [64][hd] tile of rows row0.. of a [B, T, W] activation (head column offset `col0`) into
 // shared memory with row stride LD, zero-filling rows >= T and columns >= hd.
@@ -97,6 +97,27 @@ __device__ __forceinline__ void att_tile_dot(float (&s)[4][4], const float* X, c
 // 1/x for x >= 1 (the softmax normaliser l always is: its largest term is e^0): hardware
 // reciprocal plus one Newton step, within 1 ulp of 1.0f/x (almost always exact). Unlike IEEE
 // division it has no slow-path subroutine, whose call forced register spills in the hd32 variant.
+// acc[i][c] += Σ_kl P[4·ty + i][kl] · X[kl][tx + 16·c] over a 64-column tile P (row stride
+// ATT_PLD) and a [64][HDM] tile X (row stride HDM + 1): this thread's 4 rows × HDM/16 columns of
+// P·X, accumulated in kl order.
+template <int HDM>
+__device__ __forceinline__ void att_tile_matmul_acc(float (&acc)[4][HDM / 16], const float* P, const float* X,
+                                                    int ty, int tx) {
+    constexpr int LD = HDM + 1, NC = HDM / 16;
+#pragma unroll 4
+    for (int kl = 0; kl < ATT_T; ++kl) {
+        float p[4], xv[NC];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[i] = P[(4 * ty + i) * ATT_PLD + kl];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) xv[c] = X[kl * LD + tx + 16 * c];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int c = 0; c < NC; ++c) acc[i][c] = fmaf(p[i], xv[c], acc[i][c]);
+    }
+}
+
 __device__ __forceinline__ float att_recip_ge1(float x) {
     float r;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -190,18 +211,7 @@ __device__ __forceinline__ void attention_fwd(float* __restrict__ out, float* __
             for (int j = 0; j < 4; ++j) Ps[(4 * ty + i) * ATT_PLD + tx + 16 * j] = s[i][j];
         }
         __syncthreads();
-#pragma unroll 4
-        for (int kl = 0; kl < ATT_T; ++kl) {
-            float p[4], vv[NC];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) p[i] = Ps[(4 * ty + i) * ATT_PLD + kl];
-#pragma unroll
-            for (int c = 0; c < NC; ++c) vv[c] = Vs[kl * LD + tx + 16 * c];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int c = 0; c < NC; ++c) acc[i][c] = fmaf(p[i], vv[c], acc[i][c]);
-        }
+        att_tile_matmul_acc<HDM>(acc, Ps, Vs, ty, tx);  // acc += P·V
     }
 
     // Rows with no visible key (l = 0): uniform attention over all Tk keys (rare; block-uniform test).
@@ -252,13 +262,13 @@ __device__ __forceinline__ void attention_fwd(float* __restrict__ out, float* __
         int H, int Tq, int Tk, int hd, int causal, float scale
 #define DM_ATT_FWD_CALL out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_f32_hd32(DM_ATT_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd32(DM_ATT_FWD_ARGS) {
     attention_fwd<32>(DM_ATT_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_f32_hd64(DM_ATT_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd64(DM_ATT_FWD_ARGS) {
     attention_fwd<64>(DM_ATT_FWD_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd_f32_hd128(DM_ATT_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_fwd_f32_hd128(DM_ATT_FWD_ARGS) {
     attention_fwd<128>(DM_ATT_FWD_CALL);
 }
 
@@ -270,18 +280,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd_f32_hd128(DM_
 extern "C" __global__ void attention_bwd_preprocess_f32(float* __restrict__ D, const float* __restrict__ dout,
                                                         const float* __restrict__ out, int B, int H, int Tq,
                                                         int hd) {
-    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= (i64)B * Tq * H) return;
-    // row enumerates (b, i, h) with h fastest, so a warp's reads are contiguous in memory.
-    const int h = (int)(row % H);
-    const i64 bi = row / H;
-    const int i = (int)(bi % Tq), b = (int)(bi / Tq);
-    const i64 base = bi * ((i64)H * hd) + (i64)h * hd;
-    float s = 0.0f;
-    for (int d = lane; d < hd; d += 32) s += dout[base + d] * out[base + d];
-    s = warp_sum(s);
-    if (lane == 0) D[((i64)b * H + h) * Tq + i] = s;
+    attention_bwd_row_dot(D, dout, out, B, H, Tq, hd);  // common.cuh
 }
 
 // P[key][query] of the backward from the saved lse: 1/Tk for uniform (NaN-lse) rows, else
@@ -418,13 +417,13 @@ __device__ __forceinline__ void attention_bwd_dkdv(float* __restrict__ dk, float
         int H, int Tq, int Tk, int hd, int causal, float scale
 #define DM_ATT_DKDV_CALL dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dkdv_f32_hd32(DM_ATT_DKDV_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd32(DM_ATT_DKDV_ARGS) {
     attention_bwd_dkdv<32>(DM_ATT_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dkdv_f32_hd64(DM_ATT_DKDV_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd64(DM_ATT_DKDV_ARGS) {
     attention_bwd_dkdv<64>(DM_ATT_DKDV_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_f32_hd128(DM_ATT_DKDV_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dkdv_f32_hd128(DM_ATT_DKDV_ARGS) {
     attention_bwd_dkdv<128>(DM_ATT_DKDV_CALL);
 }
 
@@ -488,18 +487,7 @@ __device__ __forceinline__ void attention_bwd_dq(float* __restrict__ dq, const f
             }
         }
         __syncthreads();
-#pragma unroll 4
-        for (int kl = 0; kl < ATT_T; ++kl) {
-            float ds[4], kv[NC];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) ds[i] = dS[(4 * ty + i) * ATT_PLD + kl];
-#pragma unroll
-            for (int c = 0; c < NC; ++c) kv[c] = Ks[kl * LD + tx + 16 * c];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int c = 0; c < NC; ++c) dq_acc[i][c] = fmaf(ds[i], kv[c], dq_acc[i][c]);
-        }
+        att_tile_matmul_acc<HDM>(dq_acc, dS, Ks, ty, tx);  // dq += dS·K
     }
 
 #pragma unroll
@@ -522,12 +510,12 @@ __device__ __forceinline__ void attention_bwd_dq(float* __restrict__ dq, const f
         int causal, float scale
 #define DM_ATT_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dq_f32_hd32(DM_ATT_DQ_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd32(DM_ATT_DQ_ARGS) {
     attention_bwd_dq<32>(DM_ATT_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) attention_bwd_dq_f32_hd64(DM_ATT_DQ_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd64(DM_ATT_DQ_ARGS) {
     attention_bwd_dq<64>(DM_ATT_DQ_CALL);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dq_f32_hd128(DM_ATT_DQ_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dq_f32_hd128(DM_ATT_DQ_ARGS) {
     attention_bwd_dq<128>(DM_ATT_DQ_CALL);
 }
