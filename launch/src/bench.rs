@@ -211,6 +211,8 @@ struct RankRun {
 type Comm<B> = Arc<dyn Communicator<Profiled<B>>>;
 /// A group's communicator under the timer: threads or MPI between CPU processes, NCCL between GPUs.
 type Inner<B> = Arc<dyn Communicator<B>>;
+/// A rank's (tp, dp, world) communicators before the timer.
+type InnerGroups<B> = (Option<Inner<B>>, Option<Inner<B>>, Option<Inner<B>>);
 /// A group's communicator as the model sees it, and its timer.
 type Timed<B> = Option<(Comm<B>, Arc<TimedComm<B>>)>;
 
@@ -233,7 +235,7 @@ impl RankGroups<CpuBackend> {
 }
 
 impl<B: Backend> RankGroups<B> {
-    fn timed(g: (Option<Inner<B>>, Option<Inner<B>>, Option<Inner<B>>)) -> Self {
+    fn timed(g: InnerGroups<B>) -> Self {
         let wrap = |c: Option<Inner<B>>| {
             c.map(|inner| {
                 let t = Arc::new(TimedComm::new(inner));
