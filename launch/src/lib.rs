@@ -89,6 +89,7 @@ pub fn plan_check(model: &dm_model::DalleBartConfig, cfg: &run_config::RunConfig
     }
     let (t, m) = (&cfg.training, &cfg.mesh);
     let options = |tp: usize, dp: usize, ga: usize, zero1: bool| PlanOptions {
+        precision: cfg.precision,
         zero1: zero1 && dp > 1,
         device_memory: Some(budget),
         ..PlanOptions::new(tp, dp, t.batch_size / ga / dp)

@@ -380,7 +380,7 @@ enum BenchCommand {
         /// Shard the optimizer state across dp (ZeRO-1).
         #[arg(long)]
         zero1: bool,
-        /// fp32, or bf16-mixed (not implemented yet: exits 2).
+        /// fp32, or bf16-mixed (fp32 masters, bf16 Dense-kernel copies and activations; CPU: bf16 storage).
         #[arg(long, default_value = "fp32")]
         precision: dm_model::plan::Precision,
         /// cpu, or cuda (not implemented yet: exits 2).

@@ -1,4 +1,5 @@
-//! `device` / `precision` (issue 11): what cannot run here is refused early — exit 2, the
+//! `device` / `precision` (issue 11): bf16-mixed trains from the flag or the key; what cannot
+//! run here is refused early
 //! reason, nothing written — and a run folder remembers both, so a resume on another device or
 //! in another precision is refused like any other change of the run.
 
@@ -19,20 +20,20 @@ fn cuda_usable() -> bool {
 }
 
 #[test]
-fn bf16_mixed_is_refused_before_the_run_folder_is_written() {
-    let dir = scratch("bf16_refused");
+fn bf16_mixed_trains_through_the_flag_and_the_key_and_run_yaml_records_it() {
+    let dir = scratch("bf16_flag");
     let cfg = tiny_config(&dir, "run.yaml", "", ", steps: 2");
     let out = dir.join("run");
-    let err = refused(run(train_cmd(&cfg, Some(&out), &["--precision", "bf16-mixed"])), "--precision bf16-mixed");
-    assert!(err.contains("bf16-mixed") && err.contains("not implemented"), "{err}");
-    assert!(!out.exists(), "--out was created by a refused run");
-    // The same from the run config's top-level key.
-    let yaml = std::fs::read_to_string(&cfg).unwrap() + "precision: bf16-mixed\n";
-    let cfg2 = dir.join("bf16.yaml");
-    std::fs::write(&cfg2, yaml).unwrap();
-    let err = refused(run(train_cmd(&cfg2, Some(&out), &[])), "precision: bf16-mixed");
-    assert!(err.contains("bf16-mixed"), "{err}");
-    assert!(!out.exists());
+    run_ok(train_cmd(&cfg, Some(&out), &["--precision", "bf16-mixed"]));
+    let saved = std::fs::read_to_string(out.join("run.yaml")).unwrap();
+    assert!(saved.contains("precision: bf16-mixed"), "{saved}");
+    assert_eq!(checkpoint_steps(&out), vec![2]);
+    // An unknown value of the key names the key and the choices (exit 2).
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, std::fs::read_to_string(&cfg).unwrap() + "precision: fp16\n").unwrap();
+    let err = refused(run(train_cmd(&bad, Some(&dir.join("bad")), &[])), "precision: fp16");
+    assert!(err.contains("precision") && err.contains("bf16-mixed"), "{err}");
+    assert!(!dir.join("bad").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -11,6 +11,7 @@ use crate::batch::Batch;
 use crate::config::DalleBartConfig;
 use crate::error::{ModelError, Result};
 use crate::params::{AttnBlockIdx, DecoderLayerIdx, EncoderLayerIdx, GluIdx, LnIdx, ParamTable};
+use crate::precision::{Precision, WeightCopies, Weights};
 use activations::{
     alloc_activations, Activations, AttnBlockActs, LayerActs, LnActs, ModelDims, OnDevice, StackDims, StackScratch,
 };
@@ -49,6 +50,9 @@ pub struct DalleBart<B: Backend> {
     pub grads: Vec<B::Buf>,
     acts: Option<Activations<B::Buf, B::Ids>>,
     tp: Option<TpGroup<B>>,
+    precision: Precision,
+    /// bf16-mixed's bf16 Dense-kernel copies of `params` (none in fp32).
+    weight_copies: WeightCopies<B::Buf>,
 }
 
 impl<B: Backend> DalleBart<B> {
@@ -90,18 +94,28 @@ impl<B: Backend> DalleBart<B> {
             .iter()
             .map(|s| backend.zeros(&format!("grad.{}", s.name), s.numel()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self { config, table, backend, params, grads, acts: None, tp })
+        let weight_copies = WeightCopies::none(params.len());
+        Ok(Self { config, table, backend, params, grads, acts: None, tp, precision: Precision::Fp32, weight_copies })
     }
 
-    /// Sets the numeric policy of the forward/backward ([`Precision`]). The trainer calls this
-    /// once after construction. `Bf16Mixed` is not implemented yet (issue 11) and errors.
-    pub fn with_precision(self, precision: crate::plan::Precision) -> Result<Self> {
-        match precision {
-            crate::plan::Precision::Fp32 => Ok(self),
-            crate::plan::Precision::Bf16Mixed => Err(ModelError::Config(
-                "not implemented yet: precision bf16-mixed (issue 11); use precision fp32".into(),
-            )),
-        }
+    /// Sets the numeric policy of the forward/backward ([`Precision`], documented in
+    /// [`crate::precision`]). The trainer calls this once after construction. `Bf16Mixed`
+    /// allocates the bf16 Dense-kernel copies (refreshed from the fp32 masters at every forward)
+    /// and makes the next forward allocate the activation table's `Act` buffers in bf16; a
+    /// backend without bf16 storage refuses it with the reason.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        self.acts = None;
+        self.weight_copies = match precision {
+            Precision::Fp32 => WeightCopies::none(self.params.len()),
+            Precision::Bf16Mixed => WeightCopies::allocate(&self.backend, &self.table.specs)?,
+        };
+        self.precision = precision;
+        Ok(self)
+    }
+
+    /// The numeric policy ([`Self::with_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// A freshly initialised model (dalle-mini's init distribution), deterministic in `seed`.
@@ -163,7 +177,8 @@ impl<B: Backend> DalleBart<B> {
             return Ok(());
         }
         self.acts = None;
-        self.acts = Some(alloc_activations(&mut OnDevice(&self.backend), self.dims(), batch)?);
+        let mut on_device = OnDevice { backend: &self.backend, precision: self.precision };
+        self.acts = Some(alloc_activations(&mut on_device, self.dims(), batch)?);
         Ok(())
     }
 
@@ -172,7 +187,10 @@ impl<B: Backend> DalleBart<B> {
         batch.validate(&self.config)?;
         self.ensure_activations(batch.batch)?;
         let (e, dd) = (self.enc_dims(), self.dec_dims());
-        let Self { backend: be, params: p, table: t, acts, tp, .. } = self;
+        // The bf16 weight copies, once per forward (the backward reads the same copies).
+        self.weight_copies.refresh(&self.backend, &self.params)?;
+        let Self { backend: be, params, weight_copies, table: t, acts, tp, .. } = self;
+        let p = &weight_copies.view(params);
         let tp = tp.as_ref();
         let a = acts.as_mut().expect("allocated above");
         a.mask = be.upload_ids("batch.attention_mask", &batch.attention_mask)?;
@@ -295,7 +313,8 @@ impl<B: Backend> DalleBart<B> {
 
     fn backward(&mut self) -> Result<()> {
         let (e, dd) = (self.enc_dims(), self.dec_dims());
-        let Self { backend: be, params: p, grads: g, table: t, acts, tp, .. } = self;
+        let Self { backend: be, params, weight_copies, grads: g, table: t, acts, tp, .. } = self;
+        let p = &weight_copies.view(params);
         let tp = tp.as_ref();
         let a = acts.as_mut().ok_or_else(|| ModelError::Batch("backward needs a forward pass first".into()))?;
         let b = a.batch;
@@ -399,7 +418,7 @@ fn ln_fwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn ln_bwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     g: &mut [B::Buf],
     ln: &LnActs<B::Buf>,
     w: LnParams,
@@ -438,7 +457,7 @@ fn pair_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
 #[allow(clippy::too_many_arguments)]
 fn embed<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     tp: Option<&TpGroup<B>>,
     idx: &EmbedIdx,
     ids: &B::Ids,
@@ -455,7 +474,7 @@ fn embed<B: Backend>(
 /// Backward of [`embed`] from `sc.dres` (= ∂ layernorm_embedding output, replicated across tp).
 fn embed_bwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     g: &mut [B::Buf],
     idx: &EmbedIdx,
     s: &activations::StackActs<B::Buf, B::Ids>,
@@ -474,7 +493,7 @@ fn embed_bwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn head_fwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     t: &ParamTable,
     final_ln: &mut LnActs<B::Buf>,
     logits: &mut B::Buf,
@@ -493,7 +512,7 @@ fn head_fwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn head_bwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     g: &mut [B::Buf],
     tp: Option<&TpGroup<B>>,
     t: &ParamTable,
@@ -540,7 +559,7 @@ struct AttnInputs<'a, B: Backend> {
 /// out_proj row-parallel (its output all-reduced across tp).
 fn attn_block_fwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     tp: Option<&TpGroup<B>>,
     w: &AttnBlockIdx,
     s: &mut AttnBlockActs<B::Buf>,
@@ -594,7 +613,7 @@ fn attn_block_fwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn attn_block_bwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     g: &mut [B::Buf],
     tp: Option<&TpGroup<B>>,
     w: &AttnBlockIdx,
@@ -646,7 +665,7 @@ fn attn_block_bwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn glu_fwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     tp: Option<&TpGroup<B>>,
     w: &GluIdx,
     s: &mut activations::GluActs<B::Buf>,
@@ -676,7 +695,7 @@ fn glu_fwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn glu_bwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     g: &mut [B::Buf],
     tp: Option<&TpGroup<B>>,
     w: &GluIdx,
@@ -717,7 +736,7 @@ fn glu_bwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn encoder_layer_fwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     tp: Option<&TpGroup<B>>,
     idx: &EncoderLayerIdx,
     la: &mut LayerActs<B::Buf>,
@@ -733,7 +752,7 @@ fn encoder_layer_fwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn encoder_layer_bwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     g: &mut [B::Buf],
     tp: Option<&TpGroup<B>>,
     idx: &EncoderLayerIdx,
@@ -753,7 +772,7 @@ fn encoder_layer_bwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn decoder_layer_fwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     tp: Option<&TpGroup<B>>,
     idx: &DecoderLayerIdx,
     la: &mut LayerActs<B::Buf>,
@@ -773,7 +792,7 @@ fn decoder_layer_fwd<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn decoder_layer_bwd<B: Backend>(
     be: &B,
-    p: &[B::Buf],
+    p: &Weights<'_, B::Buf>,
     g: &mut [B::Buf],
     tp: Option<&TpGroup<B>>,
     idx: &DecoderLayerIdx,

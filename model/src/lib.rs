@@ -17,6 +17,7 @@ pub mod params;
 pub mod parity;
 pub mod perf_model;
 pub mod plan;
+pub mod precision;
 pub mod vqgan;
 
 pub use batch::Batch;

@@ -4,9 +4,9 @@
 //!
 //! # Memory ([`plan`])
 //!
-//! For [`Precision::Fp32`] the plan counts what the model and the trainer allocate through the
+//! In both precisions the plan counts what the model and the trainer allocate through the
 //! backend (so the CPU memory tracker's peak equals it; `model/tests/plan.rs` checks that
-//! exactly); the activations are read off the model's own activation table
+//! exactly, in fp32 and in bf16-mixed); the activations are read off the model's own activation table
 //! ([`crate::dallebart::activations`]), the one list the model allocates from:
 //! - **weights**, **gradients**: this rank's [`ParamTable::sharded`] tensors, 4 bytes each;
 //! - **optimizer_state**: AdamW's two moments, full local size, or with ZeRO-1 `⌈n/dp⌉` per tensor;
@@ -28,16 +28,17 @@
 //! high by that one ids buffer. `total` adds the workspace; `fits` compares `total` with the
 //! device memory.
 //!
-//! For [`Precision::Bf16Mixed`] (planning GPU runs of mini/mega) the plan assumes standard mixed
-//! precision training, which the CPU backend does not run (and the CUDA backend only partly: it
-//! keeps f32 activation buffers and casts GEMM operands to bf16 in scratch):
-//! - weights: fp32 master copy + a persistent bf16 copy for the GEMMs (6 bytes per parameter);
-//!   gradients fp32 (4 bytes); AdamW moments fp32 (8 bytes, or ZeRO-1 chunks);
-//! - activations: the same buffers as the fp32 model, at 2 bytes for everything a GEMM, attention
-//!   or elementwise op reads or writes (LayerNorm outputs, q/k/v, attention output, projections,
-//!   residual stream, GLU intermediates, backward temporaries), at 4 bytes for LayerNorm mean/rstd,
-//!   attention lse, logits (the softmax and its gradient in fp32), per-token losses and
-//!   cross-entropy statistics, the gradient accumulators (residual-stream gradient `dres`, `dtmp`,
+//! For [`Precision::Bf16Mixed`] the plan counts what the policy of [`crate::precision`]
+//! allocates (the CPU backend runs it with bf16 storage; the CUDA backend does not store bf16
+//! yet and refuses it):
+//! - weights: fp32 master copy (4 bytes per parameter) + a bf16 copy of every Dense kernel (2
+//!   bytes per kernel element; embeddings and LayerNorm parameters have none); gradients fp32
+//!   (4 bytes); AdamW moments fp32 (8 bytes, or ZeRO-1 chunks);
+//! - activations: the same buffers as the fp32 model, at 2 bytes for the table's `Act` buffers
+//!   (Dense outputs including the logits, LayerNorm outputs, attention output, residual stream,
+//!   GLU intermediates, activation-gradient temporaries), at 4 bytes for the token + position
+//!   embeddings, LayerNorm mean/rstd, attention lse, per-token losses and cross-entropy
+//!   statistics, the gradient accumulators (residual-stream gradient `dres`, `dtmp`,
 //!   `∂encoder_output`, sharded-LayerNorm sums), and the i32 token ids;
 //! - communication buffers: ZeRO-1 staging in fp32 as above;
 //! - workspace (estimates, untracked by any allocator): CUDA context and kernels 512 MiB, cuBLAS
@@ -58,54 +59,12 @@
 use crate::config::DalleBartConfig;
 use crate::dallebart::activations::{activation_sizes, Elems, StackDims};
 use crate::params::{check_tp, ParamTable};
+use crate::precision::has_bf16_copy;
 use dm_parallel::{CommStats, OpStats};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// Numeric format of a training run, for planning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Precision {
-    /// f32 everywhere: what the CPU backend (and the CUDA parity mode) runs.
-    #[serde(rename = "fp32")]
-    Fp32,
-    /// GPU mixed precision: fp32 master weights, gradients and moments, bf16 weight copy and
-    /// bf16 activations (see the module documentation for which buffers stay fp32).
-    #[serde(rename = "bf16-mixed")]
-    Bf16Mixed,
-}
-
-impl Precision {
-    /// The command-line spelling.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16Mixed => "bf16-mixed",
-        }
-    }
-    /// Bytes of one activation element that mixed precision stores as bf16.
-    fn act_bytes(&self) -> u64 {
-        match self {
-            Precision::Fp32 => 4,
-            Precision::Bf16Mixed => 2,
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "fp32" | "f32" => Ok(Precision::Fp32),
-            "bf16-mixed" | "bf16_mixed" | "bf16" => Ok(Precision::Bf16Mixed),
-            other => Err(format!("unknown precision `{other}`: use fp32 or bf16-mixed")),
-        }
-    }
-}
+/// Numeric format of a training run (defined with the policy in [`crate::precision`]).
+pub use crate::precision::Precision;
 
 /// What to plan: a mesh, a per-rank micro-batch and a precision.
 #[derive(Debug, Clone, PartialEq)]
@@ -240,9 +199,11 @@ pub fn plan_rank(cfg: &DalleBartConfig, opts: &PlanOptions, tp_rank: usize) -> R
     let chunk_sum: u64 = chunks.iter().sum();
     let chunk_max = chunks.iter().copied().max().unwrap_or(0);
 
+    // bf16-mixed: + a 2-byte copy of every Dense kernel (crate::precision::has_bf16_copy).
+    let copied: u64 = table.specs.iter().filter(|s| has_bf16_copy(s)).map(|s| s.numel() as u64).sum();
     let weights = match p {
         Precision::Fp32 => 4 * n,
-        Precision::Bf16Mixed => 6 * n,
+        Precision::Bf16Mixed => 4 * n + 2 * copied,
     };
     let gradients = 4 * n;
     let optimizer_state = 8 * if zero1 { chunk_sum } else { n };
@@ -281,8 +242,8 @@ pub fn plan_rank(cfg: &DalleBartConfig, opts: &PlanOptions, tp_rank: usize) -> R
             "fp32 as the CPU backend allocates; workspace = attention scratch of {} threads (untracked)",
             opts.cpu_threads
         ),
-        Precision::Bf16Mixed => "bf16-mixed: fp32 master + bf16 weights, fp32 grads and moments, bf16 activations \
-            (LN stats, lse, logits, CE, grad accumulators fp32); workspace = CUDA context 512 MiB + cuBLAS 32 MiB + \
+        Precision::Bf16Mixed => "bf16-mixed: fp32 master + bf16 Dense kernels, fp32 grads and moments, bf16 \
+            activations (embeddings, LN stats, lse, CE, grad accumulators fp32); workspace = CUDA context 512 MiB + cuBLAS 32 MiB + \
             NCCL 256 MiB per tp/dp communicator (estimates); keep ~10% headroom for fragmentation"
             .into(),
     });

@@ -94,6 +94,18 @@ fn scalar(be: &CpuBackend, c: Option<&Arc<ThreadComm>>, x: f32, op: ReduceOp) ->
 /// (all-reduce or ZeRO-1 reduce-scatter), grad-norm all-reduce, update (ZeRO-1: all-gather),
 /// agreed stop reason (signal, time limit, divergence) over the world.
 fn mesh_step(cfg: &DalleBartConfig, tp: usize, dp: usize, zero1: bool, rows: usize) -> Vec<Measured> {
+    mesh_step_in(cfg, tp, dp, zero1, rows, Precision::Fp32)
+}
+
+/// [`mesh_step`] with the model in `precision` ([`DalleBart::with_precision`], as the trainer sets it).
+fn mesh_step_in(
+    cfg: &DalleBartConfig,
+    tp: usize,
+    dp: usize,
+    zero1: bool,
+    rows: usize,
+    precision: Precision,
+) -> Vec<Measured> {
     let mesh = Mesh::new(tp, dp).unwrap();
     let full = ParamTable::new(cfg).init_values(cfg.init_std, 7);
     let global = batch(cfg, rows * dp, 1);
@@ -113,7 +125,8 @@ fn mesh_step(cfg: &DalleBartConfig, tp: usize, dp: usize, zero1: bool, rows: usi
         });
         let (tp_c, dp_c, world_c) =
             ((tp > 1).then_some(&tp_comm), (dp > 1).then_some(&dp_comm), (tp * dp > 1).then_some(&world));
-        let mut model = DalleBart::new_sharded(be.clone(), cfg.clone(), group, table.shard_values(&full)).map_err(e)?;
+        let model = DalleBart::new_sharded(be.clone(), cfg.clone(), group, table.shard_values(&full)).map_err(e)?;
+        let mut model = model.with_precision(precision).map_err(e)?;
         let init = be.memory().report().current_bytes;
         let zero1 = zero1 && dp > 1;
         let mut adamw = None;
@@ -219,6 +232,29 @@ fn plan_equals_the_tracked_peak_of_every_rank_on_tp2_dp2() {
                 let p = plan::plan_rank(&cfg, &opts, m.tp_rank).unwrap();
                 check(&format!("{name} tp=2 dp=2 zero1={zero1} rank tp{}", m.tp_rank), &p, &m, zero1);
                 assert!(worst.total_tracked >= p.total_tracked);
+            }
+        }
+    }
+}
+
+/// bf16-mixed on CPU ranks (bf16 storage): the plan's bf16 accounting is what the policy
+/// allocates, part by part, on one device and on every rank of tp = 2 × dp = 2 (with and without
+/// ZeRO-1); and it is not the fp32 plan (the bf16 buffers are really half size).
+#[test]
+fn plan_equals_the_tracked_peak_in_bf16_mixed() {
+    let bf16 =
+        |tp, dp, rows, zero1| PlanOptions { precision: Precision::Bf16Mixed, zero1, ..PlanOptions::new(tp, dp, rows) };
+    for (name, cfg, rows) in configs() {
+        let m = &mesh_step_in(&cfg, 1, 1, false, rows, Precision::Bf16Mixed)[0];
+        let p = plan::plan(&cfg, &bf16(1, 1, rows, false)).unwrap();
+        check(&format!("{name} bf16-mixed tp=1"), &p, m, false);
+        let f = plan::plan(&cfg, &PlanOptions::new(1, 1, rows)).unwrap();
+        assert!(p.activations < f.activations * 3 / 4 && p.weights > f.weights, "{name}: bf16 vs fp32 plan");
+        for zero1 in [false, true] {
+            let opts = bf16(2, 2, rows, zero1);
+            for m in mesh_step_in(&cfg, 2, 2, zero1, rows, Precision::Bf16Mixed) {
+                let p = plan::plan_rank(&cfg, &opts, m.tp_rank).unwrap();
+                check(&format!("{name} bf16-mixed tp=2 dp=2 zero1={zero1} rank tp{}", m.tp_rank), &p, &m, zero1);
             }
         }
     }

@@ -10,7 +10,8 @@
 //! one argument check ([`Op::check`], in `runtime/src/ops/<family>/mod.rs`) and hands the op to
 //! [`Backend::compute`], the one method a backend implements for all ops. Backends never check.
 
-use crate::error::Result;
+use crate::dtype::DType;
+use crate::error::{Result, RuntimeError};
 use crate::memory::MemoryTracker;
 use crate::ops::{adamw, attention, cross_entropy, elementwise as ew, embedding, gelu_glu, layernorm as ln, matmul};
 use crate::ops::{HostIds, Op, Storage};
@@ -23,7 +24,8 @@ pub use crate::ops::matmul::MatmulSpec;
 /// Optional key-padding mask, `[batch, kv_len]`, non-zero = the key may be attended to.
 pub type KeyMask<'a, B> = Option<&'a <B as Backend>::Ids>;
 
-/// A device that can run DalleBart's ops. `Buf` holds f32 elements, `Ids` holds i32 elements.
+/// A device that can run DalleBart's ops. `Buf` holds f32 elements (or bf16 where the backend
+/// stores them: [`Backend::zeros_typed`]), `Ids` holds i32 elements.
 /// A backend value is a cheap handle (clones share the device and its memory tracker).
 pub trait Backend: Clone + Send + Sync + 'static {
     type Buf: Send + Sync + Storage;
@@ -38,6 +40,27 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// A zero-filled buffer of `len` f32, registered under `name`.
     fn zeros(&self, name: &str, len: usize) -> Result<Self::Buf>;
     fn upload(&self, name: &str, data: &[f32]) -> Result<Self::Buf>;
+    /// A zero-filled buffer of `len` elements of `dtype` (the tracker counts [`DType::bytes`] per
+    /// element). Ops read a bf16 buffer as f32 and round what they write into it. A backend
+    /// without bf16 storage refuses bf16 with the reason.
+    fn zeros_typed(&self, name: &str, len: usize, dtype: DType) -> Result<Self::Buf> {
+        match dtype {
+            DType::F32 => self.zeros(name, len),
+            DType::Bf16 => Err(RuntimeError::Device(format!(
+                "not implemented yet on {}: bf16 buffers (`{name}`); use precision fp32 on this device",
+                self.name()
+            ))),
+        }
+    }
+    /// `data` in a new buffer of `dtype` (rounded to nearest even for bf16).
+    fn upload_typed(&self, name: &str, data: &[f32], dtype: DType) -> Result<Self::Buf> {
+        if dtype == DType::F32 {
+            return self.upload(name, data);
+        }
+        let mut buf = self.zeros_typed(name, data.len(), dtype)?;
+        self.write(&mut buf, 0, data)?;
+        Ok(buf)
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn upload_ids(&self, name: &str, ids: &[i32]) -> Result<Self::Ids>;
     fn buf_len(&self, buf: &Self::Buf) -> usize {

@@ -8,12 +8,14 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod dtype;
 pub mod error;
 pub mod memory;
 pub mod ops;
 pub mod profiled;
 
 pub use backend::{AdamWStep, AttentionShape, Backend, KeyMask, MatmulSpec, VocabRange};
+pub use dtype::DType;
 pub use error::{Result, RuntimeError};
 pub use memory::{MemoryReport, MemoryTracker};
 pub use profiled::{OpClass, OpProfile, Profiled};

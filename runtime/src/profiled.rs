@@ -167,6 +167,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn upload(&self, name: &str, data: &[f32]) -> Result<Self::Buf> {
         self.timed(OpClass::Memory, data.len() as f64, |b| b.upload(name, data))
     }
+    fn zeros_typed(&self, name: &str, len: usize, dtype: crate::DType) -> Result<Self::Buf> {
+        self.timed(OpClass::Memory, len as f64, |b| b.zeros_typed(name, len, dtype))
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
         self.timed(OpClass::Memory, buf.elems() as f64, |b| b.download(buf))
     }

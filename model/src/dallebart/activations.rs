@@ -10,14 +10,19 @@
 use crate::config::DalleBartConfig;
 use crate::error::Result;
 use crate::params::split_axis;
-use dm_runtime::{Backend, VocabRange};
+use crate::precision::Precision;
+use dm_runtime::{Backend, DType, VocabRange};
 
-/// How a mixed-precision run stores a buffer (the fp32 model stores everything in 4 bytes).
+/// How a mixed-precision run stores a buffer (the fp32 model stores everything in 4 bytes); the
+/// policy is documented in [`crate::precision`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
-    /// Activations and temporaries a GEMM, attention or elementwise op reads or writes (bf16).
+    /// What dalle-mini's `--dtype bfloat16` computes in bf16: Dense outputs (q/k/v, projections,
+    /// GLU, logits), LayerNorm outputs, attention outputs, the residual stream, and the
+    /// activation-gradient temporaries (bf16 under bf16-mixed).
     Act,
-    /// Always fp32: LayerNorm statistics, attention lse, logits, losses, gradient accumulators.
+    /// Always fp32: the token + position embeddings, LayerNorm statistics, attention lse, losses,
+    /// cross-entropy statistics, gradient accumulators.
     F32,
     /// i32 token ids and masks.
     Ids,
@@ -42,17 +47,25 @@ pub trait ActAlloc {
     fn ids(&mut self, part: Part, name: &str, len: usize, fill: i32) -> Result<Self::Ids>;
 }
 
-/// Allocation on a backend's device.
-pub struct OnDevice<'a, B: Backend>(pub &'a B);
+/// Allocation on a backend's device: [`Storage::Act`] buffers in the precision's activation
+/// type, the others in f32.
+pub struct OnDevice<'a, B: Backend> {
+    pub backend: &'a B,
+    pub precision: Precision,
+}
 
 impl<B: Backend> ActAlloc for OnDevice<'_, B> {
     type Buf = B::Buf;
     type Ids = B::Ids;
-    fn buf(&mut self, _: Part, name: &str, len: usize, _: Storage) -> Result<B::Buf> {
-        Ok(self.0.zeros(name, len)?)
+    fn buf(&mut self, _: Part, name: &str, len: usize, storage: Storage) -> Result<B::Buf> {
+        let dtype = match storage {
+            Storage::Act => self.precision.act_dtype(),
+            Storage::F32 | Storage::Ids => DType::F32,
+        };
+        Ok(self.backend.zeros_typed(name, len, dtype)?)
     }
     fn ids(&mut self, _: Part, name: &str, len: usize, fill: i32) -> Result<B::Ids> {
-        Ok(self.0.upload_ids(name, &vec![fill; len])?)
+        Ok(self.backend.upload_ids(name, &vec![fill; len])?)
     }
 }
 
@@ -284,7 +297,9 @@ pub fn alloc_activations<A: ActAlloc>(al: &mut A, m: ModelDims, batch: usize) ->
     let loss = Part::LogitsAndLoss;
     let mask = al.ids(loss, "batch.attention_mask", text_tokens, 1)?;
     let labels = al.ids(loss, "batch.labels", image_tokens, 0)?;
-    let logits = al.buf(loss, "logits", image_tokens * dd.vocab_local, Storage::F32)?;
+    // lm_head's output: bf16 as dalle-mini's Dense computes it; the loss reads it in f32 and
+    // overwrites it with its gradient (bf16, as dalle-mini's cotangent of the bf16 logits).
+    let logits = al.buf(loss, "logits", image_tokens * dd.vocab_local, Storage::Act)?;
     let losses = al.buf(loss, "losses", image_tokens, Storage::F32)?;
     let enc_scratch = alloc_scratch(al, "encoder", e, batch, None)?;
     let dec_scratch = alloc_scratch(al, "decoder", dd, batch, Some(text_tokens))?;
@@ -357,7 +372,8 @@ fn alloc_stack<A: ActAlloc>(
         .collect::<Result<Vec<_>>>()?;
     Ok(StackActs {
         ids: al.ids(part, &format!("{name}.ids"), n, 0)?,
-        emb: al.buf(part, &format!("{name}.embeddings"), n * d, Storage::Act)?,
+        // fp32: dalle-mini's token and position `nn.Embed`s have no dtype.
+        emb: al.buf(part, &format!("{name}.embeddings"), n * d, Storage::F32)?,
         layernorm_embedding: alloc_ln(al, part, &format!("{name}.layernorm_embedding"), n, d)?,
         layers,
         final_ln: alloc_ln(al, part, &format!("{name}.final_ln"), n, d)?,

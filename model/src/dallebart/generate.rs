@@ -124,7 +124,7 @@ impl<B: Backend> DalleBart<B> {
         self.forward(&batch)?;
 
         let be = self.backend.clone();
-        let (p, t) = (&self.params, &self.table);
+        let (p, t) = (&self.weight_copies.view(&self.params), &self.table);
         let a = self.acts.as_ref().ok_or_else(|| ModelError::Batch("internal: forward left no activations".into()))?;
         let enc_out = &a.enc.final_ln.out;
         let text_mask = &a.mask;
@@ -147,7 +147,7 @@ impl<B: Backend> DalleBart<B> {
 
         // The activations of one decoder layer for one position (reused by every layer), the
         // embedding and the head.
-        let mut al = OnDevice(&be);
+        let mut al = OnDevice { backend: &be, precision: self.precision };
         let mut layer = alloc_layer(&mut al, Part::Decoder, "generate.layer", dims, rows, Some(rows))?;
         let mut emb_ln = alloc_ln(&mut al, Part::Decoder, "generate.layernorm_embedding", rows, d)?;
         let mut final_ln = alloc_ln(&mut al, Part::Decoder, "generate.final_ln", rows, d)?;

@@ -23,7 +23,9 @@
 
 /// The four data collectives of a `Communicator<CpuBackend>` whose type has host-slice methods
 /// (`all_reduce_slice`, `all_gather_slice`, `reduce_scatter_slice`, `broadcast_slice`): used in
-/// the trait impls of [`ThreadComm`] and `MpiComm`, so the adaptation is written once.
+/// the trait impls of [`ThreadComm`] and `MpiComm`, so the adaptation is written once. Buffers are
+/// read and written as f32 (`values`/`values_mut`): a bf16 buffer is combined in f32 and rounded
+/// once into its bf16 elements.
 macro_rules! host_slice_collectives {
     () => {
         fn all_reduce(
@@ -31,14 +33,14 @@ macro_rules! host_slice_collectives {
             buf: &mut dm_runtime::cpu::CpuBuf,
             op: $crate::comm::ReduceOp,
         ) -> $crate::comm::Result<()> {
-            self.all_reduce_slice(buf.as_mut_slice(), op)
+            self.all_reduce_slice(&mut buf.values_mut(), op)
         }
         fn all_gather(
             &self,
             send: &dm_runtime::cpu::CpuBuf,
             recv: &mut dm_runtime::cpu::CpuBuf,
         ) -> $crate::comm::Result<()> {
-            self.all_gather_slice(send.as_slice(), recv.as_mut_slice())
+            self.all_gather_slice(&send.values(), &mut recv.values_mut())
         }
         fn reduce_scatter(
             &self,
@@ -46,10 +48,10 @@ macro_rules! host_slice_collectives {
             recv: &mut dm_runtime::cpu::CpuBuf,
             op: $crate::comm::ReduceOp,
         ) -> $crate::comm::Result<()> {
-            self.reduce_scatter_slice(send.as_slice(), recv.as_mut_slice(), op)
+            self.reduce_scatter_slice(&send.values(), &mut recv.values_mut(), op)
         }
         fn broadcast(&self, buf: &mut dm_runtime::cpu::CpuBuf, root: usize) -> $crate::comm::Result<()> {
-            self.broadcast_slice(buf.as_mut_slice(), root)
+            self.broadcast_slice(&mut buf.values_mut(), root)
         }
     };
 }

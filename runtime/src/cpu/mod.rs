@@ -15,26 +15,14 @@ pub use crate::ops::layernorm::cpu as layernorm;
 pub use crate::ops::math;
 pub use crate::ops::matmul::cpu as matmul;
 
+mod buf;
+pub use buf::{CpuBuf, ValuesMut};
+
 use crate::backend::Backend;
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::memory::{MemoryTracker, Reservation};
 use crate::ops::{HostIds, Op, Storage};
-
-/// An f32 buffer in host memory, registered with the device's memory tracker.
-#[derive(Debug)]
-pub struct CpuBuf {
-    data: Vec<f32>,
-    _reservation: Reservation,
-}
-
-impl CpuBuf {
-    pub fn as_slice(&self) -> &[f32] {
-        &self.data
-    }
-    pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        &mut self.data
-    }
-}
 
 /// An i32 buffer in host memory (token ids, masks).
 #[derive(Debug)]
@@ -73,7 +61,10 @@ impl Default for CpuBackend {
 
 impl Storage for CpuBuf {
     fn elems(&self) -> usize {
-        self.data.len()
+        self.len()
+    }
+    fn dtype(&self) -> DType {
+        CpuBuf::dtype(self)
     }
 }
 
@@ -101,15 +92,18 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, name: &str, len: usize) -> Result<CpuBuf> {
-        let reservation = self.memory.reserve(name, (len * 4) as u64)?;
-        Ok(CpuBuf { data: vec![0.0; len], _reservation: reservation })
+        self.zeros_typed(name, len, DType::F32)
+    }
+    fn zeros_typed(&self, name: &str, len: usize, dtype: DType) -> Result<CpuBuf> {
+        let reservation = self.memory.reserve(name, len as u64 * dtype.bytes())?;
+        Ok(CpuBuf::zeros(len, dtype, reservation))
     }
     fn upload(&self, name: &str, data: &[f32]) -> Result<CpuBuf> {
         let reservation = self.memory.reserve(name, std::mem::size_of_val(data) as u64)?;
-        Ok(CpuBuf { data: data.to_vec(), _reservation: reservation })
+        Ok(CpuBuf::from_f32(data.to_vec(), reservation))
     }
     fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
-        Ok(buf.data.clone())
+        Ok(buf.values().into_owned())
     }
     fn upload_ids(&self, name: &str, ids: &[i32]) -> Result<CpuIds> {
         let reservation = self.memory.reserve(name, std::mem::size_of_val(ids) as u64)?;
@@ -122,101 +116,165 @@ impl Backend for CpuBackend {
     }
 }
 
-fn opt(b: Option<&CpuBuf>) -> Option<&[f32]> {
-    b.map(CpuBuf::as_slice)
+/// An optional input as f32.
+fn opt(b: Option<&CpuBuf>) -> Option<std::borrow::Cow<'_, [f32]>> {
+    b.map(CpuBuf::values)
 }
 
-/// Runs one checked op on host slices.
+/// Runs one checked op on host slices: inputs through [`CpuBuf::values`], outputs through
+/// [`CpuBuf::values_mut`] (f32 buffers in place; bf16 ones widened, computed in f32, rounded once).
 fn compute(op: Op<'_, CpuBuf, CpuIds>) {
     match op {
-        Op::Fill(a) => elementwise::fill(&mut a.buf.data, a.value),
-        Op::Write(a) => a.dst.data[a.offset..a.offset + a.data.len()].copy_from_slice(a.data),
-        Op::Copy(a) => {
-            a.dst.data[a.dst_off..a.dst_off + a.len].copy_from_slice(&a.src.data[a.src_off..a.src_off + a.len])
+        Op::Fill(a) => elementwise::fill(&mut a.buf.values_mut(), a.value),
+        Op::Write(a) => a.dst.values_mut()[a.offset..a.offset + a.data.len()].copy_from_slice(a.data),
+        Op::Copy(a) => a.dst.values_mut()[a.dst_off..a.dst_off + a.len]
+            .copy_from_slice(&a.src.values()[a.src_off..a.src_off + a.len]),
+        Op::AddAssign(a) => elementwise::add_assign(&mut a.acc.values_mut(), &a.x.values()),
+        Op::Add(a) => elementwise::add(&mut a.out.values_mut(), &a.a.values(), &a.b.values()),
+        Op::Scale(a) => elementwise::scale(&mut a.x.values_mut(), a.s),
+        Op::SumSquares(a) => *a.out = elementwise::sum_squares(&a.x.values()),
+        Op::AddBroadcastRows(a) => {
+            elementwise::add_broadcast_rows(&mut a.out.values_mut(), &a.row.values()[..a.row_len])
         }
-        Op::AddAssign(a) => elementwise::add_assign(&mut a.acc.data, &a.x.data),
-        Op::Add(a) => elementwise::add(&mut a.out.data, &a.a.data, &a.b.data),
-        Op::Scale(a) => elementwise::scale(&mut a.x.data, a.s),
-        Op::SumSquares(a) => *a.out = elementwise::sum_squares(&a.x.data),
-        Op::AddBroadcastRows(a) => elementwise::add_broadcast_rows(&mut a.out.data, &a.row.data[..a.row_len]),
-        Op::SumBroadcastRows(a) => elementwise::sum_broadcast_rows(&mut a.acc.data[..a.row_len], &a.x.data),
-        Op::Matmul(a) => matmul::matmul(&mut a.out.data, &a.a.data, &a.b.data, a.spec),
+        Op::SumBroadcastRows(a) => elementwise::sum_broadcast_rows(&mut a.acc.values_mut()[..a.row_len], &a.x.values()),
+        Op::Matmul(a) => matmul::matmul(&mut a.out.values_mut(), &a.a.values(), &a.b.values(), a.spec),
         Op::LayerNormForward(a) => {
-            let (x, bias) = (&a.x.data, &a.bias.data);
-            layernorm::forward(&mut a.out.data, &mut a.mean.data, &mut a.rstd.data, x, opt(a.scale), bias, a.dim)
+            let (x, bias) = (&a.x.values(), &a.bias.values());
+            layernorm::forward(
+                &mut a.out.values_mut(),
+                &mut a.mean.values_mut(),
+                &mut a.rstd.values_mut(),
+                x,
+                opt(a.scale).as_deref(),
+                bias,
+                a.dim,
+            )
         }
         Op::LayerNormBackward(a) => layernorm::backward(
-            &mut a.dx.data,
-            a.dscale.map(|s| s.as_mut_slice()),
-            &mut a.dbias.data,
-            &a.dout.data,
-            &a.x.data,
-            &a.mean.data,
-            &a.rstd.data,
-            opt(a.scale),
+            &mut a.dx.values_mut(),
+            a.dscale.map(|s| s.values_mut()).as_deref_mut(),
+            &mut a.dbias.values_mut(),
+            &a.dout.values(),
+            &a.x.values(),
+            &a.mean.values(),
+            &a.rstd.values(),
+            opt(a.scale).as_deref(),
             a.dim,
             a.accumulate_dx,
         ),
-        Op::LayerNormRowSums(a) => layernorm::row_sums(&mut a.sums.data, &a.x.data, opt(a.center), a.dim),
-        Op::LayerNormFinishStats(a) => layernorm::finish_stats(&mut a.sums.data, a.dim_global, a.squared),
+        Op::LayerNormRowSums(a) => {
+            layernorm::row_sums(&mut a.sums.values_mut(), &a.x.values(), opt(a.center).as_deref(), a.dim)
+        }
+        Op::LayerNormFinishStats(a) => layernorm::finish_stats(&mut a.sums.values_mut(), a.dim_global, a.squared),
         Op::LayerNormApply(a) => {
-            let (mean, rstd) = (&a.mean.data, &a.rstd.data);
-            layernorm::apply(&mut a.out.data, &a.x.data, mean, rstd, opt(a.scale), &a.bias.data, a.dim)
+            let (mean, rstd) = (&a.mean.values(), &a.rstd.values());
+            layernorm::apply(
+                &mut a.out.values_mut(),
+                &a.x.values(),
+                mean,
+                rstd,
+                opt(a.scale).as_deref(),
+                &a.bias.values(),
+                a.dim,
+            )
         }
         Op::LayerNormBackwardRowSums(a) => {
-            let (dout, x, mean, rstd) = (&a.dout.data, &a.x.data, &a.mean.data, &a.rstd.data);
-            layernorm::backward_row_sums(&mut a.sums.data, dout, x, mean, rstd, opt(a.scale), a.dim)
+            let (dout, x, mean, rstd) = (&a.dout.values(), &a.x.values(), &a.mean.values(), &a.rstd.values());
+            layernorm::backward_row_sums(&mut a.sums.values_mut(), dout, x, mean, rstd, opt(a.scale).as_deref(), a.dim)
         }
         Op::LayerNormBackwardApply(a) => layernorm::backward_apply(
-            &mut a.dx.data,
-            a.dscale.map(|s| s.as_mut_slice()),
-            &mut a.dbias.data,
-            &a.dout.data,
-            &a.x.data,
-            &a.mean.data,
-            &a.rstd.data,
-            opt(a.scale),
-            &a.sums.data,
+            &mut a.dx.values_mut(),
+            a.dscale.map(|s| s.values_mut()).as_deref_mut(),
+            &mut a.dbias.values_mut(),
+            &a.dout.values(),
+            &a.x.values(),
+            &a.mean.values(),
+            &a.rstd.values(),
+            opt(a.scale).as_deref(),
+            &a.sums.values(),
             a.dim,
             a.dim_global,
             a.accumulate_dx,
         ),
-        Op::GeluGluForward(a) => glu::forward(&mut a.out.data, &a.a.data, &a.b.data),
-        Op::GeluGluBackward(a) => glu::backward(&mut a.da.data, &mut a.db.data, &a.dout.data, &a.a.data, &a.b.data),
-        Op::EmbeddingForward(a) => embedding::forward(&mut a.out.data, &a.table.data, &a.ids.data, a.range, a.dim),
-        Op::EmbeddingBackward(a) => embedding::backward(&mut a.dtable.data, &a.dout.data, &a.ids.data, a.range, a.dim),
+        Op::GeluGluForward(a) => glu::forward(&mut a.out.values_mut(), &a.a.values(), &a.b.values()),
+        Op::GeluGluBackward(a) => glu::backward(
+            &mut a.da.values_mut(),
+            &mut a.db.values_mut(),
+            &a.dout.values(),
+            &a.a.values(),
+            &a.b.values(),
+        ),
+        Op::EmbeddingForward(a) => {
+            embedding::forward(&mut a.out.values_mut(), &a.table.values(), &a.ids.data, a.range, a.dim)
+        }
+        Op::EmbeddingBackward(a) => {
+            embedding::backward(&mut a.dtable.values_mut(), &a.dout.values(), &a.ids.data, a.range, a.dim)
+        }
         Op::AttentionForward(a) => {
             let x = &a.x;
             let mask = x.mask.map(CpuIds::as_slice);
-            attention::forward(&mut a.out.data, &mut a.lse.data, &x.q.data, &x.k.data, &x.v.data, mask, a.shape)
+            attention::forward(
+                &mut a.out.values_mut(),
+                &mut a.lse.values_mut(),
+                &x.q.values(),
+                &x.k.values(),
+                &x.v.values(),
+                mask,
+                a.shape,
+            )
         }
         Op::AttentionBackward(a) => attention::backward(
-            attention::Grads { dq: &mut a.dq.data, dk: &mut a.dk.data, dv: &mut a.dv.data },
-            &a.dout.data,
-            attention::Inputs { q: &a.x.q.data, k: &a.x.k.data, v: &a.x.v.data, mask: a.x.mask.map(CpuIds::as_slice) },
-            &a.out.data,
-            &a.lse.data,
+            attention::Grads { dq: &mut a.dq.values_mut(), dk: &mut a.dk.values_mut(), dv: &mut a.dv.values_mut() },
+            &a.dout.values(),
+            attention::Inputs {
+                q: &a.x.q.values(),
+                k: &a.x.k.values(),
+                v: &a.x.v.values(),
+                mask: a.x.mask.map(CpuIds::as_slice),
+            },
+            &a.out.values(),
+            &a.lse.values(),
             a.shape,
         ),
-        Op::CrossEntropyFused(a) => {
-            cross_entropy::fused(&mut a.logits.data, &mut a.losses.data, &a.targets.data, a.classes, a.grad_scale)
+        Op::CrossEntropyFused(a) => cross_entropy::fused(
+            &mut a.logits.values_mut(),
+            &mut a.losses.values_mut(),
+            &a.targets.data,
+            a.classes,
+            a.grad_scale,
+        ),
+        Op::VocabParallelMax(a) => {
+            cross_entropy::vp_max(&mut a.row_max.values_mut(), &a.logits.values(), a.cols, a.valid_cols)
         }
-        Op::VocabParallelMax(a) => cross_entropy::vp_max(&mut a.row_max.data, &a.logits.data, a.cols, a.valid_cols),
         Op::VocabParallelSums(a) => {
-            let (logits, row_max, targets) = (&a.logits.data, &a.row_max.data, &a.targets.data);
-            cross_entropy::vp_sums(&mut a.stats.data, logits, row_max, targets, a.cols, a.valid_cols, a.vocab_start)
+            let (logits, row_max, targets) = (&a.logits.values(), &a.row_max.values(), &a.targets.data);
+            cross_entropy::vp_sums(
+                &mut a.stats.values_mut(),
+                logits,
+                row_max,
+                targets,
+                a.cols,
+                a.valid_cols,
+                a.vocab_start,
+            )
         }
         Op::VocabParallelGrad(a) => cross_entropy::vp_grad(
-            &mut a.logits.data,
-            &mut a.losses.data,
-            &a.row_max.data,
-            &a.stats.data,
+            &mut a.logits.values_mut(),
+            &mut a.losses.values_mut(),
+            &a.row_max.values(),
+            &a.stats.values(),
             &a.targets.data,
             a.cols,
             a.valid_cols,
             a.vocab_start,
             a.grad_scale,
         ),
-        Op::AdamW(a) => adamw::step(&mut a.param.data, &a.grad.data, &mut a.m.data, &mut a.v.data, &a.step),
+        Op::AdamW(a) => adamw::step(
+            &mut a.param.values_mut(),
+            &a.grad.values(),
+            &mut a.m.values_mut(),
+            &mut a.v.values_mut(),
+            &a.step,
+        ),
     }
 }

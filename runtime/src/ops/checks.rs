@@ -2,6 +2,7 @@
 //! in front of every backend, so all backends refuse bad shapes the same way: an error, never a
 //! panic, before touching memory).
 
+use crate::dtype::DType;
 use crate::error::{Result, RuntimeError};
 use crate::ops::Storage;
 
@@ -34,6 +35,23 @@ pub(crate) fn check_valid(op: &'static str, cols: usize, valid: usize) -> Result
         return Err(RuntimeError::Invalid { op, detail: format!("valid_cols {valid} must be in 1..={cols}") });
     }
     Ok(())
+}
+
+/// Buffers bf16-mixed keeps in f32 (statistics, losses, parameters and their gradients, optimizer
+/// moments): a bf16 buffer there is refused, naming it.
+pub(crate) fn check_f32<T: Storage>(op: &'static str, what: &str, buf: &T) -> Result<()> {
+    if buf.dtype() != DType::F32 {
+        return Err(RuntimeError::Invalid {
+            op,
+            detail: format!("`{what}` is {}, this op keeps it in f32 (allocate it with DType::F32)", buf.dtype()),
+        });
+    }
+    Ok(())
+}
+
+/// [`check_f32`] of an optional buffer.
+pub(crate) fn check_opt_f32<T: Storage>(op: &'static str, what: &str, buf: Option<&T>) -> Result<()> {
+    buf.map_or(Ok(()), |b| check_f32(op, what, b))
 }
 
 /// `check_len` of an optional buffer.

@@ -51,9 +51,13 @@ pub fn not_on_cuda(op: &'static str) -> RuntimeError {
     }
 }
 
-/// A device buffer as the argument checks see it: a number of elements.
+/// A device buffer as the argument checks see it: a number of elements of one element type.
 pub trait Storage {
     fn elems(&self) -> usize;
+    /// The element type; f32 unless the backend stores bf16 ([`crate::Backend::zeros_typed`]).
+    fn dtype(&self) -> crate::DType {
+        crate::DType::F32
+    }
 }
 
 /// Token ids whose values the host can read (every backend keeps the host copy it uploaded), so

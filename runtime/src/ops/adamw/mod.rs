@@ -7,7 +7,7 @@ pub(crate) mod cuda;
 pub mod kernels;
 
 use crate::error::{Result, RuntimeError};
-use crate::ops::checks::check_len;
+use crate::ops::checks::{check_f32, check_len};
 use crate::ops::Storage;
 
 /// One AdamW update exactly as `optax.adamw` (eps_root 0, decay on every entry):
@@ -40,6 +40,10 @@ impl<T: Storage> AdamW<'_, T> {
         check_len("adamw", "grad", self.grad.elems(), n)?;
         check_len("adamw", "m", self.m.elems(), n)?;
         check_len("adamw", "v", self.v.elems(), n)?;
+        // fp32 master weights, gradients and moments in every precision.
+        for (what, buf) in [("param", &*self.param), ("grad", self.grad), ("m", &*self.m), ("v", &*self.v)] {
+            check_f32("adamw", what, buf)?;
+        }
         if self.step.step == 0 {
             return Err(RuntimeError::Invalid { op: "adamw", detail: "step count is 1-based".into() });
         }

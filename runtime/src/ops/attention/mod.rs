@@ -13,7 +13,7 @@ pub(crate) mod cuda;
 pub mod kernels;
 
 use crate::error::{Result, RuntimeError};
-use crate::ops::checks::check_len;
+use crate::ops::checks::{check_f32, check_len};
 use crate::ops::Storage;
 
 /// Multi-head attention over `q: [batch, q_len, heads·head_dim]` and
@@ -109,6 +109,7 @@ impl<T: Storage, I: Storage> Forward<'_, T, I> {
         let op = "attention_forward";
         self.x.check(op, &self.shape)?;
         check_len(op, "out", self.out.elems(), self.x.q.elems())?;
+        check_f32(op, "lse", self.lse)?;
         check_len(op, "lse", self.lse.elems(), self.shape.lse_len())
     }
 }
@@ -128,6 +129,6 @@ impl<T: Storage, I: Storage> Backward<'_, T, I> {
         ] {
             check_len(op, what, got, want)?;
         }
-        Ok(())
+        check_f32(op, "lse", self.lse)
     }
 }

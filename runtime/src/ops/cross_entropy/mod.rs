@@ -9,7 +9,7 @@ pub(crate) mod cuda;
 pub mod kernels;
 
 use crate::error::{Result, RuntimeError};
-use crate::ops::checks::{check_len, check_valid, rows_of};
+use crate::ops::checks::{check_f32, check_len, check_valid, rows_of};
 use crate::ops::{HostIds, Storage};
 
 /// [`crate::Backend::cross_entropy_fused`].
@@ -59,6 +59,7 @@ impl<T: Storage, I: Storage + HostIds> Fused<'_, T, I> {
         let op = "cross_entropy_fused";
         let rows = rows_of(op, self.logits.elems(), self.classes)?;
         check_len(op, "losses", self.losses.elems(), rows)?;
+        check_f32(op, "losses", self.losses)?;
         check_len(op, "targets", self.targets.elems(), rows)?;
         let classes = self.classes;
         if let Some((r, &t)) = self.targets.host_ids().iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= classes)
@@ -87,6 +88,7 @@ fn check_rows(
 impl<T: Storage> VocabMax<'_, T> {
     pub fn check(&self) -> Result<()> {
         let per_row = [("row_max", self.row_max.elems(), 1)];
+        check_f32("vocab_parallel_max", "row_max", self.row_max)?;
         check_rows("vocab_parallel_max", self.logits.elems(), self.cols, self.valid_cols, &per_row)
     }
 }
@@ -98,6 +100,8 @@ impl<T: Storage, I: Storage> VocabSums<'_, T, I> {
             ("row_max", self.row_max.elems(), 1),
             ("targets", self.targets.elems(), 1),
         ];
+        check_f32("vocab_parallel_sums", "stats", self.stats)?;
+        check_f32("vocab_parallel_sums", "row_max", self.row_max)?;
         check_rows("vocab_parallel_sums", self.logits.elems(), self.cols, self.valid_cols, &per_row)
     }
 }
@@ -110,6 +114,9 @@ impl<T: Storage, I: Storage> VocabGrad<'_, T, I> {
             ("stats", self.stats.elems(), 2),
             ("targets", self.targets.elems(), 1),
         ];
+        for (what, buf) in [("losses", &*self.losses), ("row_max", self.row_max), ("stats", self.stats)] {
+            check_f32("vocab_parallel_grad", what, buf)?;
+        }
         check_rows("vocab_parallel_grad", self.logits.elems(), self.cols, self.valid_cols, &per_row)
     }
 }

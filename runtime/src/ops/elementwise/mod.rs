@@ -15,7 +15,7 @@ pub(crate) mod cuda;
 pub mod kernels;
 
 use crate::error::{Result, RuntimeError};
-use crate::ops::checks::{check_len, check_prefix, rows_of};
+use crate::ops::checks::{check_f32, check_len, check_prefix, rows_of};
 use crate::ops::Storage;
 
 /// `buf = value`.
@@ -130,6 +130,7 @@ impl<T: Storage> AddBroadcastRows<'_, T> {
 
 impl<T: Storage> SumBroadcastRows<'_, T> {
     pub fn check(&self) -> Result<()> {
+        check_f32("sum_broadcast_rows", "acc", self.acc)?;
         check_prefix("sum_broadcast_rows", self.acc.elems(), self.row_len)?;
         rows_of("sum_broadcast_rows", self.x.elems(), self.row_len).map(drop)
     }

@@ -10,7 +10,7 @@ pub(crate) mod cuda;
 pub mod kernels;
 
 use crate::error::{Result, RuntimeError};
-use crate::ops::checks::check_len;
+use crate::ops::checks::{check_f32, check_len};
 use crate::ops::Storage;
 
 /// The half-open row range `[start, end)` of a vocabulary that one tensor-parallel rank holds.
@@ -81,6 +81,7 @@ impl<T: Storage, I: Storage> Forward<'_, T, I> {
 impl<T: Storage, I: Storage> Backward<'_, T, I> {
     pub fn check(&self) -> Result<()> {
         let (dtable, dout) = (("dtable", self.dtable.elems()), ("dout", self.dout.elems()));
+        check_f32("embedding_backward", "dtable", self.dtable)?;
         check("embedding_backward", dtable, dout, self.ids.elems(), self.range, self.dim)
     }
 }

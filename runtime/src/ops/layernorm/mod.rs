@@ -18,7 +18,7 @@ pub(crate) mod cuda;
 pub mod kernels;
 
 use crate::error::{Result, RuntimeError};
-use crate::ops::checks::{check_len, check_opt_len, rows_of};
+use crate::ops::checks::{check_f32, check_len, check_opt_f32, check_opt_len, rows_of};
 use crate::ops::Storage;
 
 /// [`crate::Backend::layernorm_forward`].
@@ -99,15 +99,17 @@ pub struct BackwardApply<'a, T> {
     pub accumulate_dx: bool,
 }
 
-/// The buffers every LayerNorm call reads: `x` and the per-row statistics.
+/// The buffers every LayerNorm call reads: `x` (f32 or bf16) and the per-row statistics (f32).
 fn check_stats<T: Storage>(op: &'static str, x: &T, mean: &T, rstd: &T, dim: usize) -> Result<usize> {
     let rows = rows_of(op, x.elems(), dim)?;
+    check_f32(op, "mean", mean)?;
+    check_f32(op, "rstd", rstd)?;
     check_len(op, "mean", mean.elems(), rows)?;
     check_len(op, "rstd", rstd.elems(), rows)?;
     Ok(rows)
 }
 
-/// Parameters and their gradients: `scale`/`dscale` present together, each `dim` long.
+/// Parameters and their gradients (all f32): `scale`/`dscale` present together, each `dim` long.
 fn check_params<T: Storage>(
     op: &'static str,
     scale: Option<&T>,
@@ -116,6 +118,9 @@ fn check_params<T: Storage>(
     dim: usize,
 ) -> Result<()> {
     check_len(op, "dbias", dbias.elems(), dim)?;
+    check_f32(op, "dbias", dbias)?;
+    check_opt_f32(op, "scale", scale)?;
+    check_opt_f32(op, "dscale", dscale)?;
     if scale.is_some() != dscale.is_some() {
         return Err(RuntimeError::Invalid {
             op,
@@ -133,9 +138,11 @@ fn check_dim_global(op: &'static str, dim_global: usize) -> Result<()> {
     Ok(())
 }
 
-/// The forward (fused or with given statistics): `out` like `x`, `bias`/`scale` `dim` long.
+/// The forward (fused or with given statistics): `out` like `x`, `bias`/`scale` `dim` long (f32).
 fn check_forward<T: Storage>(op: &'static str, out: &T, x: &T, bias: &T, scale: Option<&T>, dim: usize) -> Result<()> {
     check_len(op, "out", out.elems(), x.elems())?;
+    check_f32(op, "bias", bias)?;
+    check_opt_f32(op, "scale", scale)?;
     check_len(op, "bias", bias.elems(), dim)?;
     check_opt_len(op, "scale", scale, dim)
 }
@@ -171,12 +178,15 @@ impl<T: Storage> RowSums<'_, T> {
         let op = "layernorm_row_sums";
         let rows = rows_of(op, self.x.elems(), self.dim)?;
         check_len(op, "sums", self.sums.elems(), rows)?;
+        check_f32(op, "sums", self.sums)?;
+        check_opt_f32(op, "center", self.center)?;
         check_opt_len(op, "center", self.center, rows)
     }
 }
 
 impl<T: Storage> FinishStats<'_, T> {
     pub fn check(&self) -> Result<()> {
+        check_f32("layernorm_finish_stats", "sums", self.sums)?;
         check_dim_global("layernorm_finish_stats", self.dim_global)
     }
 }
@@ -186,6 +196,8 @@ impl<T: Storage> BackwardRowSums<'_, T> {
         let op = "layernorm_backward_row_sums";
         let rows = check_stats(op, self.x, self.mean, self.rstd, self.dim)?;
         check_len(op, "sums", self.sums.elems(), 2 * rows)?;
+        check_f32(op, "sums", self.sums)?;
+        check_opt_f32(op, "scale", self.scale)?;
         check_len(op, "dout", self.dout.elems(), self.x.elems())?;
         check_opt_len(op, "scale", self.scale, self.dim)
     }
@@ -198,6 +210,7 @@ impl<T: Storage> BackwardApply<'_, T> {
         check_len(op, "dx", self.dx.elems(), self.x.elems())?;
         check_len(op, "dout", self.dout.elems(), self.x.elems())?;
         check_len(op, "sums", self.sums.elems(), 2 * rows)?;
+        check_f32(op, "sums", self.sums)?;
         check_params(op, self.scale, self.dscale.as_deref(), self.dbias, self.dim)?;
         check_dim_global(op, self.dim_global)
     }
