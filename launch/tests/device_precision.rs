@@ -1,7 +1,6 @@
 //! `device` / `precision` (issue 11): bf16-mixed trains from the flag or the key; what cannot
-//! run here is refused early
-//! reason, nothing written — and a run folder remembers both, so a resume on another device or
-//! in another precision is refused like any other change of the run.
+//! run here is refused early — exit 2, the reason, nothing written — and a run folder remembers
+//! both, so a resume on another device or in another precision is refused like any other change.
 
 mod common;
 use common::*;
