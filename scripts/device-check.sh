@@ -13,8 +13,20 @@
 #     because cudarc looks for libnccl.so / libnccl.so.<N> but the wheel ships libnccl.so.2;
 #   - CUDA_INCLUDE_DIR / CUDA_HOME for NVRTC, DALLE_MESH_CACHE for the kernel PTX cache;
 #   - DALLE_MESH_REQUIRE_NCCL=1, so a missing NCCL fails its row instead of skipping it.
-# Then runs gpu-check under `timeout 480`, prints the table (stderr) and the JSON summary, and
-# exits with gpu-check's code (0 pass, 1 a check failed, 2 no usable GPU, 124 timeout).
+# Then, within DEVICE_CHECK_BUDGET_S (default 470 s, under 8 minutes in all):
+#   1. a real training run on one GPU: `train --device cuda --precision $PRECISION` (default
+#      bf16-mixed), the mini preset on the built-in synthetic set (256 codes), 50 steps; the loss
+#      must fall (last logged loss < first);
+#   2. `bench step --device cuda --preset mini` on one GPU: samples/s, image tokens/s, TFLOP/s,
+#      MFU against the GPU's dense bf16 peak, peak memory against the plan;
+#   3. with two or more GPUs, the same training run on tp=2 (one process driving both, NCCL);
+#   4. gpu-check with the time that is left;
+# and prints ONE JSON summary on stdout (scripts/device_check_summary.py: every part's exit code,
+# error line and figures; also $OUT/device-check.json). Without a usable GPU every part exits 2
+# with the driver's reason, the summary says `"gpu": false`, and the script exits 2. Exit code:
+# gpu-check's (0 pass, 1 a check failed, 2 no usable GPU, 124 timeout), else 1 when a training
+# part failed or its loss did not fall. The training paths are untested on GPUs until this
+# script has run on one.
 set -uo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -104,8 +116,65 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 
 cd "$repo_root"
-timeout 480 "$BIN" gpu-check --out "$OUT" 2> >(tee "$OUT/gpu-check.log" >&2)
+budget="${DEVICE_CHECK_BUDGET_S:-470}"
+started=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - started) )); }
+PRECISION="${PRECISION:-bf16-mixed}"
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)"
+fi
+
+# A mini run on the synthetic set: 50 steps of 8 captions, loss logged every 5 steps; one
+# checkpoint and one sample at the end (as every run does).
+train_config() { # $1 = tp
+    cat <<YAML
+device: cuda
+precision: $PRECISION
+model: {preset: mini}
+data: {synthetic: {train_rows: 2000, eval_rows: 64, image_length: 256, seed: 0}, max_text_length: 64}
+optimizer: {learning_rate: 1.0e-3, warmup_steps: 5}
+training: {steps: 50, batch_size: 8, log_every: 5, eval_every: 0, save_every: 0, keep_checkpoints: 1,
+           sample_prompts: ["a red square"]}
+mesh: {tp: $1, dp: 1}
+YAML
+}
+
+run_train() { # $1 = name, $2 = tp, $3 = seconds
+    local dir="$OUT/$1"
+    rm -rf "$dir" && mkdir -p "$dir"
+    train_config "$2" > "$dir/run.yaml"
+    timeout "$3" "$BIN" train --config "$dir/run.yaml" --out "$dir/run" > "$dir/summary.json" 2> "$dir/stderr.log"
+    echo $? > "$dir/exit_code"
+    echo "device-check: $1 exited $(cat "$dir/exit_code") (log $dir/stderr.log)" >&2
+}
+
+run_train train_1gpu 1 150
+timeout 60 "$BIN" bench step --device cuda --precision "$PRECISION" --preset mini --batch 8 --steps 10 --warmup 2 \
+    > "$OUT/bench_step.json" 2> "$OUT/bench_step.log"
+echo $? > "$OUT/bench_step.exit_code"
+if [ "$gpus" -ge 2 ]; then
+    run_train train_tp2 2 110
+else
+    echo "device-check: $gpus GPU(s): no tp=2 run" >&2
+fi
+
+gpu_check_s=$(left)
+[ "$gpu_check_s" -lt 30 ] && gpu_check_s=30
+timeout "$gpu_check_s" "$BIN" gpu-check --out "$OUT" > "$OUT/gpu-check.stdout.json" 2> >(tee "$OUT/gpu-check.log" >&2)
 code=$?
 wait
-echo "device-check: gpu-check exited $code; table in $OUT/gpu-check.log, JSON in $OUT/gpu-check.json" >&2
-exit $code
+echo "device-check: gpu-check exited $code after at most ${gpu_check_s}s; table in $OUT/gpu-check.log" >&2
+
+# ---- one JSON summary ------------------------------------------------------------------------
+summary="$("$python" "$repo_root/scripts/device_check_summary.py" "$OUT" "$gpus" "$code" "$PRECISION")"
+echo "$summary" | tee "$OUT/device-check.json"
+if [ "$code" -ne 0 ]; then
+    exit "$code"
+fi
+for part in train_1gpu train_tp2; do
+    [ -d "$OUT/$part" ] || continue
+    [ "$(cat "$OUT/$part/exit_code")" = 0 ] || exit 1
+    echo "$summary" | "$python" -c "import json,sys; p=json.load(sys.stdin)['$part']; sys.exit(0 if p.get('loss_fell') else 1)" || exit 1
+done
+exit 0

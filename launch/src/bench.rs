@@ -3,14 +3,14 @@
 //! after warm-up; compare ratios measured in one run. `bench comm` is in [`crate::bench_comm`].
 
 use crate::bench_procs::RankTotals;
+use crate::trainer::step::{clip_factor, OptimizerStep};
 use anyhow::{anyhow, bail, Context, Result};
 use dm_model::dallebart::TpGroup;
 use dm_model::flops::step_flops;
 use dm_model::params::check_tp;
 use dm_model::plan::{PlanOptions, Precision, StepComm};
-use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig, ParamTable};
-use dm_parallel::zero::Zero1;
-use dm_parallel::{CollectiveKind, CommStats, Communicator, Mesh, OpStats, ReduceOp, ThreadComm, TimedComm};
+use dm_model::{AdamWConfig, Batch, DalleBart, DalleBartConfig, ParamTable};
+use dm_parallel::{CollectiveKind, CommStats, Communicator, Mesh, OpStats, ThreadComm, TimedComm};
 use dm_runtime::cpu::CpuBackend;
 use dm_runtime::{Backend, MatmulSpec, OpClass, OpProfile, Profiled};
 use rand::{Rng, SeedableRng};
@@ -50,22 +50,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// The device a benchmark runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
-
-impl Device {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        }
-    }
-}
+pub use crate::device::Device;
 
 /// What `bench step` runs: a mesh, a micro-batch per data-parallel rank, and how long.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,18 +98,10 @@ impl StepOptions {
     }
 }
 
-/// Refuses, before anything is allocated, what the runtime can't run yet (exit 2 through main).
+/// Refuses, before anything is allocated, what can't run here: a precision the model does not
+/// implement yet, `--device cuda` without a usable GPU (exit 2 through main).
 pub fn check_supported(precision: Precision, device: Device) -> Result<()> {
-    if device == Device::Cuda {
-        return Err(crate::bad_input!(
-            "not implemented yet: training steps with --device cuda need the CUDA training path of issue 11 \
-             (mixed precision, NCCL mesh); this build times CPU ranks only. Use --device cpu, or `dalle-mesh \
-             gpu-check` for the CUDA ops and single-GPU step timings"
-        ));
-    }
-    // bf16-mixed runs on the CPU backend's bf16 storage (dm_model::precision).
-    let _ = precision;
-    Ok(())
+    crate::device::check(device, precision, 1, 1)
 }
 
 /// Median, 10th and 90th percentile (nearest rank).
@@ -231,20 +208,22 @@ struct RankRun {
     peak_bytes: u64,
 }
 
-type Comm = Arc<dyn Communicator<Profiled<CpuBackend>>>;
-/// A group's communicator under the timer: threads of this process, or MPI between processes.
-type ThreadOrMpi = Arc<dyn Communicator<CpuBackend>>;
+type Comm<B> = Arc<dyn Communicator<Profiled<B>>>;
+/// A group's communicator under the timer: threads or MPI between CPU processes, NCCL between GPUs.
+type Inner<B> = Arc<dyn Communicator<B>>;
+/// A rank's (tp, dp, world) communicators before the timer.
+type InnerGroups<B> = (Option<Inner<B>>, Option<Inner<B>>, Option<Inner<B>>);
 /// A group's communicator as the model sees it, and its timer.
-type Timed = Option<(Comm, Arc<TimedComm<CpuBackend>>)>;
+type Timed<B> = Option<(Comm<B>, Arc<TimedComm<B>>)>;
 
 /// One rank's communicators, timed.
-struct RankGroups {
-    tp: Timed,
-    dp: Timed,
-    world: Timed,
+struct RankGroups<B: Backend> {
+    tp: Timed<B>,
+    dp: Timed<B>,
+    world: Timed<B>,
 }
 
-impl RankGroups {
+impl RankGroups<CpuBackend> {
     fn new(mesh: &Mesh, comms: dm_parallel::RankComms) -> Self {
         let arc = |c: ThreadComm, on: bool| on.then(|| Arc::new(c) as Arc<dyn Communicator<CpuBackend>>);
         Self::timed((arc(comms.tp, mesh.tp() > 1), arc(comms.dp, mesh.dp() > 1), arc(comms.world, mesh.world() > 1)))
@@ -253,24 +232,32 @@ impl RankGroups {
     fn of_process(g: &crate::process_ranks::ProcessGroups) -> Self {
         Self::timed((g.0.clone(), g.1.clone(), Some(g.2.clone())))
     }
-    fn timed(g: (Option<ThreadOrMpi>, Option<ThreadOrMpi>, Option<ThreadOrMpi>)) -> Self {
-        let wrap = |c: Option<ThreadOrMpi>| {
+}
+
+impl<B: Backend> RankGroups<B> {
+    fn timed(g: InnerGroups<B>) -> Self {
+        let wrap = |c: Option<Inner<B>>| {
             c.map(|inner| {
                 let t = Arc::new(TimedComm::new(inner));
-                (t.clone() as Comm, t)
+                (t.clone() as Comm<B>, t)
             })
         };
         RankGroups { tp: wrap(g.0), dp: wrap(g.1), world: wrap(g.2) }
     }
-    fn all(&self) -> [&Timed; 3] {
+    fn all(&self) -> [&Timed<B>; 3] {
         [&self.tp, &self.dp, &self.world]
     }
     fn wait_s(&self) -> f64 {
         self.all().iter().filter_map(|g| g.as_ref()).map(|(_, t)| t.times().total()).sum()
     }
     fn stats(&self) -> StepComm {
-        let s = |g: &Timed| g.as_ref().map(|(c, _)| c.stats()).unwrap_or_default();
+        let s = |g: &Timed<B>| g.as_ref().map(|(c, _)| c.stats()).unwrap_or_default();
         StepComm { tp: s(&self.tp), dp: s(&self.dp), world: s(&self.world) }
+    }
+    /// The trainer's view of the timed groups.
+    fn trainer_groups(&self) -> crate::trainer::Groups<Profiled<B>> {
+        let c = |g: &Timed<B>| g.as_ref().map(|(c, _)| c.clone());
+        crate::trainer::Groups { tp: c(&self.tp), dp: c(&self.dp), world: c(&self.world) }
     }
 }
 
@@ -293,45 +280,33 @@ fn diff(a: &StepComm, b: &StepComm) -> StepComm {
     StepComm { tp: d(&a.tp, &b.tp), dp: d(&a.dp, &b.dp), world: d(&a.world, &b.world) }
 }
 
-/// All-reduces one scalar over `comm` (identity without one).
-fn reduce_scalar(be: &Profiled<CpuBackend>, comm: Option<&Comm>, x: f32, op: ReduceOp) -> Result<f32> {
-    let Some(c) = comm else { return Ok(x) };
-    let mut b = be.upload("scalar", &[x])?;
-    c.all_reduce(&mut b, op)?;
-    Ok(be.download(&b)?[0])
-}
-
-/// The optimizer of one rank.
-enum Opt {
-    Full(AdamW<Profiled<CpuBackend>>),
-    Zero1(Zero1<Profiled<CpuBackend>>),
-}
-
-/// The training loop of one rank: the trainer's optimizer step (`launch/src/train.rs`) with the
-/// same collectives — forward, loss and backward over tp, the loss average over dp, the gradient
-/// all-reduce (or ZeRO-1 reduce-scatter, update, all-gather), the global gradient norm and
-/// clipping to 1, AdamW at lr 1e-3, and the world stop-flag all-reduce — on this dp rank's fixed
-/// random batch, so the loss falls.
-fn run_rank(cfg: &DalleBartConfig, o: &StepOptions, mesh: &Mesh, rank: usize, groups: RankGroups) -> Result<RankRun> {
+/// The training loop of one rank: the trainer's optimizer step ([`crate::trainer::step`], the
+/// same collectives as `train` — forward, loss and backward over tp, the loss average over dp,
+/// the gradient all-reduce or ZeRO-1 reduce-scatter/update/all-gather, the global gradient norm
+/// and clipping to 1 — and the world stop agreement) with AdamW at lr 1e-3 on this dp rank's
+/// fixed random batch, so the loss falls. Each step ends by reading the agreement's value back
+/// from the device, so on a GPU the step time is the device's, not the enqueueing host's.
+fn run_rank<B: Backend>(
+    cfg: &DalleBartConfig,
+    o: &StepOptions,
+    mesh: &Mesh,
+    rank: usize,
+    inner: B,
+    groups: RankGroups<B>,
+) -> Result<RankRun> {
     let (dp_index, tp_index) = mesh.coords(rank);
-    let be = Profiled::new(CpuBackend::with_budget(&format!("cpu:rank{rank}"), o.device_memory));
+    let be = Profiled::new(inner);
     let table = ParamTable::sharded(cfg, tp_index, mesh.tp());
     let local = table.shard_values(&ParamTable::new(cfg).init_values(cfg.init_std, 0));
     let group = groups.tp.as_ref().map(|(c, _)| TpGroup { rank: tp_index, size: mesh.tp(), comm: c.clone() });
-    let mut model = DalleBart::new_sharded(be.clone(), cfg.clone(), group, local)?.with_precision(o.precision)?;
-    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
+    let model = DalleBart::new_sharded(be.clone(), cfg.clone(), group, local)?.with_precision(o.precision)?;
     let adamw = AdamWConfig { weight_decay: 0.0, ..Default::default() };
-    let mut opt = if o.zero1 && mesh.dp() > 1 {
-        let lens: Vec<usize> = table.specs.iter().map(|s| s.numel()).collect();
-        Opt::Zero1(Zero1::new(&be, &names, &lens, dp_index, mesh.dp())?)
-    } else {
-        Opt::Full(AdamW::new(&be, adamw, &names, &model.params)?)
-    };
+    let trainer_groups = groups.trainer_groups();
+    let world = trainer_groups.world.clone();
+    let mut core =
+        OptimizerStep::new(be.clone(), model, trainer_groups, adamw, o.zero1, (dp_index, mesh.dp()), None, 0)?;
     let data = random_batch(cfg, o.batch_per_device, 1 + dp_index as u64)?;
     let tokens = (o.batch_per_device * mesh.dp() * cfg.image_length) as f32;
-    let (tp_c, dp_c, world_c) =
-        (groups.tp.as_ref().map(|g| &g.0), groups.dp.as_ref().map(|g| &g.0), groups.world.as_ref().map(|g| &g.0));
-    let counted = |i: usize| tp_index == 0 || table.specs[i].shard != dm_model::params::Shard::Replicated;
     let mut run = RankRun {
         step_s: Vec::new(),
         wait_s: Vec::new(),
@@ -347,54 +322,14 @@ fn run_rank(cfg: &DalleBartConfig, o: &StepOptions, mesh: &Mesh, rank: usize, gr
         }
         let (wait0, comm0) = (groups.wait_s(), groups.stats());
         let t0 = Instant::now();
-        model.zero_grads()?;
-        model.forward(&data)?;
-        let loss = model.loss_and_backward(1.0 / tokens)?.loss;
-        let loss = reduce_scalar(&be, dp_c, loss, ReduceOp::Avg)?;
-        let (sq, chunks) = match &opt {
-            Opt::Full(_) => {
-                if let Some(c) = dp_c {
-                    for g in model.grads.iter_mut() {
-                        c.all_reduce(g, ReduceOp::Sum)?;
-                    }
-                }
-                let mut sq = 0.0f64;
-                for (i, g) in model.grads.iter().enumerate() {
-                    if counted(i) {
-                        sq += be.sum_squares(g)?;
-                    }
-                }
-                (reduce_scalar(&be, tp_c, sq as f32, ReduceOp::Sum)?, None)
-            }
-            Opt::Zero1(z) => {
-                let c = dp_c.context("ZeRO-1 needs dp > 1")?;
-                let chunks = z.reduce_scatter_grads(&be, c.as_ref(), &model.grads, &names)?;
-                let mut sq = 0.0f64;
-                for (i, g) in chunks.iter().enumerate() {
-                    if counted(i) {
-                        sq += be.sum_squares(g)?;
-                    }
-                }
-                (reduce_scalar(&be, world_c, sq as f32, ReduceOp::Sum)?, Some(chunks))
-            }
-        };
-        let norm = sq.sqrt();
-        let clip = if norm > 1.0 { 1.0 / norm } else { 1.0 };
-        let lr = 1e-3;
-        match (&mut opt, chunks) {
-            (Opt::Full(a), _) => {
-                let DalleBart { params, grads, .. } = &mut model;
-                a.update(&be, params, grads, lr, clip)?;
-            }
-            (Opt::Zero1(z), Some(chunks)) => {
-                let s = crate::optim_step::adamw_step(&adamw, lr, i as u64 + 1, clip);
-                let c = dp_c.context("ZeRO-1 needs dp > 1")?;
-                z.update(&be, c.as_ref(), &mut model.params, &chunks, &names, &s)?;
-            }
-            (Opt::Zero1(_), None) => bail!("internal: ZeRO-1 step without gradient chunks"),
-        }
-        // The trainer's stop flag: every rank agrees, and the step ends on every rank together.
-        reduce_scalar(&be, world_c, 0.0, ReduceOp::Max)?;
+        let local = core.backward(1, 1.0 / tokens, || Ok(data.clone()))?;
+        let synced = core.sync(local)?;
+        let (loss, norm) = (synced.loss, synced.grad_norm);
+        core.apply(synced, 1e-3, clip_factor(Some(1.0), norm))?;
+        // The trainer's stop agreement (every rank takes part, as in `train`), after the update
+        // so that the step ends on every rank together; reading its result back waits for the
+        // device's queue.
+        crate::stop::agree(&be, world.as_ref(), crate::stop::StopReason::None)?;
         let dt = t0.elapsed().as_secs_f64();
         tracing::debug!(rank, step = i, loss, seconds = dt, warmup = i < o.warmup, "bench step");
         if i >= o.warmup {
@@ -462,13 +397,57 @@ fn peak_of(o: &StepOptions) -> Result<f64> {
 /// Times `steps` training steps after `warmup` on the mesh of `o` (ranks are CPU threads).
 pub fn bench_step(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Result<StepBench> {
     let (mesh, planned) = check_step(cfg, o)?;
+    if o.device == Device::Cuda {
+        return bench_step_cuda(preset, cfg, o, mesh, planned);
+    }
     let peak = peak_of(o)?;
-    let runs =
-        dm_parallel::run_ranks(&mesh, |rank, comms| run_rank(cfg, o, &mesh, rank, RankGroups::new(&mesh, comms)))
-            .map_err(|f| anyhow!("{f}"))?;
+    let runs = dm_parallel::run_ranks(&mesh, |rank, comms| {
+        let be = CpuBackend::with_budget(&format!("cpu:rank{rank}"), o.device_memory);
+        run_rank(cfg, o, &mesh, rank, be, RankGroups::new(&mesh, comms))
+    })
+    .map_err(|f| anyhow!("{f}"))?;
     let first = runs.first().context("no ranks ran")?;
     let totals: Vec<RankTotals> = runs.iter().map(RankRun::totals).collect();
     let device = format!("{} ({} rank threads sharing {} cores)", o.device.name(), mesh.world(), rayon_threads());
+    summarise(preset, cfg, o, first, &totals, peak, planned, device)
+}
+
+/// [`bench_step`] on GPUs: rank r of this process on GPU r, NCCL between them (one process
+/// driving every GPU of the mesh). MFU against the dense bf16 peak of the GPU's name
+/// ([`crate::device::PEAK_BF16_DENSE_TFLOPS`]; `null` for a GPU the table does not know).
+/// **Untested on GPUs** (written without one).
+fn bench_step_cuda(
+    preset: &str,
+    cfg: &DalleBartConfig,
+    o: &StepOptions,
+    mesh: Mesh,
+    planned: u64,
+) -> Result<StepBench> {
+    crate::device::check_cuda(mesh.world(), mesh.world() > 1)?;
+    let backend = |gpu: usize| crate::device::cuda_backend(gpu, o.precision, o.device_memory);
+    let runs = if mesh.world() == 1 {
+        vec![run_rank(cfg, o, &mesh, 0, backend(0)?, RankGroups::timed((None, None, None)))?]
+    } else {
+        let ids = crate::trainer::ranks::InProcessIds::new(&mesh)?;
+        dm_parallel::run_ranks(&mesh, |rank, _thread_comms| {
+            let be = backend(rank)?;
+            let g = ids.join(&mesh, rank, &be)?;
+            run_rank(cfg, o, &mesh, rank, be, RankGroups::timed((g.tp, g.dp, g.world)))
+        })
+        .map_err(|f| anyhow!("{f}"))?
+    };
+    let gpu = dm_runtime::cuda::CudaBackend::probe()?.devices.first().map(|d| d.name.clone()).unwrap_or_default();
+    let peak = match (o.peak_flops_per_s, crate::device::peak_bf16_tflops(&gpu)) {
+        (Some(p), _) => p,
+        (None, Some(t)) => t * 1e12 * mesh.world() as f64,
+        (None, None) => {
+            tracing::warn!(gpu = %gpu, "no dense bf16 peak known for this GPU: MFU is not reported");
+            f64::NAN
+        }
+    };
+    let first = runs.first().context("no ranks ran")?;
+    let totals: Vec<RankTotals> = runs.iter().map(RankRun::totals).collect();
+    let device = format!("cuda ({} × {gpu}, one rank per GPU in one process, NCCL)", mesh.world());
     summarise(preset, cfg, o, first, &totals, peak, planned, device)
 }
 
@@ -477,13 +456,20 @@ pub fn bench_step(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Resul
 /// process's rank over MPI. `None` on every process rank but world rank 0 (which reports).
 pub fn bench_step_here(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Result<Option<StepBench>> {
     let (mesh, planned) = check_step(cfg, o)?;
+    if o.device == Device::Cuda && crate::world::detect()?.is_multi_process() {
+        return Err(crate::bad_input!(
+            "not implemented: bench step --device cuda under a launcher (one process per GPU); run it as one \
+             process, which drives one GPU per rank"
+        ));
+    }
     let what = format!("bench step {preset} {o:?}");
     let Some(procs) = crate::bench_procs::join(mesh, &what)? else {
         return bench_step(preset, cfg, o).map(Some);
     };
     crate::bench_procs::run(procs, |p| {
         let rank = p.world_rank();
-        let run = run_rank(cfg, o, &mesh, rank, RankGroups::of_process(&p.groups))?;
+        let be = CpuBackend::with_budget(&format!("cpu:rank{rank}"), o.device_memory);
+        let run = run_rank(cfg, o, &mesh, rank, be, RankGroups::of_process(&p.groups))?;
         let Some(totals) = p.gather_on_rank0("bench-step", run.totals())? else { return Ok(None) };
         // The probe runs after the steps, while the other ranks are idle.
         let peak = peak_of(o)?;
@@ -558,7 +544,7 @@ fn summarise(
         gflop_per_step: flops / 1e9,
         gflops_per_s: flops / step.median / 1e9,
         peak_gflops_per_s: peak / 1e9,
-        // The mesh shares one host: its peak is the host's.
+        // CPU: the mesh shares one host, its peak is the host's; CUDA: the sum of the GPUs' peaks.
         mfu: flops / step.median / peak,
         comm_share: waited / timed.max(f64::MIN_POSITIVE),
         comm_wait_s_per_step: waited / per_rank_steps,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_comm;
 pub mod bench_procs;
 pub mod calibrate;
+pub mod device;
 pub mod divergence;
 pub mod encode_images;
 pub mod exit_code;
@@ -30,6 +31,7 @@ pub mod sweep_report;
 pub mod sweep_slurm;
 pub mod train;
 pub mod train_data;
+pub mod trainer;
 pub mod vqgan_cmd;
 pub mod vqgan_grid;
 pub mod vqgan_image;
@@ -87,6 +89,7 @@ pub fn plan_check(model: &dm_model::DalleBartConfig, cfg: &run_config::RunConfig
     }
     let (t, m) = (&cfg.training, &cfg.mesh);
     let options = |tp: usize, dp: usize, ga: usize, zero1: bool| PlanOptions {
+        precision: cfg.precision,
         zero1: zero1 && dp > 1,
         device_memory: Some(budget),
         ..PlanOptions::new(tp, dp, t.batch_size / ga / dp)

@@ -38,6 +38,12 @@ enum Command {
         /// Use this config in a folder whose run.yaml describes another run.
         #[arg(long)]
         allow_config_change: bool,
+        /// Override the run config's device: cpu, or cuda (one GPU per rank, NCCL between them).
+        #[arg(long, value_enum)]
+        device: Option<bench::Device>,
+        /// Override the run config's precision: fp32 or bf16-mixed.
+        #[arg(long)]
+        precision: Option<dm_model::plan::Precision>,
     },
     /// Generate images for prompts from a checkpoint.
     Sample {
@@ -67,6 +73,12 @@ enum Command {
         /// prompt under its image.
         #[arg(long)]
         vqgan: Option<PathBuf>,
+        /// cpu, or cuda (GPU 0, or LOCAL_RANK under a launcher).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: bench::Device,
+        /// fp32 or bf16-mixed.
+        #[arg(long, default_value = "fp32")]
+        precision: dm_model::plan::Precision,
     },
     /// The VQGAN: decode image codes to pixels, encode images to codes, check parity.
     Vqgan {
@@ -98,6 +110,13 @@ enum Command {
         /// `dalle-mesh launch` started one process per rank), threads, mpi.
         #[arg(long, default_value = "auto", value_parser = parity::parse_transport)]
         transport: dalle_mesh::run_config::Transport,
+        /// cpu, or cuda (not implemented for the mesh parity: exits 2; `gpu-check` runs the
+        /// fixtures on a GPU).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: bench::Device,
+        /// fp32 or bf16-mixed.
+        #[arg(long, default_value = "fp32")]
+        precision: dm_model::plan::Precision,
     },
     /// Every CUDA op against the CPU, the parity fixtures on the GPU, NCCL, benchmarks (needs an
     /// NVIDIA GPU; exits 2 without one, 1 if a check fails).
@@ -471,7 +490,7 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&r)?;
             Ok(r.exit_code())
         }
-        Command::Train { config, out, resume, steps, allow_config_change } => {
+        Command::Train { config, out, resume, steps, allow_config_change, device, precision } => {
             let mut cfg = match &config {
                 Some(p) => RunConfig::from_file(p)?,
                 None => RunConfig::default(),
@@ -479,6 +498,8 @@ fn run(cli: Cli) -> Result<i32> {
             if let Some(s) = steps {
                 cfg.training.steps = s;
             }
+            cfg.device = device.unwrap_or(cfg.device);
+            cfg.precision = precision.unwrap_or(cfg.precision);
             let resume = if dalle_mesh::resume_auto::is_auto(resume.as_deref()) {
                 dalle_mesh::resume_auto::resolve(out.as_deref())?
             } else {
@@ -495,9 +516,23 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(summary.exit_code())
         }
-        Command::Sample { checkpoint, prompt, n, temperature, top_k, top_p, cond_scale, seed, out, vqgan } => {
+        Command::Sample {
+            checkpoint,
+            prompt,
+            n,
+            temperature,
+            top_k,
+            top_p,
+            cond_scale,
+            seed,
+            out,
+            vqgan,
+            device,
+            precision,
+        } => {
             let opts = SamplingOptions { temperature, top_k, top_p, cond_scale, seed };
-            let path = sample::run_with_vqgan(&checkpoint, &prompt, n, &opts, &out, vqgan.as_deref())?;
+            let on = sample::On { device, precision };
+            let path = sample::run_on(&checkpoint, &prompt, n, &opts, &out, vqgan.as_deref(), on)?;
             print_json(&serde_json::json!({"samples": path, "prompts": prompt, "per_prompt": n}))?;
             Ok(0)
         }
@@ -554,7 +589,8 @@ fn run(cli: Cli) -> Result<i32> {
             print_json(&serde_json::json!({"out": out, "vocab_size": tok.vocab_size()}))?;
             Ok(0)
         }
-        Command::Parity { fixture, tp, dp, transport } => {
+        Command::Parity { fixture, tp, dp, transport, device, precision } => {
+            parity::check_device(device, precision)?;
             let report = parity::run_ranks(&fixture, tp, dp, transport)
                 .with_context(|| format!("parity on {}", fixture.display()))?;
             match report {

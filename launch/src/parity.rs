@@ -42,6 +42,26 @@ pub fn run_ranks(dir: &Path, tp: usize, dp: usize, transport: Transport) -> Resu
     }
 }
 
+/// `parity --device/--precision`: the mesh parity runs CPU ranks in fp32. A precision the model
+/// does not implement is refused, and so is `--device cuda` — without a usable GPU with the
+/// driver's reason, with one as not implemented (`gpu-check` checks the fixtures on the GPU).
+pub fn check_device(device: crate::device::Device, precision: dm_model::plan::Precision) -> Result<()> {
+    crate::device::check(device, precision, 1, 1)?;
+    if device == crate::device::Device::Cuda {
+        return Err(crate::bad_input!(
+            "not implemented: parity --device cuda (the mesh parity runs CPU ranks); `dalle-mesh gpu-check` checks \
+             the parity fixtures on the GPU, or use --device cpu"
+        ));
+    }
+    if precision != dm_model::plan::Precision::Fp32 {
+        return Err(crate::bad_input!(
+            "not implemented: parity --precision {} against the fp32 fixtures; use --precision fp32",
+            precision.name()
+        ));
+    }
+    Ok(())
+}
+
 /// `--transport` of `parity`: `auto` (threads without a launcher, MPI between processes),
 /// `threads`, `mpi`, or `nccl` (refused: parity runs on CPU ranks).
 pub fn parse_transport(s: &str) -> std::result::Result<Transport, String> {

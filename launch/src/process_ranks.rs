@@ -60,8 +60,11 @@ pub fn process_timeout() -> Duration {
     }
 }
 
-/// The transport a process run uses: MPI for CPU ranks (the only device training has today).
+/// The transport a process run uses: MPI for CPU ranks, NCCL for CUDA ranks.
 fn check_transport(cfg: &RunConfig) -> Result<()> {
+    if cfg.device == crate::device::Device::Cuda {
+        return check_cuda_transport(cfg);
+    }
     match cfg.mesh.transport {
         Transport::Auto | Transport::Mpi => {
             if cfg!(feature = "mpi") {
@@ -83,20 +86,29 @@ fn check_transport(cfg: &RunConfig) -> Result<()> {
     }
 }
 
-/// `mesh.transport: nccl` for training: refused (bad input, exit 2) until GPU training lands.
+/// `mesh.transport: nccl` on CPU ranks: refused (bad input, exit 2); NCCL joins GPUs.
 fn nccl_refused() -> anyhow::Error {
     crate::bad_input!(
-        "not implemented: mesh.transport nccl for `dalle-mesh train` (training runs on CPU ranks today); set \
-         mesh.transport: auto (threads in one process, MPI between CPU processes); nothing was written"
+        "mesh.transport nccl needs device: cuda (NCCL connects GPUs; CPU ranks talk over threads or MPI); set \
+         device: cuda (or --device cuda), or mesh.transport: auto; nothing was written"
     )
 }
 
-/// The transport checks that need no rendezvous, run before anything is written: nccl is
-/// refused, and so is a transport that does not fit how this process was started.
-pub fn check_transport_early(cfg: &RunConfig, world: &World, mesh: Mesh) -> Result<()> {
-    if cfg.mesh.transport == Transport::Nccl {
-        return Err(nccl_refused());
+/// CUDA ranks talk over NCCL (in one process and between processes): auto or nccl.
+fn check_cuda_transport(cfg: &RunConfig) -> Result<()> {
+    match cfg.mesh.transport {
+        Transport::Auto | Transport::Nccl => Ok(()),
+        t => Err(crate::bad_input!(
+            "mesh.transport {} with device cuda: CUDA ranks talk over NCCL; set mesh.transport: auto (or nccl), or \
+             device: cpu; nothing was written",
+            serde_yaml::to_string(&t).unwrap_or_default().trim()
+        )),
     }
+}
+
+/// The transport checks that need no rendezvous, run before anything is written: a transport
+/// that does not fit the device or how this process was started is refused.
+pub fn check_transport_early(cfg: &RunConfig, world: &World, mesh: Mesh) -> Result<()> {
     if world.is_multi_process() {
         check_world_size(world, mesh)?;
         check_transport(cfg)
@@ -107,6 +119,9 @@ pub fn check_transport_early(cfg: &RunConfig, world: &World, mesh: Mesh) -> Resu
 
 /// Refuses a transport that needs several processes when there is only this one.
 pub fn check_in_process_transport(cfg: &RunConfig, mesh: Mesh) -> Result<()> {
+    if cfg.device == crate::device::Device::Cuda && cfg.mesh.transport != Transport::Mpi {
+        return check_cuda_transport(cfg);
+    }
     match cfg.mesh.transport {
         Transport::Auto | Transport::Threads => Ok(()),
         Transport::Mpi => Err(crate::bad_input!(

@@ -20,6 +20,8 @@
 //!            sample_every: 0, sample_prompts: [...], sample_prompts_file: null,
 //!            time_limit_minutes: null, vqgan: null}
 //! mesh: {tp: 1, dp: 1, zero1: false, device_memory: null, transport: auto}  # auto|threads|mpi|nccl
+//! device: cpu       # cpu | cuda (one GPU per rank, NCCL between GPUs)
+//! precision: fp32   # fp32 | bf16-mixed
 //! ```
 
 use crate::bad_input;
@@ -28,14 +30,32 @@ use dm_model::DalleBartConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
+    /// `cpu` or `cuda` (one GPU per rank, NCCL between them; see [`crate::device`]).
+    pub device: crate::device::Device,
+    /// `fp32` or `bf16-mixed` (the trainer's numeric policy, independent of the device).
+    pub precision: dm_model::plan::Precision,
     pub model: ModelSection,
     pub data: DataSection,
     pub optimizer: OptimizerSection,
     pub training: TrainingSection,
     pub mesh: MeshSection,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            device: crate::device::Device::Cpu,
+            precision: dm_model::plan::Precision::Fp32,
+            model: Default::default(),
+            data: Default::default(),
+            optimizer: Default::default(),
+            training: Default::default(),
+            mesh: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -400,6 +420,17 @@ fn number_problem<T: Into<f64> + std::fmt::Display + Copy>(key: &str, v: T, ok: 
     }
 }
 
+/// Refuses a top-level `key` whose value is not one of `choices`, naming the key and the choices
+/// (serde's message names neither at the top level).
+fn check_choice(doc: &serde_yaml::Value, key: &str, choices: &[&str]) -> Result<()> {
+    let Some(v) = doc.get(key) else { return Ok(()) };
+    if v.as_str().is_some_and(|s| choices.contains(&s)) {
+        return Ok(());
+    }
+    let shown = serde_yaml::to_string(v).unwrap_or_default();
+    Err(bad_input!("run config: {key} is {:?}; it must be one of {}", shown.trim(), choices.join(", ")))
+}
+
 impl RunConfig {
     /// Parses and validates a YAML run config. An empty document (nothing but blanks or comments) is
     /// refused: the built-in run is what `train` does without `--config`.
@@ -411,6 +442,8 @@ impl RunConfig {
                  the keys to change (see README, Run config)"
             ));
         }
+        check_choice(&value, "device", &["cpu", "cuda"])?;
+        check_choice(&value, "precision", &["fp32", "bf16-mixed"])?;
         let cfg: RunConfig = serde_yaml::from_value(value).map_err(|e| bad_input!("run config: {e}"))?;
         cfg.validate()?;
         Ok(cfg)
@@ -643,6 +676,24 @@ mod tests {
             assert!(err.to_string().contains(key), "{yaml}: {err}");
             assert_eq!(crate::exit_code::for_error(&err), crate::exit_code::BAD_INPUT, "{yaml}");
         }
+    }
+
+    #[test]
+    fn device_and_precision_are_top_level_keys() {
+        let c = RunConfig::from_yaml_str("device: cuda\nprecision: bf16-mixed\n").unwrap();
+        assert_eq!((c.device, c.precision), (crate::device::Device::Cuda, dm_model::plan::Precision::Bf16Mixed));
+        assert_eq!(RunConfig::default().device, crate::device::Device::Cpu);
+        for (yaml, key, choices) in
+            [("device: tpu\n", "device is", "cpu, cuda"), ("precision: fp16\n", "precision is", "fp32, bf16-mixed")]
+        {
+            let err = RunConfig::from_yaml_str(yaml).expect_err(yaml);
+            let msg = format!("{err:#}");
+            assert!(msg.contains(key) && msg.contains(choices), "{yaml}: {msg}");
+            assert_eq!(crate::exit_code::for_error(&err), crate::exit_code::BAD_INPUT, "{yaml}");
+        }
+        // A changed device or precision is another run.
+        let other = RunConfig { precision: dm_model::plan::Precision::Bf16Mixed, ..RunConfig::default() };
+        assert_eq!(RunConfig::default().identity_differences(&other), ["precision"]);
     }
 
     #[test]

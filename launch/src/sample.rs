@@ -127,6 +127,35 @@ pub fn run_with_vqgan(
     out: &Path,
     vqgan: Option<&Path>,
 ) -> Result<PathBuf> {
+    run_on(checkpoint, captions, n, opts, out, vqgan, On::default())
+}
+
+/// Where `sample` computes (`--device`, `--precision`).
+#[derive(Debug, Clone, Copy)]
+pub struct On {
+    pub device: crate::device::Device,
+    pub precision: dm_model::plan::Precision,
+}
+
+impl Default for On {
+    fn default() -> Self {
+        On { device: crate::device::Device::Cpu, precision: dm_model::plan::Precision::Fp32 }
+    }
+}
+
+/// [`run_with_vqgan`] on `on.device` in `on.precision` (CUDA: GPU `LOCAL_RANK`, else 0;
+/// untested on GPUs). Refuses an unusable device or precision before loading anything.
+pub fn run_on(
+    checkpoint: &Path,
+    captions: &[String],
+    n: usize,
+    opts: &SamplingOptions,
+    out: &Path,
+    vqgan: Option<&Path>,
+    on: On,
+) -> Result<PathBuf> {
+    let gpu = crate::world::detect()?.local_rank;
+    crate::device::check(on.device, on.precision, gpu + 1, 1)?;
     if captions.is_empty() {
         bail!(crate::exit_code::BadInput("give at least one --prompt".into()));
     }
@@ -138,7 +167,17 @@ pub fn run_with_vqgan(
     let info = data_info_of(&dir, &cfg)?;
     let tok = dm_data::hf_tokenizer::text_tokenizer(&dir, cfg.max_text_length, info.normalize_text)?;
     warn_truncated(&tok, captions)?;
-    let mut model = DalleBart::new(dm_runtime::cpu::CpuBackend::new(), cfg, weights)?;
-    sample_images(&mut model, &tok, &info, captions, n, opts, out, vqgan)?;
+    match on.device {
+        crate::device::Device::Cpu => {
+            let model = DalleBart::new(dm_runtime::cpu::CpuBackend::new(), cfg, weights)?;
+            let mut model = model.with_precision(on.precision)?;
+            sample_images(&mut model, &tok, &info, captions, n, opts, out, vqgan)?;
+        }
+        crate::device::Device::Cuda => {
+            let be = crate::device::cuda_backend(gpu, on.precision, None)?;
+            let mut model = DalleBart::new(be, cfg, weights)?.with_precision(on.precision)?;
+            sample_images(&mut model, &tok, &info, captions, n, opts, out, vqgan)?;
+        }
+    }
     Ok(if info.kind == "synthetic" || vqgan.is_some() { out.to_path_buf() } else { out.with_extension("json") })
 }

@@ -3,9 +3,6 @@
 
 use super::*;
 
-/// Dense bf16 tensor-core peak of an H100 SXM, the MFU denominator.
-pub const PEAK_BF16_TFLOPS: f64 = 989.0;
-
 impl Checker<CudaBackend> {
     // ---- section 5: benchmarks -------------------------------------------------------------------
 

@@ -55,7 +55,6 @@ mod steps;
 #[cfg(test)]
 mod tests;
 
-pub use bench::PEAK_BF16_TFLOPS;
 #[cfg(test)]
 use fixtures::tp2_fixture;
 pub use ops::{rel_err, round_bf16, DeviceUnderTest};

@@ -12,6 +12,8 @@ impl Checker<CudaBackend> {
         eprintln!("gpu-check: mini init values in {:.1} s", t.elapsed().as_secs_f64());
         let data = crate::bench::random_batch(&cfg, batch, 1)?;
         let flops = step_flops(&cfg, batch).total();
+        let gpu = self.gpu.info().name.clone();
+        let peak = crate::device::peak_bf16_tflops(&gpu).unwrap_or(f64::NAN);
         for (label, precision, matmul) in [
             ("bf16 custom", Precision::Bf16Mixed, MatmulImpl::Custom),
             ("bf16 cublas", Precision::Bf16Mixed, MatmulImpl::Cublas),
@@ -61,9 +63,9 @@ impl Checker<CudaBackend> {
             self.bench(
                 "step",
                 &format!("mini batch {batch} {label} MFU"),
-                100.0 * tflops / PEAK_BF16_TFLOPS,
+                100.0 * tflops / peak,
                 "%",
-                format!("{:.2} TFLOP/step (dm_model::flops) / {PEAK_BF16_TFLOPS} TFLOP/s bf16 peak", flops / 1e12),
+                format!("{:.2} TFLOP/step (dm_model::flops) / {peak} TFLOP/s bf16 peak of {gpu}", flops / 1e12),
             );
             let finite = loss.is_finite() && (loss - (cfg.loss_classes() as f32).ln()).abs() < 1.0;
             self.row(
