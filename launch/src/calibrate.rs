@@ -232,7 +232,7 @@ fn calibrate_classes(gemm: &mut GemmRates) -> Result<ClassRates> {
 /// [`ClassSpeedups`] of a pair of probe ranks (`tp × dp` = 2) running the probe model at the
 /// same time as threads: `2 · t₁ / t₂` per class, with `t₁` the seconds the rates already
 /// calibrated predict for one rank's work alone and `t₂` the seconds each rank measured while
-/// both ran (mean of the two ranks).
+/// both ran (mean of the two ranks); for GEMMs 2 on their per-call overhead (see below).
 fn calibrate_pair(gemm: &GemmRates, rates: &ClassRates, tp: usize, dp: usize) -> Result<ClassSpeedups> {
     let cfg = probe_model();
     let batch = 4;
@@ -283,8 +283,15 @@ fn calibrate_pair(gemm: &GemmRates, rates: &ClassRates, tp: usize, dp: usize) ->
             .sum::<f64>()
             / tp as f64;
         let together = (measured[0][i] + measured[1][i]) / 2.0;
-        // Clamped to what two ranks can physically gain or lose (noise on a busy host).
-        *g = (2.0 * alone / together.max(f64::MIN_POSITIVE)).clamp(0.5, 2.0);
+        *g = if i == 0 {
+            // GEMMs: their FLOPs add up, and the per-call overhead (packing, dispatch: cores
+            // waiting) is hidden by the partner rank. Solving the pair's time for this gain
+            // divides two noisy differences, so it is taken as the pair's size, not measured.
+            2.0
+        } else {
+            // Clamped to what two ranks can physically gain or lose (noise on a busy host).
+            (2.0 * alone / together.max(f64::MIN_POSITIVE)).clamp(0.5, 2.0)
+        };
     }
     let [gemm, attention, cross_entropy, pointwise, optimizer] = gain;
     Ok(ClassSpeedups { gemm, attention, cross_entropy, pointwise, optimizer })

@@ -141,6 +141,7 @@ pub struct ClassRates {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClassSpeedups {
+    /// On the GEMMs' per-call overhead ([`GemmRates::call_overhead_s`]) only: their FLOPs add up.
     pub gemm: f64,
     pub attention: f64,
     pub cross_entropy: f64,
@@ -398,7 +399,12 @@ pub fn predict(cfg: &DalleBartConfig, opts: &PlanOptions, profile: &HardwareProf
         let host = |class: fn(&TimeBreakdown) -> f64, i: usize| {
             ranks.iter().map(|(_, r)| class(r)).sum::<f64>() * dp as f64 / gain[i].max(f64::MIN_POSITIVE)
         };
-        t.gemm_s = host(|r| r.gemm_s, 0);
+        // GEMMs: the products' FLOPs add up; the gain is on their per-call overhead (packing and
+        // dispatch, when one rank leaves cores idle).
+        let calls: f64 = ranks.iter().map(|(w, _)| w.gemms.len() as f64).sum::<f64>() * dp as f64;
+        let overhead = calls * profile.gemm.call_overhead_s;
+        let flops_s = ranks.iter().map(|(_, r)| r.gemm_s).sum::<f64>() * dp as f64 - overhead;
+        t.gemm_s = flops_s + overhead / gain[0].max(f64::MIN_POSITIVE);
         t.attention_s = host(|r| r.attention_s, 1);
         t.cross_entropy_s = host(|r| r.cross_entropy_s, 2);
         t.pointwise_s = host(|r| r.pointwise_s, 3);
@@ -517,6 +523,7 @@ mod tests {
         let cfg = DalleBartConfig::micro();
         let mut p = profile();
         p.ranks_share_host = true;
+        p.gemm.call_overhead_s = 1e-4;
         let time = |p: &HardwareProfile, tp: usize, dp: usize| predict(&cfg, &PlanOptions::new(tp, dp, 4), p).unwrap();
         let (one, dp2, tp2) = (time(&p, 1, 1), time(&p, 1, 2), time(&p, 2, 1));
         // Without a gain, two data-parallel ranks take twice one rank's compute.
@@ -525,8 +532,14 @@ mod tests {
         p.concurrent_ranks = ConcurrentRanks { tensor_parallel: gain(1.6), data_parallel: gain(1.25) };
         let (one_g, dp2_g, tp2_g) = (time(&p, 1, 1), time(&p, 1, 2), time(&p, 2, 1));
         assert_eq!(one_g.predicted_step_s, one.predicted_step_s, "one rank has no partner");
-        assert!((dp2_g.breakdown.compute_s - dp2.breakdown.compute_s / 1.25).abs() < 1e-12);
-        assert!((tp2_g.breakdown.compute_s - tp2.breakdown.compute_s / 1.6).abs() < 1e-12);
+        let (b, g) = (dp2.breakdown, dp2_g.breakdown);
+        assert!((g.attention_s - b.attention_s / 1.25).abs() < 1e-12);
+        assert!((g.pointwise_s - b.pointwise_s / 1.25).abs() < 1e-12);
+        assert!((tp2_g.breakdown.optimizer_s - tp2.breakdown.optimizer_s / 1.6).abs() < 1e-12);
+        // GEMMs: their FLOPs add up, the gain is on the per-call overhead only.
+        let overhead = 2.0 * step_work(&cfg, &PlanOptions::new(1, 2, 4), 0).gemms.len() as f64 * 1e-4;
+        assert!((g.gemm_s - (b.gemm_s - overhead + overhead / 1.25)).abs() < 1e-12, "{} {}", g.gemm_s, b.gemm_s);
+        assert!(g.compute_s < b.compute_s);
         assert_eq!(tp2_g.breakdown.comm_s, tp2.breakdown.comm_s, "the gain is compute only");
         // A 2×2 mesh is split by tp: it takes the tensor-parallel pair's gain.
         assert_eq!(p.concurrent_ranks.for_mesh(2, 2), gain(1.6));
