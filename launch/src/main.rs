@@ -383,7 +383,7 @@ enum BenchCommand {
         /// fp32, or bf16-mixed (fp32 masters, bf16 Dense-kernel copies and activations; CPU: bf16 storage).
         #[arg(long, default_value = "fp32")]
         precision: dm_model::plan::Precision,
-        /// cpu, or cuda (not implemented yet: exits 2).
+        /// cpu, or cuda (one GPU per rank, NCCL; untested on GPUs; exits 2 without a usable GPU).
         #[arg(long, value_enum, default_value = "cpu")]
         device: bench::Device,
     },

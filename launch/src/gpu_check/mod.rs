@@ -16,7 +16,7 @@
 //! 4. **NCCL** — a 1-rank communicator: every collective and the async all-reduce round-trip.
 //! 5. **Benchmarks** — GEMM TFLOP/s (custom vs cuBLAS, fp32 and bf16) on mini's and mega's
 //!    shapes, attention forward/backward TFLOP/s, cross-entropy GB/s, and mini training steps
-//!    (samples/s, MFU against 989 TFLOP/s dense bf16).
+//!    (samples/s, MFU against the peak table of `crate::device`).
 //!
 //! Sections 1–4 are correctness rows, section 5 figures; the op cases of section 1 are the
 //! library's (`dm_runtime::conformance`, the bodies `cargo test` runs) plus the CUDA-against-CPU
