@@ -233,7 +233,7 @@ fn calibrate_classes(gemm: &mut GemmRates) -> Result<ClassRates> {
 /// same time as threads: `2 · t₁ / t₂` per class, with `t₁` the seconds the rates already
 /// calibrated predict for one rank's work alone and `t₂` the seconds each rank measured while
 /// both ran (mean of the two ranks); for GEMMs 2 on their per-call overhead (see below).
-fn calibrate_pair(gemm: &GemmRates, rates: &ClassRates, tp: usize, dp: usize) -> Result<ClassSpeedups> {
+fn calibrate_pair(rates: &ClassRates, tp: usize, dp: usize) -> Result<ClassSpeedups> {
     let cfg = probe_model();
     let batch = 4;
     let opts = PlanOptions::new(tp, dp, batch);
@@ -266,34 +266,31 @@ fn calibrate_pair(gemm: &GemmRates, rates: &ClassRates, tp: usize, dp: usize) ->
             .map(|h| h.join().map_err(|_| anyhow::anyhow!("a probe rank panicked"))?)
             .collect::<Result<Vec<[f64; 5]>>>()
     })?;
-    let mut gain = [1.0f64; 5];
-    for (i, g) in gain.iter_mut().enumerate() {
-        let alone: f64 = (0..tp)
-            .map(|r| {
-                let w = step_work(&cfg, &opts, r);
-                let per_rank = [
-                    w.gemms.iter().map(|g| gemm.seconds(g)).sum::<f64>(),
-                    w.attention_flops / rates.attention_flops_per_s,
-                    w.cross_entropy_elements / rates.cross_entropy_elements_per_s,
-                    w.pointwise_elements / rates.pointwise_elements_per_s,
-                    w.optimizer_elements / rates.optimizer_elements_per_s,
-                ];
-                per_rank[i]
-            })
-            .sum::<f64>()
-            / tp as f64;
-        let together = (measured[0][i] + measured[1][i]) / 2.0;
-        *g = if i == 0 {
-            // GEMMs: their FLOPs add up, and the per-call overhead (packing, dispatch: cores
-            // waiting) is hidden by the partner rank. Solving the pair's time for this gain
-            // divides two noisy differences, so it is taken as the pair's size, not measured.
-            2.0
-        } else {
-            // Clamped to what two ranks can physically gain or lose (noise on a busy host).
-            (2.0 * alone / together.max(f64::MIN_POSITIVE)).clamp(0.5, 2.0)
-        };
+    // One rank's seconds for its work alone, by class, as the calibrated rates predict (mean
+    // over the tp ranks, whose work may differ by a padded shard).
+    let mut alone = [0.0f64; 4];
+    for r in 0..tp {
+        let w = step_work(&cfg, &opts, r);
+        let per_rank = [
+            w.attention_flops / rates.attention_flops_per_s,
+            w.cross_entropy_elements / rates.cross_entropy_elements_per_s,
+            w.pointwise_elements / rates.pointwise_elements_per_s,
+            w.optimizer_elements / rates.optimizer_elements_per_s,
+        ];
+        for (a, p) in alone.iter_mut().zip(per_rank) {
+            *a += p / tp as f64;
+        }
     }
-    let [gemm, attention, cross_entropy, pointwise, optimizer] = gain;
+    // Clamped to what two ranks can physically gain or lose (noise on a busy host).
+    let gain = |i: usize| {
+        let together = (measured[0][i + 1] + measured[1][i + 1]) / 2.0;
+        (2.0 * alone[i] / together.max(f64::MIN_POSITIVE)).clamp(0.5, 2.0)
+    };
+    // GEMMs: their FLOPs add up, and the per-call overhead (packing, dispatch: cores waiting)
+    // is hidden by the partner rank. Solving the pair's time for this gain divides two noisy
+    // differences, so it is taken as the pair's size, not measured.
+    let gemm = 2.0;
+    let (attention, cross_entropy, pointwise, optimizer) = (gain(0), gain(1), gain(2), gain(3));
     Ok(ClassSpeedups { gemm, attention, cross_entropy, pointwise, optimizer })
 }
 
@@ -339,8 +336,8 @@ pub fn calibrate() -> Result<HardwareProfile> {
     let (mut gemm, peak) = calibrate_gemm()?;
     let rates = calibrate_classes(&mut gemm)?;
     let concurrent_ranks = ConcurrentRanks {
-        tensor_parallel: calibrate_pair(&gemm, &rates, 2, 1)?,
-        data_parallel: calibrate_pair(&gemm, &rates, 1, 2)?,
+        tensor_parallel: calibrate_pair(&rates, 2, 1)?,
+        data_parallel: calibrate_pair(&rates, 1, 2)?,
     };
     let link = calibrate_threads_link()?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), peak_gflops = peak / 1e9, "CPU calibrated");

@@ -53,12 +53,20 @@ impl FullState {
 }
 
 /// Assembles full tensors from every rank's shards (ZeRO-1 chunks concatenated across dp).
-fn assemble(cfg: &DalleBartConfig, mesh: &Mesh, zero1: bool, states: &[RankState]) -> FullState {
+/// Errors when a rank's shard is missing (a rank that died, or a stray part file).
+fn assemble(cfg: &DalleBartConfig, mesh: &Mesh, zero1: bool, states: &[RankState]) -> Result<FullState> {
     let tables: Vec<dm_model::ParamTable> =
         (0..mesh.tp()).map(|t| dm_model::ParamTable::sharded(cfg, t, mesh.tp())).collect();
-    let by = |dp: usize, tp: usize| {
-        states.iter().find(|s| s.dp_index == dp && s.tp_index == tp).expect("every rank reported")
-    };
+    let mut shards: Vec<&RankState> = Vec::with_capacity(mesh.world());
+    for dp in 0..mesh.dp() {
+        for tp in 0..mesh.tp() {
+            let s = states.iter().find(|s| s.dp_index == dp && s.tp_index == tp);
+            shards.push(s.with_context(|| {
+                format!("checkpoint: no shard from rank dp={dp} tp={tp} (the rank stopped before handing it over)")
+            })?);
+        }
+    }
+    let by = |dp: usize, tp: usize| shards[dp * mesh.tp() + tp];
     let params: Vec<Vec<Vec<f32>>> = (0..mesh.tp()).map(|t| by(0, t).params.clone()).collect();
     let moment = |pick: &dyn Fn(&RankState) -> &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
         let locals: Vec<Vec<Vec<f32>>> = (0..mesh.tp())
@@ -78,11 +86,11 @@ fn assemble(cfg: &DalleBartConfig, mesh: &Mesh, zero1: bool, states: &[RankState
             .collect();
         dm_model::ParamTable::unshard_values(&tables, &locals)
     };
-    FullState {
+    Ok(FullState {
         params: dm_model::ParamTable::unshard_values(&tables, &params),
         m: moment(&|s| &s.m),
         v: moment(&|s| &s.v),
-    }
+    })
 }
 
 /// What a checkpoint records besides the model, optimizer and data position.
@@ -241,7 +249,7 @@ pub fn gather_state<B: Backend>(
     if sh.processes {
         return gather_parts(state, opt, sh, groups);
     }
-    sh.collector.lock().expect("collector").push(state);
+    collector(sh)?.push(state);
     // In-process ranks hand their host copies over directly; the barrier orders the hand-over.
     if let Some(w) = &groups.world {
         w.barrier()?;
@@ -249,8 +257,13 @@ pub fn gather_state<B: Backend>(
     if dp_index != 0 || tp_index != 0 {
         return Ok(None);
     }
-    let states = std::mem::take(&mut *sh.collector.lock().expect("collector"));
-    Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
+    let states = std::mem::take(&mut *collector(sh)?);
+    assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states).map(Some)
+}
+
+/// The in-process hand-over of checkpoint shards; poisoned only when a rank thread panicked.
+fn collector<'a>(sh: &'a Shared) -> Result<std::sync::MutexGuard<'a, Vec<RankState>>> {
+    sh.collector.lock().map_err(|_| anyhow::anyhow!("checkpoint: a rank thread panicked while handing over its shard"))
 }
 
 /// [`gather_state`] for process ranks: every rank writes its part file, then (after a barrier)
@@ -286,5 +299,5 @@ fn gather_parts<B: Backend>(
         }
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    Ok(Some(assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states)))
+    assemble(sh.model_cfg, &sh.mesh, matches!(opt, Optimizer::Zero1(_)), &states).map(Some)
 }
