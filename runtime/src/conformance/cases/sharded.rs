@@ -16,6 +16,8 @@ pub struct LnShard {
 /// The inputs of the sharded LayerNorm ops: the shard of `x`, statistics and all-reduced sums as
 /// a rank would receive them, parameters, and the upstream gradient.
 struct LnShardInputs {
+    case: String,
+    sh: LnShard,
     x: Vec<f32>,
     center: Vec<f32>,
     mean: Vec<f32>,
@@ -35,6 +37,8 @@ impl LnShardInputs {
         let mut rng = rng_for(case);
         let LnShard { rows, dim, .. } = sh;
         LnShardInputs {
+            case: case.to_string(),
+            sh,
             x: normal(&mut rng, rows * dim, 0.3, 2.0),
             center: normal(&mut rng, rows, 0.0, 0.5),
             mean: normal(&mut rng, rows, 0.0, 0.3),
@@ -99,21 +103,14 @@ pub fn layernorm_shard_case<B: Backend>(be: &B, ck: &mut Checks, sh: LnShard, wi
     let bound: Vec<f64> = want.iter().map(|w| 8.0 * U * w).collect();
     ck.within(&format!("{case}: finish_stats rstd"), &down(be, &r)?, &want, &bound);
 
-    layernorm_shard_apply(be, ck, &case, sh, &inp, &xb)?;
-    layernorm_shard_backward(be, ck, &case, sh, &inp, &xb)
+    layernorm_shard_apply(be, ck, &inp, &xb)?;
+    layernorm_shard_backward(be, ck, &inp, &xb)
 }
 
 /// `out = (x − mean)·rstd·scale + bias`: t = x̂·s carries γ₃ (three roundings), the bias add one
 /// more: |err| ≤ γ₃|t| + u(|t|(1 + γ₃) + |b|); 2× that.
-fn layernorm_shard_apply<B: Backend>(
-    be: &B,
-    ck: &mut Checks,
-    case: &str,
-    sh: LnShard,
-    inp: &LnShardInputs,
-    xb: &B::Buf,
-) -> CaseResult {
-    let LnShard { rows, dim, .. } = sh;
+fn layernorm_shard_apply<B: Backend>(be: &B, ck: &mut Checks, inp: &LnShardInputs, xb: &B::Buf) -> CaseResult {
+    let (LnShard { rows, dim, .. }, case) = (inp.sh, &inp.case);
     let (mb, rb, bb) = (up(be, "mean", &inp.mean)?, up(be, "rstd", &inp.rstd)?, up(be, "bias", &inp.bias)?);
     let sb = inp.scale.as_ref().map(|s| up(be, "scale", s)).transpose()?;
     let mut out = nan_buf(be, "out", rows * dim)?;
@@ -137,15 +134,8 @@ fn layernorm_shard_apply<B: Backend>(
 /// γ₈·rstd·(|ĝ| + |S₁/n| + |x̂·S₂/n|) (plus one for `+=`); dscale += Σ_r dout·x̂ within
 /// γ_{rows+4}·(|dscale₀| + Σ|dout·x̂|); dbias += Σ_r dout within γ_{rows+1}·(|dbias₀| + Σ|dout|).
 /// 2× the apply bound (its terms are not all of one sign); the sums are rigorous.
-fn layernorm_shard_backward<B: Backend>(
-    be: &B,
-    ck: &mut Checks,
-    case: &str,
-    sh: LnShard,
-    inp: &LnShardInputs,
-    xb: &B::Buf,
-) -> CaseResult {
-    let LnShard { rows, dim, dim_global } = sh;
+fn layernorm_shard_backward<B: Backend>(be: &B, ck: &mut Checks, inp: &LnShardInputs, xb: &B::Buf) -> CaseResult {
+    let (LnShard { rows, dim, dim_global }, case) = (inp.sh, &inp.case);
     let (mb, rb, gb) = (up(be, "mean", &inp.mean)?, up(be, "rstd", &inp.rstd)?, up(be, "dout", &inp.dout)?);
     let sb = inp.scale.as_ref().map(|s| up(be, "scale", s)).transpose()?;
     let mut sums = nan_buf(be, "sums", 2 * rows)?;
