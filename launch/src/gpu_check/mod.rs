@@ -32,7 +32,7 @@ use anyhow::{Context, Result};
 use dm_model::checkpoint::{params_from_tensors, read_tensors, HostTensor};
 use dm_model::dallebart::TpGroup;
 use dm_model::flops::step_flops;
-use dm_model::{AdamW, AdamWConfig, DalleBart, DalleBartConfig, ParamTable};
+use dm_model::{AdamWConfig, DalleBart, DalleBartConfig, ParamTable};
 use dm_parallel::comm::host_staged::HostStagedComm;
 use dm_parallel::comm::nccl::{nccl_library_present, nccl_version, NcclComm, NcclId, NcclOptions};
 use dm_parallel::{run_ranks, Communicator, Mesh, ReduceOp};
