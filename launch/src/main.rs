@@ -110,8 +110,7 @@ enum Command {
         /// `dalle-mesh launch` started one process per rank), threads, mpi.
         #[arg(long, default_value = "auto", value_parser = parity::parse_transport)]
         transport: dalle_mesh::run_config::Transport,
-        /// cpu, or cuda (not implemented for the mesh parity: exits 2; `gpu-check` runs the
-        /// fixtures on a GPU).
+        /// cpu, or cuda (rank threads on GPUs 0..tp×dp over NCCL; untested on GPUs).
         #[arg(long, value_enum, default_value = "cpu")]
         device: bench::Device,
         /// fp32 or bf16-mixed.
@@ -590,9 +589,12 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Parity { fixture, tp, dp, transport, device, precision } => {
-            parity::check_device(device, precision)?;
-            let report = parity::run_ranks(&fixture, tp, dp, transport)
-                .with_context(|| format!("parity on {}", fixture.display()))?;
+            parity::check_device(device, precision, tp.saturating_mul(dp), transport)?;
+            let report = match device {
+                bench::Device::Cuda => parity::run_cuda(&fixture, tp, dp).map(Some),
+                bench::Device::Cpu => parity::run_ranks(&fixture, tp, dp, transport),
+            }
+            .with_context(|| format!("parity on {}", fixture.display()))?;
             match report {
                 Some(r) => {
                     print_json(&r)?;
