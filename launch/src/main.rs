@@ -100,14 +100,15 @@ enum Command {
         /// Fixture folder (config.json, weights/batch/expected safetensors, fixture.json).
         #[arg(long)]
         fixture: PathBuf,
-        /// Tensor-parallel ranks (CPU threads).
+        /// Tensor-parallel ranks (threads; GPUs with --device cuda).
         #[arg(long, default_value_t = 1)]
         tp: usize,
-        /// Data-parallel ranks (CPU threads).
+        /// Data-parallel ranks (threads; GPUs with --device cuda).
         #[arg(long, default_value_t = 1)]
         dp: usize,
         /// How the ranks talk: auto (threads in one process; MPI when srun, mpirun or
-        /// `dalle-mesh launch` started one process per rank), threads, mpi.
+        /// `dalle-mesh launch` started one process per rank; NCCL with --device cuda), threads,
+        /// mpi, nccl.
         #[arg(long, default_value = "auto", value_parser = parity::parse_transport)]
         transport: dalle_mesh::run_config::Transport,
         /// cpu, or cuda (rank threads on GPUs 0..tp×dp over NCCL; untested on GPUs).
@@ -117,8 +118,8 @@ enum Command {
         #[arg(long, default_value = "fp32")]
         precision: dm_model::plan::Precision,
     },
-    /// Every CUDA op against the CPU, the parity fixtures on the GPU, NCCL, benchmarks (needs an
-    /// NVIDIA GPU; exits 2 without one, 1 if a check fails).
+    /// The op conformance cases on the GPU (small, model-sized, bf16-mixed), the parity fixtures,
+    /// NCCL, benchmarks (needs an NVIDIA GPU; exits 2 without one, 1 if a check fails).
     GpuCheck {
         /// Folder for gpu-check.json.
         #[arg(long)]
@@ -389,6 +390,8 @@ enum BenchCommand {
     /// Collectives over N ranks at doubling sizes, printed as nccl-tests prints them (stderr),
     /// every result verified; exits 1 if any element is wrong.
     Comm {
+        /// threads, mpi (processes of a launcher), or nccl (rank threads on GPUs 0..N; untested on
+        /// GPUs; exits 2 without them).
         #[arg(long, value_enum, default_value = "threads")]
         transport: dalle_mesh::bench_comm::Transport,
         #[arg(long, default_value_t = 2)]
