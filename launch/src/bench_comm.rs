@@ -168,21 +168,31 @@ pub fn run(transport: Transport, ranks: usize, sizes: &[u64]) -> Result<Option<C
     match transport {
         Transport::Threads => {
             let (results, wrong) = measure_all(ranks, sizes, |kind, count, iters| {
-                let comms = ThreadComm::group(ranks);
-                let per_rank: Vec<(f64, u64)> = std::thread::scope(|s| {
-                    let hs: Vec<_> = comms
-                        .iter()
-                        .map(|c| s.spawn(move || rank_run(&CpuBackend::new(), cpu_sync, c, kind, count, iters)))
-                        .collect();
-                    joined(hs)
-                })?;
-                Ok((per_rank.iter().map(|r| r.0).fold(0.0, f64::max), per_rank.iter().map(|r| r.1).sum()))
+                let group: Vec<_> = ThreadComm::group(ranks).into_iter().map(|c| (CpuBackend::new(), c)).collect();
+                measure_on_threads(&group, cpu_sync, kind, count, iters)
             })?;
             Ok(Some(report("threads", ranks, results, wrong)))
         }
         Transport::Mpi => run_mpi(ranks, sizes),
         Transport::Nccl => run_nccl(ranks, sizes),
     }
+}
+
+/// One (collective, size) on rank threads, each with its backend and communicator: the slowest
+/// rank's mean seconds and every rank's wrong elements.
+fn measure_on_threads<B: Backend, C: Communicator<B>>(
+    ranks: &[(B, C)],
+    sync: fn(&B) -> Result<()>,
+    kind: CollectiveKind,
+    count: usize,
+    iters: usize,
+) -> Result<(f64, u64)> {
+    let per_rank: Vec<(f64, u64)> = std::thread::scope(|s| {
+        let hs: Vec<_> =
+            ranks.iter().map(|(be, c)| s.spawn(move || rank_run(be, sync, c, kind, count, iters))).collect();
+        joined(hs)
+    })?;
+    Ok((per_rank.iter().map(|r| r.0).fold(0.0, f64::max), per_rank.iter().map(|r| r.1).sum()))
 }
 
 /// The results of scoped rank threads, in rank order (a panicked rank is an error).
@@ -218,16 +228,8 @@ fn run_nccl(ranks: usize, sizes: &[u64]) -> Result<Option<CommReport>> {
             .collect();
         joined(hs)
     })?;
-    let (results, wrong) = measure_all(ranks, sizes, |kind, count, iters| {
-        let per_rank: Vec<(f64, u64)> = std::thread::scope(|s| {
-            let hs: Vec<_> = ranks_here
-                .iter()
-                .map(|(be, c)| s.spawn(move || rank_run(be, cuda_sync, c, kind, count, iters)))
-                .collect();
-            joined(hs)
-        })?;
-        Ok((per_rank.iter().map(|r| r.0).fold(0.0, f64::max), per_rank.iter().map(|r| r.1).sum()))
-    })?;
+    let (results, wrong) =
+        measure_all(ranks, sizes, |kind, count, iters| measure_on_threads(&ranks_here, cuda_sync, kind, count, iters))?;
     Ok(Some(report("nccl", ranks, results, wrong)))
 }
 
