@@ -68,6 +68,9 @@ impl DeviceUnderTest for CpuBackend {
     }
 }
 
+/// The memory budget of the refusal check's handle.
+const BUDGET: u64 = 1 << 20;
+
 impl<D: DeviceUnderTest> Checker<D> {
     pub(super) fn randn(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| (self.rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
@@ -84,11 +87,10 @@ impl<D: DeviceUnderTest> Checker<D> {
         for (label, be) in self.gpu.bf16_mixed_variants() {
             self.cases("bf16", label, conformance::bf16_mixed_cases(), &be);
         }
-        let budget = 1 << 20;
-        let rows = match self.gpu.budgeted(budget) {
+        let rows = match self.gpu.budgeted(BUDGET) {
             Ok(be) => conformance::run_case(
                 "budget_refusal_names_the_tensor",
-                |be: &D, ck| conformance::budget_refusal_names_the_tensor(be, ck, 1 << 20),
+                |be: &D, ck| conformance::budget_refusal_names_the_tensor(be, ck, BUDGET),
                 &be,
             ),
             Err(e) => vec![CaseRow {
