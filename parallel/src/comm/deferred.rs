@@ -19,8 +19,7 @@ use dm_runtime::Backend;
 /// The seconds of the deferred collectives measured so far (see [`OverlapTimes::hidden_share`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct OverlapTimes {
-    /// Time the deferred collectives ran (first start to last end of each join's batch, summed
-    /// per collective on the communicator's stream).
+    /// Time the deferred collectives ran on the communicator's stream (Σ end − start per call).
     pub busy_s: f64,
     /// Time the compute order stood still at the joins waiting for them.
     pub waited_s: f64,
@@ -33,6 +32,15 @@ impl OverlapTimes {
     /// before anything ran.
     pub fn hidden_share(&self) -> Option<f64> {
         (self.busy_s > 0.0).then(|| (1.0 - self.waited_s / self.busy_s).clamp(0.0, 1.0))
+    }
+
+    /// `self − earlier` (the times of the calls in between).
+    pub fn since(&self, earlier: &OverlapTimes) -> OverlapTimes {
+        OverlapTimes {
+            busy_s: self.busy_s - earlier.busy_s,
+            waited_s: self.waited_s - earlier.waited_s,
+            joins: self.joins - earlier.joins,
+        }
     }
 }
 
@@ -47,4 +55,20 @@ pub trait DeferredCollectives<B: Backend>: Send + Sync {
     fn join_deferred(&self) -> Result<()>;
     /// The busy and waited time of the joined collectives so far (waits until they finished).
     fn overlap_times(&self) -> Result<OverlapTimes>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OverlapTimes;
+
+    #[test]
+    fn hidden_share_is_one_minus_wait_over_busy() {
+        let t = OverlapTimes { busy_s: 2.0, waited_s: 0.5, joins: 1 };
+        assert_eq!(t.hidden_share(), Some(0.75));
+        assert_eq!(OverlapTimes::default().hidden_share(), None, "nothing ran");
+        let all_waited = OverlapTimes { busy_s: 1.0, waited_s: 1.5, joins: 1 };
+        assert_eq!(all_waited.hidden_share(), Some(0.0));
+        let later = OverlapTimes { busy_s: 5.0, waited_s: 1.0, joins: 3 };
+        assert_eq!(later.since(&t), OverlapTimes { busy_s: 3.0, waited_s: 0.5, joins: 2 });
+    }
 }

@@ -551,6 +551,30 @@ struct DeferredState {
     times: OverlapTimes,
 }
 
+impl DeferredState {
+    /// Adds the joined events' seconds to `times` (waits until they completed) and drops them.
+    /// The busy pairs of collectives not joined yet stay.
+    fn fold(&mut self) -> Result<()> {
+        let secs = |pairs: Vec<(CudaEvent, CudaEvent)>| -> Result<f64> {
+            let mut s = 0.0f64;
+            for (a, b) in pairs {
+                let ms = a.elapsed_ms(&b).map_err(|err| dev_err("overlap_times", format!("reading events: {err}")))?;
+                s += ms as f64 / 1e3;
+            }
+            Ok(s)
+        };
+        if self.waits.is_empty() {
+            return Ok(());
+        }
+        let joined = self.busy.len() - self.in_flight.len();
+        let busy: Vec<_> = self.busy.drain(..joined).collect();
+        self.times.joins += self.waits.len() as u64;
+        self.times.busy_s += secs(busy)?;
+        self.times.waited_s += secs(std::mem::take(&mut self.waits))?;
+        Ok(())
+    }
+}
+
 impl NcclComm {
     /// Enqueues `f(comm, side stream)` after the compute stream's current position, between two
     /// timing events, without making the compute stream wait (see the module docs).
@@ -638,6 +662,9 @@ impl DeferredCollectives<CudaBackend> for NcclComm {
         let op = "join_deferred";
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(last) = inner.deferred.last.take() else { return Ok(()) };
+        // The previous join's events finished long ago: read them now, so a long run keeps no
+        // more than one step of events.
+        inner.deferred.fold()?;
         let e = |what: &str, err: cudarc::driver::DriverError| dev_err(op, format!("{what}: {err}"));
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let compute = self.backend.stream();
@@ -658,19 +685,8 @@ impl DeferredCollectives<CudaBackend> for NcclComm {
 
     fn overlap_times(&self) -> Result<OverlapTimes> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let d = &mut inner.deferred;
-        let secs = |pairs: Vec<(CudaEvent, CudaEvent)>| -> Result<f64> {
-            let mut s = 0.0f64;
-            for (a, b) in pairs {
-                let ms = a.elapsed_ms(&b).map_err(|err| dev_err("overlap_times", format!("reading events: {err}")))?;
-                s += ms as f64 / 1e3;
-            }
-            Ok(s)
-        };
-        d.times.joins += d.waits.len() as u64;
-        d.times.busy_s += secs(std::mem::take(&mut d.busy))?;
-        d.times.waited_s += secs(std::mem::take(&mut d.waits))?;
-        Ok(d.times)
+        inner.deferred.fold()?;
+        Ok(inner.deferred.times)
     }
 }
 
