@@ -33,6 +33,17 @@ impl<B: Backend> InFlight<B> {
         Self { chunks: (0..tensors).map(|_| None).collect(), staging: Vec::new(), deferred: false }
     }
 
+    /// After a failed backward: joins what was left in flight (so no collective still reads a
+    /// staging buffer when it is freed; a failure to join is logged) and returns `error`.
+    pub(super) fn abandon(self, comm: &dyn Communicator<B>, error: anyhow::Error) -> anyhow::Error {
+        if let (true, Some(d)) = (self.deferred, comm.deferred()) {
+            if let Err(e) = d.join_deferred() {
+                tracing::warn!("joining the dp collectives left in flight by a failed backward: {e}");
+            }
+        }
+        error
+    }
+
     /// Joins the deferred collectives (the compute order waits for them) and returns the ZeRO-1
     /// chunks of every tensor (`None` without ZeRO-1). `names` name a tensor never announced.
     pub(super) fn finish(self, comm: &dyn Communicator<B>, names: &[String]) -> Result<Option<Vec<B::Buf>>> {

@@ -160,27 +160,38 @@ impl<B: Backend> OptimizerStep<B> {
             let b = next_batch()?;
             self.model.forward(&b)?;
             let last = micro + 1 == micro_steps;
-            let loss = match self.groups.dp.as_ref() {
-                Some(dp) if last && self.overlap_grad_reduce => {
-                    let mut state = InFlight::new(self.names.len());
-                    let zero1 = match &self.opt {
-                        Optimizer::Zero1(z) => Some(z),
-                        Optimizer::Full(_) => None,
-                    };
-                    let (be, comm, names) = (&self.be, dp.as_ref(), self.names.as_slice());
-                    let mut sink = DpReduceSink { be, comm, zero1, names, state: &mut state, failure: None };
-                    let out = self.model.loss_and_backward_with(loss_scale, &mut sink);
-                    if let Some(e) = sink.failure.take() {
-                        return Err(e);
-                    }
-                    self.in_flight = Some(state);
-                    out?.loss
-                }
-                _ => self.model.loss_and_backward(loss_scale)?.loss,
+            let loss = if last && self.overlap_grad_reduce && self.groups.dp.is_some() {
+                self.backward_reducing_over_dp(loss_scale)?
+            } else {
+                self.model.loss_and_backward(loss_scale)?.loss
             };
             loss_sum += loss as f64;
         }
         Ok((loss_sum / micro_steps as f64) as f32)
+    }
+
+    /// The loss and backward of the last micro-batch, issuing each layer's dp gradient
+    /// collective as its gradients become final ([`DpReduceSink`]); `sync` finishes them.
+    fn backward_reducing_over_dp(&mut self, loss_scale: f32) -> Result<f32> {
+        let dp = self.groups.dp.as_ref().context("internal: no dp group to reduce over")?;
+        let mut state = InFlight::new(self.names.len());
+        let zero1 = match &self.opt {
+            Optimizer::Zero1(z) => Some(z),
+            Optimizer::Full(_) => None,
+        };
+        let (be, comm, names) = (&self.be, dp.as_ref(), self.names.as_slice());
+        let mut sink = DpReduceSink { be, comm, zero1, names, state: &mut state, failure: None };
+        let out = self.model.loss_and_backward_with(loss_scale, &mut sink);
+        let failure = sink.failure.take();
+        match (out, failure) {
+            (Ok(out), None) => {
+                self.in_flight = Some(state);
+                Ok(out.loss)
+            }
+            // The collective's own error rather than the model's summary of it.
+            (_, Some(e)) => Err(state.abandon(comm, e)),
+            (Err(e), None) => Err(state.abandon(comm, e.into())),
+        }
     }
 
     /// Averages `local_loss` over dp, syncs the gradients over dp and computes the global norm.
