@@ -57,6 +57,7 @@ macro_rules! host_slice_collectives {
 }
 
 pub mod bandwidth;
+pub mod deferred;
 pub mod host_staged;
 pub mod inflight;
 #[cfg(feature = "mpi")]
@@ -346,6 +347,11 @@ pub trait Communicator<B: Backend>: Send + Sync {
     /// entering a collective returns [`CommError::Aborted`] naming this rank and `reason`. The first
     /// abort wins; later ones are ignored.
     fn abort(&self, reason: &str);
+    /// The collectives this communicator can leave in flight beside the compute order
+    /// ([`deferred`]: NCCL's side stream); `None` (the default): only the blocking ones.
+    fn deferred(&self) -> Option<&dyn deferred::DeferredCollectives<B>> {
+        None
+    }
 }
 
 /// The abort state of a communicator that aborts alone (no peers to tell): the first reason wins,
