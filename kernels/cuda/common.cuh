@@ -193,14 +193,16 @@ __device__ __forceinline__ void zero_fill(float (&a)[N][M][L]) {
         const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, int causal, float scale
 #define DM_ATT_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
 
-// The (batch, head) of this block (gridDim.y = B·H, bh = b·H + h) and where its head sits in a
-// [B, T, W] activation: W = H·hd is the row stride, col0 = h·hd the head's first column.
-struct AttHead {
-    int bh, b, h, W, col0;
+// What this block works on — grid (ceil(T/TILE), B·H): batch·head bh = b·H + h, where the head
+// sits in a [B, T, W] activation (W = H·hd the row stride, col0 = h·hd its first column) and row0,
+// the first row of its tile (a query for fwd and dq, a key for dkdv).
+struct AttBlock {
+    int bh, b, h, W, col0, row0;
 };
-__device__ __forceinline__ AttHead att_head(int H, int hd) {
+template <int TILE>
+__device__ __forceinline__ AttBlock att_block(int H, int hd) {
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    return AttHead{bh, b, h, H * hd, h * hd};
+    return AttBlock{bh, b, h, H * hd, h * hd, (int)blockIdx.x * TILE};
 }
 
 // Validity flags of keys k0 .. k0+TILE-1 (1 when the key exists and the mask allows it), written

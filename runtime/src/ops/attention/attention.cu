@@ -141,15 +141,11 @@ template <int HDM>
 __device__ __forceinline__ void attention_fwd(DM_ATT_FWD_ARGS(float)) {
     constexpr int LD = HDM + 1, NC = HDM / 16;
     extern __shared__ float att_smem[];
-    float* Qs = att_smem;
-    float* Ks = Qs + ATT_T * LD;
-    float* Vs = Ks + ATT_T * LD;
-    float* Ps = Vs + ATT_T * LD;
+    float *Qs = att_smem, *Ks = Qs + ATT_T * LD, *Vs = Ks + ATT_T * LD, *Ps = Vs + ATT_T * LD;
     float* kflag = Ps + ATT_T * ATT_PLD;
 
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-    const auto [bh, b, h, W, col0] = att_head(H, hd);
-    const int q0 = blockIdx.x * ATT_T;
+    const auto [bh, b, h, W, col0, q0] = att_block<ATT_T>(H, hd);
 
     att_load_tile<HDM>(Qs, q, b, Tq, W, col0, q0, hd);
 
@@ -259,6 +255,33 @@ extern "C" __global__ void attention_bwd_preprocess_f32(float* __restrict__ D, c
     attention_bwd_row_dot(D, dout, out, B, H, Tq, hd);  // common.cuh
 }
 
+// P and dS = P ∘ (dP − D) of this thread's 4×4 block (rows 4·ty + i, columns tx + 16·j) of a
+// 64×64 score tile, with S = A·Bᵀ and dP = C·Dtᵀ over the head dim (att_tile_dot; P from the saved
+// lse, common.cuh's att_bwd_prob). KEY_ROWS: the tile's rows are keys and its columns queries
+// (dkdv's Sᵀ), else the reverse (dq's S). Each value goes to sink(i, j, p, ds).
+template <int HDM, bool KEY_ROWS, typename Sink>
+__device__ __forceinline__ void att_bwd_scores(const float* A, const float* Bt, const float* C, const float* Dt,
+                                               const float* lse_s, const float* D_s, const float* kflag, int q0,
+                                               int k0, int Tq, int Tk, int causal, float scale, int ty, int tx,
+                                               Sink sink) {
+    const float inv_tk = 1.0f / (float)Tk;
+    float s[4][4], dp[4][4];
+    att_tile_dot<HDM>(s, A, Bt, ty, tx);    // S (unscaled), or Sᵀ
+    att_tile_dot<HDM>(dp, C, Dt, ty, tx);  // dP = dO·Vᵀ, or dPᵀ = V·dOᵀ
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float row_flag = kflag[4 * ty + i];  // the key's flag when rows are keys (else unused)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int ql = KEY_ROWS ? tx + 16 * j : 4 * ty + i, kl = KEY_ROWS ? 4 * ty + i : tx + 16 * j;
+            const int row = q0 + ql, key = k0 + kl;
+            const bool vis = (KEY_ROWS ? row_flag : kflag[kl]) != 0.0f && (!causal || key <= row);
+            const float p = att_bwd_prob(s[i][j], lse_s[ql], row < Tq, key < Tk, vis, scale, inv_tk);
+            sink(i, j, p, p * (dp[i][j] - D_s[ql]));
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // dK, dV. Arguments: (dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale).
 // Grid (ceil(Tk/64), B·H). Overwrites dk, dv (rows < Tk, columns < hd of its head).
@@ -268,20 +291,12 @@ template <int HDM>
 __device__ __forceinline__ void attention_bwd_dkdv(DM_ATT_DKDV_ARGS(float)) {
     constexpr int LD = HDM + 1, NC = HDM / 16;
     extern __shared__ float att_smem[];
-    float* Ks = att_smem;
-    float* Vs = Ks + ATT_T * LD;
-    float* Qs = Vs + ATT_T * LD;
-    float* dOs = Qs + ATT_T * LD;
-    float* PT = dOs + ATT_T * LD;  // Pᵀ  [key][query]
-    float* dST = PT + ATT_T * ATT_PLD;  // dSᵀ [key][query]
-    float* lse_s = dST + ATT_T * ATT_PLD;
-    float* D_s = lse_s + ATT_T;
-    float* kflag = D_s + ATT_T;
+    float *Ks = att_smem, *Vs = Ks + ATT_T * LD, *Qs = Vs + ATT_T * LD, *dOs = Qs + ATT_T * LD;
+    float *PT = dOs + ATT_T * LD, *dST = PT + ATT_T * ATT_PLD;  // Pᵀ and dSᵀ, [key][query]
+    float *lse_s = dST + ATT_T * ATT_PLD, *D_s = lse_s + ATT_T, *kflag = D_s + ATT_T;
 
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-    const auto [bh, b, h, W, col0] = att_head(H, hd);
-    const int k0 = blockIdx.x * ATT_T;
-    const float inv_tk = 1.0f / (float)Tk;
+    const auto [bh, b, h, W, col0, k0] = att_block<ATT_T>(H, hd);
 
     att_load_tile<HDM>(Ks, k, b, Tk, W, col0, k0, hd);
     att_load_tile<HDM>(Vs, v, b, Tk, W, col0, k0, hd);
@@ -300,23 +315,11 @@ __device__ __forceinline__ void attention_bwd_dkdv(DM_ATT_DKDV_ARGS(float)) {
         att_load_row_stats<ATT_T>(lse_s, D_s, lse, D, bh, Tq, q0);
         __syncthreads();
 
-        float st[4][4], dpt[4][4];
-        att_tile_dot<HDM>(st, Ks, Qs, ty, tx);   // Sᵀ[key][query] (unscaled)
-        att_tile_dot<HDM>(dpt, Vs, dOs, ty, tx);  // dPᵀ[key][query] = V·dOᵀ
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int kl = 4 * ty + i, key = k0 + kl;
-            const bool key_exists = key < Tk;
-            const bool key_ok = kflag[kl] != 0.0f;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int ql = tx + 16 * j, row = q0 + ql;
-                const bool vis = key_ok && (!causal || key <= row);
-                const float p = att_bwd_prob(st[i][j], lse_s[ql], row < Tq, key_exists, vis, scale, inv_tk);
-                PT[kl * ATT_PLD + ql] = p;
-                dST[kl * ATT_PLD + ql] = p * (dpt[i][j] - D_s[ql]);
-            }
-        }
+        att_bwd_scores<HDM, true>(Ks, Qs, Vs, dOs, lse_s, D_s, kflag, q0, k0, Tq, Tk, causal, scale, ty, tx,
+                                  [&](int i, int j, float p, float ds) {
+                                      PT[(4 * ty + i) * ATT_PLD + tx + 16 * j] = p;
+                                      dST[(4 * ty + i) * ATT_PLD + tx + 16 * j] = ds;
+                                  });
         __syncthreads();
 #pragma unroll 4
         for (int ql = 0; ql < ATT_T; ++ql) {
@@ -357,19 +360,12 @@ template <int HDM>
 __device__ __forceinline__ void attention_bwd_dq(DM_ATT_DQ_ARGS(float)) {
     constexpr int LD = HDM + 1, NC = HDM / 16;
     extern __shared__ float att_smem[];
-    float* Qs = att_smem;
-    float* dOs = Qs + ATT_T * LD;
-    float* Ks = dOs + ATT_T * LD;
-    float* Vs = Ks + ATT_T * LD;
+    float *Qs = att_smem, *dOs = Qs + ATT_T * LD, *Ks = dOs + ATT_T * LD, *Vs = Ks + ATT_T * LD;
     float* dS = Vs + ATT_T * LD;  // [query][key]
-    float* lse_s = dS + ATT_T * ATT_PLD;
-    float* D_s = lse_s + ATT_T;
-    float* kflag = D_s + ATT_T;
+    float *lse_s = dS + ATT_T * ATT_PLD, *D_s = lse_s + ATT_T, *kflag = D_s + ATT_T;
 
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-    const auto [bh, b, h, W, col0] = att_head(H, hd);
-    const int q0 = blockIdx.x * ATT_T;
-    const float inv_tk = 1.0f / (float)Tk;
+    const auto [bh, b, h, W, col0, q0] = att_block<ATT_T>(H, hd);
 
     att_load_tile<HDM>(Qs, q, b, Tq, W, col0, q0, hd);
     att_load_tile<HDM>(dOs, dout, b, Tq, W, col0, q0, hd);
@@ -386,20 +382,8 @@ __device__ __forceinline__ void attention_bwd_dq(DM_ATT_DQ_ARGS(float)) {
         att_key_flags<ATT_T>(kflag, mask, b, Tk, k0);
         __syncthreads();
 
-        float s[4][4], dp[4][4];
-        att_tile_dot<HDM>(s, Qs, Ks, ty, tx);   // S[query][key] (unscaled)
-        att_tile_dot<HDM>(dp, dOs, Vs, ty, tx);  // dP[query][key] = dO·Vᵀ
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int ql = 4 * ty + i, row = q0 + ql;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int kl = tx + 16 * j, key = k0 + kl;
-                const bool vis = kflag[kl] != 0.0f && (!causal || key <= row);
-                const float p = att_bwd_prob(s[i][j], lse_s[ql], row < Tq, key < Tk, vis, scale, inv_tk);
-                dS[ql * ATT_PLD + kl] = p * (dp[i][j] - D_s[ql]);
-            }
-        }
+        att_bwd_scores<HDM, false>(Qs, Ks, dOs, Vs, lse_s, D_s, kflag, q0, k0, Tq, Tk, causal, scale, ty, tx,
+                                   [&](int i, int j, float, float ds) { dS[(4 * ty + i) * ATT_PLD + tx + 16 * j] = ds; });
         __syncthreads();
         att_tile_matmul_acc<HDM>(dq_acc, dS, Ks, ty, tx);  // dq += dS·K
     }

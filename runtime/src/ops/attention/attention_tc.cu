@@ -191,8 +191,7 @@ __device__ __forceinline__ void attention_tc_fwd(DM_ATT_FWD_ARGS(IO)) {
     __shared__ float kflag[TC_T];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-    const auto [bh, b, h, W, col0] = att_head(H, hd);
-    const int q0 = blockIdx.x * TC_T;
+    const auto [bh, b, h, W, col0, q0] = att_block<TC_T>(H, hd);
     const bool vq = (hd % 8 == 0) && aligned16(q), vk = (hd % 8 == 0) && aligned16(k),
                vv = (hd % 8 == 0) && aligned16(v);
     const int row[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
@@ -335,17 +334,11 @@ template <int HDM, typename IO>
 __device__ __forceinline__ void attention_tc_bwd_dkdv(DM_ATT_DKDV_ARGS(IO)) {
     constexpr int NDT = HDM / 8;
     extern __shared__ __align__(128) unsigned char tc_smem[];
-    bf16_t* Ks = reinterpret_cast<bf16_t*>(tc_smem);
-    bf16_t* Vs = Ks + TC_T * HDM;
-    bf16_t* Qs = Vs + TC_T * HDM;
-    bf16_t* dOs = Qs + TC_T * HDM;
-    float* lse_s = reinterpret_cast<float*>(dOs + TC_T * HDM);
-    float* D_s = lse_s + TC_T;
-    float* kflag = D_s + TC_T;
+    bf16_t *Ks = reinterpret_cast<bf16_t*>(tc_smem), *Vs = Ks + TC_T * HDM, *Qs = Vs + TC_T * HDM, *dOs = Qs + TC_T * HDM;
+    float *lse_s = reinterpret_cast<float*>(dOs + TC_T * HDM), *D_s = lse_s + TC_T, *kflag = D_s + TC_T;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-    const auto [bh, b, h, W, col0] = att_head(H, hd);
-    const int k0 = blockIdx.x * TC_T;
+    const auto [bh, b, h, W, col0, k0] = att_block<TC_T>(H, hd);
     const float inv_tk = 1.0f / (float)Tk;
     const bool vec = hd % 8 == 0;
     const int kl_row[2] = {warp * 16 + (lane >> 2), warp * 16 + (lane >> 2) + 8};  // key within tile
@@ -409,15 +402,11 @@ template <int HDM, typename IO>
 __device__ __forceinline__ void attention_tc_bwd_dq(DM_ATT_DQ_ARGS(IO)) {
     constexpr int NDT = HDM / 8;
     extern __shared__ __align__(128) unsigned char tc_smem[];
-    bf16_t* Qs = reinterpret_cast<bf16_t*>(tc_smem);
-    bf16_t* dOs = Qs + TC_T * HDM;
-    bf16_t* Ks = dOs + TC_T * HDM;
-    bf16_t* Vs = Ks + TC_T * HDM;
+    bf16_t *Qs = reinterpret_cast<bf16_t*>(tc_smem), *dOs = Qs + TC_T * HDM, *Ks = dOs + TC_T * HDM, *Vs = Ks + TC_T * HDM;
     float* kflag = reinterpret_cast<float*>(Vs + TC_T * HDM);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-    const auto [bh, b, h, W, col0] = att_head(H, hd);
-    const int q0 = blockIdx.x * TC_T;
+    const auto [bh, b, h, W, col0, q0] = att_block<TC_T>(H, hd);
     const float inv_tk = 1.0f / (float)Tk;
     const bool vec = hd % 8 == 0;
     const int row[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
@@ -448,8 +437,7 @@ __device__ __forceinline__ void attention_tc_bwd_dq(DM_ATT_DQ_ARGS(IO)) {
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int kl = nt * 8 + 2 * c + (e & 1), key = k0 + kl;
-                const int hr = e >> 1;
+                const int kl = nt * 8 + 2 * c + (e & 1), key = k0 + kl, hr = e >> 1;
                 const bool vis = kflag[kl] != 0.0f && (!causal || key <= row[hr]);
                 const float p = att_bwd_prob(s[nt][e], lse_r[hr], row[hr] < Tq, key < Tk, vis, scale, inv_tk);
                 dp[nt][e] = p * (dp[nt][e] - D_r[hr]);
