@@ -296,7 +296,10 @@ impl StatsRecorder {
         Self::default()
     }
 
-    /// Counts one completed call of `kind` that contributed `elems` f32 (4 bytes each).
+    /// Counts one completed call of `kind` that contributed `elems` f32 (4 bytes each). Every
+    /// transport sends f32: the CPU transports (threads, MPI, host-staged) move bf16 buffers widened
+    /// to f32 host data and combine them in f32, and NCCL takes f32 buffers only, so 4 bytes per
+    /// element is what is actually sent whatever the buffer's dtype.
     pub fn record(&self, kind: CollectiveKind, elems: usize) {
         self.calls[kind.index()].fetch_add(1, Ordering::Relaxed);
         self.bytes[kind.index()].fetch_add(4 * elems as u64, Ordering::Relaxed);

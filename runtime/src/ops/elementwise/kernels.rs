@@ -107,6 +107,42 @@ mod tests {
         assert!(sum_squares_partials(1 << 30, 1000).unwrap().grid.0 <= 1024);
     }
 
+    /// elementwise.cu's `f32_to_bf16_rne` (the casts and `fill_bf16`), line for line in u32
+    /// arithmetic: it must round as `half::bf16::from_f32` (the CPU backend's rounding) for every
+    /// class of input, so bf16 buffers hold the same bits on both backends.
+    fn f32_to_bf16_rne(f: f32) -> u16 {
+        let x = f.to_bits();
+        if (x & 0x7fff_ffff) > 0x7f80_0000 {
+            return ((x >> 16) | 0x0040) as u16;
+        }
+        ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16
+    }
+
+    #[test]
+    fn the_cast_kernels_round_as_half() {
+        use rand::{Rng, SeedableRng};
+        let edges = [
+            0.0,
+            -0.0,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffc1_2345),
+            1e-40,
+            -f32::MIN_POSITIVE,
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let random = (0..200_000).map(|_| f32::from_bits(rng.random::<u32>()));
+        for f in edges.into_iter().chain(random) {
+            assert_eq!(f32_to_bf16_rne(f), half::bf16::from_f32(f).to_bits(), "{f:e} ({:#010x})", f.to_bits());
+        }
+    }
+
     #[test]
     fn broadcast_rows_split_grid_y() {
         let chunks = add_broadcast_rows(1000, 70_000).unwrap();
