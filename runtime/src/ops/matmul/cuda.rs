@@ -10,6 +10,20 @@ use crate::dtype::DType;
 use crate::ops::elementwise::{self as ew, kernels::CAST_F32_TO_BF16};
 use crate::ops::matmul;
 
+/// Whether a GEMM with buffers of these dtypes (`[out, a, b]`) runs the bf16 GEMM on its buffers
+/// as they are: under [`Precision::Bf16Mixed`] whenever one is bf16 (f32 operands are rounded per
+/// call, as before), and under [`Precision::F32`] when both operands are bf16 (their products are
+/// exact in f32 and the bf16 GEMM accumulates in f32, so it computes what the f32 GEMM of the
+/// widened operands would, up to the order of the sums). Otherwise bf16 buffers are staged and
+/// the GEMM of the backend's precision runs on f32 copies.
+pub(crate) fn bf16_gemm_takes(precision: Precision, [out, a, b]: [DType; 3]) -> bool {
+    let bf16 = |d: DType| d == DType::Bf16;
+    match precision {
+        Precision::Bf16Mixed => bf16(out) || bf16(a) || bf16(b),
+        Precision::F32 => bf16(a) && bf16(b),
+    }
+}
+
 impl CudaBackend {
     /// Rounds `n` f32 at `src` to bf16 at `dst`.
     fn cast_bf16(&self, dst: u64, src: u64, n: usize) -> Result<()> {
@@ -66,16 +80,9 @@ impl CudaBackend {
     }
 
     /// Whether [`CudaBackend::compute`] hands this GEMM with bf16 buffers to the bf16 GEMM
-    /// directly (no f32 staging): under [`Precision::Bf16Mixed`] whenever a buffer is bf16, and
-    /// under [`Precision::F32`] when both operands are bf16 (the products of bf16 values are exact
-    /// in f32 and the bf16 GEMM accumulates in f32, so it computes what the f32 GEMM of the widened
-    /// operands would, up to the order of the sums).
+    /// directly, without f32 staging ([`bf16_gemm_takes`]).
     pub(crate) fn bf16_gemm(&self, a: &matmul::Matmul<'_, CudaBuf>) -> bool {
-        let bf16 = |b: &CudaBuf| b.dtype() == DType::Bf16;
-        match self.opts.precision {
-            Precision::Bf16Mixed => bf16(a.a) || bf16(a.b) || bf16(a.out),
-            Precision::F32 => bf16(a.a) && bf16(a.b),
-        }
+        bf16_gemm_takes(self.opts.precision, [a.out.dtype(), a.a.dtype(), a.b.dtype()])
     }
 
     fn matmul_f32(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, s: MatmulSpec) -> Result<()> {
@@ -186,6 +193,24 @@ impl CudaBackend {
         match self.opts.precision {
             Precision::F32 if all_f32 => self.matmul_f32(out, a, b, spec),
             _ => self.matmul_bf16(out, a, b, spec),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DType::{Bf16 as B, F32 as F};
+
+    #[test]
+    fn bf16_buffers_reach_the_bf16_gemm_by_precision() {
+        assert!(!bf16_gemm_takes(Precision::Bf16Mixed, [F, F, F]), "all f32: the usual path (cast per call)");
+        for dts in [[B, F, F], [F, B, F], [F, F, B], [B, B, B]] {
+            assert!(bf16_gemm_takes(Precision::Bf16Mixed, dts), "{dts:?}");
+        }
+        assert!(bf16_gemm_takes(Precision::F32, [F, B, B]) && bf16_gemm_takes(Precision::F32, [B, B, B]));
+        for dts in [[F, F, F], [B, F, F], [F, B, F], [F, F, B], [B, B, F]] {
+            assert!(!bf16_gemm_takes(Precision::F32, dts), "{dts:?}: staged, then the f32 GEMM");
         }
     }
 }
