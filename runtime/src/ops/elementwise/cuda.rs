@@ -51,8 +51,9 @@ impl CudaBackend {
         copied.map_err(|e| driver_err("write", e))
     }
 
-    /// A copy between buffers of any dtypes: a device copy when they match, else the widening
-    /// (`cast_bf16_to_f32`, exact) or rounding (`cast_f32_to_bf16`) cast over the range.
+    /// A copy between buffers of any dtypes: a device copy when they match (bf16 → bf16 copies the
+    /// bits; the CPU's widen-and-round also quiets a signalling NaN, the only difference), else the
+    /// widening (`cast_bf16_to_f32`, exact) or rounding (`cast_f32_to_bf16`) cast over the range.
     pub(crate) fn copy_cuda(&self, a: ew::Copy<'_, CudaBuf>) -> Result<()> {
         let ew::Copy { dst, dst_off, src, src_off, len } = a;
         if len == 0 {
