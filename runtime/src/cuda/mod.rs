@@ -52,7 +52,8 @@
 //!
 //! Not bf16 (checked by the ops): parameters (fp32 master weights), gradients, AdamW moments,
 //! LayerNorm statistics and parameters, attention lse, losses and cross-entropy statistics.
-//! NCCL collectives take f32 buffers (a bf16 buffer must not be passed to them yet).
+//! NCCL (`parallel/src/comm/nccl.rs`) all-reduces a bf16 buffer through an f32 copy; its other
+//! collectives take f32 buffers only.
 
 //! # Op → kernel map
 //!
