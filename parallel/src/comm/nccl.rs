@@ -90,6 +90,17 @@ pub(super) fn dev_err(op: &'static str, detail: impl Into<String>) -> CommError 
     CommError::Device { op, detail: detail.into() }
 }
 
+/// The collectives here move f32 (`ncclFloat32`, `len` elements); a bf16 buffer (half the bytes)
+/// is refused before NCCL could read past it (the all-reduces widen bf16 buffers instead).
+fn require_f32(op: &'static str, bufs: &[&CudaBuf]) -> Result<()> {
+    match bufs.iter().find(|b| b.dtype() != dm_runtime::DType::F32) {
+        Some(b) => {
+            Err(dev_err(op, format!("not implemented yet: NCCL collectives of {} buffers (only f32)", b.dtype())))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Whether libnccl can be loaded (memoised). Loading it calls nothing.
 pub fn nccl_library_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
@@ -498,6 +509,7 @@ impl NcclComm {
     /// [`PendingAllReduce`] and the module docs (this is how the gradient all-reduce overlaps
     /// the backward). Stats are counted when it is joined.
     pub fn all_reduce_async<'a>(&'a self, buf: &'a mut CudaBuf, op: ReduceOp) -> Result<PendingAllReduce<'a>> {
+        require_f32("all_reduce", &[buf])?;
         let n = buf.len();
         if n == 0 {
             return Ok(PendingAllReduce { comm: self, done: None, elems: 0, _buf: PhantomData });
@@ -699,6 +711,9 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn all_reduce(&self, buf: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        if buf.dtype() != dm_runtime::DType::F32 {
+            return self.all_reduce_widened(buf, op);
+        }
         let (n, p) = (buf.len(), buf.device_ptr());
         self.collective(CollectiveKind::AllReduce, n, n, |comm, stream| {
             // SAFETY: in-place all-reduce of the n floats of `buf` on the side stream.
@@ -707,6 +722,7 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn all_gather(&self, send: &CudaBuf, recv: &mut CudaBuf) -> Result<()> {
+        require_f32("all_gather", &[send, recv])?;
         let (n, m) = (send.len(), recv.len());
         if m != self.size * n {
             return Err(CommError::Shape {
@@ -727,6 +743,7 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn reduce_scatter(&self, send: &CudaBuf, recv: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        require_f32("reduce_scatter", &[send, recv])?;
         let (n, m) = (send.len(), recv.len());
         if n != self.size * m {
             return Err(CommError::Shape {
@@ -744,6 +761,7 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn broadcast(&self, buf: &mut CudaBuf, root: usize) -> Result<()> {
+        require_f32("broadcast", &[buf])?;
         if root >= self.size {
             return Err(CommError::InvalidRoot { root, size: self.size });
         }
