@@ -32,6 +32,22 @@ def heads(B, H, hd):
     return [(b, h, h * hd) for b in range(B) for h in range(H)]
 
 
+def blocks(B, H, hd, rows):
+    """(b, h, col0, row0) of every block: the kernels' grid (ceil(rows/64), B·H), row0 the block's
+    first query (fwd, dq) or key (dkdv)."""
+    return [(b, h, col0, r0) for b, h, col0 in heads(B, H, hd) for r0 in range(0, rows, T)]
+
+
+def store_rows(dst, acc, b, row0, rows, col0, hd, f):
+    """att_store_rows / tc_store_acc: dst[b][row0 + r][col0 + d] = f(acc[r][d]) for the rows < `rows`
+    and the head's hd columns."""
+    for r in range(T):
+        if row0 + r >= rows:
+            continue
+        for d in range(hd):
+            dst[b][row0 + r][col0 + d] = f(r, acc[r][d])
+
+
 def tile(src, b, rows, width, col0, row0, hd, hdm):
     """att_load_tile: [64][hdm] with zero padding."""
     return [[src[b][row0 + r][col0 + d] if row0 + r < rows and d < hd else 0.0 for d in range(hdm)] for r in range(T)]
@@ -50,51 +66,45 @@ def fwd(q, k, v, mask, B, H, Tq, Tk, hd, causal, hdm):
     W = H * hd
     out = grid(B, Tq, W)
     lse = grid(B, H, Tq)
-    for b, h, col0 in heads(B, H, hd):
-        for q0 in range(0, Tq, T):
-            Qs = tile(q, b, Tq, W, col0, q0, hd, hdm)
-            m = [-math.inf] * T
-            l = [0.0] * T
-            acc = [[0.0] * hdm for _ in range(T)]
-            kv_end = min(Tk, q0 + T) if causal else Tk
-            for k0 in range(0, kv_end, T):
-                Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
-                Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
-                kf = key_flags(mask, b, Tk, k0)
-                for r in range(T):
-                    row = q0 + r
-                    s = []
-                    for kl in range(T):
-                        vis = kf[kl] != 0.0 and (not causal or k0 + kl <= row)
-                        s.append(dot(Qs[r], Ks[kl]) * scale if vis else -math.inf)
-                    mx = max(s)
-                    m_new = max(m[r], mx)
-                    if m_new != -math.inf:
-                        alpha = math.exp(m[r] - m_new) if m[r] != -math.inf else 0.0
-                        p = [math.exp(x - m_new) if x != -math.inf else 0.0 for x in s]
-                    else:
-                        alpha, p = 1.0, [0.0] * T
-                    l[r] = l[r] * alpha + sum(p)
-                    m[r] = m_new
-                    acc[r] = [a * alpha + dot(p, [Vs[kl][d] for kl in range(T)]) for d, a in enumerate(acc[r])]
-            if any(q0 + r < Tq and l[r] == 0.0 for r in range(T)):
-                vsum = [0.0] * hdm
-                for k0 in range(0, Tk, T):
-                    Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
-                    for kl in range(T):
-                        vsum = [a + Vs[kl][d] for d, a in enumerate(vsum)]
-                for r in range(T):
-                    if l[r] == 0.0:
-                        acc[r] = [x / Tk for x in vsum]
+    for b, h, col0, q0 in blocks(B, H, hd, Tq):
+        Qs = tile(q, b, Tq, W, col0, q0, hd, hdm)
+        m = [-math.inf] * T
+        l = [0.0] * T
+        acc = [[0.0] * hdm for _ in range(T)]
+        kv_end = min(Tk, q0 + T) if causal else Tk
+        for k0 in range(0, kv_end, T):
+            Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
+            Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
+            kf = key_flags(mask, b, Tk, k0)
             for r in range(T):
                 row = q0 + r
-                if row >= Tq:
-                    continue
-                uniform = l[r] == 0.0
-                inv = 1.0 if uniform else 1.0 / l[r]
-                for d in range(hd):
-                    out[b][row][col0 + d] = acc[r][d] * inv
-                lse[b][h][row] = NAN if uniform else m[r] + math.log(l[r])
+                s = []
+                for kl in range(T):
+                    vis = kf[kl] != 0.0 and (not causal or k0 + kl <= row)
+                    s.append(dot(Qs[r], Ks[kl]) * scale if vis else -math.inf)
+                mx = max(s)
+                m_new = max(m[r], mx)
+                if m_new != -math.inf:
+                    alpha = math.exp(m[r] - m_new) if m[r] != -math.inf else 0.0
+                    p = [math.exp(x - m_new) if x != -math.inf else 0.0 for x in s]
+                else:
+                    alpha, p = 1.0, [0.0] * T
+                l[r] = l[r] * alpha + sum(p)
+                m[r] = m_new
+                acc[r] = [a * alpha + dot(p, [Vs[kl][d] for kl in range(T)]) for d, a in enumerate(acc[r])]
+        if any(q0 + r < Tq and l[r] == 0.0 for r in range(T)):
+            vsum = [0.0] * hdm
+            for k0 in range(0, Tk, T):
+                Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
+                for kl in range(T):
+                    vsum = [a + Vs[kl][d] for d, a in enumerate(vsum)]
+            for r in range(T):
+                if l[r] == 0.0:
+                    acc[r] = [x / Tk for x in vsum]
+        inv = [1.0 if l[r] == 0.0 else 1.0 / l[r] for r in range(T)]
+        store_rows(out, acc, b, q0, Tq, col0, hd, lambda r, x: x * inv[r])
+        for r in range(min(T, Tq - q0)):
+            lse[b][h][q0 + r] = NAN if l[r] == 0.0 else m[r] + math.log(l[r])
     return out, lse
 
 
@@ -130,58 +140,44 @@ def p_and_ds(q_row, k_row, v_row, do_row, lse_r, D_r, row, key, flag, Tq, Tk, ca
 def bwd_dkdv(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm):
     scale = 1.0 / math.sqrt(hd)
     W = H * hd
-    dk = grid(B, Tk, W)
-    dv = grid(B, Tk, W)
-    for b, h, col0 in heads(B, H, hd):
-        for k0 in range(0, Tk, T):
-            Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
-            Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
-            kf = key_flags(mask, b, Tk, k0)
-            dka = [[0.0] * hdm for _ in range(T)]
-            dva = [[0.0] * hdm for _ in range(T)]
-            q_begin = k0 if (causal and mask is None) else 0
-            for q0 in range(q_begin, Tq, T):
-                Qs, dOs, lse_s, D_s = q_tile_state(q, dout, lse, D, b, h, Tq, W, col0, q0, hd, hdm)
-                for kl in range(T):
-                    for ql in range(T):
-                        p, ds = p_and_ds(Qs[ql], Ks[kl], Vs[kl], dOs[ql], lse_s[ql], D_s[ql], q0 + ql, k0 + kl,
-                                         kf[kl], Tq, Tk, causal, scale)
-                        for d in range(hdm):
-                            dva[kl][d] += p * dOs[ql][d]
-                            dka[kl][d] += ds * Qs[ql][d]
+    dk, dv = grid(B, Tk, W), grid(B, Tk, W)
+    for b, h, col0, k0 in blocks(B, H, hd, Tk):
+        Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
+        Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
+        kf = key_flags(mask, b, Tk, k0)
+        dka = [[0.0] * hdm for _ in range(T)]
+        dva = [[0.0] * hdm for _ in range(T)]
+        q_begin = k0 if (causal and mask is None) else 0
+        for q0 in range(q_begin, Tq, T):
+            Qs, dOs, lse_s, D_s = q_tile_state(q, dout, lse, D, b, h, Tq, W, col0, q0, hd, hdm)
             for kl in range(T):
-                if k0 + kl >= Tk:
-                    continue
-                for d in range(hd):
-                    dk[b][k0 + kl][col0 + d] = dka[kl][d] * scale
-                    dv[b][k0 + kl][col0 + d] = dva[kl][d]
+                for ql in range(T):
+                    p, ds = p_and_ds(Qs[ql], Ks[kl], Vs[kl], dOs[ql], lse_s[ql], D_s[ql], q0 + ql, k0 + kl,
+                                     kf[kl], Tq, Tk, causal, scale)
+                    for d in range(hdm):
+                        dva[kl][d] += p * dOs[ql][d]
+                        dka[kl][d] += ds * Qs[ql][d]
+        store_rows(dk, dka, b, k0, Tk, col0, hd, lambda r, x: x * scale)
+        store_rows(dv, dva, b, k0, Tk, col0, hd, lambda r, x: x)
     return dk, dv
 
 
 def bwd_dq(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm):
     scale = 1.0 / math.sqrt(hd)
-    W = H * hd
-    dq = grid(B, Tq, W)
-    for b, h, col0 in heads(B, H, hd):
-        for q0 in range(0, Tq, T):
-            Qs, dOs, lse_s, D_s = q_tile_state(q, dout, lse, D, b, h, Tq, W, col0, q0, hd, hdm)
-            dqa = [[0.0] * hdm for _ in range(T)]
-            kv_end = min(Tk, q0 + T) if (causal and mask is None) else Tk
-            for k0 in range(0, kv_end, T):
-                Ks = tile(k, b, Tk, W, col0, k0, hd, hdm)
-                Vs = tile(v, b, Tk, W, col0, k0, hd, hdm)
-                kf = key_flags(mask, b, Tk, k0)
-                for ql in range(T):
-                    for kl in range(T):
-                        _, ds = p_and_ds(Qs[ql], Ks[kl], Vs[kl], dOs[ql], lse_s[ql], D_s[ql], q0 + ql, k0 + kl,
-                                         kf[kl], Tq, Tk, causal, scale)
-                        for d in range(hdm):
-                            dqa[ql][d] += ds * Ks[kl][d]
-            for ql in range(T):
-                if q0 + ql >= Tq:
-                    continue
-                for d in range(hd):
-                    dq[b][q0 + ql][col0 + d] = dqa[ql][d] * scale
+    dq = grid(B, Tq, H * hd)
+    for b, h, col0, q0 in blocks(B, H, hd, Tq):
+        Qs, dOs, lse_s, D_s = q_tile_state(q, dout, lse, D, b, h, Tq, H * hd, col0, q0, hd, hdm)
+        dqa = [[0.0] * hdm for _ in range(T)]
+        kv_end = min(Tk, q0 + T) if (causal and mask is None) else Tk
+        for k0 in range(0, kv_end, T):
+            Ks = tile(k, b, Tk, H * hd, col0, k0, hd, hdm)
+            Vs = tile(v, b, Tk, H * hd, col0, k0, hd, hdm)
+            kf = key_flags(mask, b, Tk, k0)
+            for ql, kl in ((ql, kl) for ql in range(T) for kl in range(T)):
+                _, ds = p_and_ds(Qs[ql], Ks[kl], Vs[kl], dOs[ql], lse_s[ql], D_s[ql], q0 + ql, k0 + kl, kf[kl],
+                                 Tq, Tk, causal, scale)
+                dqa[ql] = [a + ds * x for a, x in zip(dqa[ql], Ks[kl])]
+        store_rows(dq, dqa, b, q0, Tq, col0, hd, lambda r, x: x * scale)
     return dq
 
 

@@ -19,7 +19,7 @@ import sys
 
 sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from emulate_attention import check_all, grid, heads  # noqa: E402
+from emulate_attention import blocks, bwd_prob, check_all, grid, key_flags  # noqa: E402
 from emulate_gemm_fragments import ldmatrix, mma  # noqa: E402
 
 T = 64
@@ -101,192 +101,159 @@ def quad(vals, op):
     return [op(op(vals[l], vals[l ^ 1]), op(vals[l ^ 2], vals[l ^ 3])) for l in range(32)]
 
 
-def flags(mask, b, tk, k0):
-    return [1.0 if (k0 + kl < tk and (mask is None or mask[b][k0 + kl] != 0)) else 0.0 for kl in range(T)]
+def store_frags(dst, acc, b, rows, rows_of_lane, col0, hd, ndt, f):
+    """tc_store_acc: each lane's C-fragment values of a [16][hdm] accumulator into its rows
+    rows_of_lane[l] (those < `rows`), head-dim columns 8·dt + 2·c + e (those < hd), as f(l, hr, value)."""
+    for l in range(32):
+        c = l & 3
+        for hr in range(2):
+            row = rows_of_lane[l][hr]
+            if row >= rows:
+                continue
+            for dt in range(ndt):
+                for e in range(2):
+                    d = dt * 8 + 2 * c + e
+                    if d < hd:
+                        dst[b][row][col0 + d] = f(l, hr, acc[dt][l][2 * hr + e])
 
 
 def fwd(q, k, v, mask, B, H, Tq, Tk, hd, causal, hdm):
     scale = 1.0 / math.sqrt(hd)
     W, ndt, nkc = H * hd, hdm // 8, hdm // 16
-    out = grid(B, Tq, W)
-    lse = grid(B, H, Tq)
-    for b, h, col0 in heads(B, H, hd):
-        for q0 in range(0, Tq, T):
-            Qs = load_tile(q, b, Tq, col0, q0, hd, hdm)
-            for warp in range(4):
-                rows = [[q0 + warp * 16 + (l >> 2), q0 + warp * 16 + (l >> 2) + 8] for l in range(32)]
-                qf = [frag_a(Qs, hdm, warp * 16, kc) for kc in range(nkc)]
-                o = zeros(ndt)
-                m = [[-math.inf, -math.inf] for _ in range(32)]
-                lsum = [[0.0, 0.0] for _ in range(32)]
-                kv_end = min(Tk, q0 + T) if causal else Tk
-                for k0 in range(0, kv_end, T):
-                    Ks = load_tile(k, b, Tk, col0, k0, hd, hdm)
-                    Vs = load_tile(v, b, Tk, col0, k0, hd, hdm)
-                    kf = flags(mask, b, Tk, k0)
-                    s = zeros(8)
-                    for kc in range(nkc):
-                        accumulate_rows(s, qf[kc], Ks, hdm, kc)
-                    mx = [[-math.inf, -math.inf] for _ in range(32)]
-                    for l in range(32):
-                        c = l & 3
-                        for nt in range(8):
-                            for e in range(4):
-                                kl = nt * 8 + 2 * c + (e & 1)
-                                vis = kf[kl] != 0.0 and (not causal or k0 + kl <= rows[l][e >> 1])
-                                s[nt][l][e] = s[nt][l][e] * scale if vis else -math.inf
-                                mx[l][e >> 1] = max(mx[l][e >> 1], s[nt][l][e])
-                    for hr in range(2):
-                        red = quad([mx[l][hr] for l in range(32)], max)
-                        for l in range(32):
-                            m_new = max(m[l][hr], red[l])
-                            shift = 0.0 if m_new == -math.inf else m_new
-                            alpha = math.exp(m[l][hr] - shift) if m[l][hr] != -math.inf else 0.0
-                            m[l][hr] = m_new
-                            lsum[l][hr] *= alpha
-                            for dt in range(ndt):
-                                o[dt][l][2 * hr] *= alpha
-                                o[dt][l][2 * hr + 1] *= alpha
-                            for nt in range(8):
-                                for e in (2 * hr, 2 * hr + 1):
-                                    x = s[nt][l][e]
-                                    s[nt][l][e] = math.exp(x - shift) if x != -math.inf else 0.0
-                                    lsum[l][hr] += s[nt][l][e]
-                    for kc in range(4):
-                        pa = c_to_a(s, kc)
-                        accumulate_cols(o, pa, Vs, hdm, kc, ndt)
-                for hr in range(2):
-                    red = quad([lsum[l][hr] for l in range(32)], lambda x, y: x + y)
-                    for l in range(32):
-                        lsum[l][hr] = red[l]
+    out, lse = grid(B, Tq, W), grid(B, H, Tq)
+    for b, h, col0, q0 in blocks(B, H, hd, Tq):
+        Qs = load_tile(q, b, Tq, col0, q0, hd, hdm)
+        for warp in range(4):
+            rows = [[q0 + warp * 16 + (l >> 2), q0 + warp * 16 + (l >> 2) + 8] for l in range(32)]
+            qf = [frag_a(Qs, hdm, warp * 16, kc) for kc in range(nkc)]
+            o = zeros(ndt)
+            m = [[-math.inf, -math.inf] for _ in range(32)]
+            lsum = [[0.0, 0.0] for _ in range(32)]
+            kv_end = min(Tk, q0 + T) if causal else Tk
+            for k0 in range(0, kv_end, T):
+                Ks = load_tile(k, b, Tk, col0, k0, hd, hdm)
+                Vs = load_tile(v, b, Tk, col0, k0, hd, hdm)
+                kf = key_flags(mask, b, Tk, k0)
+                s = zeros(8)
+                for kc in range(nkc):
+                    accumulate_rows(s, qf[kc], Ks, hdm, kc)
+                mx = [[-math.inf, -math.inf] for _ in range(32)]
                 for l in range(32):
                     c = l & 3
-                    uniform = [lsum[l][0] == 0.0, lsum[l][1] == 0.0]
-                    if (uniform[0] and rows[l][0] < Tq) or (uniform[1] and rows[l][1] < Tq):
+                    for nt in range(8):
+                        for e in range(4):
+                            kl = nt * 8 + 2 * c + (e & 1)
+                            vis = kf[kl] != 0.0 and (not causal or k0 + kl <= rows[l][e >> 1])
+                            s[nt][l][e] = s[nt][l][e] * scale if vis else -math.inf
+                            mx[l][e >> 1] = max(mx[l][e >> 1], s[nt][l][e])
+                for hr in range(2):
+                    red = quad([mx[l][hr] for l in range(32)], max)
+                    for l in range(32):
+                        m_new = max(m[l][hr], red[l])
+                        shift = 0.0 if m_new == -math.inf else m_new
+                        alpha = math.exp(m[l][hr] - shift) if m[l][hr] != -math.inf else 0.0
+                        m[l][hr] = m_new
+                        lsum[l][hr] *= alpha
                         for dt in range(ndt):
-                            for e in range(2):
-                                d = dt * 8 + 2 * c + e
-                                acc = sum(v[b][key][col0 + d] for key in range(Tk)) if d < hd else 0.0
-                                if uniform[0]:
-                                    o[dt][l][e] = acc / Tk
-                                if uniform[1]:
-                                    o[dt][l][2 + e] = acc / Tk
-                    for hr in range(2):
-                        row = rows[l][hr]
-                        if row >= Tq:
-                            continue
-                        inv = 1.0 if uniform[hr] else 1.0 / lsum[l][hr]
-                        for dt in range(ndt):
-                            for e in range(2):
-                                d = dt * 8 + 2 * c + e
-                                if d < hd:
-                                    out[b][row][col0 + d] = o[dt][l][2 * hr + e] * inv
-                        if c == 0:
-                            lse[b][h][row] = NAN if uniform[hr] else m[l][hr] + math.log(lsum[l][hr])
+                            o[dt][l][2 * hr] *= alpha
+                            o[dt][l][2 * hr + 1] *= alpha
+                        for nt in range(8):
+                            for e in (2 * hr, 2 * hr + 1):
+                                x = s[nt][l][e]
+                                s[nt][l][e] = math.exp(x - shift) if x != -math.inf else 0.0
+                                lsum[l][hr] += s[nt][l][e]
+                for kc in range(4):
+                    pa = c_to_a(s, kc)
+                    accumulate_cols(o, pa, Vs, hdm, kc, ndt)
+            for hr in range(2):
+                red = quad([lsum[l][hr] for l in range(32)], lambda x, y: x + y)
+                for l in range(32):
+                    lsum[l][hr] = red[l]
+            uniform = [[lsum[l][0] == 0.0, lsum[l][1] == 0.0] for l in range(32)]
+            for l in range(32):
+                c = l & 3
+                if (uniform[l][0] and rows[l][0] < Tq) or (uniform[l][1] and rows[l][1] < Tq):
+                    for dt in range(ndt):
+                        for e in range(2):
+                            d = dt * 8 + 2 * c + e
+                            acc = sum(v[b][key][col0 + d] for key in range(Tk)) if d < hd else 0.0
+                            if uniform[l][0]:
+                                o[dt][l][e] = acc / Tk
+                            if uniform[l][1]:
+                                o[dt][l][2 + e] = acc / Tk
+            inv = [[1.0 if uniform[l][hr] else 1.0 / lsum[l][hr] for hr in range(2)] for l in range(32)]
+            store_frags(out, o, b, Tq, rows, col0, hd, ndt, lambda l, hr, x: x * inv[l][hr])
+            for l, hr in ((l, hr) for l in range(0, 32, 4) for hr in range(2)):
+                if rows[l][hr] < Tq:
+                    lse[b][h][rows[l][hr]] = NAN if uniform[l][hr] else m[l][hr] + math.log(lsum[l][hr])
     return out, lse
-
-
-def prob(s, lse_row, row_ok, key_exists, vis, scale, tk):
-    if not row_ok or not key_exists:
-        return 0.0
-    if math.isnan(lse_row):
-        return 1.0 / tk
-    return math.exp(s * scale - lse_row) if vis else 0.0
 
 
 def bwd_dkdv(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm):
     scale = 1.0 / math.sqrt(hd)
-    W, ndt, nkc = H * hd, hdm // 8, hdm // 16
-    dk = grid(B, Tk, W)
-    dv = grid(B, Tk, W)
-    for b, h, col0 in heads(B, H, hd):
-        for k0 in range(0, Tk, T):
-            Ks = load_tile(k, b, Tk, col0, k0, hd, hdm)
-            Vs = load_tile(v, b, Tk, col0, k0, hd, hdm)
-            kf = flags(mask, b, Tk, k0)
-            for warp in range(4):
-                klr = [[warp * 16 + (l >> 2), warp * 16 + (l >> 2) + 8] for l in range(32)]
-                dka, dva = zeros(ndt), zeros(ndt)
-                q_begin = k0 if (causal and mask is None) else 0
-                for q0 in range(q_begin, Tq, T):
-                    Qs = load_tile(q, b, Tq, col0, q0, hd, hdm)
-                    dOs = load_tile(dout, b, Tq, col0, q0, hd, hdm)
-                    lse_s = [lse[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
-                    D_s = [D[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
-                    st, dpt = two_warp_products(Ks, Qs, Vs, dOs, hdm, warp, nkc)
-                    for l in range(32):
-                        c = l & 3
-                        for nt in range(8):
-                            for e in range(4):
-                                ql = nt * 8 + 2 * c + (e & 1)
-                                kl = klr[l][e >> 1]
-                                key = k0 + kl
-                                vis = kf[kl] != 0.0 and (not causal or key <= q0 + ql)
-                                p = prob(st[nt][l][e], lse_s[ql], q0 + ql < Tq, key < Tk, vis, scale, Tk)
-                                st[nt][l][e] = p
-                                dpt[nt][l][e] = p * (dpt[nt][l][e] - D_s[ql])
-                    for kc in range(4):
-                        pa, dsa = c_to_a(st, kc), c_to_a(dpt, kc)
-                        accumulate_cols(dva, pa, dOs, hdm, kc, ndt)
-                        accumulate_cols(dka, dsa, Qs, hdm, kc, ndt)
+    ndt, nkc = hdm // 8, hdm // 16
+    dk, dv = grid(B, Tk, H * hd), grid(B, Tk, H * hd)
+    for b, h, col0, k0 in blocks(B, H, hd, Tk):
+        Ks = load_tile(k, b, Tk, col0, k0, hd, hdm)
+        Vs = load_tile(v, b, Tk, col0, k0, hd, hdm)
+        kf = key_flags(mask, b, Tk, k0)
+        for warp in range(4):
+            klr = [[warp * 16 + (l >> 2), warp * 16 + (l >> 2) + 8] for l in range(32)]
+            dka, dva = zeros(ndt), zeros(ndt)
+            q_begin = k0 if (causal and mask is None) else 0
+            for q0 in range(q_begin, Tq, T):
+                Qs = load_tile(q, b, Tq, col0, q0, hd, hdm)
+                dOs = load_tile(dout, b, Tq, col0, q0, hd, hdm)
+                lse_s = [lse[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
+                D_s = [D[b][h][q0 + r] if q0 + r < Tq else 0.0 for r in range(T)]
+                st, dpt = two_warp_products(Ks, Qs, Vs, dOs, hdm, warp, nkc)
                 for l in range(32):
                     c = l & 3
-                    for hr in range(2):
-                        key = k0 + klr[l][hr]
-                        if key >= Tk:
-                            continue
-                        for dt in range(ndt):
-                            for e in range(2):
-                                d = dt * 8 + 2 * c + e
-                                if d < hd:
-                                    dk[b][key][col0 + d] = dka[dt][l][2 * hr + e] * scale
-                                    dv[b][key][col0 + d] = dva[dt][l][2 * hr + e]
+                    for nt in range(8):
+                        for e in range(4):
+                            ql = nt * 8 + 2 * c + (e & 1)
+                            kl = klr[l][e >> 1]
+                            key = k0 + kl
+                            vis = kf[kl] != 0.0 and (not causal or key <= q0 + ql)
+                            p = bwd_prob(st[nt][l][e], lse_s[ql], q0 + ql < Tq, key < Tk, vis, scale, Tk)
+                            st[nt][l][e] = p
+                            dpt[nt][l][e] = p * (dpt[nt][l][e] - D_s[ql])
+                for kc in range(4):
+                    pa, dsa = c_to_a(st, kc), c_to_a(dpt, kc)
+                    accumulate_cols(dva, pa, dOs, hdm, kc, ndt)
+                    accumulate_cols(dka, dsa, Qs, hdm, kc, ndt)
+            keys = [[k0 + kl for kl in pair] for pair in klr]
+            store_frags(dk, dka, b, Tk, keys, col0, hd, ndt, lambda l, hr, x: x * scale)
+            store_frags(dv, dva, b, Tk, keys, col0, hd, ndt, lambda l, hr, x: x)
     return dk, dv
 
 
 def bwd_dq(dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, hdm):
     scale = 1.0 / math.sqrt(hd)
-    W, ndt, nkc = H * hd, hdm // 8, hdm // 16
-    dq = grid(B, Tq, W)
-    for b, h, col0 in heads(B, H, hd):
-        for q0 in range(0, Tq, T):
-            Qs = load_tile(q, b, Tq, col0, q0, hd, hdm)
-            dOs = load_tile(dout, b, Tq, col0, q0, hd, hdm)
-            for warp in range(4):
-                rows = [[q0 + warp * 16 + (l >> 2), q0 + warp * 16 + (l >> 2) + 8] for l in range(32)]
-                lse_r = [[lse[b][h][r] if r < Tq else 0.0 for r in rr] for rr in rows]
-                D_r = [[D[b][h][r] if r < Tq else 0.0 for r in rr] for rr in rows]
-                dqa = zeros(ndt)
-                kv_end = min(Tk, q0 + T) if (causal and mask is None) else Tk
-                for k0 in range(0, kv_end, T):
-                    Ks = load_tile(k, b, Tk, col0, k0, hd, hdm)
-                    Vs = load_tile(v, b, Tk, col0, k0, hd, hdm)
-                    kf = flags(mask, b, Tk, k0)
-                    s, dp = two_warp_products(Qs, Ks, dOs, Vs, hdm, warp, nkc)
-                    for l in range(32):
-                        c = l & 3
-                        for nt in range(8):
-                            for e in range(4):
-                                kl = nt * 8 + 2 * c + (e & 1)
-                                hr = e >> 1
-                                row = rows[l][hr]
-                                vis = kf[kl] != 0.0 and (not causal or k0 + kl <= row)
-                                p = prob(s[nt][l][e], lse_r[l][hr], row < Tq, k0 + kl < Tk, vis, scale, Tk)
-                                dp[nt][l][e] = p * (dp[nt][l][e] - D_r[l][hr])
-                    for kc in range(4):
-                        dsa = c_to_a(dp, kc)
-                        accumulate_cols(dqa, dsa, Ks, hdm, kc, ndt)
-                for l in range(32):
-                    c = l & 3
-                    for hr in range(2):
-                        row = rows[l][hr]
-                        if row >= Tq:
-                            continue
-                        for dt in range(ndt):
-                            for e in range(2):
-                                d = dt * 8 + 2 * c + e
-                                if d < hd:
-                                    dq[b][row][col0 + d] = dqa[dt][l][2 * hr + e] * scale
+    dq = grid(B, Tq, H * hd)
+    for b, h, col0, q0 in blocks(B, H, hd, Tq):
+        Qs = load_tile(q, b, Tq, col0, q0, hd, hdm)
+        dOs = load_tile(dout, b, Tq, col0, q0, hd, hdm)
+        for warp in range(4):
+            rows = [[q0 + warp * 16 + (l >> 2), q0 + warp * 16 + (l >> 2) + 8] for l in range(32)]
+            lse_r = [[lse[b][h][r] if r < Tq else 0.0 for r in rr] for rr in rows]
+            D_r = [[D[b][h][r] if r < Tq else 0.0 for r in rr] for rr in rows]
+            dqa = zeros(hdm // 8)
+            kv_end = min(Tk, q0 + T) if (causal and mask is None) else Tk
+            for k0 in range(0, kv_end, T):
+                Ks = load_tile(k, b, Tk, col0, k0, hd, hdm)
+                Vs = load_tile(v, b, Tk, col0, k0, hd, hdm)
+                kf = key_flags(mask, b, Tk, k0)
+                s, dp = two_warp_products(Qs, Ks, dOs, Vs, hdm, warp, hdm // 16)
+                for l, nt, e in ((l, nt, e) for l in range(32) for nt in range(8) for e in range(4)):
+                    kl, hr = nt * 8 + 2 * (l & 3) + (e & 1), e >> 1
+                    row = rows[l][hr]
+                    vis = kf[kl] != 0.0 and (not causal or k0 + kl <= row)
+                    p = bwd_prob(s[nt][l][e], lse_r[l][hr], row < Tq, k0 + kl < Tk, vis, scale, Tk)
+                    dp[nt][l][e] = p * (dp[nt][l][e] - D_r[l][hr])
+                for kc in range(4):
+                    accumulate_cols(dqa, c_to_a(dp, kc), Ks, hdm, kc, hdm // 8)
+            store_frags(dq, dqa, b, Tq, rows, col0, hd, hdm // 8, lambda l, hr, x: x * scale)
     return dq
 
 

@@ -158,6 +158,94 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return r;
 }
 
+// ---- register arrays ---------------------------------------------------------------------------
+// Zeroes an accumulator array held in registers (fully unrolled).
+template <int N, int M>
+__device__ __forceinline__ void zero_fill(float (&a)[N][M]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < M; ++j) a[i][j] = 0.0f;
+}
+template <int N, int M, int L>
+__device__ __forceinline__ void zero_fill(float (&a)[N][M][L]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) zero_fill(a[i]);
+}
+
+// ---- attention (shared by attention.cu's f32 and attention_tc.cu's tensor-core kernels) ----------
+// The entry points' parameter lists (IO = float or bf16_t; lse and D are always f32), and the
+// argument lists that forward them to the kernels' templates.
+#define DM_ATT_FWD_ARGS(IO)                                                                             \
+    IO *__restrict__ out, float *__restrict__ lse, const IO *__restrict__ q, const IO *__restrict__ k, \
+        const IO *__restrict__ v, const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd,  \
+        int causal, float scale
+#define DM_ATT_FWD_CALL out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale
+#define DM_ATT_DKDV_ARGS(IO)                                                                               \
+    IO *__restrict__ dk, IO *__restrict__ dv, const IO *__restrict__ dout, const IO *__restrict__ q,       \
+        const IO *__restrict__ k, const IO *__restrict__ v, const float *__restrict__ lse,                 \
+        const float *__restrict__ D, const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, \
+        int causal, float scale
+#define DM_ATT_DKDV_CALL dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
+#define DM_ATT_DQ_ARGS(IO)                                                                                 \
+    IO *__restrict__ dq, const IO *__restrict__ dout, const IO *__restrict__ q, const IO *__restrict__ k, \
+        const IO *__restrict__ v, const float *__restrict__ lse, const float *__restrict__ D,             \
+        const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, int causal, float scale
+#define DM_ATT_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
+
+// What this block works on — grid (ceil(T/TILE), B·H): batch·head bh = b·H + h, where the head
+// sits in a [B, T, W] activation (W = H·hd the row stride, col0 = h·hd its first column) and row0,
+// the first row of its tile (a query for fwd and dq, a key for dkdv).
+struct AttBlock {
+    int bh, b, h, W, col0, row0;
+};
+template <int TILE>
+__device__ __forceinline__ AttBlock att_block(int H, int hd) {
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    return AttBlock{bh, b, h, H * hd, h * hd, (int)blockIdx.x * TILE};
+}
+
+// Validity flags of keys k0 .. k0+TILE-1 (1 when the key exists and the mask allows it), written
+// by the first TILE threads.
+template <int TILE>
+__device__ __forceinline__ void att_key_flags(float* flags, const int* __restrict__ mask, int b, int Tk, int k0) {
+    if (threadIdx.x < TILE) {
+        const int key = k0 + threadIdx.x;
+        bool ok = key < Tk;
+        if (ok && mask != nullptr) ok = mask[(i64)b * Tk + key] != 0;
+        flags[threadIdx.x] = ok ? 1.0f : 0.0f;
+    }
+}
+
+// lse and D of query rows q0 .. q0+TILE-1 into shared memory (rows >= Tq get 0: they are masked).
+template <int TILE>
+__device__ __forceinline__ void att_load_row_stats(float* lse_s, float* D_s, const float* __restrict__ lse,
+                                                   const float* __restrict__ D, int bh, int Tq, int q0) {
+    if (threadIdx.x < TILE) {
+        const int row = q0 + threadIdx.x;
+        lse_s[threadIdx.x] = row < Tq ? lse[(i64)bh * Tq + row] : 0.0f;
+        D_s[threadIdx.x] = row < Tq ? D[(i64)bh * Tq + row] : 0.0f;
+    }
+}
+
+// 1/x for x >= 1 (the softmax normaliser l always is: its largest term is e^0): hardware
+// reciprocal plus one Newton step, within 1 ulp of 1.0f/x (almost always exact). Unlike IEEE
+// division it has no slow-path subroutine, whose call forced register spills in the hd32 variant.
+__device__ __forceinline__ float att_recip_ge1(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return fmaf(r, fmaf(-x, r, 1.0f), r);
+}
+
+// P of the backward from the saved lse: 1/Tk (inv_tk) for uniform (NaN-lse) rows, else
+// exp(s·scale − lse) where visible, else 0 (and 0 for rows or keys past the end).
+__device__ __forceinline__ float att_bwd_prob(float s, float lse_row, bool row_ok, bool key_exists, bool vis,
+                                              float scale, float inv_tk) {
+    if (!row_ok || !key_exists) return 0.0f;
+    if (isnan(lse_row)) return inv_tk;
+    return vis ? expf(s * scale - lse_row) : 0.0f;
+}
+
 // ---- attention backward preprocess (attention.cu's f32 and attention_tc.cu's bf16 entry point) ---
 // D[(b·H + h)·Tq + i] = Σ_d dout[b, i, h·hd + d] · out[b, i, h·hd + d], in f32: one warp per
 // (b, i, h) row of a [B, Tq, H·hd] activation, h fastest, so a warp's reads are contiguous.

@@ -184,6 +184,11 @@ pub struct StepBench {
     /// Time in collectives (waiting and copying) over step time, averaged over ranks.
     pub comm_share: f64,
     pub comm_wait_s_per_step: f64,
+    /// Share of the dp gradient collectives' time hidden behind the backward on world rank 0
+    /// (`1 − compute-stream wait at the join / comm-stream busy time`, from CUDA events:
+    /// [`crate::trainer::step::OptimizerStep::dp_overlap_times`]). `null` on CPU ranks (threads
+    /// and MPI run the collectives blocking, so nothing is hidden) and without a dp group.
+    pub dp_comm_hidden_share: Option<f64>,
     /// Calls and bytes of one step on world rank 0, per communicator (tp, dp, world).
     pub comm_per_step: StepComm,
     /// Σ bytes of one step on world rank 0, by collective kind.
@@ -206,6 +211,8 @@ struct RankRun {
     comm: StepComm,
     losses: Vec<f32>,
     peak_bytes: u64,
+    /// The measured steps' deferred dp collectives (None where they run blocking).
+    overlap: Option<dm_parallel::comm::deferred::OverlapTimes>,
 }
 
 type Comm<B> = Arc<dyn Communicator<Profiled<B>>>;
@@ -314,11 +321,14 @@ fn run_rank<B: Backend>(
         comm: StepComm::default(),
         losses: Vec::new(),
         peak_bytes: 0,
+        overlap: None,
     };
     let mut start_profile = be.profile();
+    let mut start_overlap = None;
     for i in 0..o.warmup + o.steps {
         if i == o.warmup {
             start_profile = be.profile();
+            start_overlap = core.dp_overlap_times()?;
         }
         let (wait0, comm0) = (groups.wait_s(), groups.stats());
         let t0 = Instant::now();
@@ -342,6 +352,7 @@ fn run_rank<B: Backend>(
         }
     }
     run.profile = be.profile().since(&start_profile);
+    run.overlap = core.dp_overlap_times()?.zip(start_overlap).map(|(end, start)| end.since(&start));
     run.peak_bytes = be.memory().report().peak_bytes;
     Ok(run)
 }
@@ -577,6 +588,7 @@ fn summarise(
         mfu: flops / step.median / peak,
         comm_share: waited / timed.max(f64::MIN_POSITIVE),
         comm_wait_s_per_step: waited / per_rank_steps,
+        dp_comm_hidden_share: first.overlap.and_then(|t| t.hidden_share()),
         comm_per_step: first.comm,
         comm_bytes_per_step: bytes,
         compute_s_per_step: ClassSeconds::from_profile(&profile, per_rank_steps),

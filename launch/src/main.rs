@@ -533,8 +533,8 @@ fn run(cli: Cli) -> Result<i32> {
             precision,
         } => {
             let opts = SamplingOptions { temperature, top_k, top_p, cond_scale, seed };
-            let on = sample::On { device, precision };
-            let path = sample::run_on(&checkpoint, &prompt, n, &opts, &out, vqgan.as_deref(), on)?;
+            let setup = sample::Setup { vqgan: vqgan.as_deref(), on: sample::On { device, precision } };
+            let path = sample::run(&checkpoint, &prompt, n, &opts, &out, setup)?;
             print_json(&serde_json::json!({"samples": path, "prompts": prompt, "per_prompt": n}))?;
             Ok(0)
         }

@@ -112,24 +112,6 @@ fn data_info_of(dir: &Path, cfg: &dm_model::DalleBartConfig) -> Result<DataInfo>
     })
 }
 
-/// Loads a checkpoint (a run folder, one `step_*` folder, or a dalle-mini folder) and samples
-/// prompts from it.
-pub fn run(checkpoint: &Path, captions: &[String], n: usize, opts: &SamplingOptions, out: &Path) -> Result<PathBuf> {
-    run_with_vqgan(checkpoint, captions, n, opts, out, None)
-}
-
-/// [`run`], decoding through the VQGAN folder `vqgan` when given (`sample --vqgan DIR`).
-pub fn run_with_vqgan(
-    checkpoint: &Path,
-    captions: &[String],
-    n: usize,
-    opts: &SamplingOptions,
-    out: &Path,
-    vqgan: Option<&Path>,
-) -> Result<PathBuf> {
-    run_on(checkpoint, captions, n, opts, out, vqgan, On::default())
-}
-
 /// Where `sample` computes (`--device`, `--precision`).
 #[derive(Debug, Clone, Copy)]
 pub struct On {
@@ -143,17 +125,26 @@ impl Default for On {
     }
 }
 
-/// [`run_with_vqgan`] on `on.device` in `on.precision` (CUDA: GPU `LOCAL_RANK`, else 0;
+/// How `sample` decodes and computes: through the VQGAN folder `vqgan` when given
+/// (`--vqgan DIR`), `on` a device in a precision. The default: no VQGAN, the CPU, fp32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Setup<'a> {
+    pub vqgan: Option<&'a Path>,
+    pub on: On,
+}
+
+/// Loads a checkpoint (a run folder, one `step_*` folder, or a dalle-mini folder) and samples
+/// `n` images per caption from it into `out`, as `setup` says (CUDA: GPU `LOCAL_RANK`, else 0;
 /// untested on GPUs). Refuses an unusable device or precision before loading anything.
-pub fn run_on(
+pub fn run(
     checkpoint: &Path,
     captions: &[String],
     n: usize,
     opts: &SamplingOptions,
     out: &Path,
-    vqgan: Option<&Path>,
-    on: On,
+    setup: Setup<'_>,
 ) -> Result<PathBuf> {
+    let Setup { vqgan, on } = setup;
     let gpu = crate::world::detect()?.local_rank;
     crate::device::check(on.device, on.precision, gpu + 1, 1)?;
     if captions.is_empty() {

@@ -199,7 +199,8 @@ fn fuzz_everything(root: &Path) -> (usize, Vec<String>) {
     // Both readers of a checkpoint: `sample` and a resume.
     let check_checkpoint = |d: &Path| -> anyhow::Result<()> {
         let opts = dm_model::dallebart::SamplingOptions { temperature: 1.0, ..Default::default() };
-        let sampled = dalle_mesh::sample::run(d, &["a red circle".to_string()], 1, &opts, &d.join("s.png"));
+        let sampled =
+            dalle_mesh::sample::run(d, &["a red circle".to_string()], 1, &opts, &d.join("s.png"), Default::default());
         let resumed = dalle_mesh::train::inspect_checkpoint(d);
         sampled?;
         resumed?;

@@ -28,7 +28,7 @@ fn samples_for_held_out_prompts_have_the_asked_for_colours_where_asked() {
     let captions: Vec<String> = (0..12).map(|i| eval_set.caption(i).unwrap().to_string()).collect();
     let png = out.join("held_out.png");
     let greedy = SamplingOptions { temperature: 0.0, ..Default::default() };
-    dalle_mesh::sample::run(&out, &captions, 1, &greedy, &png).unwrap();
+    dalle_mesh::sample::run(&out, &captions, 1, &greedy, &png, Default::default()).unwrap();
     assert!(png.exists());
 
     // Re-generate the codes to score them (sampling is deterministic).

@@ -20,7 +20,9 @@ use dm_runtime::{AttentionShape, Backend};
 
 pub mod activations;
 pub mod generate;
+pub mod grad_groups;
 pub use generate::{Prompt, SamplingOptions};
+pub use grad_groups::{GradSink, NoSink};
 
 /// This rank's tensor-parallel group. DalleBart is built from the tensor-parallel blocks of
 /// `dm_parallel::layers` (each documents its collectives). Per layer, over the group:
@@ -264,8 +266,18 @@ impl<B: Backend> DalleBart<B> {
     /// accumulating `grad_scale_per_token ·` ∂(Σ token losses)/∂θ into `grads`. For the plain
     /// mean loss pass `1 / (batch · image_length)`; data-parallel ranks pass 1 / global tokens.
     pub fn loss_and_backward(&mut self, grad_scale_per_token: f32) -> Result<StepOutput> {
+        self.loss_and_backward_with(grad_scale_per_token, &mut NoSink)
+    }
+
+    /// [`Self::loss_and_backward`] that tells `sink` each group of parameter gradients as soon as
+    /// it is final ([`grad_groups`]: per layer, in backward order).
+    pub fn loss_and_backward_with(
+        &mut self,
+        grad_scale_per_token: f32,
+        sink: &mut dyn GradSink<B>,
+    ) -> Result<StepOutput> {
         let loss = self.loss(grad_scale_per_token)?;
-        self.backward()?;
+        self.backward(sink)?;
         Ok(StepOutput { loss })
     }
 
@@ -311,7 +323,7 @@ impl<B: Backend> DalleBart<B> {
         Ok((sum / losses.len() as f64) as f32)
     }
 
-    fn backward(&mut self) -> Result<()> {
+    fn backward(&mut self, sink: &mut dyn GradSink<B>) -> Result<()> {
         let (e, dd) = (self.enc_dims(), self.dec_dims());
         let Self { backend: be, params, weight_copies, grads: g, table: t, acts, tp, .. } = self;
         let p = &weight_copies.view(params);
@@ -325,6 +337,7 @@ impl<B: Backend> DalleBart<B> {
         let ds = &mut a.dec_scratch;
         let last = a.dec.layers.last().map_or(&a.dec.layernorm_embedding.out, |l| &l.out);
         head_bwd(be, p, g, tp, t, &a.dec.final_ln, &a.logits, last, ds, nd, dd)?;
+        sink.grads_ready(g, &grad_groups::head(t))?;
 
         // Decoder layers, last to first; cross-attention feeds ∂encoder_output.
         be.fill(&mut a.d_enc_out, 0.0)?;
@@ -336,8 +349,10 @@ impl<B: Backend> DalleBart<B> {
             let la = &a.dec.layers[li];
             let cross = (enc_out, &mut a.d_enc_out, &a.mask, cross_shape);
             decoder_layer_bwd(be, p, g, tp, idx, la, x, self_shape, cross, ds, dd)?;
+            sink.grads_ready(g, &grad_groups::decoder_layer(idx))?;
         }
         embed_bwd(be, p, g, &t.decoder.into(), &a.dec, ds, dd)?;
+        sink.grads_ready(g, &grad_groups::embeddings(&t.decoder))?;
         // The mirror of the decoder's region entry of the encoder output: the cross-attentions'
         // contributions are partial sums over this rank's heads.
         tpl::region_entry_backward(tp, &mut a.d_enc_out)?;
@@ -357,12 +372,15 @@ impl<B: Backend> DalleBart<B> {
             GradMode::Overwrite,
             e.d,
         )?;
+        sink.grads_ready(g, &[t.encoder.final_ln_bias])?;
         let shape = attn_shape(b, e.len, e.len, e, false);
         for (li, idx) in t.encoder_layers.iter().enumerate().rev() {
             let x = if li == 0 { &a.enc.layernorm_embedding.out } else { &a.enc.layers[li - 1].out };
             encoder_layer_bwd(be, p, g, tp, idx, &a.enc.layers[li], x, Some(&a.mask), shape, es, e)?;
+            sink.grads_ready(g, &grad_groups::encoder_layer(idx))?;
         }
         embed_bwd(be, p, g, &t.encoder.into(), &a.enc, es, e)?;
+        sink.grads_ready(g, &grad_groups::embeddings(&t.encoder))?;
         Ok(())
     }
 }

@@ -9,7 +9,11 @@
 //! Collectives per step and tensor: one reduce-scatter of `dp·c` elements and one all-gather of
 //! `c` elements (bytes as counted by [`crate::CommStats`]: `4·dp·c` and `4·c`). Staging buffers
 //! (padded gradient, gathered parameter, the two chunks) live only while their tensor is updated.
+//! Step 1 is also callable per tensor ([`Zero1::reduce_scatter_grad`], and deferred on a
+//! communicator's side stream), so the trainer issues it during the backward as each layer's
+//! gradients become final.
 
+use crate::comm::deferred::DeferredCollectives;
 use crate::comm::{CommError, Communicator, ReduceOp};
 use dm_runtime::{AdamWStep, Backend, RuntimeError};
 use thiserror::Error;
@@ -83,18 +87,47 @@ impl<B: Backend> Zero1<B> {
         grads: &[B::Buf],
         names: &[String],
     ) -> Result<Vec<B::Buf>, ZeroError> {
-        grads
-            .iter()
-            .zip(&self.shards)
-            .zip(names)
-            .map(|((g, s), name)| {
-                let mut padded = be.zeros(&format!("zero1.send.{name}"), s.chunk * self.dp)?;
-                be.copy(&mut padded, 0, g, 0, s.len)?;
-                let mut mine = be.zeros(&format!("zero1.grad_chunk.{name}"), s.chunk)?;
-                comm.reduce_scatter(&padded, &mut mine, ReduceOp::Sum)?;
-                Ok(mine)
-            })
-            .collect()
+        (0..grads.len()).map(|i| self.reduce_scatter_grad(be, comm, i, &grads[i], &names[i])).collect()
+    }
+
+    /// Step 1 for tensor `i` alone (its gradient `grad`): this rank's summed chunk. Collective:
+    /// one reduce-scatter over dp.
+    pub fn reduce_scatter_grad(
+        &self,
+        be: &B,
+        comm: &dyn Communicator<B>,
+        i: usize,
+        grad: &B::Buf,
+        name: &str,
+    ) -> Result<B::Buf, ZeroError> {
+        let (padded, mut mine) = self.stage_grad(be, i, grad, name)?;
+        comm.reduce_scatter(&padded, &mut mine, ReduceOp::Sum)?;
+        Ok(mine)
+    }
+
+    /// [`Zero1::reduce_scatter_grad`] left in flight on `comm`'s side order: returns the padded
+    /// send buffer and this rank's chunk, both to be kept untouched until
+    /// [`DeferredCollectives::join_deferred`].
+    pub fn reduce_scatter_grad_deferred(
+        &self,
+        be: &B,
+        comm: &dyn DeferredCollectives<B>,
+        i: usize,
+        grad: &B::Buf,
+        name: &str,
+    ) -> Result<(B::Buf, B::Buf), ZeroError> {
+        let (padded, mut mine) = self.stage_grad(be, i, grad, name)?;
+        comm.reduce_scatter_deferred(&padded, &mut mine, ReduceOp::Sum)?;
+        Ok((padded, mine))
+    }
+
+    /// Tensor `i`'s gradient padded to `dp` chunks, and a zeroed chunk to receive into.
+    fn stage_grad(&self, be: &B, i: usize, grad: &B::Buf, name: &str) -> Result<(B::Buf, B::Buf), ZeroError> {
+        let s = &self.shards[i];
+        let mut padded = be.zeros(&format!("zero1.send.{name}"), s.chunk * self.dp)?;
+        be.copy(&mut padded, 0, grad, 0, s.len)?;
+        let mine = be.zeros(&format!("zero1.grad_chunk.{name}"), s.chunk)?;
+        Ok((padded, mine))
     }
 
     /// AdamW on this rank's chunks (given the summed gradient chunks), then all-gathers every

@@ -6,6 +6,7 @@
 //! cross-entropy); a CUDA backend implements the same trait.
 
 pub mod backend;
+pub mod bf16_staging;
 pub mod conformance;
 pub mod cpu;
 pub mod cuda;

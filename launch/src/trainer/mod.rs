@@ -6,6 +6,7 @@
 //! Split by concern:
 //! - [`step`]: forward/backward, the dp gradient sync (all-reduce, or ZeRO-1 reduce-scatter), the
 //!   global norm, clipping and AdamW;
+//! - `overlap`: the dp gradient collectives issued during the backward, layer by layer;
 //! - [`metrics`]: metrics.jsonl (the batch lines and the progress bar are [`crate::rank_log`]);
 //! - [`eval`]: the eval loss and the probe loss before a checkpoint;
 //! - [`checkpoint`]: gathering shards, writing and loading checkpoints (exact resume);
@@ -19,6 +20,7 @@
 pub mod checkpoint;
 pub mod eval;
 pub mod metrics;
+mod overlap;
 pub mod ranks;
 pub mod step;
 pub mod stopping;

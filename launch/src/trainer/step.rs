@@ -4,11 +4,18 @@
 //! tensors counted once: an all-reduce of one scalar over tp, or over the world with ZeRO-1),
 //! clipping, and AdamW (ZeRO-1: the update of this rank's chunks, then an all-gather of the
 //! weights over dp). `train` and `bench step` both run exactly this.
+//!
+//! By default the dp gradient collectives are issued during the last micro-batch's backward,
+//! layer by layer as the gradients become final ([`super::overlap`]; overlapped on NCCL's side
+//! stream), and `sync` only joins them; [`OptimizerStep::set_overlap_grad_reduce`]`(false)`
+//! issues them all after the backward instead (the same numbers bit for bit).
 
+use super::overlap::{DpReduceSink, InFlight};
 use super::{reduce_scalar, Groups};
 use anyhow::{Context, Result};
 use dm_model::params::Shard;
 use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, ParamTable};
+use dm_parallel::comm::deferred::OverlapTimes;
 use dm_parallel::zero::Zero1;
 use dm_parallel::ReduceOp;
 use dm_runtime::Backend;
@@ -57,6 +64,10 @@ pub struct OptimizerStep<B: Backend> {
     tp_index: usize,
     /// Completed updates (AdamW's bias correction counts from here).
     step: u64,
+    /// Issue the dp gradient collectives during the backward (default) or after it.
+    overlap_grad_reduce: bool,
+    /// What the last backward issued, until `sync` finishes it.
+    in_flight: Option<InFlight<B>>,
 }
 
 impl<B: Backend> OptimizerStep<B> {
@@ -101,26 +112,86 @@ impl<B: Backend> OptimizerStep<B> {
             a.step = start_step;
             Optimizer::Full(a)
         };
-        Ok(Self { be, model, opt, groups, adamw, table, names, tp_index, step: start_step })
+        let (overlap_grad_reduce, in_flight) = (true, None);
+        Ok(Self {
+            be,
+            model,
+            opt,
+            groups,
+            adamw,
+            table,
+            names,
+            tp_index,
+            step: start_step,
+            overlap_grad_reduce,
+            in_flight,
+        })
+    }
+
+    /// Whether the dp gradient collectives are issued during the backward (`true`, the default)
+    /// or all after it (`false`); both give the same numbers.
+    pub fn set_overlap_grad_reduce(&mut self, on: bool) {
+        self.overlap_grad_reduce = on;
+    }
+
+    /// The dp collectives' time left in flight during the backward and the time the compute
+    /// order waited for them, summed over the steps so far; `None` where the dp communicator runs
+    /// its collectives blocking (threads, MPI: nothing can be hidden) or there is no dp group.
+    pub fn dp_overlap_times(&self) -> Result<Option<OverlapTimes>> {
+        let Some(d) = self.groups.dp.as_ref().and_then(|c| c.deferred()) else { return Ok(None) };
+        Ok(Some(d.overlap_times()?))
     }
 
     /// Zeroes the gradients and accumulates forward + backward over `micro_steps` micro-batches
     /// from `next_batch`, the loss scaled by `loss_scale` (1 / image tokens of the global batch).
-    /// Returns this rank's mean loss of the micro-batches. Collectives: the model's tp ones.
+    /// Returns this rank's mean loss of the micro-batches. Collectives: the model's tp ones, and
+    /// with the overlap on ([`Self::set_overlap_grad_reduce`]) the dp gradient collectives during
+    /// the last micro-batch's backward.
     pub fn backward(
         &mut self,
         micro_steps: usize,
         loss_scale: f32,
         mut next_batch: impl FnMut() -> Result<Batch>,
     ) -> Result<f32> {
+        self.in_flight = None;
         self.model.zero_grads()?;
         let mut loss_sum = 0.0f64;
-        for _ in 0..micro_steps {
+        for micro in 0..micro_steps {
             let b = next_batch()?;
             self.model.forward(&b)?;
-            loss_sum += self.model.loss_and_backward(loss_scale)?.loss as f64;
+            let last = micro + 1 == micro_steps;
+            let loss = if last && self.overlap_grad_reduce && self.groups.dp.is_some() {
+                self.backward_reducing_over_dp(loss_scale)?
+            } else {
+                self.model.loss_and_backward(loss_scale)?.loss
+            };
+            loss_sum += loss as f64;
         }
         Ok((loss_sum / micro_steps as f64) as f32)
+    }
+
+    /// The loss and backward of the last micro-batch, issuing each layer's dp gradient
+    /// collective as its gradients become final ([`DpReduceSink`]); `sync` finishes them.
+    fn backward_reducing_over_dp(&mut self, loss_scale: f32) -> Result<f32> {
+        let dp = self.groups.dp.as_ref().context("internal: no dp group to reduce over")?;
+        let mut state = InFlight::new(self.names.len());
+        let zero1 = match &self.opt {
+            Optimizer::Zero1(z) => Some(z),
+            Optimizer::Full(_) => None,
+        };
+        let (be, comm, names) = (&self.be, dp.as_ref(), self.names.as_slice());
+        let mut sink = DpReduceSink { be, comm, zero1, names, state: &mut state, failure: None };
+        let out = self.model.loss_and_backward_with(loss_scale, &mut sink);
+        let failure = sink.failure.take();
+        match (out, failure) {
+            (Ok(out), None) => {
+                self.in_flight = Some(state);
+                Ok(out.loss)
+            }
+            // The collective's own error rather than the model's summary of it.
+            (_, Some(e)) => Err(state.abandon(comm, e)),
+            (Err(e), None) => Err(state.abandon(comm, e.into())),
+        }
     }
 
     /// Averages `local_loss` over dp, syncs the gradients over dp and computes the global norm.
@@ -129,9 +200,14 @@ impl<B: Backend> OptimizerStep<B> {
         let loss = reduce_scalar(be, self.groups.dp.as_ref(), local_loss, ReduceOp::Avg)?;
         let (tp_index, table) = (self.tp_index, &self.table);
         let counted = |i: usize| tp_index == 0 || table.specs[i].shard != Shard::Replicated;
+        // Joins what the backward issued (None: nothing was, reduce now).
+        let issued = match (self.in_flight.take(), &self.groups.dp) {
+            (Some(state), Some(c)) => Some(state.finish(c.as_ref(), &self.names)?),
+            _ => None,
+        };
         let (grad_norm, chunks) = match &self.opt {
             Optimizer::Full(_) => {
-                if let Some(c) = &self.groups.dp {
+                if let (Some(c), None) = (&self.groups.dp, &issued) {
                     for g in self.model.grads.iter_mut() {
                         c.all_reduce(g, ReduceOp::Sum)?;
                     }
@@ -146,7 +222,10 @@ impl<B: Backend> OptimizerStep<B> {
             }
             Optimizer::Zero1(z) => {
                 let c = self.groups.dp.as_ref().context("ZeRO-1 needs dp > 1")?;
-                let chunks = z.reduce_scatter_grads(be, c.as_ref(), &self.model.grads, &self.names)?;
+                let chunks = match issued.flatten() {
+                    Some(chunks) => chunks,
+                    None => z.reduce_scatter_grads(be, c.as_ref(), &self.model.grads, &self.names)?,
+                };
                 let sq = sum_squares(be, &chunks, counted)?;
                 let sq = reduce_scalar(be, self.groups.world.as_ref(), sq as f32, ReduceOp::Sum)? as f64;
                 (sq.sqrt() as f32, Some(chunks))

@@ -57,6 +57,7 @@ macro_rules! host_slice_collectives {
 }
 
 pub mod bandwidth;
+pub mod deferred;
 pub mod host_staged;
 pub mod inflight;
 #[cfg(feature = "mpi")]
@@ -296,7 +297,11 @@ impl StatsRecorder {
         Self::default()
     }
 
-    /// Counts one completed call of `kind` that contributed `elems` f32 (4 bytes each).
+    /// Counts one completed call of `kind` that contributed `elems` f32 (4 bytes each). Every
+    /// transport sends f32: the CPU transports (threads, MPI, host-staged) move bf16 buffers widened
+    /// to f32 host data and combine them in f32, and NCCL all-reduces a bf16 buffer through an f32
+    /// copy (its other collectives take f32 only), so 4 bytes per element is what is actually sent
+    /// whatever the buffer's dtype.
     pub fn record(&self, kind: CollectiveKind, elems: usize) {
         self.calls[kind.index()].fetch_add(1, Ordering::Relaxed);
         self.bytes[kind.index()].fetch_add(4 * elems as u64, Ordering::Relaxed);
@@ -346,6 +351,11 @@ pub trait Communicator<B: Backend>: Send + Sync {
     /// entering a collective returns [`CommError::Aborted`] naming this rank and `reason`. The first
     /// abort wins; later ones are ignored.
     fn abort(&self, reason: &str);
+    /// The collectives this communicator can leave in flight beside the compute order
+    /// ([`deferred`]: NCCL's side stream); `None` (the default): only the blocking ones.
+    fn deferred(&self) -> Option<&dyn deferred::DeferredCollectives<B>> {
+        None
+    }
 }
 
 /// The abort state of a communicator that aborts alone (no peers to tell): the first reason wins,

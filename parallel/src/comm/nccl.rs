@@ -32,6 +32,21 @@
 //! optimizer.update(&be, &mut params, &grads, lr, 1.0)?;
 //! ```
 //!
+//! # The dp gradient reduction during the backward ([`DeferredCollectives`])
+//!
+//! The trainer issues each layer's gradient all-reduce (or ZeRO-1 reduce-scatter) through
+//! [`Communicator::deferred`] as soon as the backward has written those gradients: the compute
+//! stream records an event, the side stream waits on it and runs the collective (between two
+//! timing events), and the compute stream goes on with the earlier layers. Before the gradient
+//! norm and the optimizer, [`DeferredCollectives::join_deferred`] makes the compute stream wait on
+//! the side stream's last event (the side stream runs in issue order, so that one event covers
+//! them all). The tensor-parallel collectives are other communicators, called blocking in the
+//! compute order. [`DeferredCollectives::overlap_times`] reads the events: the side stream's busy
+//! time of the deferred collectives and the time the compute stream stood at the joins; `1 −
+//! wait / busy` is the hidden share `bench step --device cuda` reports. A bf16 buffer is widened
+//! into an f32 scratch, reduced and rounded back with the backend's `copy`, blocking (gradients
+//! are fp32 in every precision, so this is not the trainer's case). **Untested on GPUs.**
+//!
 //! # Rendezvous
 //!
 //! Every group needs an `ncclUniqueId` made by one member and handed to the others
@@ -60,6 +75,7 @@ use cudarc::nccl::sys;
 use dm_runtime::cuda::{CudaBackend, CudaBuf};
 use dm_runtime::Backend;
 
+use super::deferred::{DeferredCollectives, OverlapTimes};
 use super::threads::default_timeout;
 use super::{AbortSlot, CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result, StatsRecorder};
 use crate::mesh::Mesh;
@@ -72,6 +88,17 @@ const POLL: Duration = Duration::from_millis(1);
 
 pub(super) fn dev_err(op: &'static str, detail: impl Into<String>) -> CommError {
     CommError::Device { op, detail: detail.into() }
+}
+
+/// The collectives here move f32 (`ncclFloat32`, `len` elements); a bf16 buffer (half the bytes)
+/// is refused before NCCL could read past it (the all-reduces widen bf16 buffers instead).
+fn require_f32(op: &'static str, bufs: &[&CudaBuf]) -> Result<()> {
+    match bufs.iter().find(|b| b.dtype() != dm_runtime::DType::F32) {
+        Some(b) => {
+            Err(dev_err(op, format!("not implemented yet: NCCL collectives of {} buffers (only f32)", b.dtype())))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Whether libnccl can be loaded (memoised). Loading it calls nothing.
@@ -186,6 +213,8 @@ impl Drop for RawComm {
 
 struct Inner {
     comm: Option<RawComm>,
+    /// The deferred collectives in flight and the events measured so far.
+    deferred: DeferredState,
     /// Re-recorded around every collective: compute-stream position, then side-stream completion.
     before: CudaEvent,
     after: CudaEvent,
@@ -335,7 +364,8 @@ impl NcclComm {
         let token = backend
             .zeros(&format!("nccl.{label}.barrier"), 1)
             .map_err(|e| dev_err("ncclCommInitRank", e.to_string()))?;
-        let inner = Inner { comm: Some(comm), before: ev()?, after: ev()?, token };
+        let deferred = DeferredState::default();
+        let inner = Inner { comm: Some(comm), deferred, before: ev()?, after: ev()?, token };
         Ok(Self {
             backend: backend.clone(),
             stream,
@@ -479,6 +509,7 @@ impl NcclComm {
     /// [`PendingAllReduce`] and the module docs (this is how the gradient all-reduce overlaps
     /// the backward). Stats are counted when it is joined.
     pub fn all_reduce_async<'a>(&'a self, buf: &'a mut CudaBuf, op: ReduceOp) -> Result<PendingAllReduce<'a>> {
+        require_f32("all_reduce", &[buf])?;
         let n = buf.len();
         if n == 0 {
             return Ok(PendingAllReduce { comm: self, done: None, elems: 0, _buf: PhantomData });
@@ -517,6 +548,160 @@ impl NcclComm {
     }
 }
 
+/// Timing events of the deferred collectives (see the module docs).
+#[derive(Default)]
+struct DeferredState {
+    /// Elements of each deferred collective not yet joined, for the stats.
+    in_flight: Vec<(CollectiveKind, usize)>,
+    /// The side stream's last timing event (covers every deferred call so far).
+    last: Option<CudaEvent>,
+    /// (start, end) on the side stream of each joined collective, not yet read.
+    busy: Vec<(CudaEvent, CudaEvent)>,
+    /// (before, after) on the compute stream around each join's wait, not yet read.
+    waits: Vec<(CudaEvent, CudaEvent)>,
+    /// Seconds read so far.
+    times: OverlapTimes,
+}
+
+impl DeferredState {
+    /// Adds the joined events' seconds to `times` (waits until they completed) and drops them.
+    /// The busy pairs of collectives not joined yet stay.
+    fn fold(&mut self) -> Result<()> {
+        let secs = |pairs: Vec<(CudaEvent, CudaEvent)>| -> Result<f64> {
+            let mut s = 0.0f64;
+            for (a, b) in pairs {
+                let ms = a.elapsed_ms(&b).map_err(|err| dev_err("overlap_times", format!("reading events: {err}")))?;
+                s += ms as f64 / 1e3;
+            }
+            Ok(s)
+        };
+        if self.waits.is_empty() {
+            return Ok(());
+        }
+        let joined = self.busy.len() - self.in_flight.len();
+        let busy: Vec<_> = self.busy.drain(..joined).collect();
+        self.times.joins += self.waits.len() as u64;
+        self.times.busy_s += secs(busy)?;
+        self.times.waited_s += secs(std::mem::take(&mut self.waits))?;
+        Ok(())
+    }
+}
+
+impl NcclComm {
+    /// Enqueues `f(comm, side stream)` after the compute stream's current position, between two
+    /// timing events, without making the compute stream wait (see the module docs).
+    fn run_deferred(
+        &self,
+        kind: CollectiveKind,
+        stats_elems: usize,
+        f: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t,
+    ) -> Result<()> {
+        self.check_aborted()?;
+        let op = kind.name();
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let comm =
+            inner.comm.as_ref().ok_or_else(|| CommError::Aborted { rank: self.rank, reason: "aborted".into() })?.0;
+        let e = |what: &str, err: cudarc::driver::DriverError| dev_err(op, format!("{what}: {err}"));
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        inner.before.record(self.backend.stream()).map_err(|err| e("recording the compute stream", err))?;
+        self.stream.wait(&inner.before).map_err(|err| e("ordering the side stream", err))?;
+        let start = self.stream.record_event(timing).map_err(|err| e("recording the start", err))?;
+        self.backend.context().bind_to_thread().map_err(|err| e("binding the context", err))?;
+        check(op, f(comm, self.stream.cu_stream() as sys::cudaStream_t))?;
+        let end = self.stream.record_event(timing).map_err(|err| e("recording the end", err))?;
+        let d = &mut inner.deferred;
+        d.in_flight.push((kind, stats_elems));
+        d.last = Some(self.stream.record_event(None).map_err(|err| e("recording completion", err))?);
+        d.busy.push((start, end));
+        Ok(())
+    }
+
+    /// A bf16 buffer's all-reduce in f32: widened into a scratch, reduced (blocking), rounded back.
+    fn all_reduce_widened(&self, buf: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        let n = buf.len();
+        let be = &self.backend;
+        let re = |err: dm_runtime::RuntimeError| dev_err("all_reduce", format!("widening a bf16 buffer: {err}"));
+        let mut wide = be.zeros(&format!("nccl.{}.f32_scratch", self.label), n).map_err(re)?;
+        be.copy(&mut wide, 0, buf, 0, n).map_err(re)?;
+        self.all_reduce(&mut wide, op)?;
+        be.copy(buf, 0, &wide, 0, n).map_err(re)
+    }
+}
+
+impl DeferredCollectives<CudaBackend> for NcclComm {
+    fn all_reduce_deferred(&self, buf: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        if dm_runtime::ops::Storage::dtype(buf) != dm_runtime::DType::F32 {
+            return self.all_reduce_widened(buf, op);
+        }
+        let (n, p) = (buf.len(), buf.device_ptr());
+        if n == 0 {
+            return self.collective(CollectiveKind::AllReduce, 0, 0, |_, _| sys::ncclResult_t::ncclSuccess);
+        }
+        self.run_deferred(CollectiveKind::AllReduce, n, |comm, stream| {
+            // SAFETY: in-place all-reduce of the n floats of `buf`, which the caller keeps alive and
+            // untouched until join_deferred (the trait's contract).
+            unsafe { all_reduce_in_place(p, n, nccl_op(op), comm, stream) }
+        })
+    }
+
+    fn reduce_scatter_deferred(&self, send: &CudaBuf, recv: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        let wide = |b: &CudaBuf| dm_runtime::ops::Storage::dtype(b) == dm_runtime::DType::F32;
+        if !(wide(send) && wide(recv)) {
+            // Not the trainer's case (ZeRO-1 stages its gradients in f32): the blocking path.
+            return self.reduce_scatter(send, recv, op);
+        }
+        let (n, m) = (send.len(), recv.len());
+        if n != self.size * m {
+            return Err(CommError::Shape {
+                op: "reduce_scatter",
+                rank: self.rank,
+                detail: format!("send has {n} elements, which must be {} × recv ({m})", self.size),
+            });
+        }
+        if m == 0 {
+            return self.collective(CollectiveKind::ReduceScatter, 0, 0, |_, _| sys::ncclResult_t::ncclSuccess);
+        }
+        let (s, r) = (send.device_ptr(), recv.device_ptr());
+        self.run_deferred(CollectiveKind::ReduceScatter, n, |comm, stream| {
+            let f32 = sys::ncclDataType_t::ncclFloat32;
+            // SAFETY: send holds size·m floats, recv m (checked), distinct buffers the caller keeps
+            // alive and untouched until join_deferred (the trait's contract).
+            unsafe { sys::ncclReduceScatter(s as *const _, r as *mut _, m, f32, nccl_op(op), comm, stream) }
+        })
+    }
+
+    fn join_deferred(&self) -> Result<()> {
+        let op = "join_deferred";
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(last) = inner.deferred.last.take() else { return Ok(()) };
+        // The previous join's events finished long ago: read them now, so a long run keeps no
+        // more than one step of events.
+        inner.deferred.fold()?;
+        let e = |what: &str, err: cudarc::driver::DriverError| dev_err(op, format!("{what}: {err}"));
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let compute = self.backend.stream();
+        let before = compute.record_event(timing).map_err(|err| e("recording the compute stream", err))?;
+        compute.wait(&last).map_err(|err| e("joining the compute stream", err))?;
+        let after = compute.record_event(timing).map_err(|err| e("recording the compute stream", err))?;
+        inner.deferred.waits.push((before, after));
+        let joined = std::mem::take(&mut inner.deferred.in_flight);
+        drop(inner);
+        if self.options.wait_for_completion {
+            self.wait_event(&last, op)?;
+        }
+        for (kind, elems) in joined {
+            self.stats.record(kind, elems);
+        }
+        Ok(())
+    }
+
+    fn overlap_times(&self) -> Result<OverlapTimes> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.deferred.fold()?;
+        Ok(inner.deferred.times)
+    }
+}
+
 impl Communicator<CudaBackend> for NcclComm {
     fn rank(&self) -> usize {
         self.rank
@@ -526,6 +711,9 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn all_reduce(&self, buf: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        if buf.dtype() != dm_runtime::DType::F32 {
+            return self.all_reduce_widened(buf, op);
+        }
         let (n, p) = (buf.len(), buf.device_ptr());
         self.collective(CollectiveKind::AllReduce, n, n, |comm, stream| {
             // SAFETY: in-place all-reduce of the n floats of `buf` on the side stream.
@@ -534,6 +722,7 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn all_gather(&self, send: &CudaBuf, recv: &mut CudaBuf) -> Result<()> {
+        require_f32("all_gather", &[send, recv])?;
         let (n, m) = (send.len(), recv.len());
         if m != self.size * n {
             return Err(CommError::Shape {
@@ -554,6 +743,7 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn reduce_scatter(&self, send: &CudaBuf, recv: &mut CudaBuf, op: ReduceOp) -> Result<()> {
+        require_f32("reduce_scatter", &[send, recv])?;
         let (n, m) = (send.len(), recv.len());
         if n != self.size * m {
             return Err(CommError::Shape {
@@ -571,6 +761,7 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn broadcast(&self, buf: &mut CudaBuf, root: usize) -> Result<()> {
+        require_f32("broadcast", &[buf])?;
         if root >= self.size {
             return Err(CommError::InvalidRoot { root, size: self.size });
         }
@@ -598,6 +789,10 @@ impl Communicator<CudaBackend> for NcclComm {
 
     fn stats(&self) -> CommStats {
         self.stats.snapshot()
+    }
+
+    fn deferred(&self) -> Option<&dyn DeferredCollectives<CudaBackend>> {
+        Some(self)
     }
 
     fn abort(&self, reason: &str) {

@@ -3,9 +3,11 @@
 //! `comm_share = wait seconds / step seconds` in scaling studies comes from here. It issues
 //! exactly the collectives of the communicator it wraps, so [`Communicator::stats`] is unchanged.
 //!
-//! Buffers are the wrapped backend's, so the same handle also serves [`Profiled<B>`] ranks.
+//! Buffers are the wrapped backend's, so the same handle also serves [`Profiled<B>`] ranks. The
+//! wrapped communicator's deferred collectives ([`super::deferred`]) pass through.
 
-use super::{CollectiveKind, CommStats, Communicator, ReduceOp, Result};
+use super::deferred::{DeferredCollectives, OverlapTimes};
+use super::{CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Result};
 use dm_runtime::{Backend, Profiled};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,6 +104,51 @@ impl<B: Backend> Communicator<B> for TimedComm<B> {
     fn abort(&self, reason: &str) {
         self.inner.abort(reason)
     }
+    fn deferred(&self) -> Option<&dyn DeferredCollectives<B>> {
+        self.inner.deferred().map(|_| self as &dyn DeferredCollectives<B>)
+    }
+}
+
+/// The wrapped communicator's deferred collectives (when it has them); the host's wait at a
+/// join counts as all_reduce time.
+impl<B: Backend> DeferredCollectives<B> for TimedComm<B> {
+    fn all_reduce_deferred(&self, buf: &mut B::Buf, op: ReduceOp) -> Result<()> {
+        self.inner_deferred()?.all_reduce_deferred(buf, op)
+    }
+    fn reduce_scatter_deferred(&self, send: &B::Buf, recv: &mut B::Buf, op: ReduceOp) -> Result<()> {
+        self.inner_deferred()?.reduce_scatter_deferred(send, recv, op)
+    }
+    fn join_deferred(&self) -> Result<()> {
+        let d = self.inner_deferred()?;
+        self.timed(CollectiveKind::AllReduce, |_| d.join_deferred())
+    }
+    fn overlap_times(&self) -> Result<OverlapTimes> {
+        self.inner_deferred()?.overlap_times()
+    }
+}
+
+impl<B: Backend> TimedComm<B> {
+    fn inner_deferred(&self) -> Result<&dyn DeferredCollectives<B>> {
+        self.inner.deferred().ok_or_else(|| CommError::Device {
+            op: "deferred collective",
+            detail: "internal: the wrapped communicator has no deferred collectives".into(),
+        })
+    }
+}
+
+impl<B: Backend> DeferredCollectives<Profiled<B>> for TimedComm<B> {
+    fn all_reduce_deferred(&self, buf: &mut B::Buf, op: ReduceOp) -> Result<()> {
+        DeferredCollectives::<B>::all_reduce_deferred(self, buf, op)
+    }
+    fn reduce_scatter_deferred(&self, send: &B::Buf, recv: &mut B::Buf, op: ReduceOp) -> Result<()> {
+        DeferredCollectives::<B>::reduce_scatter_deferred(self, send, recv, op)
+    }
+    fn join_deferred(&self) -> Result<()> {
+        DeferredCollectives::<B>::join_deferred(self)
+    }
+    fn overlap_times(&self) -> Result<OverlapTimes> {
+        DeferredCollectives::<B>::overlap_times(self)
+    }
 }
 
 impl<B: Backend> Communicator<Profiled<B>> for TimedComm<B> {
@@ -131,6 +178,9 @@ impl<B: Backend> Communicator<Profiled<B>> for TimedComm<B> {
     }
     fn abort(&self, reason: &str) {
         self.inner.abort(reason)
+    }
+    fn deferred(&self) -> Option<&dyn DeferredCollectives<Profiled<B>>> {
+        self.inner.deferred().map(|_| self as &dyn DeferredCollectives<Profiled<B>>)
     }
 }
 

@@ -121,6 +121,25 @@ fn opt(b: Option<&CpuBuf>) -> Option<std::borrow::Cow<'_, [f32]>> {
     b.map(CpuBuf::values)
 }
 
+/// A LayerNorm backward step on the host values of `a`'s buffers: `run` gets the gradients
+/// (written back into bf16 buffers when the guards drop, after it returns) and the inputs.
+fn layernorm_backward_on_host(
+    a: crate::ops::layernorm::Backward<'_, CpuBuf>,
+    run: impl FnOnce(layernorm::Grads<'_>, layernorm::BackwardInputs<'_>),
+) {
+    let (dout, x, mean, rstd, scale) = (a.dout.values(), a.x.values(), a.mean.values(), a.rstd.values(), opt(a.scale));
+    let (mut dx, mut dscale, mut dbias) = (a.dx.values_mut(), a.dscale.map(|s| s.values_mut()), a.dbias.values_mut());
+    run(
+        layernorm::Grads {
+            dx: &mut dx,
+            dscale: dscale.as_deref_mut(),
+            dbias: &mut dbias,
+            accumulate_dx: a.accumulate_dx,
+        },
+        layernorm::BackwardInputs { dout: &dout, x: &x, mean: &mean, rstd: &rstd, scale: scale.as_deref(), dim: a.dim },
+    )
+}
+
 /// Runs one checked op on host slices: inputs through [`CpuBuf::values`], outputs through
 /// [`CpuBuf::values_mut`] (f32 buffers in place; bf16 ones widened, computed in f32, rounded once).
 fn compute(op: Op<'_, CpuBuf, CpuIds>) {
@@ -150,18 +169,7 @@ fn compute(op: Op<'_, CpuBuf, CpuIds>) {
                 a.dim,
             )
         }
-        Op::LayerNormBackward(a) => layernorm::backward(
-            &mut a.dx.values_mut(),
-            a.dscale.map(|s| s.values_mut()).as_deref_mut(),
-            &mut a.dbias.values_mut(),
-            &a.dout.values(),
-            &a.x.values(),
-            &a.mean.values(),
-            &a.rstd.values(),
-            opt(a.scale).as_deref(),
-            a.dim,
-            a.accumulate_dx,
-        ),
+        Op::LayerNormBackward(a) => layernorm_backward_on_host(a, layernorm::backward),
         Op::LayerNormRowSums(a) => {
             layernorm::row_sums(&mut a.sums.values_mut(), &a.x.values(), opt(a.center).as_deref(), a.dim)
         }
@@ -179,23 +187,25 @@ fn compute(op: Op<'_, CpuBuf, CpuIds>) {
             )
         }
         Op::LayerNormBackwardRowSums(a) => {
-            let (dout, x, mean, rstd) = (&a.dout.values(), &a.x.values(), &a.mean.values(), &a.rstd.values());
-            layernorm::backward_row_sums(&mut a.sums.values_mut(), dout, x, mean, rstd, opt(a.scale).as_deref(), a.dim)
+            let (dout, x, mean, rstd, scale) =
+                (a.dout.values(), a.x.values(), a.mean.values(), a.rstd.values(), opt(a.scale));
+            let inputs = layernorm::BackwardInputs {
+                dout: &dout,
+                x: &x,
+                mean: &mean,
+                rstd: &rstd,
+                scale: scale.as_deref(),
+                dim: a.dim,
+            };
+            layernorm::backward_row_sums(&mut a.sums.values_mut(), inputs)
         }
-        Op::LayerNormBackwardApply(a) => layernorm::backward_apply(
-            &mut a.dx.values_mut(),
-            a.dscale.map(|s| s.values_mut()).as_deref_mut(),
-            &mut a.dbias.values_mut(),
-            &a.dout.values(),
-            &a.x.values(),
-            &a.mean.values(),
-            &a.rstd.values(),
-            opt(a.scale).as_deref(),
-            &a.sums.values(),
-            a.dim,
-            a.dim_global,
-            a.accumulate_dx,
-        ),
+        Op::LayerNormBackwardApply(a) => {
+            let (fused, sums, dim_global) = a.split();
+            let sums = sums.values();
+            layernorm_backward_on_host(fused, |grads, inputs| {
+                layernorm::backward_apply(grads, inputs, &sums, dim_global)
+            })
+        }
         Op::GeluGluForward(a) => glu::forward(&mut a.out.values_mut(), &a.a.values(), &a.b.values()),
         Op::GeluGluBackward(a) => glu::backward(
             &mut a.da.values_mut(),

@@ -3,7 +3,7 @@
 //! turns our row-major product into its column-major transpose by swapping the operands.
 //!
 //! - f32: `cublasSgemm` (default math mode: no TF32 unless `NVIDIA_TF32_OVERRIDE` says so).
-//! - bf16 mixed: `cublasGemmEx` with bf16 A and B, f32 C, `CUBLAS_COMPUTE_32F` (f32 accumulate).
+//! - bf16 mixed: `cublasGemmEx` with bf16 A and B, f32 or bf16 C, `CUBLAS_COMPUTE_32F` (f32 accumulate).
 //!
 //! cuBLAS allocates its own workspace, which the memory tracker does not see.
 
@@ -89,11 +89,12 @@ impl Blas {
         .map_err(|e| blas_err("sgemm", e))
     }
 
-    /// Row-major `C (= | +=) op(A)·op(B)` with bf16 `A`, `B` (raw bit patterns) and f32 `C`,
-    /// accumulated in f32.
+    /// Row-major `C (= | +=) op(A)·op(B)` with bf16 `A`, `B` (raw bit patterns), accumulated in
+    /// f32; `C` is f32, or bf16 when `c_bf16` (read widened when accumulating, rounded once on
+    /// write, nearest even).
     ///
     /// # Safety
-    /// As [`Blas::sgemm`], with `a` and `b` holding bf16 matrices.
+    /// As [`Blas::sgemm`], with `a` and `b` holding bf16 matrices and `c` m·n elements of its type.
     pub(crate) unsafe fn gemm_bf16(
         &self,
         spec: &MatmulSpec,
@@ -101,9 +102,10 @@ impl Blas {
         lda: usize,
         b: u64,
         ldb: usize,
-        c: u64,
+        (c, c_bf16): (u64, bool),
     ) -> Result<()> {
         let g = grid::cublas_row_major(spec, lda, ldb, spec.n);
+        let c_type = if c_bf16 { bs::cudaDataType_t::CUDA_R_16BF } else { bs::cudaDataType_t::CUDA_R_32F };
         let [m, n, k, lda, ldb, ldc] = Self::dims(&g)?;
         let alpha = 1.0f32;
         let beta = if spec.accumulate { 1.0f32 } else { 0.0 };
@@ -126,7 +128,7 @@ impl Blas {
                 ldb,
                 (&beta) as *const f32 as *const c_void,
                 c as *mut c_void,
-                bs::cudaDataType_t::CUDA_R_32F,
+                c_type,
                 ldc,
                 bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

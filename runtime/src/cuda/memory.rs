@@ -7,18 +7,27 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
 use super::device::driver_err;
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::memory::{MemoryTracker, Reservation};
 
-/// `len` f32 elements in device memory.
+/// `len` elements in device memory: f32, or bf16 ([`DType::Bf16`], raw 16-bit patterns as
+/// `half::bf16` stores them) for bf16-mixed activations and weight copies.
 ///
 /// A zero-length buffer still owns a one-element allocation (CUDA refuses 0-byte allocations);
-/// [`CudaBuf::len`] is the logical length and the tracker is charged `4·len` bytes.
+/// [`CudaBuf::len`] is the logical length and the tracker is charged `len ·` [`DType::bytes`].
 #[derive(Debug)]
 pub struct CudaBuf {
-    pub(crate) data: CudaSlice<f32>,
+    pub(crate) data: DeviceData,
     pub(crate) len: usize,
     _reservation: Reservation,
+}
+
+/// The allocation of a [`CudaBuf`], by element type.
+#[derive(Debug)]
+pub(crate) enum DeviceData {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
 }
 
 /// `len` i32 elements (token ids, masks) in device memory, with a host copy: ids are few, and
@@ -37,17 +46,43 @@ impl CudaBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// The underlying cudarc allocation (at least `max(len, 1)` elements).
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            DeviceData::F32(_) => DType::F32,
+            DeviceData::Bf16(_) => DType::Bf16,
+        }
+    }
+    /// The underlying cudarc allocation of an f32 buffer (at least `max(len, 1)` elements).
+    ///
+    /// # Panics
+    /// On a bf16 buffer (callers that may meet one use [`CudaBuf::device_ptr`] and [`CudaBuf::dtype`]).
     pub fn slice(&self) -> &CudaSlice<f32> {
-        &self.data
+        match &self.data {
+            DeviceData::F32(s) => s,
+            DeviceData::Bf16(_) => panic!("CudaBuf::slice on a bf16 buffer: use device_ptr() and dtype()"),
+        }
     }
-    /// Mutable access to the allocation, e.g. for NCCL or custom kernel calls.
+    /// Mutable access to an f32 allocation, e.g. for NCCL or custom kernel calls.
+    ///
+    /// # Panics
+    /// On a bf16 buffer, as [`CudaBuf::slice`].
     pub fn slice_mut(&mut self) -> &mut CudaSlice<f32> {
-        &mut self.data
+        match &mut self.data {
+            DeviceData::F32(s) => s,
+            DeviceData::Bf16(_) => panic!("CudaBuf::slice_mut on a bf16 buffer: use device_ptr() and dtype()"),
+        }
     }
-    /// The raw device address (`CUdeviceptr`) of element 0.
+    /// The raw device address (`CUdeviceptr`) of element 0 (f32 or bf16 elements: [`CudaBuf::dtype`]).
     pub fn device_ptr(&self) -> u64 {
-        raw_ptr(&self.data)
+        match &self.data {
+            DeviceData::F32(s) => raw_ptr(s),
+            DeviceData::Bf16(s) => raw_ptr(s),
+        }
+    }
+    /// The device address of element `i` (`i ≤ len`), by the buffer's element size.
+    pub(crate) fn elem_ptr(&self, i: usize) -> u64 {
+        self.device_ptr() + (i as u64) * self.dtype().bytes()
     }
 }
 
@@ -118,12 +153,31 @@ pub(crate) fn upload<T: DeviceRepr>(
 
 impl CudaBuf {
     pub(crate) fn zeros(stream: &Arc<CudaStream>, memory: &MemoryTracker, name: &str, len: usize) -> Result<Self> {
-        let (data, res) = zeros::<f32>(stream, memory, name, len)?;
+        Self::zeros_typed(stream, memory, name, len, DType::F32)
+    }
+    /// A zero-filled buffer of `len` elements of `dtype` (the tracker is charged `len · dtype.bytes()`).
+    pub(crate) fn zeros_typed(
+        stream: &Arc<CudaStream>,
+        memory: &MemoryTracker,
+        name: &str,
+        len: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (data, res) = match dtype {
+            DType::F32 => {
+                let (d, r) = zeros::<f32>(stream, memory, name, len)?;
+                (DeviceData::F32(d), r)
+            }
+            DType::Bf16 => {
+                let (d, r) = zeros::<u16>(stream, memory, name, len)?;
+                (DeviceData::Bf16(d), r)
+            }
+        };
         Ok(Self { data, len, _reservation: res })
     }
     pub(crate) fn upload(stream: &Arc<CudaStream>, memory: &MemoryTracker, name: &str, host: &[f32]) -> Result<Self> {
         let (data, res) = upload(stream, memory, name, host)?;
-        Ok(Self { data, len: host.len(), _reservation: res })
+        Ok(Self { data: DeviceData::F32(data), len: host.len(), _reservation: res })
     }
 }
 

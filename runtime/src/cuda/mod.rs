@@ -14,22 +14,47 @@
 //! scratch) is registered with the device's [`MemoryTracker`] first, so a budget refusal names
 //! the tensor and allocates nothing; cuBLAS's internal workspace is not tracked.
 //!
-//! # Precision ([`Precision`])
+//! # Precision ([`Precision`]) and bf16 buffers
 //!
-//! - [`Precision::F32`] — the parity mode: f32 everywhere. GEMMs run the f32 SIMT kernel
-//!   (`matmul_f32_*`) or cuBLAS `Sgemm` ([`MatmulImpl`]); attention the f32 FlashAttention-2
-//!   kernels of `attention.cu`.
-//! - [`Precision::Bf16Mixed`] — bf16 tensor cores where the FLOPs are, f32 elsewhere. **Mixed**:
-//!   every GEMM's two operands (activations, weights, and the gradients in the backward GEMMs)
-//!   are rounded to bf16 into scratch buffers just before the product (leading dimensions padded
-//!   to multiples of 8 for the fast path), the product accumulates in f32 and writes f32;
-//!   attention with head_dim > 32 runs the tensor-core kernels of `attention_tc.cu` (Q, K, V, P,
-//!   dO, dS enter the MMAs as bf16; softmax statistics, lse and D stay f32). **Not mixed**:
-//!   parameters (fp32 master weights), gradients, AdamW moments, LayerNorm, GELU-GLU,
-//!   embeddings, cross-entropy, residual adds and every activation buffer stay f32 (the
-//!   [`Backend`] buffers are f32, so activation memory is not halved yet, and the weights are
-//!   re-cast on every GEMM rather than kept as a persistent bf16 copy).
+//! Two independent things decide the arithmetic: the backend's [`Precision`] (how GEMMs and
+//! attention compute) and each buffer's [`crate::DType`] (how it is stored; the model's
+//! bf16-mixed policy, `model/src/precision.rs`, allocates activations and the Dense-kernel weight
+//! copies in bf16).
 //!
+//! - [`Precision::F32`] — the parity mode: GEMMs run the f32 SIMT kernel (`matmul_f32_*`) or
+//!   cuBLAS `Sgemm` ([`MatmulImpl`]); attention the f32 FlashAttention-2 kernels of
+//!   `attention.cu`. A GEMM whose two operands are bf16 buffers still runs the bf16 GEMM (their
+//!   products are exact in f32 and it accumulates in f32).
+//! - [`Precision::Bf16Mixed`] — bf16 tensor cores where the FLOPs are: every GEMM runs the bf16
+//!   GEMM (`matmul_bf16_*` or cuBLAS `GemmEx`, f32 accumulation). Operands stored in bf16 (the
+//!   persistent weight copies, bf16 activations) are fed to it as they are (copied only into the
+//!   padded layout when a leading dimension is not a multiple of 8); f32 operands are rounded to
+//!   bf16 into scratch per call. The output is written in its buffer's dtype: `GemmEx` writes
+//!   bf16 C itself (rounded once), the custom kernels write f32, so a bf16 output is staged
+//!   through an f32 copy and rounded. Attention with head_dim > 32 runs the tensor-core kernels
+//!   of `attention_tc.cu` (Q, K, V, P, dO, dS enter the MMAs as bf16; softmax statistics, lse and
+//!   D stay f32).
+//!
+//! **bf16 storage.** A [`CudaBuf`] of [`crate::DType::Bf16`] holds 2-byte elements (the tracker
+//! is charged `2·len`), with the CPU backend's semantics (`crate::dtype`): ops read bf16 inputs
+//! widened exactly, compute in f32 and round each bf16 output once (nearest even, bit for bit as
+//! `half::bf16::from_f32`: the casts round in integer arithmetic). Fill, write (rounded on the
+//! host), copy (a cast between dtypes), download (widened on the host) and the GEMMs above
+//! handle bf16 natively; **every other op** (LayerNorm, GELU-GLU, embeddings, attention,
+//! cross-entropy, elementwise, AdamW) runs its f32 kernels through the staging adapter
+//! [`crate::bf16_staging::compute_staged`]: each bf16 buffer of the call is widened into a
+//! tracked f32 allocation (`cast_bf16_to_f32`), the f32 kernel runs, each bf16 output is rounded
+//! back (`cast_f32_to_bf16`). That costs an extra read and write of those buffers per op and a
+//! transient f32 copy (seen by the memory tracker, not by `dalle-mesh plan`); bf16-native
+//! kernels for those ops would remove it. The adapter is the same code the CPU tests run
+//! (`runtime/tests/bf16_staging.rs`: bit-identical to the CPU's native bf16 ops for every op);
+//! **bf16 storage on the CUDA backend is built but untested on GPUs.**
+//!
+//! Not bf16 (checked by the ops): parameters (fp32 master weights), gradients, AdamW moments,
+//! LayerNorm statistics and parameters, attention lse, losses and cross-entropy statistics.
+//! NCCL (`parallel/src/comm/nccl.rs`) all-reduces a bf16 buffer through an f32 copy; its other
+//! collectives take f32 buffers only.
+
 //! # Op → kernel map
 //!
 //! Each op's kernels live with the op: the source `runtime/src/ops/<family>/<family>.cu`, its
@@ -38,11 +63,13 @@
 //!
 //! | op | kernels (`runtime/src/ops/*/*.cu`) |
 //! |---|---|
-//! | fill, add, add_assign, scale | `fill_f32`, `add_f32`, `add_assign_f32`, `scale_f32` |
+//! | fill, add, add_assign, scale | `fill_f32` / `fill_bf16`, `add_f32`, `add_assign_f32`, `scale_f32` |
+//! | write, copy, download | host copies (bf16 rounded / widened on the host); copy between dtypes: `cast_{f32_to_bf16,bf16_to_f32}` |
+//! | any other op with bf16 buffers | `cast_bf16_to_f32` per bf16 buffer, the op's f32 kernels below, `cast_f32_to_bf16` per bf16 output |
 //! | sum_squares | `sum_squares_partial_f32` + `sum_f64_finish` (f64), 1-value download |
 //! | add/sum_broadcast_rows | `add_broadcast_rows_f32`, `sum_broadcast_rows_f32` |
 //! | matmul, F32 | `matmul_f32_{nn,nt,tn,tt}`, or cuBLAS `Sgemm` (operands swapped) |
-//! | matmul, Bf16Mixed | `cast_f32_to_bf16` (+ 2-D copy to padded ld), `matmul_bf16_*`, or cuBLAS `GemmEx` |
+//! | matmul, Bf16Mixed (or two bf16 operands) | `cast_f32_to_bf16` of f32 operands (+ 2-D copy to padded ld; bf16 operands as they are), `matmul_bf16_*` (bf16 out: f32 copy + `cast_f32_to_bf16`), or cuBLAS `GemmEx` (f32 or bf16 C) |
 //! | layernorm_forward | `layernorm_forward_f32` |
 //! | layernorm_backward | `layernorm_backward_f32` + `layernorm_param_grads_f32` |
 //! | layernorm (sharded, tp) | `layernorm_{sharded_sums,sharded_stats,apply,backward_sums,backward}_f32` |
@@ -84,8 +111,8 @@ pub enum Precision {
     /// f32 everywhere: the parity mode.
     #[default]
     F32,
-    /// bf16 tensor-core GEMMs and attention with f32 accumulation; f32 master weights, optimizer
-    /// state and all other ops.
+    /// bf16 tensor-core GEMMs and attention with f32 accumulation (bf16 operands used as stored);
+    /// the other ops compute in f32 whatever their buffers' dtypes.
     Bf16Mixed,
 }
 
@@ -96,7 +123,7 @@ pub enum MatmulImpl {
     /// dm-kernels' `matmul.cu` (f32 SIMT or bf16 tensor cores, by precision).
     #[default]
     Custom,
-    /// cuBLAS (`Sgemm`, or `GemmEx` with bf16 inputs and f32 output).
+    /// cuBLAS (`Sgemm`, or `GemmEx` with bf16 inputs and f32 or bf16 output).
     Cublas,
 }
 

@@ -11,9 +11,11 @@ use cudarc::driver::sys as ds;
 use super::device::{driver_err, ScratchSet};
 use super::grid::{self as lc, KernelGrid};
 use super::kernel::{DevicePtr, Kernel, KernelArgs, RawArg};
-use super::memory::{CudaBuf, CudaIds};
+use super::memory::{CudaBuf, CudaIds, DeviceData};
 use super::CudaBackend;
 use crate::backend::Backend;
+use crate::bf16_staging::compute_staged;
+use crate::dtype::DType;
 use crate::error::{Result, RuntimeError};
 use crate::memory::MemoryTracker;
 use crate::ops::{HostIds, Op, Storage};
@@ -197,6 +199,9 @@ impl Storage for CudaBuf {
     fn elems(&self) -> usize {
         self.len
     }
+    fn dtype(&self) -> DType {
+        CudaBuf::dtype(self)
+    }
 }
 
 impl Storage for CudaIds {
@@ -228,24 +233,56 @@ impl Backend for CudaBackend {
     fn upload(&self, name: &str, data: &[f32]) -> Result<CudaBuf> {
         CudaBuf::upload(&self.dev.stream, &self.dev.memory, name, data)
     }
+    fn zeros_typed(&self, name: &str, len: usize, dtype: DType) -> Result<CudaBuf> {
+        CudaBuf::zeros_typed(&self.dev.stream, &self.dev.memory, name, len, dtype)
+    }
+    /// The elements as f32 (bf16 ones widened exactly on the host).
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; buf.len];
-        if buf.len > 0 {
-            self.dev
-                .stream
-                .memcpy_dtoh(&buf.data.slice(0..buf.len), &mut out)
-                .map_err(|e| driver_err("download", e))?;
-        }
-        self.synchronize()?;
+        let n = buf.len;
+        let stream = &self.dev.stream;
+        let out = match &buf.data {
+            DeviceData::F32(d) => {
+                let mut out = vec![0.0f32; n];
+                if n > 0 {
+                    stream.memcpy_dtoh(&d.slice(0..n), &mut out).map_err(|e| driver_err("download", e))?;
+                }
+                self.synchronize()?;
+                out
+            }
+            DeviceData::Bf16(d) => {
+                let mut bits = vec![0u16; n];
+                if n > 0 {
+                    stream.memcpy_dtoh(&d.slice(0..n), &mut bits).map_err(|e| driver_err("download", e))?;
+                }
+                self.synchronize()?;
+                bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+            }
+        };
         Ok(out)
     }
     fn upload_ids(&self, name: &str, ids: &[i32]) -> Result<CudaIds> {
         CudaIds::upload(&self.dev.stream, &self.dev.memory, name, ids)
     }
 
+    /// Fill, write and copy handle bf16 buffers natively, as does a GEMM that feeds bf16
+    /// operands to the bf16 GEMM ([`CudaBackend::bf16_gemm`]); every other op whose buffers include
+    /// bf16 ones runs its f32 kernels through the staging adapter ([`compute_staged`]).
     fn compute(&self, op: Op<'_, CudaBuf, CudaIds>) -> Result<()> {
         match op {
-            Op::Fill(a) => self.fill_raw("fill", a.buf.device_ptr(), a.buf.len, a.value),
+            Op::Fill(a) => self.fill_cuda(a),
+            Op::Write(a) => self.write_cuda(a),
+            Op::Copy(a) => self.copy_cuda(a),
+            Op::Matmul(a) if self.bf16_gemm(&a) => self.matmul_cuda(a),
+            op => compute_staged(self, op, |op| self.compute_f32(op)),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// One op whose buffers are all f32 (bf16 ones were staged by [`compute_staged`]).
+    fn compute_f32(&self, op: Op<'_, CudaBuf, CudaIds>) -> Result<()> {
+        match op {
+            Op::Fill(a) => self.fill_cuda(a),
             Op::Write(a) => self.write_cuda(a),
             Op::Copy(a) => self.copy_cuda(a),
             Op::AddAssign(a) => self.add_assign_cuda(a),

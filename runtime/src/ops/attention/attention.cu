@@ -61,17 +61,6 @@ __device__ __forceinline__ void att_load_tile(float* __restrict__ dst, const flo
     }
 }
 
-// Key validity flags of keys k0 .. k0+63 (1 when the key exists and the mask allows it).
-__device__ __forceinline__ void att_load_key_flags(float* flags, const int* __restrict__ mask, int b, int Tk,
-                                                   int k0) {
-    if (threadIdx.x < ATT_T) {
-        const int key = k0 + threadIdx.x;
-        bool ok = key < Tk;
-        if (ok && mask != nullptr) ok = mask[(i64)b * Tk + key] != 0;
-        flags[threadIdx.x] = ok ? 1.0f : 0.0f;
-    }
-}
-
 // s[i][j] = Σ_d X[(4ty+i)][d] · Y[(tx+16j)][d] over two [64][LD] tiles.
 template <int HDM>
 __device__ __forceinline__ void att_tile_dot(float (&s)[4][4], const float* X, const float* Y, int ty, int tx) {
@@ -94,9 +83,6 @@ __device__ __forceinline__ void att_tile_dot(float (&s)[4][4], const float* X, c
     }
 }
 
-// 1/x for x >= 1 (the softmax normaliser l always is: its largest term is e^0): hardware
-// reciprocal plus one Newton step, within 1 ulp of 1.0f/x (almost always exact). Unlike IEEE
-// division it has no slow-path subroutine, whose call forced register spills in the hd32 variant.
 // acc[i][c] += Σ_kl P[4·ty + i][kl] · X[kl][tx + 16·c] over a 64-column tile P (row stride
 // ATT_PLD) and a [64][HDM] tile X (row stride HDM + 1): this thread's 4 rows × HDM/16 columns of
 // P·X, accumulated in kl order.
@@ -118,10 +104,22 @@ __device__ __forceinline__ void att_tile_matmul_acc(float (&acc)[4][HDM / 16], c
     }
 }
 
-__device__ __forceinline__ float att_recip_ge1(float x) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return fmaf(r, fmaf(-x, r, 1.0f), r);
+// Stores this thread's rows row0 + 4·ty + i (those < T) × head-dim columns tx + 16·c (those < hd)
+// of acc into head slice col0 .. of a [B, T, W] activation, each value as f(value, i).
+template <int HDM, typename F>
+__device__ __forceinline__ void att_store_rows(float* __restrict__ dst, const float (&acc)[4][HDM / 16], int row0,
+                                               int b, int T, int W, int col0, int hd, int ty, int tx, F f) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = row0 + 4 * ty + i;
+        if (row >= T) continue;
+        const i64 base = ((i64)b * T + row) * W + col0;
+#pragma unroll
+        for (int c = 0; c < HDM / 16; ++c) {
+            const int d = tx + 16 * c;
+            if (d < hd) dst[base + d] = f(acc[i][c], i);
+        }
+    }
 }
 
 // Reductions over the 16 threads (tx) that share a row: lanes differ in their low 4 bits.
@@ -140,22 +138,14 @@ __device__ __forceinline__ float att_row_sum(float v) {
 // Forward. Arguments: (out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale).
 
 template <int HDM>
-__device__ __forceinline__ void attention_fwd(float* __restrict__ out, float* __restrict__ lse,
-                                              const float* __restrict__ q, const float* __restrict__ k,
-                                              const float* __restrict__ v, const int* __restrict__ mask,
-                                              int B, int H, int Tq, int Tk, int hd, int causal, float scale) {
+__device__ __forceinline__ void attention_fwd(DM_ATT_FWD_ARGS(float)) {
     constexpr int LD = HDM + 1, NC = HDM / 16;
     extern __shared__ float att_smem[];
-    float* Qs = att_smem;
-    float* Ks = Qs + ATT_T * LD;
-    float* Vs = Ks + ATT_T * LD;
-    float* Ps = Vs + ATT_T * LD;
+    float *Qs = att_smem, *Ks = Qs + ATT_T * LD, *Vs = Ks + ATT_T * LD, *Ps = Vs + ATT_T * LD;
     float* kflag = Ps + ATT_T * ATT_PLD;
 
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int q0 = blockIdx.x * ATT_T;
-    const int W = H * hd, col0 = h * hd;
+    const auto [bh, b, h, W, col0, q0] = att_block<ATT_T>(H, hd);
 
     att_load_tile<HDM>(Qs, q, b, Tq, W, col0, q0, hd);
 
@@ -164,16 +154,15 @@ __device__ __forceinline__ void attention_fwd(float* __restrict__ out, float* __
     for (int i = 0; i < 4; ++i) {
         m_i[i] = DM_NEG_INF;
         l_i[i] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < NC; ++c) acc[i][c] = 0.0f;
     }
+    zero_fill(acc);
 
     const int kv_end = causal ? min(Tk, q0 + ATT_T) : Tk;
     for (int k0 = 0; k0 < kv_end; k0 += ATT_T) {
         __syncthreads();  // previous tile fully consumed
         att_load_tile<HDM>(Ks, k, b, Tk, W, col0, k0, hd);
         att_load_tile<HDM>(Vs, v, b, Tk, W, col0, k0, hd);
-        att_load_key_flags(kflag, mask, b, Tk, k0);
+        att_key_flags<ATT_T>(kflag, mask, b, Tk, k0);
         __syncthreads();
 
         float s[4][4];
@@ -240,37 +229,20 @@ __device__ __forceinline__ void attention_fwd(float* __restrict__ out, float* __
         }
     }
 
+    float inv_l[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) inv_l[i] = l_i[i] == 0.0f ? 1.0f : att_recip_ge1(l_i[i]);
+    att_store_rows<HDM>(out, acc, q0, b, Tq, W, col0, hd, ty, tx, [&](float x, int i) { return x * inv_l[i]; });
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int row = q0 + 4 * ty + i;
-        if (row >= Tq) continue;
-        const bool uniform = l_i[i] == 0.0f;
-        const float inv_l = uniform ? 1.0f : att_recip_ge1(l_i[i]);
-        float* o = out + ((i64)b * Tq + row) * W + col0;
-#pragma unroll
-        for (int c = 0; c < NC; ++c) {
-            const int d = tx + 16 * c;
-            if (d < hd) o[d] = acc[i][c] * inv_l;
-        }
-        if (tx == 0) lse[(i64)bh * Tq + row] = uniform ? DM_NAN : m_i[i] + logf(l_i[i]);
+        if (tx == 0 && row < Tq) lse[(i64)bh * Tq + row] = l_i[i] == 0.0f ? DM_NAN : m_i[i] + logf(l_i[i]);
     }
 }
 
-#define DM_ATT_FWD_ARGS                                                                             \
-    float *__restrict__ out, float *__restrict__ lse, const float *__restrict__ q,                  \
-        const float *__restrict__ k, const float *__restrict__ v, const int *__restrict__ mask, int B, \
-        int H, int Tq, int Tk, int hd, int causal, float scale
-#define DM_ATT_FWD_CALL out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale
-
-extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd32(DM_ATT_FWD_ARGS) {
-    attention_fwd<32>(DM_ATT_FWD_CALL);
-}
-extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd64(DM_ATT_FWD_ARGS) {
-    attention_fwd<64>(DM_ATT_FWD_CALL);
-}
-extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_fwd_f32_hd128(DM_ATT_FWD_ARGS) {
-    attention_fwd<128>(DM_ATT_FWD_CALL);
-}
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd32(DM_ATT_FWD_ARGS(float)) { attention_fwd<32>(DM_ATT_FWD_CALL); }
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_fwd_f32_hd64(DM_ATT_FWD_ARGS(float)) { attention_fwd<64>(DM_ATT_FWD_CALL); }
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_fwd_f32_hd128(DM_ATT_FWD_ARGS(float)) { attention_fwd<128>(DM_ATT_FWD_CALL); }
 
 // ------------------------------------------------------------------------------------------------
 // Backward preprocess: attention_bwd_preprocess_f32(D, dout, out, B, H, Tq, hd)
@@ -283,66 +255,56 @@ extern "C" __global__ void attention_bwd_preprocess_f32(float* __restrict__ D, c
     attention_bwd_row_dot(D, dout, out, B, H, Tq, hd);  // common.cuh
 }
 
-// P[key][query] of the backward from the saved lse: 1/Tk for uniform (NaN-lse) rows, else
-// exp(s·scale − lse) where visible, else 0.
-__device__ __forceinline__ float att_bwd_prob(float s, float lse_row, bool row_ok, bool key_exists, bool vis,
-                                              float scale, float inv_tk) {
-    if (!row_ok || !key_exists) return 0.0f;
-    if (isnan(lse_row)) return inv_tk;
-    return vis ? expf(s * scale - lse_row) : 0.0f;
-}
-
-// Loads lse and D of query rows q0..q0+63 (rows >= Tq get lse = 0, D = 0; they are masked anyway).
-__device__ __forceinline__ void att_load_row_stats(float* lse_s, float* D_s, const float* __restrict__ lse,
-                                                   const float* __restrict__ D, int bh, int Tq, int q0) {
-    if (threadIdx.x < ATT_T) {
-        const int row = q0 + threadIdx.x;
-        lse_s[threadIdx.x] = row < Tq ? lse[(i64)bh * Tq + row] : 0.0f;
-        D_s[threadIdx.x] = row < Tq ? D[(i64)bh * Tq + row] : 0.0f;
+// P and dS = P ∘ (dP − D) of this thread's 4×4 block (rows 4·ty + i, columns tx + 16·j) of a
+// 64×64 score tile, with S = A·Bᵀ and dP = C·Dtᵀ over the head dim (att_tile_dot; P from the saved
+// lse, common.cuh's att_bwd_prob). KEY_ROWS: the tile's rows are keys and its columns queries
+// (dkdv's Sᵀ), else the reverse (dq's S). Each value goes to sink(i, j, p, ds).
+template <int HDM, bool KEY_ROWS, typename Sink>
+__device__ __forceinline__ void att_bwd_scores(const float* A, const float* Bt, const float* C, const float* Dt,
+                                               const float* lse_s, const float* D_s, const float* kflag, int q0,
+                                               int k0, int Tq, int Tk, int causal, float scale, int ty, int tx,
+                                               Sink sink) {
+    const float inv_tk = 1.0f / (float)Tk;
+    float s[4][4], dp[4][4];
+    att_tile_dot<HDM>(s, A, Bt, ty, tx);    // S (unscaled), or Sᵀ
+    att_tile_dot<HDM>(dp, C, Dt, ty, tx);  // dP = dO·Vᵀ, or dPᵀ = V·dOᵀ
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float row_flag = kflag[4 * ty + i];  // the key's flag when rows are keys (else unused)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int ql = KEY_ROWS ? tx + 16 * j : 4 * ty + i, kl = KEY_ROWS ? 4 * ty + i : tx + 16 * j;
+            const int row = q0 + ql, key = k0 + kl;
+            const bool vis = (KEY_ROWS ? row_flag : kflag[kl]) != 0.0f && (!causal || key <= row);
+            const float p = att_bwd_prob(s[i][j], lse_s[ql], row < Tq, key < Tk, vis, scale, inv_tk);
+            sink(i, j, p, p * (dp[i][j] - D_s[ql]));
+        }
     }
 }
 
 // ------------------------------------------------------------------------------------------------
 // dK, dV. Arguments: (dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale).
 // Grid (ceil(Tk/64), B·H). Overwrites dk, dv (rows < Tk, columns < hd of its head).
+// P and dS (common.cuh's att_bwd_prob) are kept transposed, [key][query], in shared memory.
 
 template <int HDM>
-__device__ __forceinline__ void attention_bwd_dkdv(float* __restrict__ dk, float* __restrict__ dv,
-                                                   const float* __restrict__ dout, const float* __restrict__ q,
-                                                   const float* __restrict__ k, const float* __restrict__ v,
-                                                   const float* __restrict__ lse, const float* __restrict__ D,
-                                                   const int* __restrict__ mask, int B, int H, int Tq, int Tk,
-                                                   int hd, int causal, float scale) {
+__device__ __forceinline__ void attention_bwd_dkdv(DM_ATT_DKDV_ARGS(float)) {
     constexpr int LD = HDM + 1, NC = HDM / 16;
     extern __shared__ float att_smem[];
-    float* Ks = att_smem;
-    float* Vs = Ks + ATT_T * LD;
-    float* Qs = Vs + ATT_T * LD;
-    float* dOs = Qs + ATT_T * LD;
-    float* PT = dOs + ATT_T * LD;  // Pᵀ  [key][query]
-    float* dST = PT + ATT_T * ATT_PLD;  // dSᵀ [key][query]
-    float* lse_s = dST + ATT_T * ATT_PLD;
-    float* D_s = lse_s + ATT_T;
-    float* kflag = D_s + ATT_T;
+    float *Ks = att_smem, *Vs = Ks + ATT_T * LD, *Qs = Vs + ATT_T * LD, *dOs = Qs + ATT_T * LD;
+    float *PT = dOs + ATT_T * LD, *dST = PT + ATT_T * ATT_PLD;  // Pᵀ and dSᵀ, [key][query]
+    float *lse_s = dST + ATT_T * ATT_PLD, *D_s = lse_s + ATT_T, *kflag = D_s + ATT_T;
 
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int k0 = blockIdx.x * ATT_T;
-    const int W = H * hd, col0 = h * hd;
-    const float inv_tk = 1.0f / (float)Tk;
+    const auto [bh, b, h, W, col0, k0] = att_block<ATT_T>(H, hd);
 
     att_load_tile<HDM>(Ks, k, b, Tk, W, col0, k0, hd);
     att_load_tile<HDM>(Vs, v, b, Tk, W, col0, k0, hd);
-    att_load_key_flags(kflag, mask, b, Tk, k0);
+    att_key_flags<ATT_T>(kflag, mask, b, Tk, k0);
 
     float dk_acc[4][NC], dv_acc[4][NC];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int c = 0; c < NC; ++c) {
-            dk_acc[i][c] = 0.0f;
-            dv_acc[i][c] = 0.0f;
-        }
+    zero_fill(dk_acc);
+    zero_fill(dv_acc);
 
     // Causal without a key mask: queries before this key tile see none of its keys.
     const int q_begin = (causal && mask == nullptr) ? k0 : 0;
@@ -350,26 +312,14 @@ __device__ __forceinline__ void attention_bwd_dkdv(float* __restrict__ dk, float
         __syncthreads();
         att_load_tile<HDM>(Qs, q, b, Tq, W, col0, q0, hd);
         att_load_tile<HDM>(dOs, dout, b, Tq, W, col0, q0, hd);
-        att_load_row_stats(lse_s, D_s, lse, D, bh, Tq, q0);
+        att_load_row_stats<ATT_T>(lse_s, D_s, lse, D, bh, Tq, q0);
         __syncthreads();
 
-        float st[4][4], dpt[4][4];
-        att_tile_dot<HDM>(st, Ks, Qs, ty, tx);   // Sᵀ[key][query] (unscaled)
-        att_tile_dot<HDM>(dpt, Vs, dOs, ty, tx);  // dPᵀ[key][query] = V·dOᵀ
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int kl = 4 * ty + i, key = k0 + kl;
-            const bool key_exists = key < Tk;
-            const bool key_ok = kflag[kl] != 0.0f;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int ql = tx + 16 * j, row = q0 + ql;
-                const bool vis = key_ok && (!causal || key <= row);
-                const float p = att_bwd_prob(st[i][j], lse_s[ql], row < Tq, key_exists, vis, scale, inv_tk);
-                PT[kl * ATT_PLD + ql] = p;
-                dST[kl * ATT_PLD + ql] = p * (dpt[i][j] - D_s[ql]);
-            }
-        }
+        att_bwd_scores<HDM, true>(Ks, Qs, Vs, dOs, lse_s, D_s, kflag, q0, k0, Tq, Tk, causal, scale, ty, tx,
+                                  [&](int i, int j, float p, float ds) {
+                                      PT[(4 * ty + i) * ATT_PLD + tx + 16 * j] = p;
+                                      dST[(4 * ty + i) * ATT_PLD + tx + 16 * j] = ds;
+                                  });
         __syncthreads();
 #pragma unroll 4
         for (int ql = 0; ql < ATT_T; ++ql) {
@@ -394,128 +344,53 @@ __device__ __forceinline__ void attention_bwd_dkdv(float* __restrict__ dk, float
         }
     }
 
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int key = k0 + 4 * ty + i;
-        if (key >= Tk) continue;
-        const i64 base = ((i64)b * Tk + key) * W + col0;
-#pragma unroll
-        for (int c = 0; c < NC; ++c) {
-            const int d = tx + 16 * c;
-            if (d < hd) {
-                dk[base + d] = dk_acc[i][c] * scale;
-                dv[base + d] = dv_acc[i][c];
-            }
-        }
-    }
+    att_store_rows<HDM>(dk, dk_acc, k0, b, Tk, W, col0, hd, ty, tx, [&](float x, int) { return x * scale; });
+    att_store_rows<HDM>(dv, dv_acc, k0, b, Tk, W, col0, hd, ty, tx, [](float x, int) { return x; });
 }
 
-#define DM_ATT_DKDV_ARGS                                                                             \
-    float *__restrict__ dk, float *__restrict__ dv, const float *__restrict__ dout,                  \
-        const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,       \
-        const float *__restrict__ lse, const float *__restrict__ D, const int *__restrict__ mask, int B, \
-        int H, int Tq, int Tk, int hd, int causal, float scale
-#define DM_ATT_DKDV_CALL dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
-
-extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd32(DM_ATT_DKDV_ARGS) {
-    attention_bwd_dkdv<32>(DM_ATT_DKDV_CALL);
-}
-extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd64(DM_ATT_DKDV_ARGS) {
-    attention_bwd_dkdv<64>(DM_ATT_DKDV_CALL);
-}
-extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dkdv_f32_hd128(DM_ATT_DKDV_ARGS) {
-    attention_bwd_dkdv<128>(DM_ATT_DKDV_CALL);
-}
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd32(DM_ATT_DKDV_ARGS(float)) { attention_bwd_dkdv<32>(DM_ATT_DKDV_CALL); }
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dkdv_f32_hd64(DM_ATT_DKDV_ARGS(float)) { attention_bwd_dkdv<64>(DM_ATT_DKDV_CALL); }
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dkdv_f32_hd128(DM_ATT_DKDV_ARGS(float)) { attention_bwd_dkdv<128>(DM_ATT_DKDV_CALL); }
 
 // ------------------------------------------------------------------------------------------------
 // dQ. Arguments: (dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale).
 // Grid (ceil(Tq/64), B·H). Overwrites dq (rows < Tq, columns < hd of its head).
 
 template <int HDM>
-__device__ __forceinline__ void attention_bwd_dq(float* __restrict__ dq, const float* __restrict__ dout,
-                                                 const float* __restrict__ q, const float* __restrict__ k,
-                                                 const float* __restrict__ v, const float* __restrict__ lse,
-                                                 const float* __restrict__ D, const int* __restrict__ mask,
-                                                 int B, int H, int Tq, int Tk, int hd, int causal, float scale) {
+__device__ __forceinline__ void attention_bwd_dq(DM_ATT_DQ_ARGS(float)) {
     constexpr int LD = HDM + 1, NC = HDM / 16;
     extern __shared__ float att_smem[];
-    float* Qs = att_smem;
-    float* dOs = Qs + ATT_T * LD;
-    float* Ks = dOs + ATT_T * LD;
-    float* Vs = Ks + ATT_T * LD;
+    float *Qs = att_smem, *dOs = Qs + ATT_T * LD, *Ks = dOs + ATT_T * LD, *Vs = Ks + ATT_T * LD;
     float* dS = Vs + ATT_T * LD;  // [query][key]
-    float* lse_s = dS + ATT_T * ATT_PLD;
-    float* D_s = lse_s + ATT_T;
-    float* kflag = D_s + ATT_T;
+    float *lse_s = dS + ATT_T * ATT_PLD, *D_s = lse_s + ATT_T, *kflag = D_s + ATT_T;
 
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int q0 = blockIdx.x * ATT_T;
-    const int W = H * hd, col0 = h * hd;
-    const float inv_tk = 1.0f / (float)Tk;
+    const auto [bh, b, h, W, col0, q0] = att_block<ATT_T>(H, hd);
 
     att_load_tile<HDM>(Qs, q, b, Tq, W, col0, q0, hd);
     att_load_tile<HDM>(dOs, dout, b, Tq, W, col0, q0, hd);
-    att_load_row_stats(lse_s, D_s, lse, D, bh, Tq, q0);
+    att_load_row_stats<ATT_T>(lse_s, D_s, lse, D, bh, Tq, q0);
 
     float dq_acc[4][NC];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int c = 0; c < NC; ++c) dq_acc[i][c] = 0.0f;
+    zero_fill(dq_acc);
 
     const int kv_end = (causal && mask == nullptr) ? min(Tk, q0 + ATT_T) : Tk;
     for (int k0 = 0; k0 < kv_end; k0 += ATT_T) {
         __syncthreads();
         att_load_tile<HDM>(Ks, k, b, Tk, W, col0, k0, hd);
         att_load_tile<HDM>(Vs, v, b, Tk, W, col0, k0, hd);
-        att_load_key_flags(kflag, mask, b, Tk, k0);
+        att_key_flags<ATT_T>(kflag, mask, b, Tk, k0);
         __syncthreads();
 
-        float s[4][4], dp[4][4];
-        att_tile_dot<HDM>(s, Qs, Ks, ty, tx);   // S[query][key] (unscaled)
-        att_tile_dot<HDM>(dp, dOs, Vs, ty, tx);  // dP[query][key] = dO·Vᵀ
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int ql = 4 * ty + i, row = q0 + ql;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int kl = tx + 16 * j, key = k0 + kl;
-                const bool vis = kflag[kl] != 0.0f && (!causal || key <= row);
-                const float p = att_bwd_prob(s[i][j], lse_s[ql], row < Tq, key < Tk, vis, scale, inv_tk);
-                dS[ql * ATT_PLD + kl] = p * (dp[i][j] - D_s[ql]);
-            }
-        }
+        att_bwd_scores<HDM, false>(Qs, Ks, dOs, Vs, lse_s, D_s, kflag, q0, k0, Tq, Tk, causal, scale, ty, tx,
+                                   [&](int i, int j, float, float ds) { dS[(4 * ty + i) * ATT_PLD + tx + 16 * j] = ds; });
         __syncthreads();
         att_tile_matmul_acc<HDM>(dq_acc, dS, Ks, ty, tx);  // dq += dS·K
     }
 
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int row = q0 + 4 * ty + i;
-        if (row >= Tq) continue;
-        const i64 base = ((i64)b * Tq + row) * W + col0;
-#pragma unroll
-        for (int c = 0; c < NC; ++c) {
-            const int d = tx + 16 * c;
-            if (d < hd) dq[base + d] = dq_acc[i][c] * scale;
-        }
-    }
+    att_store_rows<HDM>(dq, dq_acc, q0, b, Tq, W, col0, hd, ty, tx, [&](float x, int) { return x * scale; });
 }
 
-#define DM_ATT_DQ_ARGS                                                                               \
-    float *__restrict__ dq, const float *__restrict__ dout, const float *__restrict__ q,             \
-        const float *__restrict__ k, const float *__restrict__ v, const float *__restrict__ lse,     \
-        const float *__restrict__ D, const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, \
-        int causal, float scale
-#define DM_ATT_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
-
-extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd32(DM_ATT_DQ_ARGS) {
-    attention_bwd_dq<32>(DM_ATT_DQ_CALL);
-}
-extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd64(DM_ATT_DQ_ARGS) {
-    attention_bwd_dq<64>(DM_ATT_DQ_CALL);
-}
-extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dq_f32_hd128(DM_ATT_DQ_ARGS) {
-    attention_bwd_dq<128>(DM_ATT_DQ_CALL);
-}
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd32(DM_ATT_DQ_ARGS(float)) { attention_bwd_dq<32>(DM_ATT_DQ_CALL); }
+extern "C" __global__ void __launch_bounds__(ATT_NT, 2) attention_bwd_dq_f32_hd64(DM_ATT_DQ_ARGS(float)) { attention_bwd_dq<64>(DM_ATT_DQ_CALL); }
+extern "C" __global__ void __launch_bounds__(ATT_NT, 1) attention_bwd_dq_f32_hd128(DM_ATT_DQ_ARGS(float)) { attention_bwd_dq<128>(DM_ATT_DQ_CALL); }

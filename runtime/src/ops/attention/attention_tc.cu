@@ -137,39 +137,61 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(DM_FULL_MASK, v, 2);
 }
 
-__device__ __forceinline__ void tc_key_flags(float* flags, const int* __restrict__ mask, int b, int Tk, int k0) {
-    if (threadIdx.x < TC_T) {
-        const int key = k0 + threadIdx.x;
-        bool ok = key < Tk;
-        if (ok && mask != nullptr) ok = mask[(i64)b * Tk + key] != 0;
-        flags[threadIdx.x] = ok ? 1.0f : 0.0f;
-    }
+// acc[2·np], acc[2·np+1] += A · Bᵀ for the k16 step `kc`: `a` is a warp's A fragment, B rows
+// 16·np .. 16·np+15 of `tile` (one pair of n8 tiles of an S = Q·Kᵀ-shaped product).
+template <int HDM>
+__device__ __forceinline__ void tc_mma_rows(float (&acc)[8][4], const unsigned (&a)[4], const bf16_t* tile, int np,
+                                            int kc, int lane) {
+    unsigned r[4];
+    tc_frag_b_rows<HDM>(r, tile, np * 16, kc, lane);
+    mma_bf16_16816(acc[2 * np], a, r[0], r[1]);
+    mma_bf16_16816(acc[2 * np + 1], a, r[2], r[3]);
 }
 
-// 1/x for x >= 1 without IEEE division's slow-path call (see attention.cu).
-__device__ __forceinline__ float tc_recip_ge1(float x) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return fmaf(r, fmaf(-x, r, 1.0f), r);
+// acc[2·dp], acc[2·dp+1] += A · B for the 16 tile rows of step `kc`: `a` is a warp's A fragment
+// (P or dS), B head-dim columns 16·dp .. 16·dp+15 of `tile` (one pair of n8 tiles of an
+// O += P·V-shaped product).
+template <int HDM>
+__device__ __forceinline__ void tc_mma_cols(float (&acc)[HDM / 8][4], const unsigned (&a)[4], const bf16_t* tile,
+                                            int dp, int kc, int lane) {
+    unsigned r[4];
+    tc_frag_b_cols<HDM>(r, tile, kc * 16, dp, lane);
+    mma_bf16_16816(acc[2 * dp], a, r[0], r[1]);
+    mma_bf16_16816(acc[2 * dp + 1], a, r[2], r[3]);
+}
+
+// Stores this lane's part of a [16][HDM] accumulator in C-fragment layout — rows row[0], row[1]
+// (those < T), head-dim columns 8·dt + 2·c + e (those < hd) — into head slice col0 .. of a
+// [B, T, W] tensor, each value as f(value, hr).
+template <int HDM, typename IO, typename F>
+__device__ __forceinline__ void tc_store_acc(IO* __restrict__ dst, const float (&acc)[HDM / 8][4], const int (&row)[2],
+                                             int b, int T, int W, int col0, int hd, int c, F f) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        if (row[hr] >= T) continue;
+        const i64 base = ((i64)b * T + row[hr]) * W + col0;
+#pragma unroll
+        for (int dt = 0; dt < HDM / 8; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int d = dt * 8 + 2 * c + e;
+                if (d < hd) tc_st(dst, base + d, f(acc[dt][2 * hr + e], hr));
+            }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
 template <int HDM, typename IO>
-__device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __restrict__ lse,
-                                                 const IO* __restrict__ q, const IO* __restrict__ k,
-                                                 const IO* __restrict__ v, const int* __restrict__ mask, int B,
-                                                 int H, int Tq, int Tk, int hd, int causal, float scale) {
+__device__ __forceinline__ void attention_tc_fwd(DM_ATT_FWD_ARGS(IO)) {
     constexpr int NKC = HDM / 16, NDT = HDM / 8;
     __shared__ __align__(128) bf16_t Ks[TC_T * HDM];  // also stages Q at the start
     __shared__ __align__(128) bf16_t Vs[TC_T * HDM];
     __shared__ float kflag[TC_T];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int q0 = blockIdx.x * TC_T;
-    const int W = H * hd, col0 = h * hd;
+    const auto [bh, b, h, W, col0, q0] = att_block<TC_T>(H, hd);
     const bool vq = (hd % 8 == 0) && aligned16(q), vk = (hd % 8 == 0) && aligned16(k),
                vv = (hd % 8 == 0) && aligned16(v);
     const int row[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
@@ -181,10 +203,7 @@ __device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __
     for (int kc = 0; kc < NKC; ++kc) tc_frag_a<HDM>(qf[kc], Ks, warp * 16, kc, lane);
 
     float o[NDT][4];
-#pragma unroll
-    for (int dt = 0; dt < NDT; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
+    zero_fill(o);
     float m[2] = {DM_NEG_INF, DM_NEG_INF}, l[2] = {0.0f, 0.0f};  // l: this lane's partial sums
 
     const int kv_end = causal ? min(Tk, q0 + TC_T) : Tk;
@@ -192,23 +211,15 @@ __device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __
         __syncthreads();  // Q fragments taken / previous K, V consumed
         tc_load_tile<HDM>(Ks, k, b, Tk, W, col0, k0, hd, vk);
         tc_load_tile<HDM>(Vs, v, b, Tk, W, col0, k0, hd, vv);
-        tc_key_flags(kflag, mask, b, Tk, k0);
+        att_key_flags<TC_T>(kflag, mask, b, Tk, k0);
         __syncthreads();
 
         float s[8][4];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+        zero_fill(s);
 #pragma unroll
         for (int kc = 0; kc < NKC; ++kc)
 #pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                unsigned r[4];
-                tc_frag_b_rows<HDM>(r, Ks, np * 16, kc, lane);
-                mma_bf16_16816(s[2 * np], qf[kc], r[0], r[1]);
-                mma_bf16_16816(s[2 * np + 1], qf[kc], r[2], r[3]);
-            }
+            for (int np = 0; np < 4; ++np) tc_mma_rows<HDM>(s, qf[kc], Ks, np, kc, lane);
 
         float mx[2] = {DM_NEG_INF, DM_NEG_INF};
 #pragma unroll
@@ -245,12 +256,7 @@ __device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __
             unsigned pa[4];
             tc_c_to_a(pa, s, kc);
 #pragma unroll
-            for (int dp = 0; dp < NDT / 2; ++dp) {
-                unsigned r[4];
-                tc_frag_b_cols<HDM>(r, Vs, kc * 16, dp, lane);
-                mma_bf16_16816(o[2 * dp], pa, r[0], r[1]);
-                mma_bf16_16816(o[2 * dp + 1], pa, r[2], r[3]);
-            }
+            for (int dp = 0; dp < NDT / 2; ++dp) tc_mma_cols<HDM>(o, pa, Vs, dp, kc, lane);
         }
     }
 
@@ -260,11 +266,11 @@ __device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __
     for (int hr = 0; hr < 2; ++hr) {
         l[hr] = quad_sum(l[hr]);
         uniform[hr] = l[hr] == 0.0f;
-        inv_l[hr] = uniform[hr] ? 1.0f : tc_recip_ge1(l[hr]);
+        inv_l[hr] = uniform[hr] ? 1.0f : att_recip_ge1(l[hr]);
     }
     // Rows with no visible key: O = mean of V over all Tk keys (rare; straight from global memory).
     if ((uniform[0] && row[0] < Tq) || (uniform[1] && row[1] < Tq)) {
-        const float inv_tk = tc_recip_ge1((float)Tk);
+        const float inv_tk = att_recip_ge1((float)Tk);
 #pragma unroll
         for (int dt = 0; dt < NDT; ++dt)
 #pragma unroll
@@ -277,39 +283,16 @@ __device__ __forceinline__ void attention_tc_fwd(IO* __restrict__ out, float* __
                 if (uniform[1]) o[dt][2 + e] = acc * inv_tk;
             }
     }
+    tc_store_acc<HDM>(out, o, row, b, Tq, W, col0, hd, c, [&](float x, int hr) { return x * inv_l[hr]; });
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        if (row[hr] >= Tq) continue;
-        const i64 base = ((i64)b * Tq + row[hr]) * W + col0;
-#pragma unroll
-        for (int dt = 0; dt < NDT; ++dt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int d = dt * 8 + 2 * c + e;
-                if (d < hd) tc_st(out, base + d, o[dt][2 * hr + e] * inv_l[hr]);
-            }
-        if (c == 0) lse[(i64)bh * Tq + row[hr]] = uniform[hr] ? DM_NAN : m[hr] + logf(l[hr]);
-    }
+    for (int hr = 0; hr < 2; ++hr)
+        if (c == 0 && row[hr] < Tq) lse[(i64)bh * Tq + row[hr]] = uniform[hr] ? DM_NAN : m[hr] + logf(l[hr]);
 }
 
-#define DM_TC_FWD_ARGS(IO)                                                                             \
-    IO *__restrict__ out, float *__restrict__ lse, const IO *__restrict__ q, const IO *__restrict__ k, \
-        const IO *__restrict__ v, const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd,  \
-        int causal, float scale
-#define DM_TC_FWD_CALL out, lse, q, k, v, mask, B, H, Tq, Tk, hd, causal, scale
-
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd64(DM_TC_FWD_ARGS(float)) {
-    attention_tc_fwd<64>(DM_TC_FWD_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd128(DM_TC_FWD_ARGS(float)) {
-    attention_tc_fwd<128>(DM_TC_FWD_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd64(DM_TC_FWD_ARGS(bf16_t)) {
-    attention_tc_fwd<64>(DM_TC_FWD_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd128(DM_TC_FWD_ARGS(bf16_t)) {
-    attention_tc_fwd<128>(DM_TC_FWD_CALL);
-}
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd64(DM_ATT_FWD_ARGS(float)) { attention_tc_fwd<64>(DM_ATT_FWD_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_f32_hd128(DM_ATT_FWD_ARGS(float)) { attention_tc_fwd<128>(DM_ATT_FWD_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd64(DM_ATT_FWD_ARGS(bf16_t)) { attention_tc_fwd<64>(DM_ATT_FWD_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_fwd_bf16_hd128(DM_ATT_FWD_ARGS(bf16_t)) { attention_tc_fwd<128>(DM_ATT_FWD_CALL); }
 
 // ------------------------------------------------------------------------------------------------
 // Backward preprocess for bf16 I/O: D[(b·H + h)·Tq + i] = Σ_d dout·out over head h of row (b, i),
@@ -321,14 +304,6 @@ extern "C" __global__ void attention_tc_bwd_preprocess_bf16(float* __restrict__ 
     attention_bwd_row_dot(D, dout, out, B, H, Tq, hd);  // common.cuh
 }
 
-// P of the backward from the saved lse (see attention.cu's att_bwd_prob).
-__device__ __forceinline__ float tc_bwd_prob(float s, float lse_row, bool row_ok, bool key_exists, bool vis,
-                                             float scale, float inv_tk) {
-    if (!row_ok || !key_exists) return 0.0f;
-    if (isnan(lse_row)) return inv_tk;
-    return vis ? expf(s * scale - lse_row) : 0.0f;
-}
-
 // Two score-like products of this warp's 16 rows against a 64-row tile, over the head dim:
 // sa = A1[rows] · B1ᵀ and sb = A2[rows] · B2ᵀ (A tiles read as mma A fragments at the warp's rows,
 // B tiles as "row" B fragments), both [16][64] in C-fragment layout, overwritten.
@@ -336,83 +311,52 @@ template <int HDM>
 __device__ __forceinline__ void tc_two_products(float (&sa)[8][4], float (&sb)[8][4], const bf16_t* a1,
                                                 const bf16_t* b1, const bf16_t* a2, const bf16_t* b2, int warp,
                                                 int lane) {
-    constexpr int NKC = HDM / 16;
+    zero_fill(sa);
+    zero_fill(sb);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            sa[nt][e] = 0.0f;
-            sb[nt][e] = 0.0f;
-        }
-#pragma unroll
-    for (int kc = 0; kc < NKC; ++kc) {
+    for (int kc = 0; kc < HDM / 16; ++kc) {
         unsigned x1[4], x2[4];
         tc_frag_a<HDM>(x1, a1, warp * 16, kc, lane);
         tc_frag_a<HDM>(x2, a2, warp * 16, kc, lane);
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
-            unsigned r[4];
-            tc_frag_b_rows<HDM>(r, b1, np * 16, kc, lane);
-            mma_bf16_16816(sa[2 * np], x1, r[0], r[1]);
-            mma_bf16_16816(sa[2 * np + 1], x1, r[2], r[3]);
-            tc_frag_b_rows<HDM>(r, b2, np * 16, kc, lane);
-            mma_bf16_16816(sb[2 * np], x2, r[0], r[1]);
-            mma_bf16_16816(sb[2 * np + 1], x2, r[2], r[3]);
+            tc_mma_rows<HDM>(sa, x1, b1, np, kc, lane);
+            tc_mma_rows<HDM>(sb, x2, b2, np, kc, lane);
         }
     }
 }
 
 // ------------------------------------------------------------------------------------------------
-// dK, dV: block = 64 keys (warp w: keys 16w ..), loop over query tiles.
+// dK, dV: block = 64 keys (warp w: keys 16w ..), loop over query tiles. P from the saved lse
+// (common.cuh's att_bwd_prob).
 
 template <int HDM, typename IO>
-__device__ __forceinline__ void attention_tc_bwd_dkdv(IO* __restrict__ dk, IO* __restrict__ dv,
-                                                      const IO* __restrict__ dout, const IO* __restrict__ q,
-                                                      const IO* __restrict__ k, const IO* __restrict__ v,
-                                                      const float* __restrict__ lse, const float* __restrict__ D,
-                                                      const int* __restrict__ mask, int B, int H, int Tq, int Tk,
-                                                      int hd, int causal, float scale) {
+__device__ __forceinline__ void attention_tc_bwd_dkdv(DM_ATT_DKDV_ARGS(IO)) {
     constexpr int NDT = HDM / 8;
     extern __shared__ __align__(128) unsigned char tc_smem[];
-    bf16_t* Ks = reinterpret_cast<bf16_t*>(tc_smem);
-    bf16_t* Vs = Ks + TC_T * HDM;
-    bf16_t* Qs = Vs + TC_T * HDM;
-    bf16_t* dOs = Qs + TC_T * HDM;
-    float* lse_s = reinterpret_cast<float*>(dOs + TC_T * HDM);
-    float* D_s = lse_s + TC_T;
-    float* kflag = D_s + TC_T;
+    bf16_t *Ks = reinterpret_cast<bf16_t*>(tc_smem), *Vs = Ks + TC_T * HDM, *Qs = Vs + TC_T * HDM, *dOs = Qs + TC_T * HDM;
+    float *lse_s = reinterpret_cast<float*>(dOs + TC_T * HDM), *D_s = lse_s + TC_T, *kflag = D_s + TC_T;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int k0 = blockIdx.x * TC_T;
-    const int W = H * hd, col0 = h * hd;
+    const auto [bh, b, h, W, col0, k0] = att_block<TC_T>(H, hd);
     const float inv_tk = 1.0f / (float)Tk;
     const bool vec = hd % 8 == 0;
     const int kl_row[2] = {warp * 16 + (lane >> 2), warp * 16 + (lane >> 2) + 8};  // key within tile
 
     tc_load_tile<HDM>(Ks, k, b, Tk, W, col0, k0, hd, vec && aligned16(k));
     tc_load_tile<HDM>(Vs, v, b, Tk, W, col0, k0, hd, vec && aligned16(v));
-    tc_key_flags(kflag, mask, b, Tk, k0);
+    att_key_flags<TC_T>(kflag, mask, b, Tk, k0);
 
     float dka[NDT][4], dva[NDT][4];
-#pragma unroll
-    for (int dt = 0; dt < NDT; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            dka[dt][e] = 0.0f;
-            dva[dt][e] = 0.0f;
-        }
+    zero_fill(dka);
+    zero_fill(dva);
 
     const int q_begin = (causal && mask == nullptr) ? k0 : 0;
     for (int q0 = q_begin; q0 < Tq; q0 += TC_T) {
         __syncthreads();
         tc_load_tile<HDM>(Qs, q, b, Tq, W, col0, q0, hd, vec && aligned16(q));
         tc_load_tile<HDM>(dOs, dout, b, Tq, W, col0, q0, hd, vec && aligned16(dout));
-        if (threadIdx.x < TC_T) {
-            const int r = q0 + threadIdx.x;
-            lse_s[threadIdx.x] = r < Tq ? lse[(i64)bh * Tq + r] : 0.0f;
-            D_s[threadIdx.x] = r < Tq ? D[(i64)bh * Tq + r] : 0.0f;
-        }
+        att_load_row_stats<TC_T>(lse_s, D_s, lse, D, bh, Tq, q0);
         __syncthreads();
 
         float st[8][4], dpt[8][4];  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows = this warp's 16 keys, columns = 64 queries
@@ -424,7 +368,7 @@ __device__ __forceinline__ void attention_tc_bwd_dkdv(IO* __restrict__ dk, IO* _
                 const int ql = nt * 8 + 2 * c + (e & 1), qrow = q0 + ql;
                 const int kl = kl_row[e >> 1], key = k0 + kl;
                 const bool vis = kflag[kl] != 0.0f && (!causal || key <= qrow);
-                const float p = tc_bwd_prob(st[nt][e], lse_s[ql], qrow < Tq, key < Tk, vis, scale, inv_tk);
+                const float p = att_bwd_prob(st[nt][e], lse_s[ql], qrow < Tq, key < Tk, vis, scale, inv_tk);
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - D_s[ql]);
             }
@@ -435,76 +379,34 @@ __device__ __forceinline__ void attention_tc_bwd_dkdv(IO* __restrict__ dk, IO* _
             tc_c_to_a(dsa, dpt, kc);
 #pragma unroll
             for (int dp = 0; dp < NDT / 2; ++dp) {
-                unsigned r[4];
-                tc_frag_b_cols<HDM>(r, dOs, kc * 16, dp, lane);
-                mma_bf16_16816(dva[2 * dp], pa, r[0], r[1]);
-                mma_bf16_16816(dva[2 * dp + 1], pa, r[2], r[3]);
-                tc_frag_b_cols<HDM>(r, Qs, kc * 16, dp, lane);
-                mma_bf16_16816(dka[2 * dp], dsa, r[0], r[1]);
-                mma_bf16_16816(dka[2 * dp + 1], dsa, r[2], r[3]);
+                tc_mma_cols<HDM>(dva, pa, dOs, dp, kc, lane);
+                tc_mma_cols<HDM>(dka, dsa, Qs, dp, kc, lane);
             }
         }
     }
 
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int key = k0 + kl_row[hr];
-        if (key >= Tk) continue;
-        const i64 base = ((i64)b * Tk + key) * W + col0;
-#pragma unroll
-        for (int dt = 0; dt < NDT; ++dt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int d = dt * 8 + 2 * c + e;
-                if (d < hd) {
-                    tc_st(dk, base + d, dka[dt][2 * hr + e] * scale);
-                    tc_st(dv, base + d, dva[dt][2 * hr + e]);
-                }
-            }
-    }
+    const int key[2] = {k0 + kl_row[0], k0 + kl_row[1]};
+    tc_store_acc<HDM>(dk, dka, key, b, Tk, W, col0, hd, c, [&](float x, int) { return x * scale; });
+    tc_store_acc<HDM>(dv, dva, key, b, Tk, W, col0, hd, c, [](float x, int) { return x; });
 }
 
-#define DM_TC_DKDV_ARGS(IO)                                                                                \
-    IO *__restrict__ dk, IO *__restrict__ dv, const IO *__restrict__ dout, const IO *__restrict__ q,       \
-        const IO *__restrict__ k, const IO *__restrict__ v, const float *__restrict__ lse,                 \
-        const float *__restrict__ D, const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, \
-        int causal, float scale
-#define DM_TC_DKDV_CALL dk, dv, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
-
-extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd64(DM_TC_DKDV_ARGS(float)) {
-    attention_tc_bwd_dkdv<64>(DM_TC_DKDV_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd128(DM_TC_DKDV_ARGS(float)) {
-    attention_tc_bwd_dkdv<128>(DM_TC_DKDV_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd64(DM_TC_DKDV_ARGS(bf16_t)) {
-    attention_tc_bwd_dkdv<64>(DM_TC_DKDV_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd128(DM_TC_DKDV_ARGS(bf16_t)) {
-    attention_tc_bwd_dkdv<128>(DM_TC_DKDV_CALL);
-}
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd64(DM_ATT_DKDV_ARGS(float)) { attention_tc_bwd_dkdv<64>(DM_ATT_DKDV_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_f32_hd128(DM_ATT_DKDV_ARGS(float)) { attention_tc_bwd_dkdv<128>(DM_ATT_DKDV_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd64(DM_ATT_DKDV_ARGS(bf16_t)) { attention_tc_bwd_dkdv<64>(DM_ATT_DKDV_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) attention_tc_bwd_dkdv_bf16_hd128(DM_ATT_DKDV_ARGS(bf16_t)) { attention_tc_bwd_dkdv<128>(DM_ATT_DKDV_CALL); }
 
 // ------------------------------------------------------------------------------------------------
 // dQ: block = 64 queries (warp w: queries 16w ..), loop over key tiles.
 
 template <int HDM, typename IO>
-__device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const IO* __restrict__ dout,
-                                                    const IO* __restrict__ q, const IO* __restrict__ k,
-                                                    const IO* __restrict__ v, const float* __restrict__ lse,
-                                                    const float* __restrict__ D, const int* __restrict__ mask,
-                                                    int B, int H, int Tq, int Tk, int hd, int causal, float scale) {
+__device__ __forceinline__ void attention_tc_bwd_dq(DM_ATT_DQ_ARGS(IO)) {
     constexpr int NDT = HDM / 8;
     extern __shared__ __align__(128) unsigned char tc_smem[];
-    bf16_t* Qs = reinterpret_cast<bf16_t*>(tc_smem);
-    bf16_t* dOs = Qs + TC_T * HDM;
-    bf16_t* Ks = dOs + TC_T * HDM;
-    bf16_t* Vs = Ks + TC_T * HDM;
+    bf16_t *Qs = reinterpret_cast<bf16_t*>(tc_smem), *dOs = Qs + TC_T * HDM, *Ks = dOs + TC_T * HDM, *Vs = Ks + TC_T * HDM;
     float* kflag = reinterpret_cast<float*>(Vs + TC_T * HDM);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int q0 = blockIdx.x * TC_T;
-    const int W = H * hd, col0 = h * hd;
+    const auto [bh, b, h, W, col0, q0] = att_block<TC_T>(H, hd);
     const float inv_tk = 1.0f / (float)Tk;
     const bool vec = hd % 8 == 0;
     const int row[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
@@ -519,17 +421,14 @@ __device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const I
     tc_load_tile<HDM>(dOs, dout, b, Tq, W, col0, q0, hd, vec && aligned16(dout));
 
     float dqa[NDT][4];
-#pragma unroll
-    for (int dt = 0; dt < NDT; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dqa[dt][e] = 0.0f;
+    zero_fill(dqa);
 
     const int kv_end = (causal && mask == nullptr) ? min(Tk, q0 + TC_T) : Tk;
     for (int k0 = 0; k0 < kv_end; k0 += TC_T) {
         __syncthreads();
         tc_load_tile<HDM>(Ks, k, b, Tk, W, col0, k0, hd, vec && aligned16(k));
         tc_load_tile<HDM>(Vs, v, b, Tk, W, col0, k0, hd, vec && aligned16(v));
-        tc_key_flags(kflag, mask, b, Tk, k0);
+        att_key_flags<TC_T>(kflag, mask, b, Tk, k0);
         __syncthreads();
 
         float s[8][4], dp[8][4];  // S = Q·Kᵀ and dP = dO·Vᵀ: rows = this warp's 16 queries, columns = 64 keys
@@ -538,10 +437,9 @@ __device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const I
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int kl = nt * 8 + 2 * c + (e & 1), key = k0 + kl;
-                const int hr = e >> 1;
+                const int kl = nt * 8 + 2 * c + (e & 1), key = k0 + kl, hr = e >> 1;
                 const bool vis = kflag[kl] != 0.0f && (!causal || key <= row[hr]);
-                const float p = tc_bwd_prob(s[nt][e], lse_r[hr], row[hr] < Tq, key < Tk, vis, scale, inv_tk);
+                const float p = att_bwd_prob(s[nt][e], lse_r[hr], row[hr] < Tq, key < Tk, vis, scale, inv_tk);
                 dp[nt][e] = p * (dp[nt][e] - D_r[hr]);
             }
 #pragma unroll
@@ -549,44 +447,14 @@ __device__ __forceinline__ void attention_tc_bwd_dq(IO* __restrict__ dq, const I
             unsigned dsa[4];
             tc_c_to_a(dsa, dp, kc);
 #pragma unroll
-            for (int dpi = 0; dpi < NDT / 2; ++dpi) {
-                unsigned r[4];
-                tc_frag_b_cols<HDM>(r, Ks, kc * 16, dpi, lane);
-                mma_bf16_16816(dqa[2 * dpi], dsa, r[0], r[1]);
-                mma_bf16_16816(dqa[2 * dpi + 1], dsa, r[2], r[3]);
-            }
+            for (int dpi = 0; dpi < NDT / 2; ++dpi) tc_mma_cols<HDM>(dqa, dsa, Ks, dpi, kc, lane);
         }
     }
 
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        if (row[hr] >= Tq) continue;
-        const i64 base = ((i64)b * Tq + row[hr]) * W + col0;
-#pragma unroll
-        for (int dt = 0; dt < NDT; ++dt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int d = dt * 8 + 2 * c + e;
-                if (d < hd) tc_st(dq, base + d, dqa[dt][2 * hr + e] * scale);
-            }
-    }
+    tc_store_acc<HDM>(dq, dqa, row, b, Tq, W, col0, hd, c, [&](float x, int) { return x * scale; });
 }
 
-#define DM_TC_DQ_ARGS(IO)                                                                                  \
-    IO *__restrict__ dq, const IO *__restrict__ dout, const IO *__restrict__ q, const IO *__restrict__ k, \
-        const IO *__restrict__ v, const float *__restrict__ lse, const float *__restrict__ D,             \
-        const int *__restrict__ mask, int B, int H, int Tq, int Tk, int hd, int causal, float scale
-#define DM_TC_DQ_CALL dq, dout, q, k, v, lse, D, mask, B, H, Tq, Tk, hd, causal, scale
-
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd64(DM_TC_DQ_ARGS(float)) {
-    attention_tc_bwd_dq<64>(DM_TC_DQ_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd128(DM_TC_DQ_ARGS(float)) {
-    attention_tc_bwd_dq<128>(DM_TC_DQ_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd64(DM_TC_DQ_ARGS(bf16_t)) {
-    attention_tc_bwd_dq<64>(DM_TC_DQ_CALL);
-}
-extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd128(DM_TC_DQ_ARGS(bf16_t)) {
-    attention_tc_bwd_dq<128>(DM_TC_DQ_CALL);
-}
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd64(DM_ATT_DQ_ARGS(float)) { attention_tc_bwd_dq<64>(DM_ATT_DQ_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_f32_hd128(DM_ATT_DQ_ARGS(float)) { attention_tc_bwd_dq<128>(DM_ATT_DQ_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd64(DM_ATT_DQ_ARGS(bf16_t)) { attention_tc_bwd_dq<64>(DM_ATT_DQ_CALL); }
+extern "C" __global__ void __launch_bounds__(TC_NT) attention_tc_bwd_dq_bf16_hd128(DM_ATT_DQ_ARGS(bf16_t)) { attention_tc_bwd_dq<128>(DM_ATT_DQ_CALL); }

@@ -3,6 +3,8 @@
 
 use super::kernels as k;
 use crate::cuda::kernel_prelude::*;
+use crate::cuda::memory::DeviceData;
+use crate::dtype::DType;
 use crate::ops::elementwise as ew;
 
 impl CudaBackend {
@@ -16,24 +18,65 @@ impl CudaBackend {
         unsafe { self.call_kernel(k::FILL, l, (DevicePtr(ptr), value, n as u64)) }
     }
 
+    /// Backend::fill on a buffer of either dtype (`fill_f32`, or `fill_bf16` rounding `value`).
+    pub(crate) fn fill_cuda(&self, a: ew::Fill<'_, CudaBuf>) -> Result<()> {
+        let ew::Fill { buf, value } = a;
+        match buf.dtype() {
+            DType::F32 => self.fill_raw("fill", buf.device_ptr(), buf.len, value),
+            DType::Bf16 => {
+                if buf.len == 0 {
+                    return Ok(());
+                }
+                let l = cfg("fill", lc::grid_stride(buf.len, self.sms()))?;
+                // SAFETY: fill_bf16(x, value, n) writes x[0..n) bf16; `buf` holds len of them.
+                unsafe { self.call_kernel(k::FILL_BF16, l, (mut_ptr(buf), value, buf.len as u64)) }
+            }
+        }
+    }
+
+    /// Host data into a buffer of either dtype (bf16: rounded on the host as the CPU rounds).
     pub(crate) fn write_cuda(&self, a: ew::Write<'_, CudaBuf>) -> Result<()> {
         let ew::Write { dst, offset, data } = a;
         if data.is_empty() {
             return Ok(());
         }
         let end = offset + data.len();
-        self.dev.stream.memcpy_htod(data, &mut dst.data.slice_mut(offset..end)).map_err(|e| driver_err("write", e))
+        let copied = match &mut dst.data {
+            DeviceData::F32(d) => self.dev.stream.memcpy_htod(data, &mut d.slice_mut(offset..end)),
+            DeviceData::Bf16(d) => {
+                let bits: Vec<u16> = data.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                self.dev.stream.memcpy_htod(&bits, &mut d.slice_mut(offset..end))
+            }
+        };
+        copied.map_err(|e| driver_err("write", e))
     }
 
+    /// A copy between buffers of any dtypes: a device copy when they match (bf16 → bf16 copies the
+    /// bits; the CPU's widen-and-round also quiets a signalling NaN, the only difference), else the
+    /// widening (`cast_bf16_to_f32`, exact) or rounding (`cast_f32_to_bf16`) cast over the range.
     pub(crate) fn copy_cuda(&self, a: ew::Copy<'_, CudaBuf>) -> Result<()> {
         let ew::Copy { dst, dst_off, src, src_off, len } = a;
         if len == 0 {
             return Ok(());
         }
-        self.dev
-            .stream
-            .memcpy_dtod(&src.data.slice(src_off..src_off + len), &mut dst.data.slice_mut(dst_off..dst_off + len))
-            .map_err(|e| driver_err("copy", e))
+        let (d, s) = (dst_off..dst_off + len, src_off..src_off + len);
+        let stream = &self.dev.stream;
+        let cast = match (&mut dst.data, &src.data) {
+            (DeviceData::F32(o), DeviceData::F32(i)) => {
+                return stream.memcpy_dtod(&i.slice(s), &mut o.slice_mut(d)).map_err(|e| driver_err("copy", e))
+            }
+            (DeviceData::Bf16(o), DeviceData::Bf16(i)) => {
+                return stream.memcpy_dtod(&i.slice(s), &mut o.slice_mut(d)).map_err(|e| driver_err("copy", e))
+            }
+            (DeviceData::F32(_), DeviceData::Bf16(_)) => k::CAST_BF16_TO_F32,
+            (DeviceData::Bf16(_), DeviceData::F32(_)) => k::CAST_F32_TO_BF16,
+        };
+        let l = cfg("copy", lc::grid_stride(len, self.sms()))?;
+        let args = (DevicePtr(dst.elem_ptr(dst_off)), DevicePtr(src.elem_ptr(src_off)), len as u64);
+        // SAFETY: cast_*(out, x, n) over n elements: the checked ranges dst_off..+len and
+        // src_off..+len lie inside their buffers (addresses by each buffer's element size), and
+        // `dst` is a distinct &mut buffer.
+        unsafe { self.call_kernel(cast, l, args) }
     }
 
     pub(crate) fn add_assign_cuda(&self, a: ew::AddAssign<'_, CudaBuf>) -> Result<()> {

@@ -112,16 +112,34 @@ extern "C" __global__ void sum_f64_finish(const double* __restrict__ partials, i
     if (threadIdx.x == 0) out[0] = accumulate ? out[0] + acc : acc;
 }
 
-// cast_f32_to_bf16(out, x, n): out[i] = bf16(x[i]), round to nearest even (NaN stays NaN).
+// ---- bf16 storage: the casts (GEMM operand staging, the bf16 staging of every other op) and
+// the fill of bf16 buffers. Rounding is done in integer arithmetic, bit for bit as the CPU backend
+// rounds (`half::bf16::from_f32`): round to nearest even, subnormals kept, a NaN stays NaN with
+// its upper payload bits and the quiet bit set (PTX cvt.rn.bf16.f32 would return the canonical NaN).
+__device__ __forceinline__ bf16_t f32_to_bf16_rne(float f) {
+    const unsigned x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((x >> 16) | 0x0040u);
+    // Add just under half an ulp, plus one when the kept part is odd (ties go to even).
+    return (bf16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// cast_f32_to_bf16(out, x, n): out[i] = bf16(x[i]), rounded as f32_to_bf16_rne.
 extern "C" __global__ void cast_f32_to_bf16(bf16_t* __restrict__ out, const float* __restrict__ x, u64 n) {
     const u64 tid = global_thread_id(), stride = grid_threads();
-    for (u64 i = tid; i < n; i += stride) out[i] = f32_to_bf16(x[i]);
+    for (u64 i = tid; i < n; i += stride) out[i] = f32_to_bf16_rne(x[i]);
 }
 
 // cast_bf16_to_f32(out, x, n): out[i] = f32(x[i]) (exact).
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16_t* __restrict__ x, u64 n) {
     const u64 tid = global_thread_id(), stride = grid_threads();
     for (u64 i = tid; i < n; i += stride) out[i] = bf16_to_f32(x[i]);
+}
+
+// fill_bf16(x, value, n): x[i] = bf16(value), rounded as f32_to_bf16_rne.
+extern "C" __global__ void fill_bf16(bf16_t* __restrict__ x, float value, u64 n) {
+    const u64 tid = global_thread_id(), stride = grid_threads();
+    const bf16_t v = f32_to_bf16_rne(value);
+    for (u64 i = tid; i < n; i += stride) x[i] = v;
 }
 
 // ---- broadcast rows: the learned-position add and its sum over the batch ----

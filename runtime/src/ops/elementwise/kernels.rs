@@ -20,10 +20,12 @@ pub(crate) const SCALE: Kernel<(P, f32, u64)> = Kernel::new(NAME, "scale_f32");
 pub(crate) const SUM_SQUARES_PARTIAL: Kernel<(P, u64, P)> = Kernel::new(NAME, "sum_squares_partial_f32");
 /// `sum_f64_finish(partials, count, out, accumulate)`: out[0] (+)= Σ partials, one block.
 pub(crate) const SUM_F64_FINISH: Kernel<(P, i32, P, i32)> = Kernel::new(NAME, "sum_f64_finish");
-/// `cast_f32_to_bf16(out, x, n)`: round-to-nearest-even f32 → bf16.
+/// `cast_f32_to_bf16(out, x, n)`: f32 → bf16, rounded as `half::bf16::from_f32` (nearest even).
 pub(crate) const CAST_F32_TO_BF16: Kernel<(P, P, u64)> = Kernel::new(NAME, "cast_f32_to_bf16");
-/// `cast_bf16_to_f32(out, x, n)`: exact bf16 → f32 (not called yet: activations are f32).
-const CAST_BF16_TO_F32: Kernel<(P, P, u64)> = Kernel::new(NAME, "cast_bf16_to_f32");
+/// `cast_bf16_to_f32(out, x, n)`: exact bf16 → f32.
+pub(crate) const CAST_BF16_TO_F32: Kernel<(P, P, u64)> = Kernel::new(NAME, "cast_bf16_to_f32");
+/// `fill_bf16(x, value, n)`: x[i] = bf16(value) (rounded as the casts).
+pub(crate) const FILL_BF16: Kernel<(P, f32, u64)> = Kernel::new(NAME, "fill_bf16");
 /// `add_broadcast_rows_f32(out, row, n_blocks, row_len)`: out[b·row_len + j] += row[j].
 pub(crate) const ADD_BROADCAST_ROWS: Kernel<(P, P, i32, i32)> = Kernel::new(NAME, "add_broadcast_rows_f32");
 /// `sum_broadcast_rows_f32(acc, x, n_blocks, row_len)`: acc[j] += Σ_b x[b·row_len + j], in order.
@@ -42,6 +44,7 @@ pub const FAMILY: KernelFamily = KernelFamily {
         SUM_F64_FINISH.decl(),
         CAST_F32_TO_BF16.decl(),
         CAST_BF16_TO_F32.decl(),
+        FILL_BF16.decl(),
         ADD_BROADCAST_ROWS.decl(),
         SUM_BROADCAST_ROWS.decl(),
     ],
@@ -102,6 +105,42 @@ mod tests {
         let p = sum_squares_partials(1 << 30, 132).unwrap();
         assert_eq!(p.grid.0, 528);
         assert!(sum_squares_partials(1 << 30, 1000).unwrap().grid.0 <= 1024);
+    }
+
+    /// elementwise.cu's `f32_to_bf16_rne` (the casts and `fill_bf16`), line for line in u32
+    /// arithmetic: it must round as `half::bf16::from_f32` (the CPU backend's rounding) for every
+    /// class of input, so bf16 buffers hold the same bits on both backends.
+    fn f32_to_bf16_rne(f: f32) -> u16 {
+        let x = f.to_bits();
+        if (x & 0x7fff_ffff) > 0x7f80_0000 {
+            return ((x >> 16) | 0x0040) as u16;
+        }
+        ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16
+    }
+
+    #[test]
+    fn the_cast_kernels_round_as_half() {
+        use rand::{Rng, SeedableRng};
+        let edges = [
+            0.0,
+            -0.0,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffc1_2345),
+            1e-40,
+            -f32::MIN_POSITIVE,
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let random = (0..200_000).map(|_| f32::from_bits(rng.random::<u32>()));
+        for f in edges.into_iter().chain(random) {
+            assert_eq!(f32_to_bf16_rne(f), half::bf16::from_f32(f).to_bits(), "{f:e} ({:#010x})", f.to_bits());
+        }
     }
 
     #[test]

@@ -47,19 +47,39 @@ pub fn forward(
         });
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    dx: &mut [f32],
-    dscale: Option<&mut [f32]>,
-    dbias: &mut [f32],
-    dout: &[f32],
-    x: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    scale: Option<&[f32]>,
-    dim: usize,
-    accumulate_dx: bool,
-) {
+/// What every LayerNorm backward step reads: the output gradient, the forward's input and
+/// statistics, the optional scale, and the row length.
+pub struct BackwardInputs<'a> {
+    pub dout: &'a [f32],
+    pub x: &'a [f32],
+    pub mean: &'a [f32],
+    pub rstd: &'a [f32],
+    pub scale: Option<&'a [f32]>,
+    pub dim: usize,
+}
+
+/// What the backwards write: `dscale` and `dbias` accumulated (`+=`), `dx` overwritten, or
+/// accumulated when `accumulate_dx`.
+pub struct Grads<'a> {
+    pub dx: &'a mut [f32],
+    pub dscale: Option<&'a mut [f32]>,
+    pub dbias: &'a mut [f32],
+    pub accumulate_dx: bool,
+}
+
+/// Writes `v` into `dx` (overwrite) or adds it (`accumulate_dx`).
+fn put(d: &mut f32, v: f32, accumulate_dx: bool) {
+    if accumulate_dx {
+        *d += v;
+    } else {
+        *d = v;
+    }
+}
+
+/// The fused backward (one device holds the whole row).
+pub fn backward(grads: Grads<'_>, inputs: BackwardInputs<'_>) {
+    let Grads { dx, dscale, dbias, accumulate_dx } = grads;
+    let BackwardInputs { dout, x, mean, rstd, scale, dim } = inputs;
     let block = ROWS_PER_TASK * dim;
     let with_scale = scale.is_some();
     // Each task returns its partial (dscale, dbias); they are summed below.
@@ -98,12 +118,7 @@ pub fn backward(
                 let mean_dy_xhat = dot.iter().sum::<f32>() / dim as f32;
                 let dxr = &mut dx[r * dim..(r + 1) * dim];
                 for j in 0..dim {
-                    let v = rs * (dyhat[j] - mean_dy - xhat[j] * mean_dy_xhat);
-                    if accumulate_dx {
-                        dxr[j] += v;
-                    } else {
-                        dxr[j] = v;
-                    }
+                    put(&mut dxr[j], rs * (dyhat[j] - mean_dy - xhat[j] * mean_dy_xhat), accumulate_dx);
                 }
             }
             (ds, db)
@@ -159,16 +174,8 @@ pub fn apply(out: &mut [f32], x: &[f32], mean: &[f32], rstd: &[f32], scale: Opti
 }
 
 /// `sums[r] = Σ ĝ`, `sums[rows + r] = Σ ĝ·x̂`.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_row_sums(
-    sums: &mut [f32],
-    dout: &[f32],
-    x: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    scale: Option<&[f32]>,
-    dim: usize,
-) {
+pub fn backward_row_sums(sums: &mut [f32], inputs: BackwardInputs<'_>) {
+    let BackwardInputs { dout, x, mean, rstd, scale, dim } = inputs;
     let rows = mean.len();
     let (s1, s2) = sums.split_at_mut(rows);
     s1.par_iter_mut().zip(s2.par_iter_mut()).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, (a, b))| {
@@ -184,22 +191,11 @@ pub fn backward_row_sums(
     });
 }
 
-/// The sharded backward's second half; see `Backend::layernorm_backward_apply`.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_apply(
-    dx: &mut [f32],
-    dscale: Option<&mut [f32]>,
-    dbias: &mut [f32],
-    dout: &[f32],
-    x: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    scale: Option<&[f32]>,
-    sums: &[f32],
-    dim: usize,
-    dim_global: usize,
-    accumulate_dx: bool,
-) {
+/// The sharded backward's second half, from the all-reduced `sums` of [`backward_row_sums`] over a
+/// row of `dim_global` elements; see `Backend::layernorm_backward_apply`.
+pub fn backward_apply(grads: Grads<'_>, inputs: BackwardInputs<'_>, sums: &[f32], dim_global: usize) {
+    let Grads { dx, dscale, dbias, accumulate_dx } = grads;
+    let BackwardInputs { dout, x, mean, rstd, scale, dim } = inputs;
     let rows = mean.len();
     let n = dim_global as f32;
     dx.par_chunks_mut(dim).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, dxr)| {
@@ -208,12 +204,7 @@ pub fn backward_apply(
         for j in 0..dim {
             let gh = g[j] * scale.map_or(1.0, |s| s[j]);
             let xh = (xr[j] - mean[r]) * rstd[r];
-            let v = rstd[r] * (gh - m1 - xh * m2);
-            if accumulate_dx {
-                dxr[j] += v;
-            } else {
-                dxr[j] = v;
-            }
+            put(&mut dxr[j], rstd[r] * (gh - m1 - xh * m2), accumulate_dx);
         }
     });
     let mut dscale = dscale;

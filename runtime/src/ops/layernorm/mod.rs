@@ -21,82 +21,74 @@ use crate::error::{Result, RuntimeError};
 use crate::ops::checks::{check_f32, check_len, check_opt_f32, check_opt_len, rows_of};
 use crate::ops::Storage;
 
-/// [`crate::Backend::layernorm_forward`].
-pub struct Forward<'a, T> {
-    pub out: &'a mut T,
-    pub mean: &'a mut T,
-    pub rstd: &'a mut T,
-    pub x: &'a T,
-    pub scale: Option<&'a T>,
-    pub bias: &'a T,
-    pub dim: usize,
+op_args! {
+    /// [`crate::Backend::layernorm_forward`].
+    Forward<'a, T> {
+        out: &'a mut T, mean: &'a mut T, rstd: &'a mut T,
+        x: &'a T, scale: Option<&'a T>, bias: &'a T, dim: usize,
+    }
 }
 
-/// [`crate::Backend::layernorm_apply`]: the forward with given statistics.
-pub struct Apply<'a, T> {
-    pub out: &'a mut T,
-    pub x: &'a T,
-    pub mean: &'a T,
-    pub rstd: &'a T,
-    pub scale: Option<&'a T>,
-    pub bias: &'a T,
-    pub dim: usize,
+op_args! {
+    /// [`crate::Backend::layernorm_apply`]: the forward with given statistics.
+    Apply<'a, T> {
+        out: &'a mut T,
+        x: &'a T, mean: &'a T, rstd: &'a T, scale: Option<&'a T>, bias: &'a T, dim: usize,
+    }
 }
 
-/// [`crate::Backend::layernorm_backward`].
-pub struct Backward<'a, T> {
-    pub dx: &'a mut T,
-    pub dscale: Option<&'a mut T>,
-    pub dbias: &'a mut T,
-    pub dout: &'a T,
-    pub x: &'a T,
-    pub mean: &'a T,
-    pub rstd: &'a T,
-    pub scale: Option<&'a T>,
-    pub dim: usize,
-    pub accumulate_dx: bool,
+op_args! {
+    /// [`crate::Backend::layernorm_backward`].
+    Backward<'a, T> {
+        dx: &'a mut T, dscale: Option<&'a mut T>, dbias: &'a mut T,
+        dout: &'a T, x: &'a T, mean: &'a T, rstd: &'a T, scale: Option<&'a T>, dim: usize, accumulate_dx: bool,
+    }
 }
 
-/// [`crate::Backend::layernorm_row_sums`]: `Σx`, or `Σ(x − center)²` when `center` is given.
-pub struct RowSums<'a, T> {
-    pub sums: &'a mut T,
-    pub x: &'a T,
-    pub center: Option<&'a T>,
-    pub dim: usize,
+op_args! {
+    /// [`crate::Backend::layernorm_row_sums`]: `Σx`, or `Σ(x − center)²` when `center` is given.
+    RowSums<'a, T> { sums: &'a mut T, x: &'a T, center: Option<&'a T>, dim: usize }
 }
 
-/// [`crate::Backend::layernorm_finish_stats`]: all-reduced sums → mean or rstd, in place.
-pub struct FinishStats<'a, T> {
-    pub sums: &'a mut T,
-    pub dim_global: usize,
-    pub squared: bool,
+op_args! {
+    /// [`crate::Backend::layernorm_finish_stats`]: all-reduced sums → mean or rstd, in place.
+    FinishStats<'a, T> { sums: &'a mut T, dim_global: usize, squared: bool }
 }
 
-/// [`crate::Backend::layernorm_backward_row_sums`]: `[Σĝ, Σĝx̂]` as `[2, rows]`.
-pub struct BackwardRowSums<'a, T> {
-    pub sums: &'a mut T,
-    pub dout: &'a T,
-    pub x: &'a T,
-    pub mean: &'a T,
-    pub rstd: &'a T,
-    pub scale: Option<&'a T>,
-    pub dim: usize,
+op_args! {
+    /// [`crate::Backend::layernorm_backward_row_sums`]: `[Σĝ, Σĝx̂]` as `[2, rows]`.
+    BackwardRowSums<'a, T> {
+        sums: &'a mut T,
+        dout: &'a T, x: &'a T, mean: &'a T, rstd: &'a T, scale: Option<&'a T>, dim: usize,
+    }
 }
 
-/// [`crate::Backend::layernorm_backward_apply`]: the backward from all-reduced `sums`.
-pub struct BackwardApply<'a, T> {
-    pub dx: &'a mut T,
-    pub dscale: Option<&'a mut T>,
-    pub dbias: &'a mut T,
-    pub dout: &'a T,
-    pub x: &'a T,
-    pub mean: &'a T,
-    pub rstd: &'a T,
-    pub scale: Option<&'a T>,
-    pub sums: &'a T,
-    pub dim: usize,
-    pub dim_global: usize,
-    pub accumulate_dx: bool,
+op_args! {
+    /// [`crate::Backend::layernorm_backward_apply`]: the backward from all-reduced `sums`.
+    BackwardApply<'a, T> {
+        dx: &'a mut T, dscale: Option<&'a mut T>, dbias: &'a mut T,
+        dout: &'a T, x: &'a T, mean: &'a T, rstd: &'a T, scale: Option<&'a T>,
+        sums: &'a T, dim: usize, dim_global: usize, accumulate_dx: bool,
+    }
+}
+
+impl<'a, T> BackwardApply<'a, T> {
+    /// The buffers it shares with the fused backward, and its all-reduced `sums` and `dim_global`.
+    pub fn split(self) -> (Backward<'a, T>, &'a T, usize) {
+        let fused = Backward {
+            dx: self.dx,
+            dscale: self.dscale,
+            dbias: self.dbias,
+            dout: self.dout,
+            x: self.x,
+            mean: self.mean,
+            rstd: self.rstd,
+            scale: self.scale,
+            dim: self.dim,
+            accumulate_dx: self.accumulate_dx,
+        };
+        (fused, self.sums, self.dim_global)
+    }
 }
 
 /// The buffers every LayerNorm call reads: `x` (f32 or bf16) and the per-row statistics (f32).

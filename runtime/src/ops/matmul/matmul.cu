@@ -35,6 +35,12 @@
 // outputs (rows ty + 16i, columns tx + 16j). Static shared memory 8.3 KiB. Any sizes (bounds-checked
 // loads); any leading dimensions. Numerics: f32 FMAs, K summed in order within a split.
 
+// Every entry point's parameter list (T = bf16_t or float), and the argument list forwarding it.
+#define DM_GEMM_ARGS(T)                                                                             \
+    float *__restrict__ C, const T *__restrict__ A, const T *__restrict__ B, int M, int N, int K, int lda, \
+        int ldb, int ldc, float alpha, float beta
+#define DM_GEMM_CALL_ARGS C, A, B, M, N, K, lda, ldb, ldc, alpha, beta
+
 // ------------------------------------------------------------------------------------------------
 // Shared-memory tile layouts (element offsets), both swizzled at 16-byte-chunk granularity so that
 // the 8 row addresses of one ldmatrix 8×8 matrix fall in 8 distinct bank groups.
@@ -95,10 +101,27 @@ __device__ __forceinline__ void load_tile_bf16(bf16_t* tile, const bf16_t* __res
     }
 }
 
+// This split's range [kt_begin, kt_end) of the ceil(K/BK) K tiles (gridDim.z splits; may be empty).
+template <int BK>
+__device__ __forceinline__ void split_k_tiles(int K, int& kt_begin, int& kt_end) {
+    const int k_tiles_total = (K + BK - 1) / BK;
+    const int per_split = (k_tiles_total + gridDim.z - 1) / gridDim.z;
+    kt_begin = blockIdx.z * per_split;
+    kt_end = min(k_tiles_total, kt_begin + per_split);
+}
+
+// Writes alpha·acc (= v) into C at c: atomically added under split-K, else v + beta·C (beta = 0:
+// C is not read).
+__device__ __forceinline__ void store_c(float* c, float v, bool split, float beta) {
+    if (split) {
+        atomicAdd(c, v);
+    } else {
+        *c = beta != 0.0f ? v + beta * *c : v;
+    }
+}
+
 template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool TA, bool TB>
-__device__ __forceinline__ void gemm_bf16_tc(float* __restrict__ C, const bf16_t* __restrict__ A,
-                                             const bf16_t* __restrict__ B, int M, int N, int K, int lda,
-                                             int ldb, int ldc, float alpha, float beta) {
+__device__ __forceinline__ void gemm_bf16_tc(DM_GEMM_ARGS(bf16_t)) {
     constexpr int BK = MM_BF16_BK;
     constexpr int NT = WARPS_M * WARPS_N * 32;
     constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
@@ -116,20 +139,12 @@ __device__ __forceinline__ void gemm_bf16_tc(float* __restrict__ C, const bf16_t
     const bool fast_a = (lda % 8 == 0) && aligned16(A);
     const bool fast_b = (ldb % 8 == 0) && aligned16(B);
 
-    // This split's range of K tiles.
-    const int k_tiles_total = (K + BK - 1) / BK;
-    const int per_split = (k_tiles_total + gridDim.z - 1) / gridDim.z;
-    const int kt_begin = blockIdx.z * per_split;
-    const int kt_end = min(k_tiles_total, kt_begin + per_split);
+    int kt_begin, kt_end;
+    split_k_tiles<BK>(K, kt_begin, kt_end);
     const int k_tiles = max(kt_end - kt_begin, 0);
 
     float acc[MI][NI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    zero_fill(acc);
 
     auto load_stage = [&](int stage, int kt) {
         const int k0 = (kt_begin + kt) * BK;
@@ -211,108 +226,72 @@ __device__ __forceinline__ void gemm_bf16_tc(float* __restrict__ C, const bf16_t
                 if (row >= M) continue;
                 float* c = C + (i64)row * ldc + col;
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (col + e >= N) continue;
-                    const float v = alpha * acc[mi][ni][2 * h + e];
-                    if (split) {
-                        atomicAdd(c + e, v);
-                    } else {
-                        c[e] = beta != 0.0f ? v + beta * c[e] : v;
-                    }
-                }
+                for (int e = 0; e < 2; ++e)
+                    if (col + e < N) store_c(c + e, alpha * acc[mi][ni][2 * h + e], split, beta);
             }
         }
     }
 }
 
-#define DM_GEMM_BF16_ARGS                                                                              \
-    float *__restrict__ C, const bf16_t *__restrict__ A, const bf16_t *__restrict__ B, int M, int N, int K, \
-        int lda, int ldb, int ldc, float alpha, float beta
-#define DM_GEMM_CALL_ARGS C, A, B, M, N, K, lda, ldb, ldc, alpha, beta
+// The two tile shapes' template arguments (tile, tile, warps_m, warps_n) from the Rust descriptor.
+#define DM_GEMM_L MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N
+#define DM_GEMM_S MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N
 
-extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_nn_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, false, false>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_nt_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, false, true>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_tn_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, true, false>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_tt_128x128(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_L_TILE, MM_BF16_L_TILE, MM_BF16_L_WARPS_M, MM_BF16_L_WARPS_N, 3, true, true>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_nn_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, false, false>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_nt_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, false, true>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_tn_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, true, false>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_tt_64x64(DM_GEMM_BF16_ARGS) {
-    gemm_bf16_tc<MM_BF16_S_TILE, MM_BF16_S_TILE, MM_BF16_S_WARPS_M, MM_BF16_S_WARPS_N, 3, true, true>(DM_GEMM_CALL_ARGS);
-}
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_nn_128x128(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_L, 3, false, false>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_nt_128x128(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_L, 3, false, true>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_tn_128x128(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_L, 3, true, false>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_BF16_L_THREADS) matmul_bf16_tt_128x128(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_L, 3, true, true>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_nn_64x64(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_S, 3, false, false>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_nt_64x64(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_S, 3, false, true>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_tn_64x64(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_S, 3, true, false>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_BF16_S_THREADS) matmul_bf16_tt_64x64(DM_GEMM_ARGS(bf16_t)) { gemm_bf16_tc<DM_GEMM_S, 3, true, true>(DM_GEMM_CALL_ARGS); }
 
 // ------------------------------------------------------------------------------------------------
 // f32 SIMT GEMM (parity mode).
 
+// Stages the [BK][ROWS + 1] f32 tile sA[k][i] = op(X)[mn0 + i][k0 + k] (zero outside MN × K).
+// KMAJOR: X stored K-contiguous (element (i, k) at g[i·ld + k]: consecutive threads walk k); else
+// MN-contiguous (at g[k·ld + i]: consecutive threads walk i).
+template <int ROWS, bool KMAJOR>
+__device__ __forceinline__ void load_tile_f32(float (&tile)[MM_F32_BK][ROWS + 1], const float* __restrict__ g, int ld,
+                                              int mn0, int k0, int MN, int K) {
+    constexpr int BK = MM_F32_BK, NT = MM_F32_THREADS;
+#pragma unroll
+    for (int e = 0; e < ROWS * BK / NT; ++e) {
+        const int id = threadIdx.x + e * NT;
+        int i, k;
+        if (KMAJOR) {
+            i = id / BK;
+            k = id % BK;
+        } else {
+            k = id / ROWS;
+            i = id % ROWS;
+        }
+        const int gi = mn0 + i, gk = k0 + k;
+        float v = 0.0f;
+        if (gi < MN && gk < K) v = KMAJOR ? g[(i64)gi * ld + gk] : g[(i64)gk * ld + gi];
+        tile[k][i] = v;
+    }
+}
+
 template <bool TA, bool TB>
-__device__ __forceinline__ void gemm_f32_simt(float* __restrict__ C, const float* __restrict__ A,
-                                              const float* __restrict__ B, int M, int N, int K, int lda,
-                                              int ldb, int ldc, float alpha, float beta) {
-    constexpr int BM = MM_F32_TILE, BN = MM_F32_TILE, BK = MM_F32_BK, NT = MM_F32_THREADS;
+__device__ __forceinline__ void gemm_f32_simt(DM_GEMM_ARGS(float)) {
+    constexpr int BM = MM_F32_TILE, BN = MM_F32_TILE, BK = MM_F32_BK;
     __shared__ float sA[BK][BM + 1];  // [k][m]; +1 breaks the bank pattern of transposed stores
     __shared__ float sB[BK][BN + 1];  // [k][n]
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
-    const int k_tiles_total = (K + BK - 1) / BK;
-    const int per_split = (k_tiles_total + gridDim.z - 1) / gridDim.z;
-    const int kt_begin = blockIdx.z * per_split;
-    const int kt_end = min(k_tiles_total, kt_begin + per_split);
+    int kt_begin, kt_end;
+    split_k_tiles<BK>(K, kt_begin, kt_end);
 
     float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    zero_fill(acc);
 
     for (int kt = kt_begin; kt < kt_end; ++kt) {
         const int k0 = kt * BK;
-#pragma unroll
-        for (int e = 0; e < BM * BK / NT; ++e) {
-            const int id = threadIdx.x + e * NT;
-            int m, k;
-            if (!TA) {  // A[m][k]: consecutive threads walk k
-                m = id / BK;
-                k = id % BK;
-            } else {  // A[k][m]: consecutive threads walk m
-                k = id / BM;
-                m = id % BM;
-            }
-            const int gm = m0 + m, gk = k0 + k;
-            float v = 0.0f;
-            if (gm < M && gk < K) v = TA ? A[(i64)gk * lda + gm] : A[(i64)gm * lda + gk];
-            sA[k][m] = v;
-        }
-#pragma unroll
-        for (int e = 0; e < BN * BK / NT; ++e) {
-            const int id = threadIdx.x + e * NT;
-            int n, k;
-            if (TB) {  // B[n][k]
-                n = id / BK;
-                k = id % BK;
-            } else {  // B[k][n]
-                k = id / BN;
-                n = id % BN;
-            }
-            const int gn = n0 + n, gk = k0 + k;
-            float v = 0.0f;
-            if (gn < N && gk < K) v = TB ? B[(i64)gn * ldb + gk] : B[(i64)gk * ldb + gn];
-            sB[k][n] = v;
-        }
+        load_tile_f32<BM, !TA>(sA, A, lda, m0, k0, M, K);  // A "n" is [m][k]: K-contiguous
+        load_tile_f32<BN, TB>(sB, B, ldb, n0, k0, N, K);   // B "t" is [n][k]
         __syncthreads();
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
@@ -338,30 +317,12 @@ __device__ __forceinline__ void gemm_f32_simt(float* __restrict__ C, const float
         for (int j = 0; j < 4; ++j) {
             const int col = n0 + tx + 16 * j;
             if (col >= N) continue;
-            float* c = C + (i64)row * ldc + col;
-            const float v = alpha * acc[i][j];
-            if (split) {
-                atomicAdd(c, v);
-            } else {
-                *c = beta != 0.0f ? v + beta * *c : v;
-            }
+            store_c(C + (i64)row * ldc + col, alpha * acc[i][j], split, beta);
         }
     }
 }
 
-#define DM_GEMM_F32_ARGS                                                                             \
-    float *__restrict__ C, const float *__restrict__ A, const float *__restrict__ B, int M, int N, int K, \
-        int lda, int ldb, int ldc, float alpha, float beta
-
-extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_nn(DM_GEMM_F32_ARGS) {
-    gemm_f32_simt<false, false>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_nt(DM_GEMM_F32_ARGS) {
-    gemm_f32_simt<false, true>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_tn(DM_GEMM_F32_ARGS) {
-    gemm_f32_simt<true, false>(DM_GEMM_CALL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_tt(DM_GEMM_F32_ARGS) {
-    gemm_f32_simt<true, true>(DM_GEMM_CALL_ARGS);
-}
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_nn(DM_GEMM_ARGS(float)) { gemm_f32_simt<false, false>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_nt(DM_GEMM_ARGS(float)) { gemm_f32_simt<false, true>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_tn(DM_GEMM_ARGS(float)) { gemm_f32_simt<true, false>(DM_GEMM_CALL_ARGS); }
+extern "C" __global__ void __launch_bounds__(MM_F32_THREADS) matmul_f32_tt(DM_GEMM_ARGS(float)) { gemm_f32_simt<true, true>(DM_GEMM_CALL_ARGS); }
