@@ -447,19 +447,48 @@ fn bench_step_cuda(
         })
         .map_err(|f| anyhow!("{f}"))?
     };
+    let (gpu, peak) = cuda_peak(o, mesh.world())?;
+    let first = runs.first().context("no ranks ran")?;
+    let totals: Vec<RankTotals> = runs.iter().map(RankRun::totals).collect();
+    let device = format!("cuda ({} × {gpu}, one rank per GPU in one process, NCCL)", mesh.world());
+    summarise(preset, cfg, o, first, &totals, peak, planned, device)
+}
+
+/// The name of GPU 0 and the dense bf16 peak (FLOP/s) of `gpus` of them: `--peak-tflops`, else
+/// the table's figure for the name, else NaN (MFU not reported).
+fn cuda_peak(o: &StepOptions, gpus: usize) -> Result<(String, f64)> {
     let gpu = dm_runtime::cuda::CudaBackend::probe()?.devices.first().map(|d| d.name.clone()).unwrap_or_default();
     let peak = match (o.peak_flops_per_s, crate::device::peak_bf16_tflops(&gpu)) {
         (Some(p), _) => p,
-        (None, Some(t)) => t * 1e12 * mesh.world() as f64,
+        (None, Some(t)) => t * 1e12 * gpus as f64,
         (None, None) => {
             tracing::warn!(gpu = %gpu, "no dense bf16 peak known for this GPU: MFU is not reported");
             f64::NAN
         }
     };
-    let first = runs.first().context("no ranks ran")?;
-    let totals: Vec<RankTotals> = runs.iter().map(RankRun::totals).collect();
-    let device = format!("cuda ({} × {gpu}, one rank per GPU in one process, NCCL)", mesh.world());
-    summarise(preset, cfg, o, first, &totals, peak, planned, device)
+    Ok((gpu, peak))
+}
+
+/// [`bench_step`] on this process's GPU (`LOCAL_RANK`) when a launcher started one process per
+/// GPU: NCCL communicators through the rendezvous store (as `train` makes them); world rank 0
+/// gathers every rank's totals and reports. **Untested on GPUs** (written without one).
+fn bench_step_cuda_process(
+    preset: &str,
+    cfg: &DalleBartConfig,
+    o: &StepOptions,
+    (mesh, planned): (Mesh, u64),
+    p: &crate::process_ranks::ProcessRank,
+) -> Result<Option<StepBench>> {
+    let (rank, gpu) = (p.world.rank, p.world.local_rank);
+    crate::device::check_cuda(gpu + 1, mesh.world() > 1)?;
+    let be = crate::device::cuda_backend(gpu, o.precision, o.device_memory)?;
+    let c = dm_parallel::comm::nccl::NcclComm::mesh(&be, &mesh, rank, &p.store, Default::default())?;
+    let g = crate::trainer::ranks::nccl_groups(&mesh, c.tp, c.dp, c.world);
+    let run = run_rank(cfg, o, &mesh, rank, be, RankGroups::timed((g.tp, g.dp, g.world)))?;
+    let Some(totals) = crate::bench_procs::gather_on_rank0(p, "bench-step", run.totals())? else { return Ok(None) };
+    let (name, peak) = cuda_peak(o, mesh.world())?;
+    let device = format!("cuda ({} × {name}, one process per GPU, NCCL through the store)", mesh.world());
+    summarise(preset, cfg, o, &run, &totals, peak, planned, device).map(Some)
 }
 
 /// [`bench_step`] where this process runs: as threads, or, when a launcher started one process
@@ -467,13 +496,13 @@ fn bench_step_cuda(
 /// process's rank over MPI. `None` on every process rank but world rank 0 (which reports).
 pub fn bench_step_here(preset: &str, cfg: &DalleBartConfig, o: &StepOptions) -> Result<Option<StepBench>> {
     let (mesh, planned) = check_step(cfg, o)?;
-    if o.device == Device::Cuda && crate::world::detect()?.is_multi_process() {
-        return Err(crate::bad_input!(
-            "not implemented: bench step --device cuda under a launcher (one process per GPU); run it as one \
-             process, which drives one GPU per rank"
-        ));
-    }
     let what = format!("bench step {preset} {o:?}");
+    if o.device == Device::Cuda {
+        let Some(rank) = crate::bench_procs::join_cuda(mesh, &what)? else {
+            return bench_step(preset, cfg, o).map(Some);
+        };
+        return crate::bench_procs::run_cuda(rank, |p| bench_step_cuda_process(preset, cfg, o, (mesh, planned), p));
+    }
     let Some(procs) = crate::bench_procs::join(mesh, &what)? else {
         return bench_step(preset, cfg, o).map(Some);
     };

@@ -11,8 +11,10 @@
 use crate::run_config::parse_bytes;
 use anyhow::{bail, Context, Result};
 use dm_parallel::comm::bandwidth::bus_factor;
+use dm_parallel::comm::nccl::{NcclComm, NcclId, NcclOptions};
 use dm_parallel::{CollectiveKind, Communicator, ReduceOp, ThreadComm};
 use dm_runtime::cpu::CpuBackend;
+use dm_runtime::cuda::CudaBackend;
 use dm_runtime::Backend;
 use serde::Serialize;
 use std::time::Instant;
@@ -24,7 +26,7 @@ pub enum Transport {
     Threads,
     /// One process per rank over MPI.
     Mpi,
-    /// NCCL on GPUs.
+    /// NCCL on GPUs: threads of this process, rank r on GPU r (untested on GPUs).
     Nccl,
 }
 
@@ -106,12 +108,7 @@ fn expected(kind: CollectiveKind, rank: usize, n: usize, recv_len: usize, i: usi
 }
 
 /// One collective call on a rank.
-fn call(
-    c: &dyn Communicator<CpuBackend>,
-    kind: CollectiveKind,
-    send: &mut <CpuBackend as Backend>::Buf,
-    recv: &mut <CpuBackend as Backend>::Buf,
-) -> Result<()> {
+fn call<B: Backend>(c: &dyn Communicator<B>, kind: CollectiveKind, send: &mut B::Buf, recv: &mut B::Buf) -> Result<()> {
     match kind {
         CollectiveKind::AllReduce => c.all_reduce(send, ReduceOp::Sum)?,
         CollectiveKind::AllGather => c.all_gather(send, recv)?,
@@ -122,11 +119,18 @@ fn call(
     Ok(())
 }
 
-/// What one rank measured for one (kind, size): mean seconds and wrong elements.
-fn rank_run(c: &dyn Communicator<CpuBackend>, kind: CollectiveKind, count: usize, iters: usize) -> Result<(f64, u64)> {
+/// What one rank measured for one (kind, size): mean seconds and wrong elements. `sync` waits
+/// for the device's queue (a no-op on the CPU; NCCL calls return before they finish).
+fn rank_run<B: Backend>(
+    be: &B,
+    sync: fn(&B) -> Result<()>,
+    c: &dyn Communicator<B>,
+    kind: CollectiveKind,
+    count: usize,
+    iters: usize,
+) -> Result<(f64, u64)> {
     let n = c.size();
     let rank = c.rank();
-    let be = CpuBackend::new();
     let (s_len, r_len) = lens(kind, count, n);
     let init: Vec<f32> = (0..s_len).map(|i| input(rank, i)).collect();
     let mut send = be.upload("send", &init)?;
@@ -140,10 +144,12 @@ fn rank_run(c: &dyn Communicator<CpuBackend>, kind: CollectiveKind, count: usize
     let wrong = out.iter().enumerate().filter(|&(i, &x)| x != expected(kind, rank, n, out.len(), i)).count() as u64;
     be.write(&mut send, 0, &init)?;
     call(c, kind, &mut send, &mut recv)?; // warm-up
+    sync(be)?;
     let t0 = Instant::now();
     for _ in 0..iters {
         call(c, kind, &mut send, &mut recv)?;
     }
+    sync(be)?;
     Ok((t0.elapsed().as_secs_f64() / iters as f64, wrong))
 }
 
@@ -162,24 +168,89 @@ pub fn run(transport: Transport, ranks: usize, sizes: &[u64]) -> Result<Option<C
     match transport {
         Transport::Threads => {
             let (results, wrong) = measure_all(ranks, sizes, |kind, count, iters| {
-                let comms = ThreadComm::group(ranks);
-                let per_rank: Vec<(f64, u64)> = std::thread::scope(|s| {
-                    let hs: Vec<_> = comms.iter().map(|c| s.spawn(move || rank_run(c, kind, count, iters))).collect();
-                    hs.into_iter()
-                        .map(|h| h.join().map_err(|_| anyhow::anyhow!("a benchmark rank panicked"))?)
-                        .collect::<Result<Vec<_>>>()
-                })?;
-                Ok((per_rank.iter().map(|r| r.0).fold(0.0, f64::max), per_rank.iter().map(|r| r.1).sum()))
+                let group: Vec<_> = ThreadComm::group(ranks).into_iter().map(|c| (CpuBackend::new(), c)).collect();
+                measure_on_threads(&group, cpu_sync, kind, count, iters)
             })?;
             Ok(Some(report("threads", ranks, results, wrong)))
         }
         Transport::Mpi => run_mpi(ranks, sizes),
-        Transport::Nccl => Err(crate::bad_input!(
-            "not implemented yet: --transport nccl needs the CUDA device path of issue 11 (this command's GPU \
-             buffers and launch); use --transport threads or mpi here, and `dalle-mesh gpu-check` for the NCCL \
-             checks"
-        )),
+        Transport::Nccl => run_nccl(ranks, sizes),
     }
+}
+
+/// One (collective, size) on rank threads, each with its backend and communicator: the slowest
+/// rank's mean seconds and every rank's wrong elements.
+fn measure_on_threads<B: Backend, C: Communicator<B>>(
+    ranks: &[(B, C)],
+    sync: fn(&B) -> Result<()>,
+    kind: CollectiveKind,
+    count: usize,
+    iters: usize,
+) -> Result<(f64, u64)> {
+    let per_rank: Vec<(f64, u64)> = std::thread::scope(|s| {
+        let hs: Vec<_> =
+            ranks.iter().map(|(be, c)| s.spawn(move || rank_run(be, sync, c, kind, count, iters))).collect();
+        joined(hs)
+    })?;
+    Ok((per_rank.iter().map(|r| r.0).fold(0.0, f64::max), per_rank.iter().map(|r| r.1).sum()))
+}
+
+/// The results of scoped rank threads, in rank order (a panicked rank is an error).
+fn joined<T>(hs: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Result<Vec<T>> {
+    hs.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a benchmark rank panicked"))?).collect()
+}
+
+fn cpu_sync(_: &CpuBackend) -> Result<()> {
+    Ok(())
+}
+
+fn cuda_sync(be: &CudaBackend) -> Result<()> {
+    Ok(be.synchronize()?)
+}
+
+/// Refuses `--transport nccl` where fewer than `ranks` GPUs or no NCCL are usable, saying why.
+fn check_nccl_ranks(ranks: usize) -> Result<()> {
+    let probe = CudaBackend::probe().map_err(|e| {
+        crate::bad_input!("bench comm --transport nccl: no usable GPU: {e}; use --transport threads or mpi")
+    })?;
+    if probe.devices.len() < ranks {
+        return Err(crate::bad_input!(
+            "bench comm --transport nccl --ranks {ranks} needs {ranks} GPUs but the driver sees {}; pass fewer \
+             --ranks or use --transport threads",
+            probe.devices.len()
+        ));
+    }
+    dm_parallel::comm::nccl::nccl_available().map_err(|e| {
+        crate::bad_input!(
+            "bench comm --transport nccl: NCCL is not usable: {e}; install libnccl2 or use --transport threads"
+        )
+    })?;
+    Ok(())
+}
+
+/// `--transport nccl`: `ranks` threads of this process, rank r on GPU r, one NCCL communicator
+/// group (made once, every rank joining at the same time); the slowest rank's time. Refused
+/// with the reason where fewer GPUs or no NCCL are usable. Untested on GPUs.
+fn run_nccl(ranks: usize, sizes: &[u64]) -> Result<Option<CommReport>> {
+    check_nccl_ranks(ranks)?;
+    let fp32 = dm_model::plan::Precision::Fp32;
+    let id = NcclId::new()?;
+    let ranks_here: Vec<(CudaBackend, NcclComm)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..ranks)
+            .map(|r| {
+                let id = &id;
+                s.spawn(move || -> Result<(CudaBackend, NcclComm)> {
+                    let be = crate::device::cuda_backend(r, fp32, None)?;
+                    let c = NcclComm::new(&be, id, r, ranks, "bench comm", NcclOptions::default())?;
+                    Ok((be, c))
+                })
+            })
+            .collect();
+        joined(hs)
+    })?;
+    let (results, wrong) =
+        measure_all(ranks, sizes, |kind, count, iters| measure_on_threads(&ranks_here, cuda_sync, kind, count, iters))?;
+    Ok(Some(report("nccl", ranks, results, wrong)))
 }
 
 /// `--transport mpi`: this process is one rank; the slowest rank's time and every rank's wrong
@@ -197,7 +268,7 @@ fn run_mpi(ranks: usize, sizes: &[u64]) -> Result<Option<CommReport>> {
         let world = p.groups.2.as_ref();
         let be = CpuBackend::new();
         let (results, wrong) = measure_all(ranks, sizes, |kind, count, iters| {
-            let (t, w) = rank_run(world, kind, count, iters)?;
+            let (t, w) = rank_run(&be, cpu_sync, world, kind, count, iters)?;
             let (mut tb, mut wb) = (be.upload("time", &[t as f32])?, be.upload("wrong", &[w as f32])?);
             world.all_reduce(&mut tb, ReduceOp::Max)?;
             world.all_reduce(&mut wb, ReduceOp::Sum)?;
@@ -313,7 +384,9 @@ mod tests {
         // No launcher variables in the test process: MPI asks for one.
         let e = run(Transport::Mpi, 2, &[1024]).unwrap_err().to_string();
         assert!(e.contains("dalle-mesh launch --nproc 2") && e.contains("--transport threads"), "{e}");
-        let e = run(Transport::Nccl, 2, &[1024]).unwrap_err().to_string();
-        assert!(e.contains("not implemented yet") && e.contains("issue 11"), "{e}");
+        if !dm_runtime::cuda::CudaBackend::available() {
+            let e = run(Transport::Nccl, 2, &[1024]).unwrap_err().to_string();
+            assert!(e.contains("no usable GPU") && e.contains("--transport threads"), "{e}");
+        }
     }
 }

@@ -41,17 +41,67 @@ pub fn join_checked(mesh: Mesh, ranks: usize, what: &str) -> Result<Option<Bench
 }
 
 fn join_world(world: World, mesh: Mesh, what: &str) -> Result<BenchProcesses> {
-    let mut cfg = RunConfig::default();
-    cfg.mesh.tp = mesh.tp();
-    cfg.mesh.dp = mesh.dp();
-    let mut rank = crate::process_ranks::join(&cfg, world, mesh)?;
-    // The handshake compares the run config; the benchmark's arguments stand in for it.
-    cfg.model.preset = Some(what.to_string());
-    let agreed = rank.handshake(&cfg, 0).and_then(|_| crate::process_ranks::mpi_groups(&mesh));
-    match agreed {
+    let rank = join_agreed(world, mesh, what, crate::device::Device::Cpu)?;
+    match crate::process_ranks::mpi_groups(&mesh) {
         Ok(groups) => Ok(BenchProcesses { rank, groups }),
         Err(e) => Err(rank.fail(e)),
     }
+}
+
+/// Joins the store and agrees with the other ranks (`what` stands in for the run config in the
+/// handshake, so ranks started with different arguments refuse to run together).
+fn join_agreed(world: World, mesh: Mesh, what: &str, device: crate::device::Device) -> Result<ProcessRank> {
+    let mut cfg = RunConfig::default();
+    (cfg.mesh.tp, cfg.mesh.dp, cfg.device) = (mesh.tp(), mesh.dp(), device);
+    let mut rank = crate::process_ranks::join(&cfg, world, mesh)?;
+    cfg.model.preset = Some(what.to_string());
+    match rank.handshake(&cfg, 0) {
+        Ok(()) => Ok(rank),
+        Err(e) => Err(rank.fail(e)),
+    }
+}
+
+/// [`join`] for CUDA ranks (one process per GPU): joined and agreed, without MPI; the caller
+/// makes its NCCL communicators through the rank's store. `None` without a launcher.
+pub fn join_cuda(mesh: Mesh, what: &str) -> Result<Option<ProcessRank>> {
+    let world = crate::world::detect()?;
+    if !world.is_multi_process() {
+        return Ok(None);
+    }
+    Ok(Some(join_agreed(world, mesh, what, crate::device::Device::Cuda)?))
+}
+
+/// Runs `body` on a joined CUDA process rank: the store says goodbye on success; a failure is
+/// reported to the other ranks.
+pub fn run_cuda<T>(rank: ProcessRank, body: impl FnOnce(&ProcessRank) -> Result<T>) -> Result<T> {
+    match body(&rank) {
+        Err(e) => Err(rank.fail(e)),
+        ok => {
+            rank.finish();
+            ok
+        }
+    }
+}
+
+/// Every rank but 0 publishes `mine` in the store; rank 0 gets them all, in rank order (its own
+/// first). `None` on the other ranks.
+pub fn gather_on_rank0<T: Serialize + for<'de> Deserialize<'de>>(
+    rank: &ProcessRank,
+    key: &str,
+    mine: T,
+) -> Result<Option<Vec<T>>> {
+    let store = &rank.store;
+    let me = rank.world.rank;
+    if me != 0 {
+        store.set(&format!("{key}/rank{me}"), &serde_json::to_string(&mine)?)?;
+        return Ok(None);
+    }
+    let mut all = vec![mine];
+    for r in 1..rank.world.size {
+        let text = store.get(&format!("{key}/rank{r}")).with_context(|| format!("waiting for rank {r}'s {key}"))?;
+        all.push(serde_json::from_str(&text).with_context(|| format!("rank {r}'s {key}"))?);
+    }
+    Ok(Some(all))
 }
 
 impl BenchProcesses {
@@ -59,25 +109,13 @@ impl BenchProcesses {
         self.rank.world.rank
     }
 
-    /// Every rank but 0 publishes `mine`; rank 0 gets them all, in rank order (its own first).
-    /// `None` on the other ranks.
+    /// [`gather_on_rank0`] of this process's rank.
     pub fn gather_on_rank0<T: Serialize + for<'de> Deserialize<'de>>(
         &self,
         key: &str,
         mine: T,
     ) -> Result<Option<Vec<T>>> {
-        let store = &self.rank.store;
-        let me = self.world_rank();
-        if me != 0 {
-            store.set(&format!("{key}/rank{me}"), &serde_json::to_string(&mine)?)?;
-            return Ok(None);
-        }
-        let mut all = vec![mine];
-        for r in 1..self.rank.world.size {
-            let text = store.get(&format!("{key}/rank{r}")).with_context(|| format!("waiting for rank {r}'s {key}"))?;
-            all.push(serde_json::from_str(&text).with_context(|| format!("rank {r}'s {key}"))?);
-        }
-        Ok(Some(all))
+        gather_on_rank0(&self.rank, key, mine)
     }
 
     /// The clean end: the communicators go, MPI is finalised, the store says goodbye.

@@ -100,26 +100,26 @@ enum Command {
         /// Fixture folder (config.json, weights/batch/expected safetensors, fixture.json).
         #[arg(long)]
         fixture: PathBuf,
-        /// Tensor-parallel ranks (CPU threads).
+        /// Tensor-parallel ranks (threads; GPUs with --device cuda).
         #[arg(long, default_value_t = 1)]
         tp: usize,
-        /// Data-parallel ranks (CPU threads).
+        /// Data-parallel ranks (threads; GPUs with --device cuda).
         #[arg(long, default_value_t = 1)]
         dp: usize,
         /// How the ranks talk: auto (threads in one process; MPI when srun, mpirun or
-        /// `dalle-mesh launch` started one process per rank), threads, mpi.
+        /// `dalle-mesh launch` started one process per rank; NCCL with --device cuda), threads,
+        /// mpi, nccl.
         #[arg(long, default_value = "auto", value_parser = parity::parse_transport)]
         transport: dalle_mesh::run_config::Transport,
-        /// cpu, or cuda (not implemented for the mesh parity: exits 2; `gpu-check` runs the
-        /// fixtures on a GPU).
+        /// cpu, or cuda (rank threads on GPUs 0..tp×dp over NCCL; untested on GPUs).
         #[arg(long, value_enum, default_value = "cpu")]
         device: bench::Device,
         /// fp32 or bf16-mixed.
         #[arg(long, default_value = "fp32")]
         precision: dm_model::plan::Precision,
     },
-    /// Every CUDA op against the CPU, the parity fixtures on the GPU, NCCL, benchmarks (needs an
-    /// NVIDIA GPU; exits 2 without one, 1 if a check fails).
+    /// The op conformance cases on the GPU (small, model-sized, bf16-mixed), the parity fixtures,
+    /// NCCL, benchmarks (needs an NVIDIA GPU; exits 2 without one, 1 if a check fails).
     GpuCheck {
         /// Folder for gpu-check.json.
         #[arg(long)]
@@ -390,6 +390,8 @@ enum BenchCommand {
     /// Collectives over N ranks at doubling sizes, printed as nccl-tests prints them (stderr),
     /// every result verified; exits 1 if any element is wrong.
     Comm {
+        /// threads, mpi (processes of a launcher), or nccl (rank threads on GPUs 0..N; untested on
+        /// GPUs; exits 2 without them).
         #[arg(long, value_enum, default_value = "threads")]
         transport: dalle_mesh::bench_comm::Transport,
         #[arg(long, default_value_t = 2)]
@@ -590,9 +592,12 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Parity { fixture, tp, dp, transport, device, precision } => {
-            parity::check_device(device, precision)?;
-            let report = parity::run_ranks(&fixture, tp, dp, transport)
-                .with_context(|| format!("parity on {}", fixture.display()))?;
+            parity::check_device(device, precision, tp.saturating_mul(dp), transport)?;
+            let report = match device {
+                bench::Device::Cuda => parity::run_cuda(&fixture, tp, dp).map(Some),
+                bench::Device::Cpu => parity::run_ranks(&fixture, tp, dp, transport),
+            }
+            .with_context(|| format!("parity on {}", fixture.display()))?;
             match report {
                 Some(r) => {
                     print_json(&r)?;

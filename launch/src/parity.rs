@@ -1,7 +1,8 @@
 //! `dalle-mesh parity`: the comparison itself is the library's ([`dm_model::parity`]); this
 //! module adds where the ranks come from. Without a launcher the mesh ranks are threads; under
 //! srun / mpirun / `dalle-mesh launch` each process is one rank over MPI (`--transport auto|mpi`),
-//! and only world rank 0 returns the report.
+//! and only world rank 0 returns the report. With `--device cuda` the ranks are threads of this
+//! process, rank r on GPU r, over NCCL groups (as `train` makes them); **untested on GPUs**.
 
 use std::path::Path;
 
@@ -42,28 +43,65 @@ pub fn run_ranks(dir: &Path, tp: usize, dp: usize, transport: Transport) -> Resu
     }
 }
 
-/// `parity --device/--precision`: the mesh parity runs CPU ranks in fp32. A precision the model
-/// does not implement is refused, and so is `--device cuda` — without a usable GPU with the
-/// driver's reason, with one as not implemented (`gpu-check` checks the fixtures on the GPU).
-pub fn check_device(device: crate::device::Device, precision: dm_model::plan::Precision) -> Result<()> {
-    crate::device::check(device, precision, 1, 1)?;
-    if device == crate::device::Device::Cuda {
-        return Err(crate::bad_input!(
-            "not implemented: parity --device cuda (the mesh parity runs CPU ranks); `dalle-mesh gpu-check` checks \
-             the parity fixtures on the GPU, or use --device cpu"
-        ));
-    }
+/// `parity --device/--precision`: fp32 on CPU ranks, or on CUDA ranks (threads of this process,
+/// one GPU each, NCCL). Refused before anything runs: a precision other than fp32 (the fixtures
+/// are fp32's; `cargo test -p dm-tests --test precision` checks bf16-mixed against its own
+/// fixture), `--device cuda` without `tp × dp` usable GPUs (or NCCL for several ranks), and
+/// `--device cuda` with `--transport threads|mpi` or under a launcher.
+pub fn check_device(
+    device: crate::device::Device,
+    precision: dm_model::plan::Precision,
+    ranks: usize,
+    transport: Transport,
+) -> Result<()> {
+    crate::device::check(device, precision, ranks, ranks)?;
     if precision != dm_model::plan::Precision::Fp32 {
         return Err(crate::bad_input!(
             "not implemented: parity --precision {} against the fp32 fixtures; use --precision fp32",
             precision.name()
         ));
     }
+    if device == crate::device::Device::Cuda {
+        if !matches!(transport, Transport::Auto | Transport::Nccl) {
+            return Err(crate::bad_input!(
+                "parity --device cuda: its ranks talk over NCCL, not --transport {}; use --transport auto or nccl",
+                format!("{transport:?}").to_lowercase()
+            ));
+        }
+        if crate::world::detect()?.is_multi_process() {
+            return Err(crate::bad_input!(
+                "not implemented: parity --device cuda under a launcher (one process per GPU); run it as one \
+                 process, whose --tp/--dp ranks are threads on GPUs 0..tp×dp"
+            ));
+        }
+    }
     Ok(())
 }
 
-/// `--transport` of `parity`: `auto` (threads without a launcher, MPI between processes),
-/// `threads`, `mpi`, or `nccl` (refused: parity runs on CPU ranks).
+/// Parity of the fixture `dir` on a tp × dp mesh of CUDA ranks: threads of this process, rank r
+/// on GPU r, NCCL groups with in-process ids (as `train` makes them), the same comparison and
+/// tolerances as on CPU ranks (gpu-check's fixture rows pass them on the f32 path). Call
+/// [`check_device`] first. Untested on GPUs.
+pub fn run_cuda(dir: &Path, tp: usize, dp: usize) -> Result<ParityReport> {
+    let fp32 = dm_model::plan::Precision::Fp32;
+    if tp * dp == 1 {
+        return Ok(run_on(crate::device::cuda_backend(0, fp32, None)?, dir)?);
+    }
+    let fx = Fixture::load(dir)?;
+    let (mesh, _, _) = check_fixture_mesh(&fx, tp, dp)?;
+    let ids = crate::trainer::ranks::InProcessIds::new(&mesh)?;
+    let reports = dm_parallel::run_ranks(&mesh, |rank, _thread_comms| -> Result<Option<ParityReport>> {
+        let be = crate::device::cuda_backend(rank, fp32, None)?;
+        let g = ids.join(&mesh, rank, &be)?;
+        let world = g.world.context("internal: a CUDA rank without its world group")?;
+        Ok(rank_report_on(be, &fx, &mesh, rank, RankGroups { tp: g.tp, dp: g.dp, world })?)
+    })
+    .map_err(|f| anyhow::anyhow!("{f}"))?;
+    reports.into_iter().next().flatten().context("internal: world rank 0 returned no report")
+}
+
+/// `--transport` of `parity`: `auto` (threads without a launcher, MPI between processes; NCCL
+/// with `--device cuda`), `threads`, `mpi`, or `nccl` (with `--device cuda` only).
 pub fn parse_transport(s: &str) -> std::result::Result<Transport, String> {
     match s {
         "auto" => Ok(Transport::Auto),

@@ -300,10 +300,10 @@ pub fn check_fixture_mesh(fx: &Fixture, tp: usize, dp: usize) -> Result<(Mesh, F
 }
 
 /// The communicators of one mesh rank (tp and dp only where that axis is > 1).
-pub struct RankGroups {
-    pub tp: Option<Arc<dyn Communicator<CpuBackend>>>,
-    pub dp: Option<Arc<dyn Communicator<CpuBackend>>>,
-    pub world: Arc<dyn Communicator<CpuBackend>>,
+pub struct RankGroups<B: Backend = CpuBackend> {
+    pub tp: Option<Arc<dyn Communicator<B>>>,
+    pub dp: Option<Arc<dyn Communicator<B>>>,
+    pub world: Arc<dyn Communicator<B>>,
 }
 
 fn comm_err(e: impl std::fmt::Display) -> ModelError {
@@ -312,7 +312,7 @@ fn comm_err(e: impl std::fmt::Display) -> ModelError {
 
 /// Sums `values` over the world: every rank contributes its part and zeros elsewhere, so each
 /// entry is the one rank's value exactly, whatever the reduction order.
-fn world_sum(be: &CpuBackend, world: &dyn Communicator<CpuBackend>, values: &[f32]) -> Result<Vec<f32>> {
+fn world_sum<B: Backend>(be: &B, world: &dyn Communicator<B>, values: &[f32]) -> Result<Vec<f32>> {
     let mut buf = be.upload("parity.world_sum", values)?;
     world.all_reduce(&mut buf, ReduceOp::Sum).map_err(comm_err)?;
     Ok(be.download(&buf)?)
@@ -323,10 +323,20 @@ fn world_sum(be: &CpuBackend, world: &dyn Communicator<CpuBackend>, values: &[f3
 /// AdamW steps, then every result summed over the world into full tensors (see [`world_sum`]).
 /// World rank 0 returns the report, the others `None`. Every rank of the mesh must call it.
 pub fn rank_report(fx: &Fixture, mesh: &Mesh, rank: usize, groups: RankGroups) -> Result<Option<ParityReport>> {
+    rank_report_on(CpuBackend::with_budget(&format!("cpu:rank{rank}"), None), fx, mesh, rank, groups)
+}
+
+/// [`rank_report`] on the backend `be` of this rank (a CPU rank, or a GPU with NCCL groups).
+pub fn rank_report_on<B: Backend>(
+    be: B,
+    fx: &Fixture,
+    mesh: &Mesh,
+    rank: usize,
+    groups: RankGroups<B>,
+) -> Result<Option<ParityReport>> {
     let (tp, dp) = (mesh.tp(), mesh.dp());
     let (_, opt, ref_grads) = check_fixture_mesh(fx, tp, dp)?;
     let (dp_index, tp_index) = mesh.coords(rank);
-    let be = CpuBackend::with_budget(&format!("cpu:rank{rank}"), None);
     let table = ParamTable::sharded(&fx.cfg, tp_index, tp);
     let local = table.shard_values(&fx.weights);
     let group = groups.tp.clone().map(|comm| crate::dallebart::TpGroup { rank: tp_index, size: tp, comm });

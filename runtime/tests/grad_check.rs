@@ -36,6 +36,21 @@ macro_rules! case_tests {
     };
 }
 
+/// The model-sized cases as `#[ignore]`d tests (seconds to minutes each on the CPU; run them
+/// with `-- --ignored`; `gpu-check` runs them on every GPU variant).
+macro_rules! large_case_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            #[ignore = "model-sized: run with --ignored (gpu-check runs them on the GPU)"]
+            fn $name() {
+                let Some(be) = backend(stringify!($name)) else { return };
+                super::run_and_report(stringify!($name), dm_runtime::conformance::cases::$name::<Be>, &be);
+            }
+        )*
+    };
+}
+
 mod cpu {
     use dm_runtime::cpu::CpuBackend;
     use dm_runtime::{Backend, RuntimeError};
@@ -47,6 +62,16 @@ mod cpu {
     }
 
     dm_runtime::for_each_conformance_case!(case_tests);
+    dm_runtime::for_each_large_conformance_case!(large_case_tests);
+
+    #[test]
+    fn budget_refusal_names_the_tensor() {
+        let be = CpuBackend::with_budget("cpu:budgeted", Some(1 << 20));
+        let run = |be: &Be, ck: &mut dm_runtime::conformance::Checks| {
+            dm_runtime::conformance::budget_refusal_names_the_tensor(be, ck, 1 << 20)
+        };
+        super::run_and_report("budget_refusal_names_the_tensor", run, &be);
+    }
 
     // ---- CPU only: the memory tracker's byte counts of host buffers ----------------------
 
@@ -110,4 +135,29 @@ mod cuda {
     }
 
     dm_runtime::for_each_conformance_case!(case_tests);
+    dm_runtime::for_each_large_conformance_case!(large_case_tests);
+
+    /// The cases for a backend that rounds bf16 operands itself, on GPU 0 in bf16-mixed (custom
+    /// kernels and cuBLAS).
+    #[test]
+    fn bf16_mixed_cases_on_custom_kernels_and_cublas() {
+        use dm_runtime::cuda::{MatmulImpl, Precision};
+        let Some(be) = backend("bf16_mixed_cases_on_custom_kernels_and_cublas") else { return };
+        for matmul in [MatmulImpl::Custom, MatmulImpl::Cublas] {
+            let be = be.with_options(Precision::Bf16Mixed, matmul);
+            for case in dm_runtime::conformance::bf16_mixed_cases::<Be>() {
+                super::run_and_report(&format!("{} {matmul:?}", case.name), case.run, &be);
+            }
+        }
+    }
+
+    #[test]
+    fn budget_refusal_names_the_tensor() {
+        let Some(_) = backend("budget_refusal_names_the_tensor") else { return };
+        let be = CudaBackend::new(0, CudaOptions { memory_budget: Some(1 << 20), ..Default::default() }).unwrap();
+        let run = |be: &Be, ck: &mut dm_runtime::conformance::Checks| {
+            dm_runtime::conformance::budget_refusal_names_the_tensor(be, ck, 1 << 20)
+        };
+        super::run_and_report("budget_refusal_names_the_tensor", run, &be);
+    }
 }

@@ -23,6 +23,13 @@ impl Checker<CudaBackend> {
         Ok(t.elapsed().as_secs_f64() / reps as f64)
     }
 
+    /// The GEMM implementations compared: custom kernels and cuBLAS, fp32 and bf16 mixed.
+    fn gemm_variants(&self) -> Vec<(&'static str, CudaBackend)> {
+        let mut v = self.gpu.conformance_variants();
+        v.extend(self.gpu.bf16_mixed_variants());
+        v
+    }
+
     pub(super) fn benches(&mut self, deadline: Instant) -> Result<()> {
         self.bench_gemm(deadline)?;
         self.bench_attention(deadline)?;
@@ -57,7 +64,7 @@ impl Checker<CudaBackend> {
             drop((ha, hb));
             let mut c = self.gpu.zeros("bench.c", m * n)?;
             let mut figures = Vec::new();
-            for (label, be, _) in self.handles() {
+            for (label, be) in self.gemm_variants() {
                 let s = Self::time(&be, || be.matmul(&mut c, &a, &b, spec))?;
                 figures.push((label, spec.flops() / s / 1e12));
             }

@@ -1,7 +1,11 @@
-//! Section 5, training steps of mini on the GPU (samples/s, MFU): the step loop written out here
-//! until the generic trainer runs on CUDA.
+//! Section 5, training steps of mini on the GPU (samples/s, MFU): the trainer's own step
+//! ([`OptimizerStep`]: forward + backward, gradient norm, clipping, AdamW) on one GPU, the CUDA
+//! handle of each precision / GEMM variant as its backend (the model's policy stays fp32: the
+//! bf16 rows are the tensor-core GEMM of `Precision::Bf16Mixed`).
 
 use super::*;
+use crate::trainer::step::{clip_factor, OptimizerStep};
+use crate::trainer::Groups;
 
 impl Checker<CudaBackend> {
     pub(super) fn bench_steps(&mut self, deadline: Instant) -> Result<()> {
@@ -32,19 +36,22 @@ impl Checker<CudaBackend> {
             }
             let be = self.gpu.with_options(precision, matmul);
             be.memory().reset_peak();
-            let mut model = DalleBart::new(be.clone(), cfg.clone(), values.clone())?;
-            let names: Vec<String> = model.table.specs.iter().map(|s| s.name.clone()).collect();
-            let mut opt =
-                AdamW::new(&be, AdamWConfig { weight_decay: 0.0, ..Default::default() }, &names, &model.params)?;
+            let model = DalleBart::new(be.clone(), cfg.clone(), values.clone())?;
+            let groups = Groups { tp: None, dp: None, world: None };
+            let adamw = AdamWConfig { weight_decay: 0.0, ..Default::default() };
+            let mut step = OptimizerStep::new(be.clone(), model, groups, adamw, false, (0, 1), None, 0)?;
             let (warmup, steps) = if precision == Precision::F32 { (1, 3) } else { (2, 6) };
+            let tokens = (batch * cfg.image_length) as f32;
             let mut times = Vec::new();
             let mut loss = f32::NAN;
             for i in 0..warmup + steps {
                 let t = Instant::now();
-                model.zero_grads()?;
-                loss = model.forward_backward(&data)?.loss;
-                opt.update(&be, &mut model.params, &model.grads, 1e-4, 1.0)?;
+                let local = step.backward(1, 1.0 / tokens, || Ok(data.clone()))?;
+                let synced = step.sync(local)?;
+                let (l, norm) = (synced.loss, synced.grad_norm);
+                step.apply(synced, 1e-4, clip_factor(Some(1.0), norm))?;
                 be.synchronize()?;
+                loss = l;
                 if i >= warmup {
                     times.push(t.elapsed().as_secs_f64());
                 }
@@ -76,8 +83,7 @@ impl Checker<CudaBackend> {
                 None,
                 format!("loss {loss}"),
             );
-            drop(opt);
-            drop(model);
+            drop(step);
         }
         Ok(())
     }

@@ -130,7 +130,7 @@ impl InProcessIds {
 }
 
 /// A rank's groups over NCCL (tp and dp only where the axis is > 1).
-fn nccl_groups(mesh: &Mesh, tp: NcclComm, dp: NcclComm, world: NcclComm) -> Groups<CudaBackend> {
+pub(crate) fn nccl_groups(mesh: &Mesh, tp: NcclComm, dp: NcclComm, world: NcclComm) -> Groups<CudaBackend> {
     let arc = |c: NcclComm| -> Arc<dyn Communicator<CudaBackend>> { Arc::new(c) };
     Groups { tp: (mesh.tp() > 1).then(|| arc(tp)), dp: (mesh.dp() > 1).then(|| arc(dp)), world: Some(arc(world)) }
 }

@@ -128,6 +128,7 @@ macro_rules! for_each_conformance_case {
             matmul_empty_inner_dimension,
             layernorm_with_scale,
             layernorm_bias_only,
+            layernorm_shard_ops_against_f64,
             gelu_glu_forward_and_backward,
             embedding_full_range_with_repeats,
             embedding_partial_range,
@@ -137,6 +138,9 @@ macro_rules! for_each_conformance_case {
             attention_causal_with_key_padding,
             cross_entropy_odd_class_counts,
             cross_entropy_rejects_out_of_range_targets,
+            vocab_parallel_cross_entropy_against_f64,
+            matmul_bf16_storage_odd_sizes,
+            attention_bf16_storage,
             adamw_matches_optax_for_three_steps,
             adamw_rejects_step_zero,
             elementwise_ops_are_exact,
@@ -151,6 +155,26 @@ macro_rules! for_each_conformance_case {
             gelu_bound_rejects_the_tanh_approximation,
             cross_entropy_checks_reject_a_missing_grad_scale,
             adamw_bound_rejects_missing_bias_correction,
+            bf16_bound_rejects_unrounded_and_truncated_operands,
+            sharded_bounds_reject_a_missing_bias_and_an_unscaled_gradient,
+        }
+    };
+}
+
+/// Calls `$m! { … }` with the model-sized cases ([`cases::large`]'s): kept out of `cargo test`
+/// (their f64 references take seconds each on one core); `gpu-check` runs them, and
+/// `runtime/tests/grad_check.rs` has them as `#[ignore]`d tests (`-- --ignored`).
+#[macro_export]
+macro_rules! for_each_large_conformance_case {
+    ($m:ident) => {
+        $m! {
+            large_matmul_model_shapes,
+            large_layernorm_model_widths,
+            large_layernorm_shard_of_mega,
+            large_attention_model_shapes,
+            large_cross_entropy_image_vocab,
+            large_embedding_image_vocab,
+            large_gelu_glu_and_elementwise,
         }
     };
 }
@@ -164,6 +188,45 @@ macro_rules! case_list {
     };
 }
 for_each_conformance_case!(case_list);
+
+macro_rules! large_case_list {
+    ($($name:ident),* $(,)?) => {
+        /// The model-sized cases, in the order of [`for_each_large_conformance_case`].
+        pub fn large_cases<B: Backend>() -> Vec<Case<B>> {
+            vec![$(Case { name: stringify!($name), run: cases::$name::<B> }),*]
+        }
+    };
+}
+for_each_large_conformance_case!(large_case_list);
+
+/// The cases for a backend that rounds f32 GEMM and attention operands to bf16 itself (CUDA's
+/// `Precision::Bf16Mixed`); on any other backend they fail (its results are not rounded), so
+/// only such a backend runs them. Their bodies run on bf16 storage in [`all`].
+pub fn bf16_mixed_cases<B: Backend>() -> Vec<Case<B>> {
+    vec![
+        Case { name: "matmul_bf16_rounded_by_backend", run: cases::matmul_bf16_rounded_by_backend::<B> },
+        Case { name: "attention_bf16_rounded_by_backend", run: cases::attention_bf16_rounded_by_backend::<B> },
+    ]
+}
+
+/// A backend whose memory budget is `budget` bytes refuses a larger allocation with an error
+/// that names the tensor and the device, and registers nothing (all backends share the tracker,
+/// so this holds for each; the caller makes the budgeted backend).
+pub fn budget_refusal_names_the_tensor<B: Backend>(be: &B, ck: &mut Checks, budget: u64) -> CaseResult {
+    let report = be.memory().report();
+    check_eq!(ck, report.budget_bytes, Some(budget), "the backend has the budget");
+    let before = report.current_bytes;
+    let elems = (budget / 4 + 1) as usize;
+    match be.zeros("too.big.tensor", elems) {
+        Ok(_) => check!(ck, false, "a {}-byte allocation passed a {budget}-byte budget", 4 * elems),
+        Err(e) => {
+            let msg = e.to_string();
+            check!(ck, msg.contains("too.big.tensor") && msg.contains(&be.name()), "the refusal names both: {msg}");
+        }
+    }
+    check_eq!(ck, be.memory().report().current_bytes, before, "a refused allocation registers nothing");
+    Ok(())
+}
 
 /// Runs one case on `be`: its rows, plus a failed row when it ended early with an error, when it
 /// panicked, or when it recorded nothing (a case that checks nothing must not pass).
@@ -191,9 +254,14 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 /// Runs every case on backends from `backend` (a fresh one per case); rows are named
 /// `<case>: <what>`.
-pub fn run_all<B: Backend>(mut backend: impl FnMut() -> crate::Result<B>) -> Vec<CheckRow> {
+pub fn run_all<B: Backend>(backend: impl FnMut() -> crate::Result<B>) -> Vec<CheckRow> {
+    run_list(all::<B>(), backend)
+}
+
+/// Runs the cases of `list` ([`all`], [`large_cases`], [`bf16_mixed_cases`]) like [`run_all`].
+pub fn run_list<B: Backend>(list: Vec<Case<B>>, mut backend: impl FnMut() -> crate::Result<B>) -> Vec<CheckRow> {
     let mut rows = Vec::new();
-    for case in all::<B>() {
+    for case in list {
         match backend() {
             Ok(be) => rows.extend(run_case(case.name, case.run, &be).into_iter().map(|mut r| {
                 if r.name != case.name {

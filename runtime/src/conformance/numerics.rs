@@ -230,3 +230,79 @@ pub fn sample_indices(rng: &mut ChaCha8Rng, len: usize, count: usize) -> Vec<usi
     }
     picked.into_iter().collect()
 }
+
+/// Unit roundoff of bf16 with round-to-nearest-even: 8 significand bits, u = 2⁻⁸. A rounded
+/// value x̂ satisfies |x̂ − x| ≤ U_BF16·|x| (normal range).
+pub const U_BF16: f64 = 1.0 / 256.0;
+
+/// `x` rounded to the nearest bf16 (ties to even), as bf16 storage and tensor-core operands
+/// round it, widened back to f32 (exact).
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+pub fn round_bf16_all(x: &[f32]) -> Vec<f32> {
+    x.iter().copied().map(round_bf16).collect()
+}
+
+/// Which entries of each input the finite differences visit: every one (the small cases), or a
+/// fixed number of random ones per tensor (the model-sized cases of [`crate::conformance::large`],
+/// whose references are too costly to difference element by element).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdEntries {
+    All,
+    Sampled(usize),
+}
+
+/// Central finite differences of `loss` at the entries `entries` picks in each input: the
+/// indices per input and ∂loss/∂input at them (in the same order).
+pub fn fd_grads_picked(
+    rng: &mut ChaCha8Rng,
+    inputs: &[Vec<f64>],
+    entries: FdEntries,
+    loss: impl Fn(&[Vec<f64>]) -> f64,
+) -> (Vec<Vec<usize>>, Vec<Vec<f64>>) {
+    let at: Vec<Vec<usize>> = inputs
+        .iter()
+        .map(|x| match entries {
+            FdEntries::All => (0..x.len()).collect(),
+            FdEntries::Sampled(n) => sample_indices(rng, x.len(), n),
+        })
+        .collect();
+    let g = fd_grads_at(inputs, &at, loss);
+    (at, g)
+}
+
+/// `x[i]` for each listed index.
+pub fn pick<T: Copy>(x: &[T], idx: &[usize]) -> Vec<T> {
+    idx.iter().map(|&i| x[i]).collect()
+}
+
+/// `max |got − want| / max |want|`; infinite when the lengths differ, when `got` is not finite
+/// where `want` is, or when NaN positions differ (NaN in `want` must be NaN in `got`, e.g. the
+/// lse marker of a fully masked row). For comparing two backends' results (whole-model checks
+/// and the parity fixtures), where no element bound is derived.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (mut max_ref, mut max_diff) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if w.is_nan() {
+            if !g.is_nan() {
+                return f64::INFINITY;
+            }
+            continue;
+        }
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        max_ref = max_ref.max((w as f64).abs());
+        max_diff = max_diff.max((g as f64 - w as f64).abs());
+    }
+    if max_diff == 0.0 {
+        0.0
+    } else {
+        max_diff / max_ref.max(1e-30)
+    }
+}

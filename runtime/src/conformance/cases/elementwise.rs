@@ -3,8 +3,13 @@
 use super::*;
 
 pub fn elementwise_ops_are_exact<B: Backend>(be: &B, ck: &mut Checks) -> CaseResult {
-    let n = 70_001; // several parallel chunks plus a ragged tail
-    let mut rng = rng_for("elementwise n=70001");
+    elementwise_case(be, ck, 70_001) // several parallel chunks plus a ragged tail
+}
+
+/// add, add_assign, scale (bit-exact), sum_squares (within γ), fill/write/copy and their refusals
+/// on `n` elements.
+pub fn elementwise_case<B: Backend>(be: &B, ck: &mut Checks, n: usize) -> CaseResult {
+    let mut rng = rng_for(&format!("elementwise n={n}"));
     let (a, b) = (normal(&mut rng, n, 0.0, 2.0), normal(&mut rng, n, 1.0, 3.0));
     let (ab, bb) = (up(be, "a", &a)?, up(be, "b", &b)?);
 
@@ -55,8 +60,13 @@ pub fn elementwise_ops_are_exact<B: Backend>(be: &B, ck: &mut Checks) -> CaseRes
 }
 
 pub fn broadcast_rows_add_and_sum<B: Backend>(be: &B, ck: &mut Checks) -> CaseResult {
-    let (blocks, row_len) = (9, 11);
-    let mut rng = rng_for("broadcast rows 9x11");
+    broadcast_rows_case(be, ck, 9, 11)
+}
+
+/// add_broadcast_rows (bit-exact) and sum_broadcast_rows (within γ) over `blocks` rows of
+/// `row_len`, with longer row/acc buffers and the refusals (`row_len` must not divide by 7).
+pub fn broadcast_rows_case<B: Backend>(be: &B, ck: &mut Checks, blocks: usize, row_len: usize) -> CaseResult {
+    let mut rng = rng_for(&format!("broadcast rows {blocks}x{row_len}"));
     let x = normal(&mut rng, blocks * row_len, 0.0, 1.0);
     let row = normal(&mut rng, row_len, 0.0, 1.0);
     let acc0 = normal(&mut rng, row_len, 0.0, 1.0);
@@ -96,7 +106,7 @@ pub fn broadcast_rows_add_and_sum<B: Backend>(be: &B, ck: &mut Checks) -> CaseRe
     check!(ck, be.add_broadcast_rows(&mut out, &rb, row_len + 1).is_err(), "row shorter than row_len");
     check!(ck, be.sum_broadcast_rows(&mut acc, &xb, row_len + 1).is_err(), "acc shorter than row_len");
     let row7 = up(be, "row7", &row[..7])?;
-    check!(ck, be.add_broadcast_rows(&mut out, &row7, 7).is_err(), "99 is not a multiple of 7");
+    check!(ck, be.add_broadcast_rows(&mut out, &row7, 7).is_err(), "{} is not a multiple of 7", blocks * row_len);
     check!(ck, be.sum_broadcast_rows(&mut acc, &xb, 7).is_err());
     Ok(())
 }

@@ -121,3 +121,58 @@ pub fn adamw_bound_rejects_missing_bias_correction<B: Backend>(be: &B, ck: &mut 
     check!(ck, within_bound(&got, &bad.p, &bound).is_err());
     Ok(())
 }
+
+/// The bf16 GEMM bound (reference of the rounded operands, γ_{2k}) rejects a GEMM that skipped
+/// the rounding and one that truncated instead of rounding to nearest, and accepts the f32
+/// rounding of the true result.
+pub fn bf16_bound_rejects_unrounded_and_truncated_operands<B: Backend>(_be: &B, ck: &mut Checks) -> CaseResult {
+    let mut rng = rng_for("sensitivity bf16 matmul");
+    let s = spec(8, 8, 64, false, false, false);
+    let (a, b) = (normal(&mut rng, 8 * 64, 0.0, 1.0), normal(&mut rng, 64 * 8, 0.0, 1.0));
+    let (ar, br) = (f64s(&round_bf16_all(&a)), f64s(&round_bf16_all(&b)));
+    let want = matmul_ref(&ar, &br, s);
+    let bound: Vec<f64> = matmul_ref(&abs64(&ar), &abs64(&br), s).iter().map(|p| gamma(2 * 64) * p).collect();
+    check!(ck, within_bound(&round32(&want), &want, &bound).is_ok(), "the rounded operands' product passes");
+    let unrounded = matmul_ref(&f64s(&a), &f64s(&b), s);
+    check!(ck, within_bound(&round32(&unrounded), &want, &bound).is_err(), "unrounded operands are caught");
+    let trunc = |x: &[f32]| x.iter().map(|v| f32::from_bits(v.to_bits() & 0xffff_0000) as f64).collect::<Vec<f64>>();
+    let truncated = matmul_ref(&trunc(&a), &trunc(&b), s);
+    check!(ck, within_bound(&round32(&truncated), &want, &bound).is_err(), "truncated operands are caught");
+    Ok(())
+}
+
+/// The sharded LayerNorm apply bound rejects a missing bias and a swapped mean/rstd, and the
+/// vocab-parallel gradient bound one that forgot the padding or the grad scale (the bodies'
+/// bounds, on host-computed wrong results).
+pub fn sharded_bounds_reject_a_missing_bias_and_an_unscaled_gradient<B: Backend>(
+    _be: &B,
+    ck: &mut Checks,
+) -> CaseResult {
+    let mut rng = rng_for("sensitivity sharded");
+    let (x, b) = (f64s(&normal(&mut rng, 40, 0.0, 1.0)), f64s(&normal(&mut rng, 40, 0.0, 0.5)));
+    let (mean, rstd) = (0.2f64, 1.7f64);
+    let want: Vec<f64> = x.iter().zip(&b).map(|(x, b)| (x - mean) * rstd + b).collect();
+    let bound: Vec<f64> = x
+        .iter()
+        .zip(&b)
+        .map(|(x, b)| {
+            let t = (x - mean) * rstd;
+            2.0 * (gamma(3) * t.abs() + U * (t.abs() * (1.0 + gamma(3)) + b.abs()))
+        })
+        .collect();
+    check!(ck, within_bound(&round32(&want), &want, &bound).is_ok());
+    let no_bias: Vec<f64> = x.iter().map(|x| (x - mean) * rstd).collect();
+    check!(ck, within_bound(&round32(&no_bias), &want, &bound).is_err(), "a missing bias is caught");
+    let swapped: Vec<f64> = x.iter().zip(&b).map(|(x, b)| (x - rstd) * mean + b).collect();
+    check!(ck, within_bound(&round32(&swapped), &want, &bound).is_err(), "swapped statistics are caught");
+    // Gradient of a softmax row scaled by gs = 0.5; a missing scale is off by 2×.
+    let logits = f64s(&normal(&mut rng, 30, 0.0, 3.0));
+    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = logits.iter().map(|v| (v - m).exp()).sum();
+    let p: Vec<f64> = logits.iter().map(|v| (v - m).exp() / sum).collect();
+    let want: Vec<f64> = p.iter().map(|p| 0.5 * p).collect();
+    let bound: Vec<f64> = logits.iter().zip(&p).map(|(x, p)| 2.0 * (5.0 + (x - m).abs()) * U * 0.5 * p).collect();
+    check!(ck, within_bound(&round32(&want), &want, &bound).is_ok());
+    check!(ck, within_bound(&round32(&p), &want, &bound).is_err(), "an unscaled gradient is caught");
+    Ok(())
+}
