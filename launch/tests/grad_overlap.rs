@@ -24,19 +24,13 @@ use std::time::Instant;
 
 fn config() -> DalleBartConfig {
     DalleBartConfig {
-        d_model: 32,
-        encoder_layers: 2,
-        decoder_layers: 2,
-        encoder_attention_heads: 4,
-        decoder_attention_heads: 4,
         encoder_ffn_dim: 42,
         decoder_ffn_dim: 42,
-        encoder_vocab_size: 50,
         image_vocab_size: 37,
         image_length: 8,
         max_text_length: 6,
         init_std: 0.05,
-        use_scan: false,
+        ..DalleBartConfig::tiny()
     }
 }
 

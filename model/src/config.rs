@@ -55,6 +55,26 @@ const REQUIRED_FLAGS: &[(&str, &str)] = &[
 ];
 
 impl DalleBartConfig {
+    /// A tiny configuration for tests and examples (d_model 32, 2 + 2 layers of 4 heads, ffn 64,
+    /// text vocabulary 50, image vocabulary 40, 16 image tokens, 8 text tokens): tests override
+    /// the fields their shapes depend on with `DalleBartConfig { .., ..DalleBartConfig::tiny() }`.
+    pub fn tiny() -> Self {
+        Self {
+            d_model: 32,
+            encoder_layers: 2,
+            decoder_layers: 2,
+            encoder_attention_heads: 4,
+            decoder_attention_heads: 4,
+            encoder_ffn_dim: 64,
+            decoder_ffn_dim: 64,
+            encoder_vocab_size: 50,
+            image_vocab_size: 40,
+            image_length: 16,
+            max_text_length: 8,
+            init_std: 0.02,
+            use_scan: false,
+        }
+    }
     /// dalle-mini's "micro" configuration (23.7 M parameters).
     pub fn micro() -> Self {
         Self {

@@ -8,21 +8,7 @@ use dm_model::{Batch, DalleBart, DalleBartConfig, ParamTable};
 use dm_runtime::cpu::{CpuBackend, CpuBuf};
 
 fn config() -> DalleBartConfig {
-    DalleBartConfig {
-        d_model: 32,
-        encoder_layers: 2,
-        decoder_layers: 3,
-        encoder_attention_heads: 4,
-        decoder_attention_heads: 4,
-        encoder_ffn_dim: 64,
-        decoder_ffn_dim: 64,
-        encoder_vocab_size: 50,
-        image_vocab_size: 40,
-        image_length: 8,
-        max_text_length: 6,
-        init_std: 0.02,
-        use_scan: false,
-    }
+    DalleBartConfig { decoder_layers: 3, image_length: 8, max_text_length: 6, ..DalleBartConfig::tiny() }
 }
 
 fn batch(cfg: &DalleBartConfig, rows: usize, seed: usize) -> Batch {

@@ -18,21 +18,7 @@ use dm_model::{AdamW, AdamWConfig, Batch, DalleBart, DalleBartConfig, ParamTable
 use dm_runtime::cpu::CpuBackend;
 
 fn config() -> DalleBartConfig {
-    DalleBartConfig {
-        d_model: 32,
-        encoder_layers: 2,
-        decoder_layers: 2,
-        encoder_attention_heads: 4,
-        decoder_attention_heads: 4,
-        encoder_ffn_dim: 64,
-        decoder_ffn_dim: 64,
-        encoder_vocab_size: 50,
-        image_vocab_size: 40,
-        image_length: 16,
-        max_text_length: 8,
-        init_std: 0.02,
-        use_scan: false,
-    }
+    DalleBartConfig::tiny()
 }
 
 /// A learnable batch: image code `i` of a row is a function of the row's text tokens.
