@@ -588,6 +588,18 @@ impl DeferredState {
 }
 
 impl NcclComm {
+    /// A reduce-scatter sends `size ×` what each rank receives.
+    fn check_reduce_scatter_shape(&self, n: usize, m: usize) -> Result<()> {
+        if n != self.size * m {
+            return Err(CommError::Shape {
+                op: "reduce_scatter",
+                rank: self.rank,
+                detail: format!("send has {n} elements, which must be {} × recv ({m})", self.size),
+            });
+        }
+        Ok(())
+    }
+
     /// Enqueues `f(comm, side stream)` after the compute stream's current position, between two
     /// timing events, without making the compute stream wait (see the module docs).
     fn run_deferred(
@@ -651,13 +663,7 @@ impl DeferredCollectives<CudaBackend> for NcclComm {
             return self.reduce_scatter(send, recv, op);
         }
         let (n, m) = (send.len(), recv.len());
-        if n != self.size * m {
-            return Err(CommError::Shape {
-                op: "reduce_scatter",
-                rank: self.rank,
-                detail: format!("send has {n} elements, which must be {} × recv ({m})", self.size),
-            });
-        }
+        self.check_reduce_scatter_shape(n, m)?;
         if m == 0 {
             return self.collective(CollectiveKind::ReduceScatter, 0, 0, |_, _| sys::ncclResult_t::ncclSuccess);
         }
@@ -745,13 +751,7 @@ impl Communicator<CudaBackend> for NcclComm {
     fn reduce_scatter(&self, send: &CudaBuf, recv: &mut CudaBuf, op: ReduceOp) -> Result<()> {
         require_f32("reduce_scatter", &[send, recv])?;
         let (n, m) = (send.len(), recv.len());
-        if n != self.size * m {
-            return Err(CommError::Shape {
-                op: "reduce_scatter",
-                rank: self.rank,
-                detail: format!("send has {n} elements, which must be {} × recv ({m})", self.size),
-            });
-        }
+        self.check_reduce_scatter_shape(n, m)?;
         let (s, r) = (send.device_ptr(), recv.device_ptr());
         self.collective(CollectiveKind::ReduceScatter, m, n, |comm, stream| {
             let f32 = sys::ncclDataType_t::ncclFloat32;

@@ -54,23 +54,19 @@ impl CudaBuf {
         }
     }
     /// The underlying cudarc allocation of an f32 buffer (at least `max(len, 1)` elements).
-    ///
-    /// # Panics
-    /// On a bf16 buffer (callers that may meet one use [`CudaBuf::device_ptr`] and [`CudaBuf::dtype`]).
-    pub fn slice(&self) -> &CudaSlice<f32> {
+    /// `None` for a bf16 buffer (its callers use [`CudaBuf::device_ptr`] and [`CudaBuf::dtype`]).
+    pub fn slice(&self) -> Option<&CudaSlice<f32>> {
         match &self.data {
-            DeviceData::F32(s) => s,
-            DeviceData::Bf16(_) => panic!("CudaBuf::slice on a bf16 buffer: use device_ptr() and dtype()"),
+            DeviceData::F32(s) => Some(s),
+            DeviceData::Bf16(_) => None,
         }
     }
     /// Mutable access to an f32 allocation, e.g. for NCCL or custom kernel calls.
-    ///
-    /// # Panics
-    /// On a bf16 buffer, as [`CudaBuf::slice`].
-    pub fn slice_mut(&mut self) -> &mut CudaSlice<f32> {
+    /// `None` for a bf16 buffer, as [`CudaBuf::slice`].
+    pub fn slice_mut(&mut self) -> Option<&mut CudaSlice<f32>> {
         match &mut self.data {
-            DeviceData::F32(s) => s,
-            DeviceData::Bf16(_) => panic!("CudaBuf::slice_mut on a bf16 buffer: use device_ptr() and dtype()"),
+            DeviceData::F32(s) => Some(s),
+            DeviceData::Bf16(_) => None,
         }
     }
     /// The raw device address (`CUdeviceptr`) of element 0 (f32 or bf16 elements: [`CudaBuf::dtype`]).
